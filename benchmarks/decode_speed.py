@@ -1,0 +1,358 @@
+"""Value-guided decoding speed against Hugging Face ``model.generate``, side by side in one run.
+
+Rows (each at every batch size, same prompts, same number of new tokens per row):
+
+1. ``hf-generate``            HF ``model.generate``, plain sampling (do_sample, top_k=0): the peer.
+2. ``qvlm beta=0``            :func:`qvlm.decoding.generate` without guidance.
+3. ``qvlm beta=1``            :func:`qvlm.decoding.generate` with Q/V heads (random weights; speed
+                              does not depend on them).
+4. ``hf-generate + processor`` HF ``generate`` with :class:`ValueGuidanceLogitsProcessor`, beta=1.
+5. ``naive no-cache loop``    a hand-written guided loop that re-runs the whole model on the whole
+                              sequence every step (no KV cache, full logits, ``output_hidden_states``)
+                              and applies the heads to the last hidden state. This is what a loop
+                              without a cache costs; it is not trlx's own ``generate`` (which
+                              keeps a cache). Its cost grows with length, so it runs
+                              ``--naive-new-tokens`` tokens (default: min(new tokens, 16)) and its
+                              tokens/s is optimistic compared with a full-length run.
+
+EOS is made unreachable for every row alike (the EOS id is set to the vocabulary size for the
+duration of the run), so every row writes exactly ``new_tokens`` tokens per prompt; tokens are
+also counted from the outputs. Per batch size every method is warmed up once, then all methods
+are timed round-robin ``--repeats`` times (interleaved, so drifts in machine load hit all of them
+alike) and the median wall time is kept. Tokens/s counts generated tokens only; the time includes
+the prefill of the prompt.
+
+"analytic cost vs plain" counts matmul FLOPs as 2 * parameters touched per token position
+(non-embedding trunk parameters for every position run, the LM head for every position whose
+logits are computed, the V head and the online Q heads once per step) for one decode step,
+relative to a plain cached step: (trunk + heads) / trunk for the guided rows; for the no-cache
+loop, the average step of its run (it re-runs all positions). "analytic, whole call" does the
+same for the whole call, prefill included, which is what the measured time covers.
+Attention-score FLOPs are left out.
+
+Usage::
+
+    python benchmarks/decode_speed.py                       # embedded SmolLM2-135M-Instruct
+    python benchmarks/decode_speed.py --model PATH --batch-sizes 1 8 --new-tokens 32 --repeats 3
+    python benchmarks/decode_speed.py --threads 1           # a shared, busy machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LogitsProcessorList
+
+from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad
+from qvlm.mdp import encode_prompt
+from qvlm.model import QVModel
+from qvlm.models import DEFAULT_MODEL, load_model
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "decode_speed.json"
+
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain why the sky is blue.",
+    "Give me three tips for staying focused while studying at home in the evening.",
+    "What is the capital of France?",
+    "Describe a sunset over the ocean in a few sentences.",
+    "How do I make a cup of green tea?",
+    "List some fun things to do on a rainy weekend with friends and family.",
+    "Summarise the plot of a fairy tale you like.",
+]
+
+HF_PLAIN = "hf-generate (plain sampling)"
+QV_B0 = "qvlm.generate beta=0"
+QV_B1 = "qvlm.generate beta=1"
+HF_PROC = "hf-generate + ValueGuidanceLogitsProcessor beta=1"
+NAIVE = "naive no-cache guided loop beta=1 (trlx-style hand loop)"
+
+
+# ---- methods: each takes (prompt ids, new tokens) and returns the number of generated tokens ----
+
+def hf_generate(model, pad_id, eos_id, processor=None):
+    def run(prompts: list[list[int]], n: int) -> int:
+        ids, mask = left_pad(prompts, pad_id)
+        kwargs = dict(
+            input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+            max_new_tokens=n, eos_token_id=eos_id, pad_token_id=pad_id,
+        )
+        if processor is None:
+            out = model.generate(**kwargs)
+        else:
+            with processor.attach(model):
+                out = model.generate(**kwargs, logits_processor=LogitsProcessorList([processor]))
+        new = out[:, ids.shape[1]:]
+        return int(new.numel())
+
+    return run
+
+
+def qvlm_generate(model, tokenizer, heads, beta: float):
+    def run(prompts: list[list[int]], n: int) -> int:
+        cfg = DecodeConfig(max_new_tokens=n, do_sample=True, top_k=0, beta=beta, batch_size=len(prompts))
+        res = generate(model, tokenizer, prompts, heads=heads if beta else None, cfg=cfg)
+        return sum(len(r) for r in res.response_ids)
+
+    return run
+
+
+def naive_loop(model, heads, pad_id, beta: float):
+    """Guided sampling with a full forward over the whole sequence each step (no KV cache)."""
+
+    def run(prompts: list[list[int]], n: int) -> int:
+        ids, mask = left_pad(prompts, pad_id)
+        start = ids.shape[1]
+        for _ in range(n):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                        output_hidden_states=True)
+            logits = out.logits[:, -1].float()
+            h = out.hidden_states[-1][:, -1]
+            scores = logits + beta * heads.advantages(h).float()
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+            ids = torch.cat([ids, nxt], dim=1)
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        return int(ids[:, start:].numel())
+
+    return run
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+@contextmanager
+def eos_disabled(model, unreachable: int):
+    """Point the model's EOS id at a token that cannot be sampled, for every method alike."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = unreachable
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def time_interleaved(methods, prompts, ns, repeats: int, seed: int):
+    """Warm every method up once, then time them round-robin ``repeats`` times.
+
+    Interleaving spreads drifts in machine load (other processes, frequency changes) over all
+    methods alike instead of charging them to whichever method ran at that moment.
+    """
+    for (name, _kind, fn), n in zip(methods, ns):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        fn(prompts, n)
+        print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+    times = [[] for _ in methods]
+    counts = [[] for _ in methods]
+    for r in range(repeats):
+        for i, ((_name, _kind, fn), n) in enumerate(zip(methods, ns)):
+            torch.manual_seed(seed + 1 + r)
+            t0 = time.perf_counter()
+            counts[i].append(fn(prompts, n))
+            times[i].append(time.perf_counter() - t0)
+    return times, counts
+
+
+def param_counts(model, heads) -> dict[str, int]:
+    lm_head = model.get_output_embeddings()
+    embed = model.get_input_embeddings()
+    lm = lm_head.weight.numel()
+    embed_ids = {id(p) for p in embed.parameters()} | {id(p) for p in lm_head.parameters()}
+    trunk_nonembed = sum(p.numel() for p in model.parameters() if id(p) not in embed_ids)
+    touched_heads = sum(p.numel() for p in heads.v_head.parameters())
+    touched_heads += sum(p.numel() for p in heads.q_heads.parameters())
+    return {
+        "trunk_total": sum(p.numel() for p in model.parameters()),
+        "trunk_nonembedding": trunk_nonembed,
+        "lm_head": lm,
+        "trunk_touched_per_token": trunk_nonembed + lm,
+        "heads_touched_per_token": touched_heads,  # V head + online Q heads (targets unused)
+        "heads_total": sum(p.numel() for p in heads.parameters()),
+    }
+
+
+def analytic_flops(kind: str, L: int, n: int, pc: dict[str, int]) -> tuple[float, float]:
+    """Matmul FLOPs per prompt row: ``(per decode step, whole call)``; L padded prompt positions.
+
+    Per decode step is the cost of producing one token once the prompt is in the cache; for the
+    no-cache loop it is the average step of its run (every step re-runs all ``L + t`` positions and
+    computes logits for all of them). The whole call adds the prefill of the cached methods.
+    """
+    tn, lm, hd = pc["trunk_nonembedding"], pc["lm_head"], pc["heads_touched_per_token"]
+    extra = hd if kind in ("guided", "naive") else 0
+    if kind == "naive":
+        total = 2.0 * (sum((L + t) * (tn + lm) for t in range(n)) + n * hd)
+        return total / n, total
+    step = 2.0 * (tn + lm + extra)
+    # prefill L positions + n - 1 one-token steps; logits (and heads) at n positions
+    total = 2.0 * ((L + n - 1) * tn + n * (lm + extra))
+    return step, total
+
+
+def machine_info() -> dict:
+    u = platform.uname()
+    return {
+        "processor": platform.processor(),
+        "uname": {"system": u.system, "node": u.node, "release": u.release, "version": u.version,
+                  "machine": u.machine},
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def atomic_write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| method | batch | new tokens/row | median s | tokens/s | ms/step | vs HF plain "
+            "| analytic cost vs plain | analytic, whole call |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['new_tokens']} | {r['median_s']:.3f} "
+            f"| {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['speed_vs_hf_plain']:.2f}x "
+            f"| {r['analytic_cost_vs_plain']:.2f}x | {r['analytic_cost_vs_plain_whole_call']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--naive-new-tokens", type=int, default=None,
+                    help="new tokens for the no-cache loop (default: min(new tokens, 16))")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: os.cpu_count()); on a machine shared with other busy "
+                    "processes, fewer threads than cores avoids oversubscription stalls")
+    ap.add_argument("--skip-naive", action="store_true", help="leave out the no-cache loop")
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output JSON (default {DEFAULT_JSON})")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        ap.error("--new-tokens, --repeats and --batch-sizes must be at least 1")
+    naive_n = args.naive_new_tokens or min(args.new_tokens, 16)
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        print(f"note: load average {busy:.2f} on {os.cpu_count()} CPUs before the run; other processes "
+              "compete for the cores and the timings will be noisy", file=sys.stderr)
+    t_load = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_s = time.perf_counter() - t_load
+    torch.manual_seed(args.seed)
+    heads = QVModel.from_trunk(model).heads.eval()
+    pad_id = tokenizer.pad_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
+    unreachable_eos = vocab  # no logit exists for this id, so it is never sampled
+    pc = param_counts(model, heads)
+    encoded = [encode_prompt(tokenizer, p) for p in PROMPTS]
+
+    methods = [
+        (HF_PLAIN, "plain", hf_generate(model, pad_id, unreachable_eos)),
+        (QV_B0, "plain", qvlm_generate(model, tokenizer, heads, 0.0)),
+        (QV_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0)),
+        (HF_PROC, "guided", hf_generate(model, pad_id, unreachable_eos, ValueGuidanceLogitsProcessor(heads, 1.0))),
+    ]
+    if not args.skip_naive:
+        methods.append((NAIVE, "naive", naive_loop(model, heads, pad_id, 1.0)))
+
+    rows: list[dict] = []
+    load_before = os.getloadavg()
+    t_bench = time.perf_counter()
+    with torch.inference_mode(), eos_disabled(model, unreachable_eos):
+        for bs in args.batch_sizes:
+            prompts = [encoded[i % len(encoded)] for i in range(bs)]
+            L = max(len(p) for p in prompts)
+            ns = [naive_n if kind == "naive" else args.new_tokens for _, kind, _ in methods]
+            print(f"batch size {bs} (padded prompt length {L})", file=sys.stderr, flush=True)
+            times, counts = time_interleaved(methods, prompts, ns, args.repeats, args.seed)
+            hf_tps = None
+            for (name, kind, _fn), n, ts, cs in zip(methods, ns, times, counts):
+                med = statistics.median(ts)
+                if len(set(cs)) != 1 or cs[0] != bs * n:
+                    print(f"warning: {name} wrote {cs} tokens, expected {bs * n}", file=sys.stderr)
+                tps = cs[0] / med
+                if name == HF_PLAIN:
+                    hf_tps = tps
+                step, total = analytic_flops(kind, L, n, pc)
+                plain_step, plain_total = analytic_flops("plain", L, n, pc)
+                rows.append({
+                    "method": name,
+                    "batch_size": bs,
+                    "prompt_len_padded": L,
+                    "new_tokens": n,
+                    "generated_tokens": cs[0],
+                    "times_s": ts,
+                    "median_s": med,
+                    "tokens_per_s": tps,
+                    "ms_per_step": 1000 * med / n,
+                    "ms_per_token": 1000 * med / cs[0],
+                    "speed_vs_hf_plain": tps / hf_tps if hf_tps else float("nan"),
+                    "analytic_cost_vs_plain": step / plain_step,
+                    "analytic_cost_vs_plain_whole_call": total / plain_total,
+                    "analytic_gflops_per_row_step": step / 1e9,
+                })
+                print(f"  {name}: {tps:.1f} tok/s (median {med:.3f} s of {[round(t, 3) for t in ts]})",
+                      file=sys.stderr, flush=True)
+    bench_s = time.perf_counter() - t_bench
+    load_after = os.getloadavg()
+
+    table = markdown_table(rows)
+    print(table)
+    result = {
+        "benchmark": "decode_speed",
+        "model": args.model,
+        "settings": {
+            "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens, "naive_new_tokens": naive_n,
+            "repeats": args.repeats, "warmup": 1, "statistic": "median", "seed": args.seed,
+            "sampling": "do_sample=True, top_k=0, top_p=1, temperature=1", "beta_guided": 1.0,
+            "eos": "unreachable for every method (each row writes exactly new_tokens per prompt)",
+            "heads": "random QVModel.from_trunk(model).heads (2 Q heads + V head)",
+        },
+        "load_s": load_s,
+        "bench_s": bench_s,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "params": pc,
+        "machine": machine_info(),
+        "rows": rows,
+        "markdown": table,
+    }
+    atomic_write_json(args.json, result)
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,440 @@
+"""Tabular Q/V learners on an exact token MDP, each measured against the exact soft optimum.
+
+Each learner sees only the data it could really have: episodes it samples (tokens, observed
+rewards, done flags) and the reference policy's probabilities at the states it visits (the frozen
+LM is available to every learner). None reads the solver's tables. Q and V are tables: one entry
+per (state, action) or state of :class:`qvlm.exact.TokenTree`, an ``nn.Parameter`` indexed by
+state id, trained with Adam and the pure losses of :mod:`qvlm.losses`. Entries the data never
+reaches keep their initial value (guided decoding there falls back to ``pi_ref``: a constant Q row
+leaves ``pi_ref`` unchanged).
+
+- :func:`train_ilql`: ILQL (Snell et al. 2023) from offline samples of pi_ref: twin Q, target Q by
+  Polyak averaging, V by expectile regression on the min target Q, Q on ``r + gamma (1-done) V(s')``,
+  optional CQL term.
+- :func:`train_mc`: Monte-Carlo value regression from offline samples of pi_ref: a prefix scorer
+  V(s) and Q(s, a) on the taken action, both regressed on the Monte-Carlo return.
+- :func:`train_softq`: soft Q-learning (Haarnoja et al. 2017, with a pi_ref prior) from online
+  interaction: it samples episodes from its own policy ``pi ~ pi_ref exp(Q / alpha)`` (plus
+  systematic exploration of what it has not tried, by default), keeps a replay buffer of observed
+  transitions, and regresses Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
+
+ILQL and MC train on the episodes of their dataset (full batch: a masked mean over every real
+step). Soft Q-learning keeps a replay buffer of distinct observed transitions
+(:class:`TransitionTable`: the environment is deterministic, so a repeat adds nothing) and
+regresses on all of them at each update.
+
+:func:`measure` scores a learner: RMSE of V and Q against ``V*, Q*`` over the states (and taken
+(state, action) pairs) its data visited, each weighted uniformly, and the exact objective and KL of
+the guided policy ``pi(a|s) ~ pi_ref(a|s) exp(beta (Q(s,a) - V(s)))``, ``beta = 1/alpha``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qvlm.errors import QVLMError
+from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
+from qvlm.heads import polyak_update
+from qvlm.losses import cql_loss, expectile_loss, ilql_q_loss, soft_value, value_regression_loss
+from qvlm.returns import monte_carlo_returns, td_targets
+
+__all__ = [
+    "Episodes",
+    "TransitionTable",
+    "TabularHeads",
+    "LearnerReport",
+    "ILQLConfig",
+    "MCConfig",
+    "SoftQConfig",
+    "LEARNERS",
+    "sample_episodes",
+    "train_ilql",
+    "train_mc",
+    "train_softq",
+    "measure",
+    "objective_ratio",
+    "train_learner",
+    "compare_learners",
+    "single_thread",
+]
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Episodes:
+    """A batch of episodes, right-padded to the horizon. All ``(B, H)``.
+
+    ``states``/``next_states`` are state ids (``next_states`` is 0 where ``done``: never read there);
+    ``done[b, t] = 1`` means ``s_{t+1}`` is terminal; ``mask`` is 1 on real steps.
+    """
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    done: torch.Tensor
+    next_states: torch.Tensor
+    mask: torch.Tensor
+
+
+def sample_episodes(tree: TokenTree, policy: torch.Tensor, num_episodes: int,
+                    generator: torch.Generator) -> Episodes:
+    """Roll out ``num_episodes`` episodes of ``policy`` (``(N, V)`` probabilities) in the MDP.
+
+    The environment step reads ``tree.child``, ``tree.rewards`` and ``tree.done``: what a learner
+    observes when it writes a token and gets scored.
+    """
+    B, H = num_episodes, tree.horizon
+    states, actions, next_states = (torch.zeros(B, H, dtype=torch.long) for _ in range(3))
+    rewards, done, mask = (torch.zeros(B, H, dtype=torch.float64) for _ in range(3))
+    s = torch.zeros(B, dtype=torch.long)  # every episode starts at the root, id 0
+    alive = torch.ones(B, dtype=torch.bool)
+    for t in range(H):
+        a = torch.multinomial(policy[s], 1, generator=generator).squeeze(1)  # (B,)
+        nxt = tree.child[s, a].clamp(min=0)
+        states[:, t], actions[:, t], next_states[:, t] = s * alive, a * alive, nxt * alive
+        rewards[:, t] = tree.rewards[s, a] * alive
+        done[:, t] = tree.done[s, a] * alive
+        mask[:, t] = alive.to(torch.float64)
+        alive = alive & (tree.done[s, a] == 0)
+        s = nxt
+    return Episodes(states, actions, rewards, done, next_states, mask)
+
+
+@dataclass
+class TransitionTable:
+    """Observed transitions keyed by (state, action): visit counts and what was observed.
+
+    ``counts``, ``rewards``, ``done``, ``next_states`` are ``(N, V)``; entries with count 0 were
+    never observed and hold zeros. A replay buffer for a deterministic environment.
+    """
+
+    counts: torch.Tensor
+    rewards: torch.Tensor
+    done: torch.Tensor
+    next_states: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_states: int, vocab_size: int) -> "TransitionTable":
+        zeros = partial(torch.zeros, num_states, vocab_size)
+        return cls(zeros(dtype=torch.float64), zeros(dtype=torch.float64), zeros(dtype=torch.float64),
+                   zeros(dtype=torch.long))
+
+    def add(self, episodes: Episodes) -> None:
+        real = episodes.mask.bool()
+        s, a = episodes.states[real], episodes.actions[real]
+        self.counts.index_put_((s, a), torch.ones_like(s, dtype=torch.float64), accumulate=True)
+        self.rewards[s, a] = episodes.rewards[real]
+        self.done[s, a] = episodes.done[real]
+        self.next_states[s, a] = episodes.next_states[real]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``(N, V)`` bool: observed (state, action) pairs."""
+        return self.counts > 0
+
+
+@dataclass
+class TabularHeads:
+    """What a learner hands back: ``q (N, V)``, ``v (N,)`` and where its data went.
+
+    ``visited_pairs (N, V)`` marks the (state, taken action) pairs in the learner's data;
+    ``visited_states (N,)`` the states where it took at least one action.
+    """
+
+    q: torch.Tensor
+    v: torch.Tensor
+    visited_pairs: torch.Tensor
+    visited_states: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.visited_states = self.visited_pairs.any(-1)
+
+
+def _table(*shape: int, init: float = 0.0) -> nn.Parameter:
+    return nn.Parameter(torch.full(shape, float(init), dtype=torch.float64))
+
+
+def _adam(params: list[nn.Parameter], lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam with the learning rate decayed linearly to 0, so the tables settle at the end."""
+    opt = torch.optim.Adam(params, lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
+
+
+def _step(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor) -> None:
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread: the tables are tiny, and on a busy 2-core machine extra
+    threads only add synchronisation (measured 6x slower). Restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_positive(name: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            raise QVLMError(f"{name}.{key}={value}: must be positive; use the documented default")
+
+
+# ---------------------------------------------------------------- ILQL
+
+
+@dataclass
+class ILQLConfig:
+    """ILQL on offline episodes of pi_ref (tabular heads, full-batch steps)."""
+
+    num_episodes: int = 2000  # offline episodes sampled from pi_ref: the whole dataset
+    steps: int = 300  # gradient steps, each on the whole dataset (it is small)
+    lr: float = 0.05  # Adam learning rate, decayed linearly to 0
+    tau: float = 0.7  # expectile of V (ILQL's default): V -> upper expectile of Q over data actions
+    polyak: float = 0.1  # target-Q Polyak rate per step: theta' <- (1 - p) theta' + p theta
+    cql_coef: float = 0.0  # weight of the CQL term; 0 = off (tables do not extrapolate to unseen actions)
+    seed: int = 0  # seed of the dataset sampling
+    progress: bool = False  # tqdm progress bar
+
+
+def train_ilql(tree: TokenTree, config: ILQLConfig) -> TabularHeads:
+    """Twin Q + target Q + expectile V, trained offline on episodes of pi_ref (ILQL, eqs. 2-4)."""
+    _check_positive("ILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
+    s, a, nxt = data.states, data.actions, data.next_states  # (B, H)
+    q1, q2, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
+    q1_target, q2_target = q1.detach().clone(), q2.detach().clone()
+    opt, sched = _adam([q1, q2, v], config.lr, config.steps)
+    for _ in tqdm(range(config.steps), desc="ilql", disable=not config.progress, leave=False):
+        # targets: Q on r + gamma (1 - done) V(s'), V on the min of the twin target Qs
+        td_target = td_targets(data.rewards, v[nxt].detach(), data.done, tree.gamma)
+        target_q = torch.minimum(q1_target[s, a], q2_target[s, a])  # (B, H)
+        # losses: masked means over the real steps of the dataset
+        q_loss, _ = ilql_q_loss([q1[s, a], q2[s, a]], td_target, data.mask)
+        v_loss, _ = expectile_loss(target_q, v[s], data.mask, config.tau)
+        loss = q_loss + v_loss
+        if config.cql_coef > 0:
+            cql = (cql_loss(q1[s], a, data.mask)[0] + cql_loss(q2[s], a, data.mask)[0]) / 2  # q1[s]: (B, H, V)
+            loss = loss + config.cql_coef * cql
+        _step(opt, sched, loss)
+        polyak_update([q1, q2], [q1_target, q2_target], config.polyak)
+    seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
+    seen.add(data)
+    # guidance reads the min of the target heads, as trlx's ILQL does
+    return TabularHeads(torch.minimum(q1_target, q2_target), v.detach().clone(), seen.seen)
+
+
+# ---------------------------------------------------------------- Monte-Carlo regression
+
+
+@dataclass
+class MCConfig:
+    """Monte-Carlo value regression on offline episodes of pi_ref (tabular V and Q)."""
+
+    num_episodes: int = 2000  # offline episodes sampled from pi_ref: the whole dataset
+    steps: int = 300  # gradient steps, each on the whole dataset
+    lr: float = 0.05  # Adam learning rate, decayed linearly to 0
+    seed: int = 0  # seed of the dataset sampling
+    progress: bool = False  # tqdm progress bar
+
+
+def train_mc(tree: TokenTree, config: MCConfig) -> TabularHeads:
+    """V(s_t) and Q(s_t, a_t) regressed on the Monte-Carlo return G_t: they learn V^pi_ref, Q^pi_ref."""
+    _check_positive("MCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
+    data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
+    returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)  # (B, H)
+    q, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
+    opt, sched = _adam([q, v], config.lr, config.steps)
+    for _ in tqdm(range(config.steps), desc="mc", disable=not config.progress, leave=False):
+        v_loss, _ = value_regression_loss(v[data.states], returns, data.mask)
+        q_loss, _ = value_regression_loss(q[data.states, data.actions], returns, data.mask)
+        _step(opt, sched, v_loss + q_loss)
+    seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
+    seen.add(data)
+    return TabularHeads(q.detach().clone(), v.detach().clone(), seen.seen)
+
+
+# ---------------------------------------------------------------- soft Q-learning
+
+
+@dataclass
+class SoftQConfig:
+    """Online soft Q-learning with a target table and a replay buffer of observed transitions."""
+
+    iterations: int = 100  # rounds of (sample episodes with the current policy, then update)
+    episodes_per_iter: int = 32  # episodes sampled per round
+    updates_per_iter: int = 4  # gradient steps per round, each on every stored transition
+    lr: float = 0.05  # Adam learning rate, decayed linearly to 0
+    polyak: float = 0.2  # target-Q Polyak rate per step
+    q_init: float = 1.0  # initial Q: an upper bound on returns (rewards in [0, 1]); optimism pulls
+    #                      the Boltzmann policy toward what it has not tried
+    explore: str = "open_first"  # "open_first": in a state with open actions (untried, or leading to
+    #                              a state that still holds untried ones) take one of them uniformly,
+    #                              else sample pi ~ pi_ref exp(Q / alpha); "boltzmann": always sample pi
+    seed: int = 0  # seed of the episode sampling
+    progress: bool = False  # tqdm progress bar
+
+
+def open_pairs(seen: torch.Tensor, ref_probs: torch.Tensor, done: torch.Tensor, next_states: torch.Tensor,
+               horizon: int) -> torch.Tensor:
+    """(state, action) pairs still worth exploring: untried, or leading to a state with open pairs.
+
+    Uses only the learner's own observations (``done``/``next_states`` are valid where ``seen``);
+    ``horizon`` sweeps carry openness from the deepest states to the root. Shape ``(N, V)`` bool.
+    """
+    possible = ref_probs > 0
+    pairs = ~seen & possible
+    for _ in range(horizon):
+        open_state = pairs.any(-1)  # (N,)
+        pairs = (~seen | ((done == 0) & open_state[next_states])) & possible
+    return pairs
+
+
+def explore_open_first(policy: torch.Tensor, open_: torch.Tensor) -> torch.Tensor:
+    """Uniform over the open actions of a state where any remain, else ``policy``. Shape ``(N, V)``."""
+    counts = open_.sum(-1, keepdim=True)
+    return torch.where(counts > 0, open_ / counts.clamp(min=1), policy)
+
+
+def train_softq(tree: TokenTree, config: SoftQConfig, alpha: float) -> TabularHeads:
+    """Soft Q-learning with a pi_ref prior: on-policy sampling, soft TD targets from a target table.
+
+    The replay buffer is a :class:`TransitionTable`; each update regresses Q on every distinct
+    stored transition once (a tabular Q's fixed point does not depend on how transitions are
+    weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
+    """
+    _check_positive("SoftQConfig", iterations=config.iterations, episodes_per_iter=config.episodes_per_iter,
+                    updates_per_iter=config.updates_per_iter, lr=config.lr, alpha=alpha)
+    if config.explore not in ("open_first", "boltzmann"):
+        raise QVLMError(f"SoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
+    gen = torch.Generator().manual_seed(config.seed)
+    log_ref = torch.log(tree.ref_probs)  # the frozen reference model, queried at visited states
+    q = _table(tree.num_states, tree.vocab_size, init=config.q_init)
+    q_target = q.detach().clone()
+    opt, sched = _adam([q], config.lr, config.iterations * config.updates_per_iter)
+    buffer = TransitionTable.empty(tree.num_states, tree.vocab_size)
+    for _ in tqdm(range(config.iterations), desc="softq", disable=not config.progress, leave=False):
+        # rollout: guided decoding with the learner's own Q (beta = 1/alpha), plus exploration
+        with torch.no_grad():
+            policy = guided_policy(tree.ref_probs, q, soft_value(q, log_ref, alpha), 1.0 / alpha)
+        if config.explore == "open_first":
+            policy = explore_open_first(policy, open_pairs(buffer.seen, tree.ref_probs, buffer.done,
+                                                           buffer.next_states, tree.horizon))
+        buffer.add(sample_episodes(tree, policy, config.episodes_per_iter, gen))
+        # optimise on every stored transition
+        s, a = buffer.seen.nonzero(as_tuple=True)
+        rewards, done, nxt = buffer.rewards[s, a], buffer.done[s, a], buffer.next_states[s, a]
+        for _ in range(config.updates_per_iter):
+            next_v = soft_value(q_target[nxt], log_ref[nxt], alpha)
+            td_target = td_targets(rewards, next_v, done, tree.gamma)
+            loss, _ = ilql_q_loss([q[s, a]], td_target, torch.ones_like(td_target))  # soft TD error
+            _step(opt, sched, loss)
+            polyak_update([q], [q_target], config.polyak)
+    q = q.detach().clone()
+    return TabularHeads(q, soft_value(q, log_ref, alpha), buffer.seen)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+@dataclass
+class LearnerReport:
+    """A learner against the exact optimum. RMSEs weight each visited state (pair) equally."""
+
+    v_rmse: float  # RMSE of V against V* over visited states
+    q_rmse: float  # RMSE of Q against Q* over visited (state, taken action) pairs
+    v_rmse_ref: float  # RMSE of V against V^pi_ref (reward only) over visited states
+    objective: float  # exact J(pi) = reward - alpha * KL of the guided policy
+    objective_ratio: float  # J(pi) / J*; NaN when J* <= 0
+    reward: float  # exact expected reward of the guided policy
+    kl: float  # exact KL of the guided policy to pi_ref (sum over the trajectory)
+    visited_states: int
+    visited_pairs: int
+
+
+def _rmse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
+    return math.sqrt(float(((x - y)[mask] ** 2).mean())) if mask.any() else math.nan
+
+
+def objective_ratio(objective: float, optimum: float) -> float:
+    """``J(pi) / J*``: 1 at the optimum, ``J(pi_ref)/J*`` for pi_ref. Defined for ``J* > 0`` (true
+    whenever rewards are >= 0 and some reachable reward is positive, since ``J* >= J(pi_ref)``)."""
+    return objective / optimum if optimum > 0 else math.nan
+
+
+def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, heads: TabularHeads) -> LearnerReport:
+    """Score learned tables against the exact soft optimum (and V^pi_ref) and evaluate guidance."""
+    policy = guided_policy(tree.ref_probs, heads.q, heads.v, 1.0 / optimum.alpha)
+    ev = evaluate_policy(tree, policy)
+    obj = ev.objective(optimum.alpha)
+    return LearnerReport(
+        v_rmse=_rmse(heads.v, optimum.v, heads.visited_states),
+        q_rmse=_rmse(heads.q, optimum.q, heads.visited_pairs),
+        v_rmse_ref=_rmse(heads.v, reference.reward_v, heads.visited_states),
+        objective=obj,
+        objective_ratio=objective_ratio(obj, optimum.objective),
+        reward=ev.reward,
+        kl=ev.kl,
+        visited_states=int(heads.visited_states.sum()),
+        visited_pairs=int(heads.visited_pairs.sum()),
+    )
+
+
+# name -> (default config factory taking seed= and progress=, trainer(tree, config, alpha))
+LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], TabularHeads]]] = {
+    "ilql": (ILQLConfig, lambda tree, config, alpha: train_ilql(tree, config)),
+    "mc": (MCConfig, lambda tree, config, alpha: train_mc(tree, config)),
+    "softq": (SoftQConfig, train_softq),
+    "softq_boltzmann": (partial(SoftQConfig, explore="boltzmann"), train_softq),
+}
+
+
+def train_learner(name: str, tree: TokenTree, config: Any, alpha: float) -> TabularHeads:
+    """Train a learner by name (a key of :data:`LEARNERS`) on one torch thread."""
+    if name not in LEARNERS:
+        raise QVLMError(f"unknown learner {name!r}: choose from {', '.join(LEARNERS)}")
+    with single_thread():
+        return LEARNERS[name][1](tree, config, alpha)
+
+
+def compare_learners(tree: TokenTree, alpha: float, learners: list[str], seed: int = 0,
+                     progress: bool = False, configs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Solve exactly, train each learner, and report ``{"optimal", "reference", "learners"}``.
+
+    ``configs`` maps a learner name to its config; missing ones use the defaults with ``seed``.
+    """
+    unknown = [n for n in learners if n not in LEARNERS]
+    if unknown:
+        raise QVLMError(f"unknown learner(s) {', '.join(unknown)}: choose from {', '.join(LEARNERS)}")
+    optimum = solve(tree, alpha)
+    star = evaluate_policy(tree, optimum.pi)
+    reference = evaluate_policy(tree, tree.ref_probs)
+    ref_objective = reference.objective(alpha)
+    out: dict[str, Any] = {
+        "optimal": {"objective": optimum.objective, "reward": star.reward, "kl": star.kl},
+        "reference": {"objective": ref_objective, "reward": reference.reward, "kl": reference.kl,
+                      "objective_ratio": objective_ratio(ref_objective, optimum.objective)},
+        "learners": {},
+    }
+    for name in learners:
+        config = (configs or {}).get(name) or LEARNERS[name][0](seed=seed, progress=progress)
+        heads = train_learner(name, tree, config, alpha)
+        out["learners"][name] = vars(measure(tree, optimum, reference, heads))
+    return out

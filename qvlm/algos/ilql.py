@@ -1,0 +1,121 @@
+"""ILQL: offline joint Q/V training from scored text (Snell et al. 2023, "Offline RL for Natural
+Language Generation with Implicit Language Q Learning").
+
+Losses (qvlm.losses): twin-Q TD regression toward ``r + gamma (1 - done) V(s')``, expectile
+regression of V toward the min of the target Q heads, a CQL term, and (when the trunk trains)
+advantage-weighted cross-entropy on the LM logits. Target Q heads follow by Polyak averaging.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qvlm.algos.common import MetricsLogger, batch_schedule, load_checkpoint, save_checkpoint, save_run, set_seed
+from qvlm.configs import ILQLConfig
+from qvlm.errors import QVLMError
+from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss
+from qvlm.mdp import Sample, TokenBatch, encode_samples
+from qvlm.model import QVModel
+from qvlm.returns import masked_mean, td_targets
+
+__all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]
+
+
+def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The ILQL objective on one batch: ``q + v + cql_scale * cql (+ awac_scale * awac)``."""
+    h, h_next = model.features(batch)  # (B, T, H) each
+    mask, actions = batch.response_mask, batch.actions
+    q_all = model.heads.q_values(h)  # num_q x (B, T, V)
+    q_taken = [q.gather(-1, actions[..., None]).squeeze(-1) for q in q_all]  # num_q x (B, T)
+    target_q = model.heads.target_q_taken(h, actions)  # (B, T), min over target heads
+    v = model.heads.values(h)  # (B, T)
+    v_next = model.heads.values(h_next).detach()  # (B, T); unused where done
+    td_target = td_targets(batch.rewards, v_next, batch.done, cfg.gamma)
+
+    q_loss, q_stats = ilql_q_loss(q_taken, td_target, mask)
+    v_loss, v_stats = expectile_loss(target_q, v, mask, cfg.tau)
+    cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
+    loss = q_loss + v_loss + cfg.cql_scale * cql
+    stats = {
+        "losses/q": q_stats["loss"],
+        "losses/v": v_stats["loss"],
+        "losses/cql": cql.item(),
+        "values/q_taken": q_stats["q_mean"],
+        "values/v": v_stats["v_mean"],
+        "values/advantage": masked_mean(target_q - v, mask).item(),
+    }
+    if not model.frozen and cfg.awac_scale > 0:
+        awac, awac_stats = awac_loss(model.lm_logits(h), actions, target_q - v, mask, cfg.awac_beta)
+        loss = loss + cfg.awac_scale * awac
+        stats["losses/awac"] = awac_stats["loss"]
+    stats["losses/total"] = loss.item()
+    return loss, stats
+
+
+def make_optimizer(model: QVModel, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    if trunk:
+        groups.append({"params": trunk, "lr": trunk_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def train_ilql(
+    model: QVModel,
+    tokenizer,
+    samples: list[Sample],
+    cfg: ILQLConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks=(),
+) -> dict[str, list[tuple[int, float]]]:
+    """Train ``model``'s heads (and trunk, unless frozen) with ILQL; returns the metric history.
+
+    With ``run_dir``: checkpoints every ``cfg.checkpoint_every`` steps, final heads, metrics.jsonl,
+    TensorBoard. ``resume=True`` continues from ``run_dir/checkpoint`` to the same end state an
+    uninterrupted run reaches. ``callbacks`` are called as ``cb(step, stats)`` after each step.
+    """
+    cfg = cfg or ILQLConfig()
+    if not model.heads.has_q:
+        raise QVLMError("ILQL needs Q heads; build the model with with_q=True")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    set_seed(cfg.seed)
+    items = encode_samples(samples, tokenizer, cfg.max_length)
+    per_epoch = -(-len(items) // cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
+    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
+    logger = MetricsLogger(run_dir, resume_step=start)
+    model.train()
+    bar = tqdm(total=total, initial=start, desc="train ilql", disable=not cfg.progress, unit="step")
+    try:
+        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
+            # optimise
+            loss, stats = ilql_loss(model, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                stats["charts/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            optimizer.step()
+            # sync target Q heads
+            if (step + 1) % cfg.target_sync_every == 0:
+                model.heads.sync_targets(cfg.polyak)
+            logger.log(step, stats)
+            bar.update(1)
+            bar.set_postfix(q=f"{stats['losses/q']:.4f}", v=f"{stats['losses/v']:.4f}")
+            if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
+            for cb in callbacks:
+                cb(step, stats)
+    finally:
+        bar.close()
+        logger.close()
+        model.eval()
+    if run_dir:
+        save_checkpoint(run_dir, model, optimizer, total, cfg)
+        save_run(run_dir, model, cfg, {"algorithm": "ilql", "samples": len(samples), "steps": total})
+    return logger.history

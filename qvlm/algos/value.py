@@ -1,0 +1,91 @@
+"""Prefix scorer: a V head on a (usually frozen) trunk, regressed on Monte-Carlo returns or TD
+targets of the data's policy (controlled decoding: Mudgal et al. 2024, CD-FUDGE and CD-Q).
+
+``V(s_t)`` estimates the expected final reward of continuing ``s_t`` with the base model. It
+steers a frozen model blockwise (sample K blocks, keep the best by V) or scores prefixes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from qvlm.algos.common import MetricsLogger, batch_schedule, load_checkpoint, save_checkpoint, save_run, set_seed
+from qvlm.algos.ilql import make_optimizer
+from qvlm.configs import ValueConfig
+from qvlm.errors import QVLMError
+from qvlm.losses import value_regression_loss
+from qvlm.mdp import Sample, TokenBatch, encode_samples
+from qvlm.model import QVModel
+from qvlm.returns import masked_mean, monte_carlo_returns, td_lambda_returns
+
+__all__ = ["ValueConfig", "value_loss", "train_value"]
+
+def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Squared error of ``V(s_t)`` against the chosen targets on one batch."""
+    h, h_next = model.features(batch)  # (B, T, H)
+    mask = batch.response_mask
+    v = model.heads.values(h)  # (B, T)
+    if cfg.target == "mc":
+        # the last V of a truncated row bootstraps the return; terminated rows ignore it
+        lengths = mask.sum(1).long()
+        last_v = model.heads.values(h_next[torch.arange(len(lengths)), lengths - 1]).detach()
+        targets = monte_carlo_returns(batch.rewards, batch.done, cfg.gamma, mask, last_v)
+    else:
+        v_next = model.heads.values(h_next).detach()
+        lam = 0.0 if cfg.target == "td" else cfg.lam
+        targets = td_lambda_returns(batch.rewards, v.detach(), v_next, batch.done, cfg.gamma, lam, mask)
+    loss, stats = value_regression_loss(v, targets, mask)
+    return loss, {
+        "losses/v": stats["loss"],
+        "values/v": stats["v_mean"],
+        "values/target": masked_mean(targets, mask).item(),
+    }
+
+
+def train_value(
+    model: QVModel,
+    tokenizer,
+    samples: list[Sample],
+    cfg: ValueConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks=(),
+) -> dict[str, list[tuple[int, float]]]:
+    """Train a prefix scorer V; same run-directory layout and resume semantics as ILQL."""
+    cfg = cfg or ValueConfig()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    set_seed(cfg.seed)
+    items = encode_samples(samples, tokenizer, cfg.max_length)
+    total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
+    optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
+    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
+    logger = MetricsLogger(run_dir, resume_step=start)
+    model.train()
+    bar = tqdm(total=total, initial=start, desc=f"train value ({cfg.target})", disable=not cfg.progress, unit="step")
+    try:
+        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
+            loss, stats = value_loss(model, batch, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            logger.log(step, stats)
+            bar.update(1)
+            bar.set_postfix(v=f"{stats['losses/v']:.4f}")
+            if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
+            for cb in callbacks:
+                cb(step, stats)
+    finally:
+        bar.close()
+        logger.close()
+        model.eval()
+    if run_dir:
+        save_checkpoint(run_dir, model, optimizer, total, cfg)
+        save_run(run_dir, model, cfg, {"algorithm": "value", "samples": len(samples), "steps": total})
+    return logger.history

@@ -1,0 +1,65 @@
+"""The ``qvlm`` command line: thin wrappers that build configs and call library functions.
+
+Each subcommand lives in its own module with ``register(subparsers)``; the module's handler
+returns an exit code. User errors raise :class:`qvlm.errors.QVLMError`, which :func:`main` turns
+into a one-line message on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qvlm.errors import QVLMError
+
+# subcommand modules, in the order --help lists them
+COMMANDS = [
+    "qvlm.cli.sample",
+    "qvlm.cli.train",
+    "qvlm.cli.generate",
+    "qvlm.cli.eval",
+    "qvlm.cli.exact",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors: exit 2, no traceback
+        self.print_usage(sys.stderr)
+        self.exit(2, f"qvlm: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qvlm",
+        description=(
+            "Q-functions and V-functions for language models: sample and score text, train Q/V "
+            "heads offline (ILQL) or a prefix scorer, steer generation with them, evaluate, and "
+            "check learners against exact optimal values on small token MDPs."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except QVLMError as err:
+        print(f"qvlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qvlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

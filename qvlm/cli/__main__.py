@@ -1,0 +1,5 @@
+import sys
+
+from qvlm.cli import main
+
+sys.exit(main())

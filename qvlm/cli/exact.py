@@ -1,0 +1,162 @@
+"""``qvlm exact``: exact optimal Q*, V*, pi* on a small token MDP, and learners measured against them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+DEFAULT_LEARNERS = "ilql,mc,softq"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "exact",
+        help="exact optimal Q*/V*/pi* on a small token MDP; score learners against them",
+        description=(
+            "Enumerate a small token MDP (tokens a, b, ... and EOS as the last id; states are token "
+            "tuples; EOS or the horizon ends an episode), solve the KL-regularised optimum exactly "
+            "in float64 (Q*, V*, pi* against the reference policy pi_ref at temperature alpha), then "
+            "train tabular learners from the data each could really have and report: RMSE of V and "
+            "Q against V*, Q* over the states their data visited (each state weighted equally), and "
+            "the exact objective J = reward - alpha*KL of the policy their heads induce by guided "
+            "decoding (pi ~ pi_ref exp((Q - V)/alpha)), as a ratio J/J*. See docs/exact.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--vocab", type=int, default=4, help="vocabulary size including EOS (3..8)")
+    p.add_argument("--horizon", type=int, default=5, help="maximum response length in tokens (1..8)")
+    p.add_argument("--alpha", type=float, default=0.1, help="KL temperature alpha (> 0); guidance uses beta = 1/alpha")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reference policy and of every learner's sampling")
+    p.add_argument("--ref", choices=("dirichlet", "lm"), default="dirichlet",
+                   help="reference policy: a seeded Dirichlet(concentration) table per prefix, or a tiny "
+                   "random Llama (hidden 16, 1 layer) reading [EOS] + prefix (imports transformers: slower)")
+    p.add_argument("--concentration", type=float, default=1.0, help="Dirichlet concentration of --ref dirichlet")
+    p.add_argument("--reward", choices=("count", "pattern", "eos"), default="count",
+                   help="terminal reward in [0, 1]: count = occurrences of --token / horizon; pattern = 1 if "
+                   "--pattern occurs as a contiguous run; eos = 1 if the response ends with EOS")
+    p.add_argument("--token", default="a", help="the counted token of --reward count (a letter or an id; not EOS)")
+    p.add_argument("--pattern", default="a,b", help="comma-separated tokens of --reward pattern (letters, ids or eos)")
+    p.add_argument("--learners", default=DEFAULT_LEARNERS,
+                   help="comma-separated learners: ilql, mc, softq, softq_boltzmann (soft Q without systematic "
+                   "exploration); 'none' only solves")
+    p.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (atomically)")
+    p.add_argument("--max-states", type=int, default=2_000_000,
+                   help="budget of tree nodes; larger MDPs are refused before anything is allocated")
+    p.add_argument("--no-progress", action="store_true", help="hide the learner progress bars")
+    p.set_defaults(handler=run)
+
+
+def _token_id(text: str, vocab: int, flag: str) -> int:
+    from qvlm.errors import QVLMError
+    from qvlm.exact import token_names
+
+    names = token_names(vocab)
+    text = text.strip()
+    if text in ("eos", "<eos>"):
+        return vocab - 1
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < vocab:
+        return int(text)
+    raise QVLMError(f"{flag} {text!r} is not a token of this vocabulary ({' '.join(names)}): "
+                    f"give a letter or an id in 0..{vocab - 1}")
+
+
+def _learner_names(text: str) -> list[str]:
+    from qvlm.algos.exact_learners import LEARNERS
+    from qvlm.errors import QVLMError
+
+    if text.strip() == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LEARNERS]
+    if unknown:
+        raise QVLMError(f"--learners: unknown learner {', '.join(unknown)}; choose from {', '.join(LEARNERS)} "
+                        "(comma-separated) or 'none'")
+    return names
+
+
+def run(args) -> int:
+    from qvlm.algos.exact_learners import compare_learners
+    from qvlm.errors import QVLMError
+    from qvlm.exact import MDPConfig, build_mdp, build_tree, token_names
+
+    if not 3 <= args.vocab <= 8:
+        raise QVLMError(f"--vocab {args.vocab}: the exact MDP needs 3..8 tokens including EOS; pass 3..8")
+    if not 1 <= args.horizon <= 8:
+        raise QVLMError(f"--horizon {args.horizon}: exact enumeration supports horizons 1..8; pass 1..8")
+    if not args.alpha > 0 or not math.isfinite(args.alpha):
+        raise QVLMError(f"--alpha {args.alpha}: the KL temperature must be a positive number (e.g. 0.1)")
+    if not 0 < args.gamma <= 1:
+        raise QVLMError(f"--gamma {args.gamma}: use a discount in (0, 1]")
+    learners = _learner_names(args.learners)
+    pattern = tuple(_token_id(t, args.vocab, "--pattern") for t in args.pattern.split(",") if t.strip())
+    config = MDPConfig(
+        vocab_size=args.vocab, horizon=args.horizon, gamma=args.gamma, seed=args.seed, reference=args.ref,
+        concentration=args.concentration, reward=args.reward,
+        token=_token_id(args.token, args.vocab, "--token"), pattern=pattern, max_states=args.max_states,
+    )
+    mdp = build_mdp(config)
+    tree = build_tree(mdp, max_states=config.max_states)
+    result = compare_learners(tree, args.alpha, learners, seed=args.seed, progress=not args.no_progress)
+    result["mdp"] = {
+        "vocab": token_names(args.vocab), "horizon": args.horizon, "gamma": args.gamma, "alpha": args.alpha,
+        "seed": args.seed, "reference": args.ref, "reward": mdp.reward.name, "states": tree.num_states,
+    }
+    print(format_table(result))
+    if args.json_path:
+        _write_json_atomic(Path(args.json_path), result)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def format_table(result: dict) -> str:
+    """One line per policy: the optimum, pi_ref, then each learner's guided policy."""
+    m = result["mdp"]
+    lines = [
+        f"token MDP: vocab {' '.join(m['vocab'])}, horizon {m['horizon']}, gamma {m['gamma']:g}, "
+        f"alpha {m['alpha']:g}, reward {m['reward']}, pi_ref {m['reference']} (seed {m['seed']}), "
+        f"{m['states']} states",
+        f"{'policy':<16}{'objective':>10}{'ratio':>8}{'reward':>9}{'KL':>8}{'V rmse':>9}{'Q rmse':>9}"
+        f"{'V-Vref rmse':>12}{'states':>8}",
+    ]
+    opt, ref = result["optimal"], result["reference"]
+    lines.append(f"{'optimal pi*':<16}{opt['objective']:>10.4f}{1.0:>8.4f}{opt['reward']:>9.4f}{opt['kl']:>8.4f}")
+    lines.append(f"{'reference':<16}{ref['objective']:>10.4f}{ref['objective_ratio']:>8.4f}{ref['reward']:>9.4f}"
+                 f"{ref['kl']:>8.4f}")
+    for name, r in result["learners"].items():
+        lines.append(f"{name:<16}{r['objective']:>10.4f}{r['objective_ratio']:>8.4f}{r['reward']:>9.4f}"
+                     f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
+                     f"{r['visited_states']:>8d}")
+    lines.append("ratio = J/J* with J = reward - alpha*KL; RMSEs over the states (Q: taken pairs) each learner's "
+                 "data visited, uniformly weighted; V-Vref = RMSE against V^pi_ref")
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Temp file in the target's folder, then ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _nan_to_none(obj):
+    """Strict JSON has no NaN (an undefined ratio when J* <= 0): write null instead."""
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj

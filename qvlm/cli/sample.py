@@ -1,0 +1,54 @@
+"""``qvlm sample``: responses for a prompt file, scored by a reward, into samples.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.configs import DecodeConfig
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample responses from the base model and score them (-> samples.jsonl)",
+        description="Sample N responses per prompt from the base model, score each with a reward, and "
+        "write one JSON line per response: {prompt, response, reward, finished}. This is the offline "
+        "data for `qvlm train`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arg(p)
+    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    p.add_argument("--reward", default="vader", help="reward: vader, vader-negative, count:TEXT, length")
+    p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    p.add_argument("--n", type=int, default=4, help="responses per prompt")
+    p.add_argument("--out", default="samples.jsonl", help="output JSONL (written atomically)")
+    add_config_args(p, DecodeConfig, exclude=("beta", "do_sample"), title="decoding")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from qvlm.errors import QVLMError
+    from qvlm.mdp import Sample, read_prompts, write_samples
+    from qvlm.rewards import get_reward, score
+    from qvlm.decoding import generate
+
+    if args.n < 1:
+        raise QVLMError(f"--n is {args.n}; ask for at least one response per prompt")
+    prompts = read_prompts(args.prompts)
+    if args.max_prompts > 0:
+        prompts = prompts[: args.max_prompts]
+    reward = get_reward(args.reward)
+    model, tokenizer = load(args)
+    cfg = config_from_args(DecodeConfig, args, do_sample=True)
+    repeated = [p for p in prompts for _ in range(args.n)]
+    result = generate(model, tokenizer, repeated, cfg=cfg, progress=True)
+    rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")
+    samples = [
+        Sample(p, text, r, finished=fin)
+        for p, text, r, fin in zip(repeated, result.texts, rewards, result.finished)
+    ]
+    write_samples(args.out, samples)
+    mean = sum(rewards) / len(rewards)
+    print(f"wrote {len(samples)} samples ({len(prompts)} prompts x {args.n}) to {args.out}; mean reward {mean:.4f}")
+    return 0

@@ -1,0 +1,61 @@
+"""``qvlm train ilql|value``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+
+from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train Q/V heads offline (ilql) or a prefix scorer V (value)",
+        description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`).",
+    )
+    algos = p.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
+    for name, cls, text in (
+        ("ilql", ILQLConfig, "ILQL: twin Q heads + V head (expectile) + target Q heads, offline"),
+        ("value", ValueConfig, "prefix scorer: V regressed on Monte-Carlo returns or TD targets"),
+    ):
+        a = algos.add_parser(name, help=text, description=text + ". Writes heads.safetensors, "
+                             "heads_config.json, training.json, metrics.jsonl, tb/ and checkpoint/ to --out.")
+        add_model_arg(a)
+        a.add_argument("--data", required=True, help="samples JSONL: {prompt, response, reward[, token_rewards, finished]}")
+        a.add_argument("--out", required=True, help="run directory for heads, checkpoints and logs")
+        a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
+        a.add_argument("--trunk", choices=TRUNK_MODES, default="frozen",
+                       help="frozen: heads only, trunk features cached; lora: adapters train too; full: all")
+        a.add_argument("--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)")
+        add_config_args(a, cls, title=f"{name} settings")
+        a.set_defaults(handler=run, config_cls=cls)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from qvlm.algos.ilql import train_ilql
+    from qvlm.algos.value import train_value
+    from qvlm.errors import QVLMError
+    from qvlm.mdp import read_samples
+    from qvlm.configs import TrunkConfig
+    from qvlm.model import QVModel
+
+    cfg = config_from_args(args.config_cls, args)
+    samples = read_samples(args.data)
+    out = Path(args.out)
+    if out.exists() and (out / "heads.safetensors").exists() and not args.resume:
+        if (out / "checkpoint").exists():
+            raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    model, tokenizer = load(args)
+    qv = QVModel.from_trunk(
+        model, TrunkConfig(mode=args.trunk), with_q=args.algorithm == "ilql",
+        head_hidden=args.head_hidden, base_model=args.model,
+    )
+    train = train_ilql if args.algorithm == "ilql" else train_value
+    history = train(qv, tokenizer, samples, cfg, run_dir=out, resume=args.resume)
+    last = {k: v[-1][1] for k, v in history.items() if k.startswith("losses/")}
+    print(f"trained {args.algorithm} on {len(samples)} samples; heads in {out}; final " +
+          ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items())))
+    return 0

@@ -1,0 +1,118 @@
+"""Typed configs, one dataclass per algorithm or stage; each field has a default and a one-line
+description (the comment after it), which the CLI turns into ``--flag`` help. This module
+imports nothing heavy, so ``qvlm --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvlm.errors import QVLMError
+
+__all__ = ["DEFAULT_MODEL", "TRUNK_MODES", "TrunkConfig", "DecodeConfig", "ILQLConfig", "VALUE_TARGETS", "ValueConfig"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+TRUNK_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class TrunkConfig:
+    """How the trunk is trained."""
+
+    mode: str = "frozen"  # frozen | lora | full
+    lora_r: int = 8  # LoRA rank (mode = lora)
+    lora_alpha: int = 16  # LoRA scaling numerator (mode = lora)
+    lora_dropout: float = 0.0  # LoRA dropout (mode = lora); 0 keeps runs deterministic
+
+    def __post_init__(self):
+        if self.mode not in TRUNK_MODES:
+            raise QVLMError(f"unknown trunk mode {self.mode!r}; use one of {', '.join(TRUNK_MODES)}")
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding settings. ``beta = 0`` is plain sampling from the base model."""
+
+    max_new_tokens: int = 48  # response length limit (a cut response is truncated, not done)
+    do_sample: bool = True  # False: greedy (argmax of the guided scores)
+    temperature: float = 1.0  # softmax temperature applied after guidance
+    top_k: int = 0  # keep the k best tokens (0: off)
+    top_p: float = 1.0  # nucleus sampling mass (1: off)
+    beta: float = 0.0  # guidance strength on Q - V (1/alpha recovers the soft optimum)
+    seed: int | None = None  # seeds torch's global RNG before decoding (as HF generate uses it)
+    batch_size: int = 16  # prompts decoded together
+    chat: bool | None = None  # wrap prompts in the chat template (None: when the tokenizer has one)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise QVLMError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+        if self.temperature <= 0:
+            raise QVLMError(f"temperature is {self.temperature}; it must be > 0 (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise QVLMError(f"top_p is {self.top_p}; it must be in (0, 1]")
+        if self.top_k < 0:
+            raise QVLMError(f"top_k is {self.top_k}; it must be >= 0 (0 turns it off)")
+
+
+@dataclass
+class ILQLConfig:
+    """ILQL settings. Defaults follow trlx's ILQLConfig except where noted."""
+
+    gamma: float = 0.99  # discount per token (trlx: 0.99)
+    tau: float = 0.7  # expectile of V over Q (trlx: 0.7); 0.5 is the mean, ->1 the max
+    cql_scale: float = 0.1  # weight of the CQL term (trlx: 0.1)
+    awac_scale: float = 1.0  # weight of the AWAC term when the trunk trains (trlx: 1)
+    awac_beta: float = 1.0  # inverse temperature of the AWAC weight exp(beta * A)
+    # trlx syncs with 0.001 every 5 steps: a 5000-step time constant, tuned for long GPU runs.
+    # Offline runs here are hundreds of steps, so the targets follow faster (about 100 steps).
+    polyak: float = 0.01  # target Q <- (1 - polyak) target Q + polyak Q
+    target_sync_every: int = 1  # steps between Polyak updates (trlx: 5)
+    lr: float = 1e-3  # Adam learning rate of the heads
+    trunk_lr: float = 1e-5  # Adam learning rate of the trunk (lora: adapters; full: all)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    batch_size: int = 8  # samples per step
+    epochs: int = 4  # passes over the data (ignored when steps > 0)
+    steps: int = 0  # total optimiser steps (0: epochs * batches per epoch)
+    max_length: int = 256  # prompt + response tokens; longer responses are cut (truncated)
+    seed: int = 0  # data order and initialisation
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self):
+        if not 0 < self.tau < 1:
+            raise QVLMError(f"tau is {self.tau}; the expectile must be in (0, 1)")
+        if not 0 <= self.gamma <= 1:
+            raise QVLMError(f"gamma is {self.gamma}; it must be in [0, 1]")
+        if not 0 < self.polyak <= 1:
+            raise QVLMError(f"polyak is {self.polyak}; it must be in (0, 1]")
+        if self.batch_size < 1 or self.epochs < 1 or self.steps < 0:
+            raise QVLMError("batch_size and epochs must be >= 1 and steps >= 0")
+
+
+VALUE_TARGETS = ("mc", "td", "td_lambda")
+
+
+@dataclass
+class ValueConfig:
+    """Prefix-scorer settings."""
+
+    target: str = "mc"  # mc: Monte-Carlo returns; td: r + gamma V(s'); td_lambda: lambda-returns
+    gamma: float = 1.0  # discount (1: V predicts the undiscounted final score)
+    lam: float = 0.95  # lambda of td_lambda
+    lr: float = 1e-3  # Adam learning rate of the V head
+    trunk_lr: float = 1e-5  # learning rate of the trunk when it trains
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    epochs: int = 4
+    steps: int = 0  # total steps (0: epochs * batches per epoch)
+    max_length: int = 256
+    seed: int = 0
+    checkpoint_every: int = 100
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.target not in VALUE_TARGETS:
+            raise QVLMError(f"unknown value target {self.target!r}; use one of {', '.join(VALUE_TARGETS)}")

@@ -1,0 +1,233 @@
+"""Value-guided decoding: sample from ``log pi_ref + beta * (Q - V)`` (DESIGN.md).
+
+Two ways in:
+
+- :func:`generate`: a KV-cached loop, batched with left padding, each row stopping at its own
+  EOS. It runs the decoder once per step, reads the last hidden state for both the LM head and the
+  Q/V heads, and can record exact per-token KL to the base model.
+- :class:`ValueGuidanceLogitsProcessor`: the same guidance inside ``model.generate``. A forward
+  hook on the decoder captures the last hidden state of each step, so the heads cost no second
+  trunk pass.
+
+The guided scores are ``logits + beta * (Q - V)``: ``log pi_ref`` is ``logits`` minus a constant per
+state, which softmax ignores. So with ``beta = 0`` the scores are the raw logits bit for bit, and
+both paths reproduce Hugging Face ``generate`` token for token, greedy or seeded sampling (the
+warpers are transformers' own, applied in its order: temperature, top-k, top-p).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from qvlm.configs import DecodeConfig
+from qvlm.errors import QVLMError
+from qvlm.heads import QVHeads
+from qvlm.mdp import encode_prompt
+from qvlm.model import trunk_hidden_states
+
+__all__ = [
+    "DecodeConfig",
+    "GenerationResult",
+    "generate",
+    "left_pad",
+    "warpers",
+    "ValueGuidanceLogitsProcessor",
+]
+
+
+@dataclass
+class GenerationResult:
+    """Per prompt: response token ids (EOS included when written), text, and step statistics."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    texts: list[str]
+    finished: list[bool]
+    kl: list[float] = field(default_factory=list)  # sum over steps of KL(sampling dist || base)
+    base_logprobs: list[list[float]] = field(default_factory=list)  # log pi_ref(y_t | s_t)
+
+
+def warpers(cfg: DecodeConfig) -> LogitsProcessorList:
+    """transformers' sampling warpers for ``cfg``, in the order ``generate`` applies them."""
+    out = LogitsProcessorList()
+    if not cfg.do_sample:
+        return out
+    if cfg.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(cfg.temperature))
+    if cfg.top_k:
+        out.append(TopKLogitsWarper(top_k=cfg.top_k, min_tokens_to_keep=1))
+    if cfg.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=cfg.top_p, min_tokens_to_keep=1))
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: -> ``input_ids, attention_mask`` (B, L)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[b, L - len(s):] = 1
+    return ids, mask
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise QVLMError("the model has no EOS token id; set model.generation_config.eos_token_id")
+    return torch.tensor(eos if isinstance(eos, list) else [eos])
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str] | list[list[int]],
+    heads: QVHeads | None = None,
+    cfg: DecodeConfig | None = None,
+    track_kl: bool = False,
+    progress: bool = False,
+) -> GenerationResult:
+    """Decode responses for ``prompts`` (strings, encoded with the chat template, or token ids)."""
+    cfg = cfg or DecodeConfig()
+    if cfg.beta != 0 and heads is None:
+        raise QVLMError(f"beta is {cfg.beta} but no heads were given; pass trained heads or beta=0")
+    if not prompts:
+        raise QVLMError("no prompts to decode")
+    encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    for i, p in enumerate(encoded):
+        if not p:
+            raise QVLMError(f"prompt {i} is empty after tokenisation")
+        if limit and len(p) + cfg.max_new_tokens > limit:
+            raise QVLMError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
+                f"the model's context of {limit}; shorten the prompt or lower max_new_tokens"
+            )
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    result = GenerationResult(encoded, [], [], [])
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(encoded), cfg.batch_size)
+    for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
+        _decode_batch(model, tokenizer, encoded[start : start + cfg.batch_size], heads, cfg, track_kl, result)
+    return result
+
+
+def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) -> None:
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = _eos_ids(model, tokenizer).to(device)
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    B = input_ids.shape[0]
+    warp = warpers(cfg)
+    cache = DynamicCache()
+    lm_head = model.get_output_embeddings()
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    generated = input_ids
+    step_input = input_ids
+    kl = torch.zeros(B, device=device)
+    base_lp: list[torch.Tensor] = []
+    for _ in range(cfg.max_new_tokens):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+        h, _ = trunk_hidden_states(
+            model, step_input, attention_mask,
+            position_ids=position_ids, past_key_values=cache, use_cache=True,
+        )
+        h_last = h[:, -1:]  # (B, 1, H)
+        logits = lm_head(h_last)[:, -1].to(torch.float32)  # (B, V)
+        scores = logits
+        if cfg.beta != 0:
+            scores = scores + cfg.beta * heads.advantages(h_last[:, -1]).to(torch.float32)
+        scores = warp(generated, scores)
+        if cfg.do_sample:
+            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(scores, dim=-1)
+        if track_kl:
+            ref_logp = torch.log_softmax(logits, dim=-1)
+            if cfg.do_sample:
+                logp = torch.log_softmax(scores, dim=-1)
+                step_kl = (logp.exp() * (logp - ref_logp)).nan_to_num(0.0).sum(-1)  # 0 log 0 = 0
+            else:  # greedy is a point mass on the argmax: KL = -log pi_ref(argmax)
+                step_kl = -ref_logp.gather(-1, next_tokens[:, None]).squeeze(-1)
+            kl += step_kl * unfinished
+            base_lp.append(ref_logp.gather(-1, next_tokens[:, None]).squeeze(-1))
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
+        generated = torch.cat([generated, next_tokens[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
+        unfinished = unfinished & ~torch.isin(next_tokens, eos)
+        step_input = next_tokens[:, None]
+        if not unfinished.any():
+            break
+    new = generated[:, input_ids.shape[1]:].tolist()
+    for b in range(B):
+        ids, done = [], False
+        for tok in new[b]:
+            ids.append(tok)
+            if tok in eos.tolist():
+                done = True
+                break
+        result.response_ids.append(ids)
+        result.finished.append(done)
+        text_ids = ids[:-1] if done else ids
+        result.texts.append(tokenizer.decode(text_ids, skip_special_tokens=True))
+        if track_kl:
+            result.kl.append(float(kl[b]))
+            result.base_logprobs.append([float(base_lp[t][b]) for t in range(len(ids))])
+
+
+class ValueGuidanceLogitsProcessor(LogitsProcessor):
+    """Adds ``beta * (Q(s, .) - V(s))`` to the scores inside ``model.generate``.
+
+    Use it through :meth:`attach`, which hooks the decoder so that each step's last hidden state
+    is captured during the forward pass ``generate`` already makes::
+
+        proc = ValueGuidanceLogitsProcessor(heads, beta=2.0)
+        with proc.attach(model):
+            out = model.generate(ids, logits_processor=LogitsProcessorList([proc]), do_sample=True)
+    """
+
+    def __init__(self, heads: QVHeads, beta: float):
+        self.heads = heads
+        self.beta = beta
+        self._hidden: torch.Tensor | None = None
+
+    @contextmanager
+    def attach(self, model: PreTrainedModel):
+        def hook(_module, _args, output):
+            h = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            self._hidden = h[:, -1].detach()  # (B, H)
+
+        handle = model.base_model.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._hidden = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.beta == 0:
+            return scores
+        if self._hidden is None:
+            raise QVLMError("ValueGuidanceLogitsProcessor used outside `with proc.attach(model):`")
+        adv = self.heads.advantages(self._hidden).to(scores.dtype)  # (B, V)
+        return scores + self.beta * adv[..., : scores.shape[-1]]

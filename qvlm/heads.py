@@ -1,0 +1,139 @@
+"""Q and V heads on a trunk's hidden states, target copies, Polyak sync, and safetensors I/O.
+
+Heads read the hidden state at the position of the last token of ``s_t`` (DESIGN.md), so
+``Q(s_t, .)`` is aligned with the LM logits that predict ``y_t``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from safetensors.torch import load_file, save_file
+
+from qvlm.errors import QVLMError
+
+__all__ = ["HeadsConfig", "MLPHead", "QVHeads", "polyak_update", "save_heads", "load_heads"]
+
+
+@dataclass
+class HeadsConfig:
+    """Shape of the heads. ``hidden_size`` and ``vocab_size`` come from the trunk's config."""
+
+    hidden_size: int
+    vocab_size: int
+    num_q_heads: int = 2  # twin Q (clipped double-Q: Fujimoto et al. 2018), min over targets
+    # width of the heads' hidden layer; 0 means hidden_size. trlx uses 2 * hidden_size; one times
+    # keeps twin vocabulary-sized Q heads under ~0.45x the trunk's compute per token on SmolLM2
+    head_hidden: int = 0
+    with_q: bool = True  # False: a V head only (prefix scorer)
+    base_model: str = ""  # the trunk these heads were trained on, recorded for loading
+
+    @property
+    def width(self) -> int:
+        return self.head_hidden or self.hidden_size
+
+
+class MLPHead(nn.Module):
+    """``Linear -> ReLU -> Linear``: (..., hidden) -> (..., out)."""
+
+    def __init__(self, hidden_size: int, width: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class QVHeads(nn.Module):
+    """A V head, ``num_q_heads`` vocabulary-sized Q heads, and frozen target copies of the Q heads."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        self.v_head = MLPHead(config.hidden_size, config.width, 1)
+        n_q = config.num_q_heads if config.with_q else 0
+        self.q_heads = nn.ModuleList(
+            MLPHead(config.hidden_size, config.width, config.vocab_size) for _ in range(n_q)
+        )
+        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
+
+    @property
+    def has_q(self) -> bool:
+        return len(self.q_heads) > 0
+
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """``V(s)``: (..., hidden) -> (...)."""
+        return self.v_head(h).squeeze(-1)
+
+    def q_values(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Each Q head: (..., hidden) -> (..., vocab)."""
+        return [q(h) for q in self.q_heads]
+
+    @torch.no_grad()
+    def target_q_values(self, h: torch.Tensor) -> torch.Tensor:
+        """Min over the target Q heads: (..., hidden) -> (..., vocab)."""
+        return torch.stack([q(h) for q in self.target_q_heads]).min(0).values
+
+    def target_q_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Min over target heads of ``Q'(s, a)`` for the taken actions: (B, T, hidden) -> (B, T).
+
+        Gathers per head before the min, so memory is one vocab-sized tensor at a time.
+        """
+        with torch.no_grad():
+            taken = [q(h).gather(-1, actions[..., None]).squeeze(-1) for q in self.target_q_heads]
+        return torch.stack(taken).min(0).values
+
+    @torch.no_grad()
+    def advantages(self, h: torch.Tensor) -> torch.Tensor:
+        """``Q(s, .) - V(s)`` for decoding, Q the min over the (online) twin heads: (..., vocab)."""
+        if not self.has_q:
+            raise QVLMError("these heads have no Q heads (a V-only prefix scorer); use V-guided blockwise decoding")
+        q = torch.stack(self.q_values(h)).min(0).values
+        return q - self.values(h)[..., None]
+
+    def sync_targets(self, alpha: float) -> None:
+        """Polyak-average the online Q heads into the targets (alpha = 1 copies)."""
+        polyak_update(self.q_heads.parameters(), self.target_q_heads.parameters(), alpha)
+
+
+@torch.no_grad()
+def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.Tensor], alpha: float) -> None:
+    """``theta' <- (1 - alpha) theta' + alpha theta``, in place (Stable-Baselines3 ``polyak_update``)."""
+    for p, tp in zip(params, target_params, strict=True):
+        tp.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
+
+
+def save_heads(heads: QVHeads, path: str | Path) -> None:
+    """Save heads to ``path/heads.safetensors`` and ``path/heads_config.json`` atomically."""
+    from qvlm.mdp import atomic_write_text
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".heads.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, str(tmp))
+    tmp.replace(path / "heads.safetensors")
+    atomic_write_text(path / "heads_config.json", json.dumps(asdict(heads.config), indent=2) + "\n")
+
+
+def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
+    """Load heads saved by :func:`save_heads` (safetensors: no unpickling)."""
+    path = Path(path)
+    cfg_file, weights = path / "heads_config.json", path / "heads.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise QVLMError(
+            f"{path}: no heads here (expected heads_config.json and heads.safetensors); "
+            "train some with `qvlm train ilql` or `qvlm train value`"
+        )
+    try:
+        config = HeadsConfig(**json.loads(cfg_file.read_text()))
+    except (TypeError, json.JSONDecodeError) as err:
+        raise QVLMError(f"{cfg_file}: not a valid heads config ({err})") from None
+    heads = QVHeads(config)
+    heads.load_state_dict(load_file(str(weights), device=str(device)))
+    return heads.to(device)

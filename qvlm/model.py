@@ -1,0 +1,178 @@
+"""A trunk (any Hugging Face causal LM) with Q/V heads, in one of three modes.
+
+- ``frozen``: only the heads train; the trunk's hidden states at the MDP's state positions are
+  computed once per sample and cached, so epochs after the first do not run the trunk.
+- ``lora``: low-rank adapters on the trunk's linear layers (peft) train with the heads.
+- ``full``: the whole trunk trains with the heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from qvlm.configs import TRUNK_MODES, TrunkConfig
+from qvlm.errors import QVLMError
+from qvlm.heads import HeadsConfig, QVHeads
+from qvlm.mdp import TokenBatch
+from qvlm.models import hidden_size_of
+
+__all__ = ["TRUNK_MODES", "TrunkConfig", "QVModel", "gather_positions", "trunk_hidden_states", "load_qv_model"]
+
+def gather_positions(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Pick hidden states at per-row positions: h (B, L, H), positions (B, T) -> (B, T, H)."""
+    return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+
+def trunk_hidden_states(trunk: PreTrainedModel, input_ids, attention_mask, **kwargs):
+    """Last hidden states of the trunk (after its final norm): (B, L) -> (B, L, H), and the output.
+
+    Runs ``trunk.base_model`` (the decoder without the LM head) so no vocabulary-sized logits are
+    computed for positions nobody reads.
+    """
+    out = trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out.last_hidden_state, out
+
+
+class QVModel(nn.Module):
+    """Trunk + heads. ``features(batch)`` returns the hidden states of ``s_t`` and ``s_{t+1}``."""
+
+    def __init__(self, trunk: PreTrainedModel, heads: QVHeads, trunk_config: TrunkConfig | None = None):
+        super().__init__()
+        self.trunk_config = trunk_config or TrunkConfig()
+        self.trunk = _prepare_trunk(trunk, self.trunk_config)
+        self.heads = heads
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (token ids, features)
+
+    @classmethod
+    def from_trunk(
+        cls,
+        trunk: PreTrainedModel,
+        trunk_config: TrunkConfig | None = None,
+        with_q: bool = True,
+        num_q_heads: int = 2,
+        head_hidden: int = 0,
+        base_model: str = "",
+    ) -> "QVModel":
+        """Build fresh heads sized from the trunk's config (read once, no guessing)."""
+        config = HeadsConfig(
+            hidden_size=hidden_size_of(trunk.config),
+            vocab_size=trunk.get_output_embeddings().weight.shape[0],
+            num_q_heads=num_q_heads,
+            head_hidden=head_hidden,
+            with_q=with_q,
+            base_model=base_model,
+        )
+        return cls(trunk, QVHeads(config), trunk_config)
+
+    @property
+    def frozen(self) -> bool:
+        return self.trunk_config.mode == "frozen"
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The trunk's LM head on hidden states: (..., H) -> (..., vocab)."""
+        return self.trunk.get_output_embeddings()(h)
+
+    def features(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h_states, h_next)``, each (B, T, H): hidden states at the positions of ``s_t``, ``s_{t+1}``.
+
+        With a frozen trunk they come from the per-sample cache when every sample of the batch is
+        cached; otherwise the trunk runs (without gradient when frozen) and fills the cache.
+        """
+        T = batch.state_positions.shape[1]
+        if self.frozen and self._cached(batch):
+            feats = _pad_stack([self._cache[int(i)][1] for i in batch.index], T + 1)  # (B, T+1, H)
+            return feats[:, :T], feats[:, 1:]
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            h, _ = trunk_hidden_states(self.trunk, batch.input_ids, batch.attention_mask)  # (B, L, H)
+        # the positions of s_1..s_{T+1}: state_positions then one past the last real step
+        lengths = batch.response_mask.sum(1).long()  # (B,)
+        positions = torch.cat([batch.state_positions, batch.state_positions[:, :1] * 0], dim=1)
+        positions[torch.arange(len(lengths)), lengths] = batch.state_positions[:, 0] + lengths
+        feats = gather_positions(h, positions)  # (B, T+1, H)
+        if self.frozen:
+            for b, i in enumerate(batch.index.tolist()):
+                ids = batch.input_ids[b][batch.attention_mask[b].bool()].clone()
+                self._cache[i] = (ids, feats[b, : lengths[b] + 1].detach().clone())
+        return feats[:, :T], feats[:, 1:]
+
+    def _cached(self, batch: TokenBatch) -> bool:
+        """Every row cached, for the same tokens (an index reused by other data misses)."""
+        for b, i in enumerate(batch.index.tolist()):
+            hit = self._cache.get(i)
+            if hit is None or not torch.equal(hit[0], batch.input_ids[b][batch.attention_mask[b].bool()]):
+                return False
+        return True
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def trainable_trunk_state(self) -> dict[str, torch.Tensor]:
+        """The trunk parameters that train (LoRA adapters or all), for checkpoints."""
+        return {n: p.detach() for n, p in self.trunk.named_parameters() if p.requires_grad}
+
+    def load_trunk_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable_trunk_state()) - set(state)
+        if missing:
+            raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
+        self.trunk.load_state_dict(state, strict=False)
+
+
+def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
+    for b, r in enumerate(rows):
+        out[b, : r.shape[0]] = r
+    return out
+
+
+def _prepare_trunk(trunk: PreTrainedModel, cfg: TrunkConfig) -> PreTrainedModel:
+    if cfg.mode == "frozen":
+        return trunk.requires_grad_(False)
+    if cfg.mode == "full":
+        return trunk.requires_grad_(True)
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise QVLMError("trunk mode 'lora' needs the package peft: pip install peft") from None
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    # keep the Hugging Face model itself (now holding the adapter layers) as the trunk, so every
+    # caller uses one interface (base_model, get_output_embeddings) whatever the mode
+    return get_peft_model(trunk, lora).base_model.model
+
+
+def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:
+    """Attach heads saved in ``heads_dir`` to ``trunk``; restore a trained trunk (LoRA or full)
+    from ``trunk.safetensors`` when the run trained one. Checks that the shapes match."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qvlm.heads import load_heads
+
+    heads_dir = Path(heads_dir)
+    heads = load_heads(heads_dir)
+    hidden = hidden_size_of(trunk.config)
+    vocab = trunk.get_output_embeddings().weight.shape[0]
+    if (heads.config.hidden_size, heads.config.vocab_size) != (hidden, vocab):
+        raise QVLMError(
+            f"{heads_dir}: heads were trained on a model with hidden size {heads.config.hidden_size} and "
+            f"vocabulary {heads.config.vocab_size} ({heads.config.base_model or 'unknown'}); this model has "
+            f"{hidden} and {vocab}; pass the --model the heads were trained on"
+        )
+    info_file = heads_dir / "training.json"
+    trunk_cfg = TrunkConfig()
+    if info_file.is_file():
+        trunk_cfg = TrunkConfig(**json.loads(info_file.read_text()).get("trunk", {}))
+    model = QVModel(trunk, heads, trunk_cfg)
+    if (heads_dir / "trunk.safetensors").is_file():
+        model.load_trunk_state(load_file(str(heads_dir / "trunk.safetensors")))
+    return model.eval().requires_grad_(False)

