@@ -12,12 +12,12 @@ Rows (each at every batch size, same prompts, same number of new tokens per row)
                               and applies the heads to the last hidden state. This is what a loop
                               without a cache costs; it is not trlx's own ``generate`` (which
                               keeps a cache). Its cost grows with length, so it runs
-                              ``--naive-new-tokens`` tokens (default: min(new tokens, 16)) and its
+                              ``--naive-new-tokens`` tokens (default: min(new tokens, 8)) and its
                               tokens/s is optimistic compared with a full-length run.
 
 EOS is made unreachable for every row alike (the EOS id is set to the vocabulary size for the
 duration of the run), so every row writes exactly ``new_tokens`` tokens per prompt; tokens are
-also counted from the outputs. Per batch size every method is warmed up once, then all methods
+also counted from the outputs. Per batch size every method is warmed up once (a call of at most 4 tokens), then all methods
 are timed round-robin ``--repeats`` times (interleaved, so drifts in machine load hit all of them
 alike) and the median wall time is kept. Tokens/s counts generated tokens only; the time includes
 the prefill of the prompt.
@@ -143,7 +143,7 @@ def eos_disabled(model, unreachable: int):
 
 
 def time_interleaved(methods, prompts, ns, repeats: int, seed: int):
-    """Warm every method up once, then time them round-robin ``repeats`` times.
+    """Warm every method up once (a short call), then time them round-robin ``repeats`` times.
 
     Interleaving spreads drifts in machine load (other processes, frequency changes) over all
     methods alike instead of charging them to whichever method ran at that moment.
@@ -151,7 +151,7 @@ def time_interleaved(methods, prompts, ns, repeats: int, seed: int):
     for (name, _kind, fn), n in zip(methods, ns):
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        fn(prompts, n)
+        fn(prompts, min(n, 4))
         print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
     times = [[] for _ in methods]
     counts = [[] for _ in methods]
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--naive-new-tokens", type=int, default=None,
-                    help="new tokens for the no-cache loop (default: min(new tokens, 16))")
+                    help="new tokens for the no-cache loop (default: min(new tokens, 8))")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         ap.error("--new-tokens, --repeats and --batch-sizes must be at least 1")
-    naive_n = args.naive_new_tokens or min(args.new_tokens, 16)
+    naive_n = args.naive_new_tokens or min(args.new_tokens, 8)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     busy = os.getloadavg()[0]

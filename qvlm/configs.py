@@ -116,3 +116,32 @@ class ValueConfig:
     def __post_init__(self):
         if self.target not in VALUE_TARGETS:
             raise QVLMError(f"unknown value target {self.target!r}; use one of {', '.join(VALUE_TARGETS)}")
+
+
+@dataclass
+class DemoConfig:
+    """`qvlm demo`: steer the embedded model toward a reward; compare with best-of-N. Zeros take
+    the full or --quick preset (see qvlm.demo.PRESETS)."""
+
+    target: str = "positive"  # sentiment to steer toward: positive | negative (VADER compound)
+    reward: str = ""  # reward name overriding --target (e.g. count:e for tests)
+    model: str = DEFAULT_MODEL  # base model
+    quick: bool = False  # smaller preset: fewer prompts and shorter responses
+    train_prompts: int = 0  # training prompts to sample from (0: preset)
+    eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
+    samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
+    max_new_tokens: int = 0  # response length limit (0: preset)
+    betas: str = "1,2,4"  # ILQL guidance strengths, comma-separated
+    best_of: int = 16  # draws per held-out prompt for best-of-4 and best-of-16
+    candidates: int = 4  # V-guided blockwise: candidate blocks per step
+    block_size: int = 4  # V-guided blockwise: tokens per block
+    ilql_epochs: int = 0  # ILQL epochs over the samples (0: preset)
+    value_epochs: int = 0  # prefix-scorer epochs (0: preset)
+    batch_size: int = 32  # prompts decoded together
+    seed: int = 0  # sampling and training seed
+
+    def __post_init__(self):
+        if self.target not in ("positive", "negative"):
+            raise QVLMError(f"--target is {self.target!r}; use positive or negative")
+        if self.best_of < 4:
+            raise QVLMError(f"--best-of is {self.best_of}; it must be at least 4 (best-of-4 is a baseline)")

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_STATES",
     "MDPConfig",
     "Reward",
+    "ReferencePolicy",
     "TokenMDP",
     "TokenTree",
     "SoftOptimum",
@@ -71,6 +72,7 @@ __all__ = [
     "solve",
     "solve_hard",
     "evaluate_policy",
+    "policy_table",
     "guided_policy",
     "soft_bellman_residual",
 ]
@@ -205,9 +207,12 @@ class Reward:
     per_token: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
 
-def count_reward(token: int, horizon: int) -> Reward:
-    """Terminal reward: how often ``token`` occurs in the response, divided by the horizon (in [0, 1])."""
-    return Reward(f"count({token})/{horizon}",
+def count_reward(token: int, horizon: int, label: str | None = None) -> Reward:
+    """Terminal reward: how often ``token`` occurs in the response, divided by the horizon (in [0, 1]).
+
+    ``label`` names the token in the reward's name (default: its id).
+    """
+    return Reward(f"count({label or token})/{horizon}",
                   terminal=lambda tokens: (tokens == token).sum(axis=1) / float(horizon))
 
 
@@ -340,7 +345,7 @@ def build_tree(mdp: TokenMDP, max_states: int = DEFAULT_MAX_STATES) -> TokenTree
     nodes = count_tree_nodes(V, H)
     if nodes > max_states:
         raise QVLMError(f"vocab {V}, horizon {H} has {nodes:,} tree nodes, over the budget of "
-                        f"{max_states:,} (max_states): lower the vocabulary or the horizon, or raise "
+                        f"{max_states:,} (max_states, --max-states): lower the vocabulary or the horizon, or raise "
                         "max_states if you have the memory (about 100 bytes per node)")
     level_tokens = [np.zeros((1, 0), dtype=np.int64)]
     for _ in range(1, H):
@@ -554,8 +559,7 @@ def build_mdp(config: MDPConfig) -> TokenMDP:
         if not 0 <= config.token < V - 1:
             raise QVLMError(f"token={config.token} (--token): the counted token must be an ordinary "
                             f"token id in 0..{V - 2} (EOS is {V - 1})")
-        reward = count_reward(config.token, H)
-        reward.name = f"count({token_names(V)[config.token]})/{H}"
+        reward = count_reward(config.token, H, label=token_names(V)[config.token])
     elif config.reward == "pattern":
         if not config.pattern or any(not 0 <= t < V for t in config.pattern):
             raise QVLMError(f"pattern={config.pattern} (--pattern): give token ids in 0..{V - 1}")

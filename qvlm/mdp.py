@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qvlm.errors import QVLMError
+from qvlm.fileio import atomic_write_text
 
 __all__ = [
     "Sample",
@@ -112,21 +111,6 @@ def read_samples(path: str | Path) -> list[Sample]:
     if not samples:
         raise QVLMError(f"{path}: no samples; the file is empty")
     return samples
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_samples(path: str | Path, samples: Iterable[Sample]) -> None:

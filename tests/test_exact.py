@@ -244,3 +244,13 @@ def test_tiny_llama_reference_reads_eos_as_start_token():
     assert tree.ref_probs.std(0).max() > 0.01  # rows differ from prefix to prefix
     opt = solve(tree, 0.1)
     assert soft_bellman_residual(tree, opt.q, opt.v, 0.1).max() <= 1e-9
+
+
+def test_default_mdp_optimum_matches_the_docs_table():
+    # docs/exact.md, "Results on the default MDP": the optimal and reference rows
+    tree = build_tree(build_mdp(MDPConfig()))
+    opt = solve(tree, 0.1)
+    star, ref = evaluate_policy(tree, opt.pi), evaluate_policy(tree, tree.ref_probs)
+    assert tree.num_states == 121
+    assert (round(opt.objective, 4), round(star.reward, 4), round(star.kl, 4)) == (0.4804, 0.6690, 1.8854)
+    assert round(ref.reward, 4) == 0.3139

@@ -25,7 +25,17 @@ from qvlm.algos.exact_learners import (
     sample_episodes,
     train_learner,
 )
-from qvlm.exact import MDPConfig, TokenMDP, build_mdp, build_tree, count_reward, evaluate_policy, solve, solve_hard, table_policy
+from qvlm.exact import (
+    MDPConfig,
+    TokenMDP,
+    build_mdp,
+    build_tree,
+    count_reward,
+    evaluate_policy,
+    solve,
+    solve_hard,
+    table_policy,
+)
 from qvlm.returns import monte_carlo_returns
 
 ALPHA = 0.1
@@ -129,7 +139,7 @@ def test_mc_regression_learns_v_of_the_reference_policy():
 
 def test_mc_error_against_v_ref_shrinks_with_data():
     tree = default_tree(1)
-    opt, reference = solve(tree, ALPHA), evaluate_policy(tree, tree.ref_probs)
+    reference = evaluate_policy(tree, tree.ref_probs)
     errors = []
     for n in (200, 5000):
         heads = train_learner("mc", tree, MCConfig(seed=1, num_episodes=n, steps=200), ALPHA)

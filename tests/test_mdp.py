@@ -1,9 +1,7 @@
 """Samples and token batches: validation messages and the DESIGN.md index conventions."""
 
-import json
 
 import pytest
-import torch
 
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, collate, encode_samples, read_prompts, read_samples, write_samples

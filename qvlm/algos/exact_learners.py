@@ -218,7 +218,10 @@ def train_ilql(tree: TokenTree, config: ILQLConfig) -> TabularHeads:
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     s, a, nxt = data.states, data.actions, data.next_states  # (B, H)
-    q1, q2, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
+    N, V = tree.num_states, tree.vocab_size
+    # twin tables start equal and see the same data, so they stay equal: the min over twins is
+    # kept to mirror ILQL's structure, it has no effect here (with networks, inits differ)
+    q1, q2, v = _table(N, V), _table(N, V), _table(N)
     q1_target, q2_target = q1.detach().clone(), q2.detach().clone()
     opt, sched = _adam([q1, q2, v], config.lr, config.steps)
     for _ in tqdm(range(config.steps), desc="ilql", disable=not config.progress, leave=False):
@@ -321,7 +324,9 @@ def train_softq(tree: TokenTree, config: SoftQConfig, alpha: float) -> TabularHe
     weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
     """
     _check_positive("SoftQConfig", iterations=config.iterations, episodes_per_iter=config.episodes_per_iter,
-                    updates_per_iter=config.updates_per_iter, lr=config.lr, alpha=alpha)
+                    updates_per_iter=config.updates_per_iter, lr=config.lr)
+    if not alpha > 0:
+        raise QVLMError(f"alpha={alpha} (train_softq): the KL temperature must be positive")
     if config.explore not in ("open_first", "boltzmann"):
         raise QVLMError(f"SoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
     gen = torch.Generator().manual_seed(config.seed)

@@ -15,7 +15,6 @@ from tqdm.auto import tqdm
 from qvlm.algos.common import MetricsLogger, batch_schedule, load_checkpoint, save_checkpoint, save_run, set_seed
 from qvlm.algos.ilql import make_optimizer
 from qvlm.configs import ValueConfig
-from qvlm.errors import QVLMError
 from qvlm.losses import value_regression_loss
 from qvlm.mdp import Sample, TokenBatch, encode_samples
 from qvlm.model import QVModel

@@ -15,10 +15,12 @@ from qvlm.errors import QVLMError
 
 # subcommand modules, in the order --help lists them
 COMMANDS = [
+    "qvlm.cli.demo",
     "qvlm.cli.sample",
     "qvlm.cli.train",
     "qvlm.cli.generate",
     "qvlm.cli.eval",
+    "qvlm.cli.inspect",
     "qvlm.cli.exact",
 ]
 

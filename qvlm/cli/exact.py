@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 DEFAULT_LEARNERS = "ilql,mc,softq"
@@ -123,7 +121,7 @@ def format_table(result: dict) -> str:
         f"alpha {m['alpha']:g}, reward {m['reward']}, pi_ref {m['reference']} (seed {m['seed']}), "
         f"{m['states']} states",
         f"{'policy':<16}{'objective':>10}{'ratio':>8}{'reward':>9}{'KL':>8}{'V rmse':>9}{'Q rmse':>9}"
-        f"{'V-Vref rmse':>12}{'states':>8}",
+        f"{'V-Vref rmse':>12}{'states':>8}{'pairs':>7}",
     ]
     opt, ref = result["optimal"], result["reference"]
     lines.append(f"{'optimal pi*':<16}{opt['objective']:>10.4f}{1.0:>8.4f}{opt['reward']:>9.4f}{opt['kl']:>8.4f}")
@@ -132,25 +130,17 @@ def format_table(result: dict) -> str:
     for name, r in result["learners"].items():
         lines.append(f"{name:<16}{r['objective']:>10.4f}{r['objective_ratio']:>8.4f}{r['reward']:>9.4f}"
                      f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
-                     f"{r['visited_states']:>8d}")
-    lines.append("ratio = J/J* with J = reward - alpha*KL; RMSEs over the states (Q: taken pairs) each learner's "
-                 "data visited, uniformly weighted; V-Vref = RMSE against V^pi_ref")
+                     f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}")
+    lines.append("ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
+                 "(Q: state-action pairs) each learner's data visited, uniformly weighted; V-Vref: RMSE against "
+                 "V^pi_ref")
     return "\n".join(lines)
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Temp file in the target's folder, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_nan_to_none(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from qvlm.fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(_nan_to_none(obj), indent=2, allow_nan=False) + "\n")
 
 
 def _nan_to_none(obj):

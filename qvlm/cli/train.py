@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load

@@ -1,0 +1,291 @@
+"""`qvlm demo`: steer the embedded SmolLM2-135M-Instruct toward a reward with learned Q/V heads,
+against best-of-N, and write metrics.json and a report a person wants to read.
+
+Phases, each cached in the output directory so a rerun after an interruption resumes:
+sample (base responses to training prompts, scored) -> ILQL heads and a Monte-Carlo prefix scorer
+(both on the frozen trunk, sharing one feature cache) -> evaluation on held-out prompts (base,
+best-of-4/16, ILQL-guided at several betas, V-guided blockwise) -> value maps -> report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from qvlm.algos.ilql import train_ilql
+from qvlm.algos.value import train_value
+from qvlm.blockwise import best_of_n_kl_bound, blockwise_generate
+from qvlm.configs import DecodeConfig, DemoConfig, ILQLConfig, TrunkConfig, ValueConfig
+from qvlm.decoding import GenerationResult, generate
+from qvlm.errors import QVLMError
+from qvlm.evaluate import distinct_n, mean_ci95, perplexity
+from qvlm.heads import load_heads
+from qvlm.mdp import Sample, atomic_write_text, read_samples, write_samples
+from qvlm.model import QVModel
+from qvlm.models import load_model
+from qvlm.rewards import get_reward, score
+from qvlm.valuemap import value_maps
+
+__all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
+
+PRESETS = {
+    "full": dict(train_prompts=160, eval_prompts=64, samples_per_prompt=4, max_new_tokens=32, ilql_epochs=4, value_epochs=4),
+    "quick": dict(train_prompts=48, eval_prompts=32, samples_per_prompt=4, max_new_tokens=24, ilql_epochs=4, value_epochs=4),
+}
+
+
+def resolve(cfg: DemoConfig) -> DemoConfig:
+    """Fill the zero fields from the full or quick preset."""
+    preset = PRESETS["quick" if cfg.quick else "full"]
+    return dataclasses.replace(cfg, **{k: v for k, v in preset.items() if not getattr(cfg, k)})
+
+
+def _phase(out: Path, name: str, log) -> Path:
+    log(f"[{name}]")
+    return out / name
+
+
+def compute_cost(trunk, heads_params: int = 0) -> float:
+    """Compute per generated token relative to the trunk alone: ``1 + heads / trunk`` params.
+
+    A token costs about 2 FLOPs per weight it touches; the input embedding is a lookup (free) but
+    the LM head is a matmul, so a tied embedding counts once, as the LM head.
+    """
+    total = sum(p.numel() for p in trunk.parameters())
+    embed = trunk.get_input_embeddings().weight.numel()
+    lm_head = trunk.get_output_embeddings().weight
+    tied = lm_head.data_ptr() == trunk.get_input_embeddings().weight.data_ptr()
+    trunk_compute = total - embed + (lm_head.numel() if tied else 0)
+    return 1.0 + heads_params / trunk_compute
+
+
+def _metrics(texts, rewards, kl, base_logprobs, cost, seconds, tokens) -> dict:
+    mean, ci = mean_ci95(rewards)
+    return {
+        "reward_mean": mean,
+        "reward_ci95": ci,
+        "kl_to_base": sum(kl) / len(kl),
+        "distinct_2": distinct_n(texts, 2),
+        "perplexity": perplexity(base_logprobs),
+        "cost": cost,
+        "seconds": seconds,
+        "seconds_per_token": seconds / max(tokens, 1),
+        "n": len(texts),
+    }
+
+
+def _save_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True) -> dict:
+    """Run (or resume) the demo into ``out``; returns the metrics dict written to metrics.json."""
+    cfg = resolve(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, cfg)
+    torch.manual_seed(cfg.seed)
+    reward_name = cfg.reward or ("vader" if cfg.target == "positive" else "vader-negative")
+    reward = get_reward(reward_name)
+    from qvlm.demo_prompts import load_demo_prompts
+
+    train_prompts = load_demo_prompts("train")[: cfg.train_prompts]
+    eval_prompts = load_demo_prompts("eval")[: cfg.eval_prompts]
+    log(f"qvlm demo: {cfg.model}, reward {reward_name}, {len(train_prompts)} training and "
+        f"{len(eval_prompts)} held-out prompts, output in {out}")
+    model, tokenizer = load_model(cfg.model)
+    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+
+    # 1. sample and score the offline data
+    samples_file = _phase(out, "samples.jsonl", log)
+    if samples_file.is_file():
+        samples = read_samples(samples_file)
+        log(f"  cached: {len(samples)} samples")
+    else:
+        prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
+        res = generate(model, tokenizer, prompts, cfg=decode, progress=progress)
+        rewards = score(reward, prompts, res.texts, name=f"reward {reward_name}")
+        samples = [Sample(p, t, r, finished=f) for p, t, r, f in zip(prompts, res.texts, rewards, res.finished)]
+        write_samples(samples_file, samples)
+        log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
+
+    # 2. ILQL heads and 3. a prefix scorer, on the frozen trunk with one shared feature cache
+    ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), base_model=cfg.model)
+    ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    history = _train_or_load(out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log)
+    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), with_q=False, base_model=cfg.model)
+    scorer._cache = ilql._cache  # same trunk, same tokens: reuse the features
+    value_cfg = ValueConfig(epochs=cfg.value_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    v_history = _train_or_load(out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log)
+    history.update({"prefix scorer " + k: v for k, v in v_history.items() if k.startswith("losses/")})
+
+    # 4. evaluate on held-out prompts
+    eval_dir = out / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    q_params = sum(p.numel() for p in ilql.heads.q_heads.parameters()) + sum(p.numel() for p in ilql.heads.v_head.parameters())
+    v_params = sum(p.numel() for p in scorer.heads.v_head.parameters())
+    methods, texts = {}, {}
+
+    def run_method(name, fn, cost):
+        file = eval_dir / f"{name}.json"
+        if file.is_file():
+            saved = json.loads(file.read_text())
+            log(f"[eval {name}] cached")
+        else:
+            log(f"[eval {name}]")
+            start = time.perf_counter()
+            res: GenerationResult = fn()
+            seconds = time.perf_counter() - start
+            rewards = score(reward, eval_prompts, res.texts, name=f"reward {reward_name}")
+            tokens = sum(len(r) for r in res.response_ids)
+            saved = {"texts": res.texts, "rewards": rewards,
+                     "metrics": _metrics(res.texts, rewards, res.kl, res.base_logprobs, cost, seconds, tokens)}
+            _save_json(file, saved)
+        methods[name], texts[name] = saved["metrics"], saved
+        m = saved["metrics"]
+        log(f"  reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}, KL {m['kl_to_base']:.2f}, cost {m['cost']:.2f}")
+
+    _best_of(out, eval_dir, model, tokenizer, eval_prompts, reward, reward_name, decode, cfg, methods, texts, log, progress)
+    for beta in [float(b) for b in cfg.betas.split(",") if b.strip()]:
+        guided = dataclasses.replace(decode, beta=beta)
+        run_method(f"ilql_beta_{beta:g}", lambda g=guided: generate(model, tokenizer, eval_prompts, ilql.heads, g, track_kl=True, progress=progress),
+                   compute_cost(model, q_params))
+    run_method(
+        f"cd_blockwise_k{cfg.candidates}",
+        lambda: blockwise_generate(model, tokenizer, eval_prompts, scorer.heads, cfg.candidates, cfg.block_size, decode, progress),
+        cfg.candidates * compute_cost(model, v_params),
+    )
+    base_time = methods["base"]["seconds_per_token"]
+    for m in methods.values():
+        m["time_ratio"] = m["seconds_per_token"] / base_time if base_time else float("nan")
+
+    # 5. value maps and the report
+    summary = {"methods": methods, "reward": reward_name, "config": dataclasses.asdict(cfg)}
+    _save_json(out / "metrics.json", summary)
+    _report(out, cfg, ilql, tokenizer, eval_prompts, methods, texts, history, reward_name, log)
+    return summary
+
+
+def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
+    name = run_dir.name
+    if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
+        log(f"[train {name}] cached")
+        model.heads.load_state_dict(load_heads(run_dir).state_dict())
+        return _read_history(run_dir)
+    resume = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
+    log(f"[train {name}]" + (" resuming from checkpoint" if resume else ""))
+    return train(run_dir, resume)
+
+
+def _read_history(run_dir: Path) -> dict:
+    history: dict = {}
+    file = run_dir / "metrics.jsonl"
+    if file.is_file():
+        for line in file.read_text().splitlines():
+            obj = json.loads(line)
+            for k, v in obj.items():
+                if k != "step":
+                    history.setdefault(k, []).append((obj["step"], v))
+    return history
+
+
+def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, decode, cfg, methods, texts, log, progress):
+    """``best_of`` base draws per prompt: draw 0 is base sampling, the best of the first 4 and of all
+    are best-of-4 and best-of-N by the true reward (the strong baseline; costs N samples)."""
+    file = eval_dir / "draws.json"
+    if file.is_file():
+        draws = json.loads(file.read_text())
+        log("[eval base draws] cached")
+    else:
+        log(f"[eval base draws] {cfg.best_of} per prompt")
+        start = time.perf_counter()
+        repeated = [p for p in prompts for _ in range(cfg.best_of)]
+        res = generate(model, tokenizer, repeated, cfg=decode, track_kl=True, progress=progress)
+        seconds = time.perf_counter() - start
+        rewards = score(reward, repeated, res.texts, name=f"reward {reward_name}")
+        draws = {"texts": res.texts, "rewards": rewards, "base_logprobs": res.base_logprobs,
+                 "tokens": [len(r) for r in res.response_ids], "seconds": seconds}
+        _save_json(file, draws)
+    n, N = len(prompts), cfg.best_of
+    per_token = draws["seconds"] / max(sum(draws["tokens"]), 1)
+    for name, k in (("base", 1), ("best_of_4", 4), (f"best_of_{N}", N)):
+        picks = []
+        for i in range(n):
+            group = range(i * N, i * N + k)
+            picks.append(max(group, key=lambda j: draws["rewards"][j]))
+        sel_texts = [draws["texts"][j] for j in picks]
+        sel_rewards = [draws["rewards"][j] for j in picks]
+        kl = [best_of_n_kl_bound(k) if k > 1 else 0.0] * n
+        tokens = sum(draws["tokens"][j] for j in picks)
+        # best-of-k decodes k responses for each one it returns
+        seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
+        m = _metrics(sel_texts, sel_rewards, kl, [draws["base_logprobs"][j] for j in picks], float(k), seconds, tokens)
+        methods[name], texts[name] = m, {"texts": sel_texts, "rewards": sel_rewards}
+        log(f"  {name}: reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}")
+
+
+def _report(out, cfg, ilql, tokenizer, prompts, methods, texts, history, reward_name, log) -> None:
+    from qvlm.report import render_report
+
+    log("[report]")
+    guided = [k for k in methods if k.startswith("ilql_")]
+    best = max(guided, key=lambda k: methods[k]["reward_mean"])
+    n_show = min(8, len(prompts))
+    samples = [
+        {"prompt": prompts[i], "base": texts["base"]["texts"][i], "guided": texts[best]["texts"][i],
+         "base_reward": texts["base"]["rewards"][i], "guided_reward": texts[best]["rewards"][i], "method": best}
+        for i in range(n_show)
+    ]
+    maps_file = out / "value_maps.json"
+    if maps_file.is_file():
+        maps = json.loads(maps_file.read_text())
+    else:
+        idx = list(range(min(4, len(prompts))))
+        ps = [prompts[i] for i in idx] * 2
+        rs = [texts["base"]["texts"][i] for i in idx] + [texts[best]["texts"][i] for i in idx]
+        rw = [texts["base"]["rewards"][i] for i in idx] + [texts[best]["rewards"][i] for i in idx]
+        maps = value_maps(ilql, tokenizer, ps, [r if r.strip() else "." for r in rs])
+        for m, r, label in zip(maps, rw, ["base"] * len(idx) + [best] * len(idx)):
+            m["reward"], m["method"] = r, label
+        _save_json(maps_file, maps)
+    intro = (
+        f"<p>The base model <b>{cfg.model}</b> wrote {cfg.samples_per_prompt} responses to each of "
+        f"{cfg.train_prompts} training prompts; the reward <b>{reward_name}</b> scored them. On that "
+        "offline data we trained ILQL Q and V heads and a Monte-Carlo prefix scorer V, both on the "
+        "frozen trunk. Every method below then answered the same "
+        f"{cfg.eval_prompts} held-out prompts. Best-of-N samples N responses from the base model and "
+        "keeps the one the true reward likes best: the strong baseline, at N times the cost. Cost is "
+        "compute per generated token relative to plain sampling (heads and candidate blocks "
+        "included); KL is the exact per-token KL to the base model summed per response (for best-of-N "
+        "and blockwise selection, the analytic best-of-N bound).</p>"
+    )
+    render_report(
+        out / "report.html",
+        title=f"qvlm demo: steering {cfg.model} toward {reward_name}",
+        intro_html=intro,
+        methods=methods,
+        loss_history=history,
+        samples=samples,
+        value_maps=maps,
+        config=dataclasses.asdict(cfg),
+    )
+
+
+def _check_config(out: Path, cfg: DemoConfig) -> None:
+    """Refuse to resume a directory made with other settings (its cached phases would not match)."""
+    file = out / "demo_config.json"
+    current = dataclasses.asdict(cfg)
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        diff = sorted(k for k in current if saved.get(k) != current[k])
+        if diff:
+            raise QVLMError(
+                f"{out} holds a demo run with other settings ({', '.join(diff)} differ); "
+                "use another --out or the same settings to resume"
+            )
+    else:
+        atomic_write_text(file, json.dumps(current, indent=2) + "\n")
