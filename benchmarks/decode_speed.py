@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -221,6 +222,7 @@ def atomic_write_json(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-new-tokens", type=int, default=None,
                     help="new tokens for the no-cache loop (default: min(new tokens, 8))")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--q-heads", type=int, default=2, help="Q heads in the random heads (default 2: twin Q)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: os.cpu_count()); on a machine shared with other busy "
@@ -264,14 +267,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     busy = os.getloadavg()[0]
-    if busy > 0.5:
-        print(f"note: load average {busy:.2f} on {os.cpu_count()} CPUs before the run; other processes "
-              "compete for the cores and the timings will be noisy", file=sys.stderr)
+    if busy >= 1.0:
+        print(f"note: load average {busy:.2f} on {os.cpu_count()} CPUs before the run; if other processes "
+              "compete for the cores the timings will be noisy (try --threads 1)", file=sys.stderr)
     t_load = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t_load
     torch.manual_seed(args.seed)
-    heads = QVModel.from_trunk(model).heads.eval()
+    heads = QVModel.from_trunk(model, num_q_heads=args.q_heads).heads.eval()
     pad_id = tokenizer.pad_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     unreachable_eos = vocab  # no logit exists for this id, so it is never sampled
@@ -338,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "warmup": 1, "statistic": "median", "seed": args.seed,
             "sampling": "do_sample=True, top_k=0, top_p=1, temperature=1", "beta_guided": 1.0,
             "eos": "unreachable for every method (each row writes exactly new_tokens per prompt)",
-            "heads": "random QVModel.from_trunk(model).heads (2 Q heads + V head)",
+            "heads": "random QVModel.from_trunk(model, num_q_heads=q_heads).heads; decoding runs the "
+                     "V head and the online Q heads (min over Q heads)",
+            "heads_config": dataclasses.asdict(heads.config),
         },
         "load_s": load_s,
         "bench_s": bench_s,

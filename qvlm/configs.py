@@ -40,6 +40,7 @@ class DecodeConfig:
     top_k: int = 0  # keep the k best tokens (0: off)
     top_p: float = 1.0  # nucleus sampling mass (1: off)
     beta: float = 0.0  # guidance strength on Q - V (1/alpha recovers the soft optimum)
+    guidance_top_k: int = 0  # guide only the base model's k likeliest tokens, as FUDGE rescores its top k (0: all)
     seed: int | None = None  # seeds torch's global RNG before decoding (as HF generate uses it)
     batch_size: int = 16  # prompts decoded together
     chat: bool | None = None  # wrap prompts in the chat template (None: when the tokenizer has one)
@@ -51,8 +52,8 @@ class DecodeConfig:
             raise QVLMError(f"temperature is {self.temperature}; it must be > 0 (use do_sample=False for greedy)")
         if not 0 < self.top_p <= 1:
             raise QVLMError(f"top_p is {self.top_p}; it must be in (0, 1]")
-        if self.top_k < 0:
-            raise QVLMError(f"top_k is {self.top_k}; it must be >= 0 (0 turns it off)")
+        if self.top_k < 0 or self.guidance_top_k < 0:
+            raise QVLMError("top_k and guidance_top_k must be >= 0 (0 turns them off)")
 
 
 @dataclass
@@ -131,13 +132,17 @@ class DemoConfig:
     eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
     samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
     max_new_tokens: int = 0  # response length limit (0: preset)
-    betas: str = "1,2,4"  # ILQL guidance strengths, comma-separated
+    betas: str = "4,16,64"  # ILQL guidance strengths, comma-separated
+    mc_betas: str = "4,16,64"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
+    guidance_top_k: int = 10  # guide only the base model's k likeliest tokens (0: all)
     best_of: int = 16  # draws per held-out prompt for best-of-4 and best-of-16
     candidates: int = 4  # V-guided blockwise: candidate blocks per step
     block_size: int = 4  # V-guided blockwise: tokens per block
     ilql_epochs: int = 0  # ILQL epochs over the samples (0: preset)
     value_epochs: int = 0  # prefix-scorer epochs (0: preset)
-    batch_size: int = 32  # prompts decoded together
+    head_hidden: int = 128  # width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)
+    q_head: str = "tied"  # Q head design: tied (to the LM's output embedding) or mlp (trlx's)
+    batch_size: int = 64  # prompts decoded together
     seed: int = 0  # sampling and training seed
 
     def __post_init__(self):

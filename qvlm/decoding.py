@@ -44,6 +44,7 @@ __all__ = [
     "generate",
     "left_pad",
     "warpers",
+    "guide",
     "ValueGuidanceLogitsProcessor",
 ]
 
@@ -72,6 +73,18 @@ def warpers(cfg: DecodeConfig) -> LogitsProcessorList:
     if cfg.top_p < 1.0:
         out.append(TopPLogitsWarper(top_p=cfg.top_p, min_tokens_to_keep=1))
     return out
+
+
+def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
+    """Guided scores ``logits + beta * (Q - V)``; with ``top_k``, only on the base model's ``top_k``
+    likeliest tokens (FUDGE's candidate set: heads trained on the data's actions say little about
+    tokens the base model would almost never write). Shape: (B, V) -> (B, V).
+    """
+    adv = advantages[..., : logits.shape[-1]].to(logits.dtype)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        adv = torch.where(logits >= kth, adv, torch.zeros_like(adv))
+    return logits + beta * adv
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +169,7 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) ->
         logits = lm_head(h_last)[:, -1].to(torch.float32)  # (B, V)
         scores = logits
         if cfg.beta != 0:
-            scores = scores + cfg.beta * heads.advantages(h_last[:, -1]).to(torch.float32)
+            scores = guide(logits, heads.advantages(h_last[:, -1]), cfg.beta, cfg.guidance_top_k)
         scores = warp(generated, scores)
         if cfg.do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -206,9 +219,10 @@ class ValueGuidanceLogitsProcessor(LogitsProcessor):
             out = model.generate(ids, logits_processor=LogitsProcessorList([proc]), do_sample=True)
     """
 
-    def __init__(self, heads: QVHeads, beta: float):
+    def __init__(self, heads: QVHeads, beta: float, guidance_top_k: int = 0):
         self.heads = heads
         self.beta = beta
+        self.guidance_top_k = guidance_top_k
         self._hidden: torch.Tensor | None = None
 
     @contextmanager
@@ -229,5 +243,4 @@ class ValueGuidanceLogitsProcessor(LogitsProcessor):
             return scores
         if self._hidden is None:
             raise QVLMError("ValueGuidanceLogitsProcessor used outside `with proc.attach(model):`")
-        adv = self.heads.advantages(self._hidden).to(scores.dtype)  # (B, V)
-        return scores + self.beta * adv[..., : scores.shape[-1]]
+        return guide(scores, self.heads.advantages(self._hidden), self.beta, self.guidance_top_k)

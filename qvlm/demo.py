@@ -33,8 +33,8 @@ from qvlm.valuemap import value_maps
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
 PRESETS = {
-    "full": dict(train_prompts=160, eval_prompts=64, samples_per_prompt=4, max_new_tokens=32, ilql_epochs=4, value_epochs=4),
-    "quick": dict(train_prompts=48, eval_prompts=32, samples_per_prompt=4, max_new_tokens=24, ilql_epochs=4, value_epochs=4),
+    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=4, max_new_tokens=20, ilql_epochs=4, value_epochs=4),
+    "quick": dict(train_prompts=40, eval_prompts=24, samples_per_prompt=4, max_new_tokens=16, ilql_epochs=4, value_epochs=4),
 }
 
 
@@ -45,22 +45,22 @@ def resolve(cfg: DemoConfig) -> DemoConfig:
 
 
 def _phase(out: Path, name: str, log) -> Path:
-    log(f"[{name}]")
+    log(f"[{name}] {time.strftime('%H:%M:%S')}")
     return out / name
 
 
-def compute_cost(trunk, heads_params: int = 0) -> float:
-    """Compute per generated token relative to the trunk alone: ``1 + heads / trunk`` params.
+def compute_cost(trunk, heads_macs: int = 0) -> float:
+    """Compute per generated token relative to the trunk alone: ``1 + heads / trunk`` multiply-adds.
 
-    A token costs about 2 FLOPs per weight it touches; the input embedding is a lookup (free) but
-    the LM head is a matmul, so a tied embedding counts once, as the LM head.
+    A token costs one multiply-add per weight it touches; the input embedding is a lookup (free)
+    but the LM head is a matmul, so a tied embedding counts once, as the LM head.
     """
     total = sum(p.numel() for p in trunk.parameters())
     embed = trunk.get_input_embeddings().weight.numel()
     lm_head = trunk.get_output_embeddings().weight
     tied = lm_head.data_ptr() == trunk.get_input_embeddings().weight.data_ptr()
     trunk_compute = total - embed + (lm_head.numel() if tied else 0)
-    return 1.0 + heads_params / trunk_compute
+    return 1.0 + heads_macs / trunk_compute
 
 
 def _metrics(texts, rewards, kl, base_logprobs, cost, seconds, tokens) -> dict:
@@ -98,7 +98,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     log(f"qvlm demo: {cfg.model}, reward {reward_name}, {len(train_prompts)} training and "
         f"{len(eval_prompts)} held-out prompts, output in {out}")
     model, tokenizer = load_model(cfg.model)
-    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                          guidance_top_k=cfg.guidance_top_k)
 
     # 1. sample and score the offline data
     samples_file = _phase(out, "samples.jsonl", log)
@@ -114,10 +115,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
 
     # 2. ILQL heads and 3. a prefix scorer, on the frozen trunk with one shared feature cache
-    ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), base_model=cfg.model)
+    ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
+                              q_head=cfg.q_head)
     ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
     history = _train_or_load(out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log)
-    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), with_q=False, base_model=cfg.model)
+    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
+                                q_head=cfg.q_head)
     scorer._cache = ilql._cache  # same trunk, same tokens: reuse the features
     value_cfg = ValueConfig(epochs=cfg.value_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
     v_history = _train_or_load(out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log)
@@ -126,8 +129,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     # 4. evaluate on held-out prompts
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
-    q_params = sum(p.numel() for p in ilql.heads.q_heads.parameters()) + sum(p.numel() for p in ilql.heads.v_head.parameters())
-    v_params = sum(p.numel() for p in scorer.heads.v_head.parameters())
+    ilql_cost = compute_cost(model, ilql.heads.decode_macs_per_token())
+    mc_cost = compute_cost(model, scorer.heads.decode_macs_per_token())
+    v_cost = compute_cost(model, sum(p.numel() for p in scorer.heads.v_head.parameters()))
     methods, texts = {}, {}
 
     def run_method(name, fn, cost):
@@ -136,7 +140,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
             saved = json.loads(file.read_text())
             log(f"[eval {name}] cached")
         else:
-            log(f"[eval {name}]")
+            log(f"[eval {name}] {time.strftime('%H:%M:%S')}")
             start = time.perf_counter()
             res: GenerationResult = fn()
             seconds = time.perf_counter() - start
@@ -153,11 +157,15 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     for beta in [float(b) for b in cfg.betas.split(",") if b.strip()]:
         guided = dataclasses.replace(decode, beta=beta)
         run_method(f"ilql_beta_{beta:g}", lambda g=guided: generate(model, tokenizer, eval_prompts, ilql.heads, g, track_kl=True, progress=progress),
-                   compute_cost(model, q_params))
+                   ilql_cost)
+    for beta in [float(b) for b in cfg.mc_betas.split(",") if b.strip()]:
+        guided = dataclasses.replace(decode, beta=beta)
+        run_method(f"mcq_beta_{beta:g}", lambda g=guided: generate(model, tokenizer, eval_prompts, scorer.heads, g, track_kl=True, progress=progress),
+                   mc_cost)
     run_method(
         f"cd_blockwise_k{cfg.candidates}",
         lambda: blockwise_generate(model, tokenizer, eval_prompts, scorer.heads, cfg.candidates, cfg.block_size, decode, progress),
-        cfg.candidates * compute_cost(model, v_params),
+        cfg.candidates * v_cost,
     )
     base_time = methods["base"]["seconds_per_token"]
     for m in methods.values():
@@ -177,7 +185,7 @@ def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
         model.heads.load_state_dict(load_heads(run_dir).state_dict())
         return _read_history(run_dir)
     resume = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
-    log(f"[train {name}]" + (" resuming from checkpoint" if resume else ""))
+    log(f"[train {name}] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
     return train(run_dir, resume)
 
 
@@ -201,7 +209,7 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         draws = json.loads(file.read_text())
         log("[eval base draws] cached")
     else:
-        log(f"[eval base draws] {cfg.best_of} per prompt")
+        log(f"[eval base draws] {time.strftime('%H:%M:%S')} {cfg.best_of} per prompt")
         start = time.perf_counter()
         repeated = [p for p in prompts for _ in range(cfg.best_of)]
         res = generate(model, tokenizer, repeated, cfg=decode, track_kl=True, progress=progress)
@@ -231,8 +239,8 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
 def _report(out, cfg, ilql, tokenizer, prompts, methods, texts, history, reward_name, log) -> None:
     from qvlm.report import render_report
 
-    log("[report]")
-    guided = [k for k in methods if k.startswith("ilql_")]
+    log(f"[report] {time.strftime('%H:%M:%S')}")
+    guided = [k for k in methods if k.startswith(("ilql_", "mcq_"))]
     best = max(guided, key=lambda k: methods[k]["reward_mean"])
     n_show = min(8, len(prompts))
     samples = [

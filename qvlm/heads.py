@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from qvlm.errors import QVLMError
 
-__all__ = ["HeadsConfig", "MLPHead", "QVHeads", "polyak_update", "save_heads", "load_heads"]
+__all__ = ["HeadsConfig", "Q_HEADS", "MLPHead", "TiedQHead", "QVHeads", "polyak_update", "save_heads", "load_heads"]
 
 
 @dataclass
@@ -32,22 +32,78 @@ class HeadsConfig:
     # keeps twin vocabulary-sized Q heads under ~0.45x the trunk's compute per token on SmolLM2
     head_hidden: int = 0
     with_q: bool = True  # False: a V head only (prefix scorer)
+    # mlp: Q(s, .) = W2 relu(W1 h) + b, its own vocabulary-sized output layer (trlx's design).
+    # tied: Q(s, a) = e_a . g(h) + b_a, with e_a the trunk's frozen output embedding of token a, so
+    # tokens the LM treats alike share value (far fewer parameters; learns from little data).
+    q_head: str = "mlp"
     base_model: str = ""  # the trunk these heads were trained on, recorded for loading
 
     @property
     def width(self) -> int:
         return self.head_hidden or self.hidden_size
 
+    def __post_init__(self):
+        if self.q_head not in Q_HEADS:
+            raise QVLMError(f"unknown q_head {self.q_head!r}; use one of {', '.join(Q_HEADS)}")
+
+
+Q_HEADS = ("mlp", "tied")
+
 
 class MLPHead(nn.Module):
-    """``Linear -> ReLU -> Linear``: (..., hidden) -> (..., out)."""
+    """``Linear -> ReLU -> Linear``: (..., hidden) -> (..., out).
 
-    def __init__(self, hidden_size: int, width: int, out: int):
+    ``zero_out`` starts the last layer at zero: a Q head then begins neutral (every action's
+    advantage equal), so guidance moves only what the data supports instead of amplifying the
+    noise of a random vocabulary-sized layer.
+    """
+
+    def __init__(self, hidden_size: int, width: int, out: int, zero_out: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, out))
+        if zero_out:
+            nn.init.zeros_(self.net[2].weight)
+            nn.init.zeros_(self.net[2].bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(h)
+
+    def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The output entries ``actions`` only: (B, T, hidden), (B, T) -> (B, T).
+
+        Reads the rows of the last layer that the actions pick instead of computing all ``out``
+        entries and gathering: for a vocabulary-sized head, a factor of the vocabulary fewer FLOPs.
+        """
+        z = self.net[1](self.net[0](h))  # (B, T, width)
+        last = self.net[2]
+        return (z * last.weight[actions]).sum(-1) + last.bias[actions]
+
+
+class TiedQHead(nn.Module):
+    """``Q(s, a) = e_a . g(h) + b_a``: a delta in the LM's own output space.
+
+    ``g`` is ``Linear -> ReLU -> Linear`` back to the hidden size (last layer zero at start, so Q
+    starts at 0), ``e_a`` row ``a`` of the trunk's output embedding (frozen, passed in, not saved),
+    ``b_a`` a per-token bias. (..., hidden) -> (..., vocab), at the cost of one LM-head matmul.
+    """
+
+    def __init__(self, hidden_size: int, width: int, vocab_size: int):
+        super().__init__()
+        self.g = MLPHead(hidden_size, width, hidden_size, zero_out=True)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def _embedding(self, unembedding: torch.Tensor | None) -> torch.Tensor:
+        if unembedding is None:
+            raise QVLMError("a tied Q head needs the trunk's output embedding: attach the heads to a model "
+                            "(QVModel or load_qv_model) before using them")
+        return unembedding
+
+    def forward(self, h: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        return self.g(h) @ self._embedding(unembedding).T + self.bias  # (..., vocab)
+
+    def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Q of the taken actions only: (B, T, hidden), (B, T) -> (B, T)."""
+        return (self.g(h) * self._embedding(unembedding)[actions]).sum(-1) + self.bias[actions]
 
 
 class QVHeads(nn.Module):
@@ -58,10 +114,13 @@ class QVHeads(nn.Module):
         self.config = config
         self.v_head = MLPHead(config.hidden_size, config.width, 1)
         n_q = config.num_q_heads if config.with_q else 0
-        self.q_heads = nn.ModuleList(
-            MLPHead(config.hidden_size, config.width, config.vocab_size) for _ in range(n_q)
-        )
+        self.q_heads = nn.ModuleList(_q_head(config) for _ in range(n_q))
         self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
+        self.unembedding: torch.Tensor | None = None  # the trunk's output embedding, for tied heads
+
+    def attach_unembedding(self, weight: torch.Tensor) -> None:
+        """Give tied Q heads the trunk's output embedding ``(vocab, hidden)`` (kept frozen)."""
+        self.unembedding = weight.detach()
 
     @property
     def has_q(self) -> bool:
@@ -73,20 +132,37 @@ class QVHeads(nn.Module):
 
     def q_values(self, h: torch.Tensor) -> list[torch.Tensor]:
         """Each Q head: (..., hidden) -> (..., vocab)."""
-        return [q(h) for q in self.q_heads]
+        return [q(h, self.unembedding) for q in self.q_heads]
+
+    def q_taken(self, h: torch.Tensor, actions: torch.Tensor) -> list[torch.Tensor]:
+        """Each online Q head at the taken actions only: (B, T, hidden), (B, T) -> (B, T)."""
+        return [q.taken(h, actions, self.unembedding) for q in self.q_heads]
+
+    def decode_macs_per_token(self) -> int:
+        """Multiply-adds per decoded token for guidance: V head plus every online Q head.
+
+        An MLP head costs its weights; a tied head its ``g`` plus one vocabulary-sized matmul with
+        the trunk's output embedding (``vocab * hidden``) and the bias.
+        """
+        macs = sum(p.numel() for p in self.v_head.parameters())
+        for q in self.q_heads:
+            macs += sum(p.numel() for p in q.parameters())
+            if isinstance(q, TiedQHead):
+                macs += self.config.vocab_size * self.config.hidden_size
+        return macs
 
     @torch.no_grad()
     def target_q_values(self, h: torch.Tensor) -> torch.Tensor:
         """Min over the target Q heads: (..., hidden) -> (..., vocab)."""
-        return torch.stack([q(h) for q in self.target_q_heads]).min(0).values
+        return torch.stack([q(h, self.unembedding) for q in self.target_q_heads]).min(0).values
 
     def target_q_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Min over target heads of ``Q'(s, a)`` for the taken actions: (B, T, hidden) -> (B, T).
 
-        Gathers per head before the min, so memory is one vocab-sized tensor at a time.
+        Computes only the taken actions' outputs (see :meth:`MLPHead.taken`).
         """
         with torch.no_grad():
-            taken = [q(h).gather(-1, actions[..., None]).squeeze(-1) for q in self.target_q_heads]
+            taken = [q.taken(h, actions, self.unembedding) for q in self.target_q_heads]
         return torch.stack(taken).min(0).values
 
     @torch.no_grad()
@@ -100,6 +176,12 @@ class QVHeads(nn.Module):
     def sync_targets(self, alpha: float) -> None:
         """Polyak-average the online Q heads into the targets (alpha = 1 copies)."""
         polyak_update(self.q_heads.parameters(), self.target_q_heads.parameters(), alpha)
+
+
+def _q_head(config: HeadsConfig) -> nn.Module:
+    if config.q_head == "tied":
+        return TiedQHead(config.hidden_size, config.width, config.vocab_size)
+    return MLPHead(config.hidden_size, config.width, config.vocab_size, zero_out=True)
 
 
 @torch.no_grad()

@@ -45,6 +45,8 @@ class QVModel(nn.Module):
         self.trunk_config = trunk_config or TrunkConfig()
         self.trunk = _prepare_trunk(trunk, self.trunk_config)
         self.heads = heads
+        if heads.config.q_head == "tied":
+            heads.attach_unembedding(self.trunk.get_output_embeddings().weight)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (token ids, features)
 
     @classmethod
@@ -56,6 +58,7 @@ class QVModel(nn.Module):
         num_q_heads: int = 2,
         head_hidden: int = 0,
         base_model: str = "",
+        q_head: str = "mlp",
     ) -> "QVModel":
         """Build fresh heads sized from the trunk's config (read once, no guessing)."""
         config = HeadsConfig(
@@ -65,6 +68,7 @@ class QVModel(nn.Module):
             head_hidden=head_hidden,
             with_q=with_q,
             base_model=base_model,
+            q_head=q_head,
         )
         return cls(trunk, QVHeads(config), trunk_config)
 

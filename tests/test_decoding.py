@@ -65,9 +65,9 @@ def test_beta_zero_with_heads_is_base_and_kl_zero(tiny):
 def test_processor_inside_generate_equals_own_loop(tiny):
     model, tok = tiny
     heads = QVModel.from_trunk(model).heads
-    with torch.no_grad():  # make guidance strong enough to change tokens
+    with torch.no_grad():  # Q heads start neutral (zero last layer): give them random strong weights
         for p in heads.parameters():
-            p.mul_(20)
+            p.normal_(0.0, 1.0)
     proc = ValueGuidanceLogitsProcessor(heads, beta=1.5)
     with proc.attach(model):
         ref = hf_generate(model, tok, PROMPTS, 5, max_new_tokens=12, do_sample=True, top_k=0,

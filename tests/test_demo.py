@@ -15,7 +15,7 @@ KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", 
 
 def small(tiny_dir, **kw):
     return DemoConfig(model=str(tiny_dir), reward="count:e", quick=True, train_prompts=6, eval_prompts=5,
-                      samples_per_prompt=2, max_new_tokens=6, ilql_epochs=1, value_epochs=1, betas="1,4",
+                      samples_per_prompt=2, max_new_tokens=6, ilql_epochs=1, value_epochs=1, betas="1,4", mc_betas="2",
                       best_of=4, **kw)
 
 
@@ -28,12 +28,13 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     methods = metrics["methods"]
-    assert {"base", "best_of_4", "ilql_beta_1", "ilql_beta_4", "cd_blockwise_k4"} <= set(methods)
+    assert {"base", "best_of_4", "ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4"} <= set(methods)
     for name, m in methods.items():
         assert KEYS <= set(m), name
     assert methods["base"]["cost"] == 1.0 and methods["best_of_4"]["cost"] == 4.0
     assert methods["base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert 1.0 < methods["ilql_beta_1"]["cost"] < methods["cd_blockwise_k4"]["cost"]
+    assert methods["mcq_beta_2"]["cost"] == methods["ilql_beta_1"]["cost"]  # same head design
     html = (out / "report.html").read_text()
     assert "ilql_beta_4" in html and "data:image/png;base64," in html
 
@@ -60,7 +61,7 @@ def test_presets_fill_only_zero_fields():
 def test_cost_counts_heads_over_trunk(tiny):
     model, _ = tiny
     n = sum(p.numel() for p in model.parameters())  # tied: the embedding counts once, as the LM head
-    assert compute_cost(model, heads_params=n) == pytest.approx(2.0)
+    assert compute_cost(model, heads_macs=n) == pytest.approx(2.0)
 
 
 def test_demo_cli_bad_target(capsys):

@@ -104,3 +104,54 @@ def test_feature_cache_misses_when_index_holds_other_tokens(tiny):
     h1, _ = qv.features(first)
     h2, _ = qv.features(other)
     assert not torch.allclose(h1, h2)
+
+
+def test_taken_equals_full_output_gathered():
+    heads = QVHeads(HeadsConfig(hidden_size=8, vocab_size=13, head_hidden=5))
+    h, actions = torch.randn(2, 4, 8), torch.randint(0, 13, (2, 4))
+    full = heads.target_q_heads[0](h).gather(-1, actions[..., None]).squeeze(-1)
+    torch.testing.assert_close(heads.target_q_heads[0].taken(h, actions), full)
+    mins = torch.stack([q(h) for q in heads.target_q_heads]).min(0).values.gather(-1, actions[..., None]).squeeze(-1)
+    torch.testing.assert_close(heads.target_q_taken(h, actions), mins)
+
+
+def test_tied_q_head_is_embedding_dot_g_plus_bias():
+    from qvlm.heads import TiedQHead
+
+    head = TiedQHead(hidden_size=3, width=4, vocab_size=5)
+    emb = torch.randn(5, 3)
+    h = torch.randn(2, 3)
+    torch.testing.assert_close(head(h, emb), torch.zeros(2, 5))  # starts neutral: g's last layer is 0
+    with torch.no_grad():
+        head.g.net[2].weight.normal_()
+        head.bias.normal_()
+    expected = head.g(h) @ emb.T + head.bias  # Q(s, a) = e_a . g(h) + b_a
+    torch.testing.assert_close(head(h, emb), expected)
+    actions = torch.tensor([[1, 4], [0, 2]])
+    hh = torch.randn(2, 2, 3)
+    torch.testing.assert_close(head.taken(hh, actions, emb), head(hh, emb).gather(-1, actions[..., None]).squeeze(-1))
+
+
+def test_tied_heads_attach_to_model_and_reload(tiny, tmp_path):
+    from qvlm.model import load_qv_model
+
+    model, _ = tiny
+    qv = QVModel.from_trunk(model, q_head="tied")
+    emb = model.get_output_embeddings().weight
+    assert qv.heads.unembedding is not None and qv.heads.unembedding.shape == emb.shape
+    with torch.no_grad():
+        for p in qv.heads.parameters():
+            p.normal_()
+    save_heads(qv.heads, tmp_path)
+    assert not any("unembedding" in k for k in qv.heads.state_dict())  # the trunk's, not saved twice
+    back = load_qv_model(model, tmp_path)
+    h = torch.randn(3, model.config.hidden_size)
+    torch.testing.assert_close(back.heads.advantages(h), qv.heads.advantages(h))
+    with pytest.raises(QVLMError, match="needs the trunk's output embedding"):
+        load_heads(tmp_path).q_values(h)
+
+
+def test_q_heads_start_neutral():
+    heads = QVHeads(HeadsConfig(hidden_size=4, vocab_size=6))
+    adv = heads.advantages(torch.randn(2, 4))
+    torch.testing.assert_close(adv, adv[:, :1].expand(-1, 6))  # same for every action: no guidance

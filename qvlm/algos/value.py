@@ -1,5 +1,7 @@
 """Prefix scorer: a V head on a (usually frozen) trunk, regressed on Monte-Carlo returns or TD
-targets of the data's policy (controlled decoding: Mudgal et al. 2024, CD-FUDGE and CD-Q).
+targets of the data's policy (controlled decoding: Mudgal et al. 2024, CD-FUDGE and CD-Q). When the
+model has Q heads, ``Q(s_t, a_t)`` is regressed on the same targets, so ``Q - V`` can guide
+token-level decoding as well.
 
 ``V(s_t)`` estimates the expected final reward of continuing ``s_t`` with the base model. It
 steers a frozen model blockwise (sample K blocks, keep the best by V) or scores prefixes.
@@ -37,11 +39,15 @@ def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[tor
         lam = 0.0 if cfg.target == "td" else cfg.lam
         targets = td_lambda_returns(batch.rewards, v.detach(), v_next, batch.done, cfg.gamma, lam, mask)
     loss, stats = value_regression_loss(v, targets, mask)
-    return loss, {
-        "losses/v": stats["loss"],
-        "values/v": stats["v_mean"],
-        "values/target": masked_mean(targets, mask).item(),
-    }
+    out = {"losses/v": stats["loss"], "values/v": stats["v_mean"], "values/target": masked_mean(targets, mask).item()}
+    if model.heads.has_q:
+        # Q(s_t, a_t) regressed on the same return: Monte-Carlo Q of the data's policy (CD-FUDGE);
+        # only the taken actions' outputs are computed
+        q_losses = [value_regression_loss(q, targets, mask)[0] for q in model.heads.q_taken(h, batch.actions)]
+        q_loss = torch.stack(q_losses).mean()
+        loss = loss + q_loss
+        out["losses/q"] = q_loss.item()
+    return loss, out
 
 
 def train_value(

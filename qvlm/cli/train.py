@@ -27,6 +27,9 @@ def register(sub) -> None:
         a.add_argument("--trunk", choices=TRUNK_MODES, default="frozen",
                        help="frozen: heads only, trunk features cached; lora: adapters train too; full: all")
         a.add_argument("--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)")
+        a.add_argument("--q-head", choices=["mlp", "tied"], default="mlp",
+                       help="mlp: own vocabulary-sized output layer (trlx); tied: Q(s,a) = e_a . g(h) + b_a on "
+                       "the LM's frozen output embedding (learns from little data)")
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
 
@@ -50,7 +53,7 @@ def run(args) -> int:
     model, tokenizer = load(args)
     qv = QVModel.from_trunk(
         model, TrunkConfig(mode=args.trunk), with_q=args.algorithm == "ilql",
-        head_hidden=args.head_hidden, base_model=args.model,
+        head_hidden=args.head_hidden, base_model=args.model, q_head=getattr(args, "q_head", "mlp"),
     )
     train = train_ilql if args.algorithm == "ilql" else train_value
     history = train(qv, tokenizer, samples, cfg, run_dir=out, resume=args.resume)
