@@ -70,7 +70,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for kind, r in results.items():
         m = r["methods"]
-        guided = max((k for k in m if k.startswith("ilql_")), key=lambda k: m[k]["reward_mean"])
+        guided = max((k for k in m if k.startswith(("ilql_", "mcq_"))), key=lambda k: m[k]["reward_mean"])
         print(f"| {kind} | {r['seconds']:.0f} | {r['budget_s']} | {'yes' if r['within_budget'] else 'NO'} | "
               f"{guided} {m[guided]['reward_mean']:.3f} | {m['best_of_4']['reward_mean']:.3f} | {m['base']['reward_mean']:.3f} |")
     atomic_write_text(args.json, json.dumps({"machine": machine, "results": results}, indent=2) + "\n")

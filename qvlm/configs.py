@@ -132,9 +132,9 @@ class DemoConfig:
     eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
     samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
     max_new_tokens: int = 0  # response length limit (0: preset)
-    betas: str = "4,16,64"  # ILQL guidance strengths, comma-separated
-    mc_betas: str = "4,16,64"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
-    guidance_top_k: int = 10  # guide only the base model's k likeliest tokens (0: all)
+    betas: str = "4,16"  # ILQL guidance strengths, comma-separated
+    mc_betas: str = "4,8,16"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
+    guidance_top_k: int = 20  # guide only the base model's k likeliest tokens (0: all)
     best_of: int = 16  # draws per held-out prompt for best-of-4 and best-of-16
     candidates: int = 4  # V-guided blockwise: candidate blocks per step
     block_size: int = 4  # V-guided blockwise: tokens per block

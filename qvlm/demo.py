@@ -33,8 +33,8 @@ from qvlm.valuemap import value_maps
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
 PRESETS = {
-    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=4, max_new_tokens=20, ilql_epochs=4, value_epochs=4),
-    "quick": dict(train_prompts=40, eval_prompts=24, samples_per_prompt=4, max_new_tokens=16, ilql_epochs=4, value_epochs=4),
+    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=4, max_new_tokens=20, ilql_epochs=2, value_epochs=12),
+    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=4, max_new_tokens=16, ilql_epochs=2, value_epochs=12),
 }
 
 
@@ -122,9 +122,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
                                 q_head=cfg.q_head)
     scorer._cache = ilql._cache  # same trunk, same tokens: reuse the features
-    value_cfg = ValueConfig(epochs=cfg.value_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
+    # epochs and lr were chosen on held-out training prompts, never on the evaluation split
+    value_cfg = ValueConfig(epochs=cfg.value_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
     v_history = _train_or_load(out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log)
-    history.update({"prefix scorer " + k: v for k, v in v_history.items() if k.startswith("losses/")})
+    history = {"ILQL " + k[len("losses/"):]: v for k, v in history.items() if k.startswith("losses/") and k != "losses/total"}
+    history.update({"Monte-Carlo " + k[len("losses/"):]: v for k, v in v_history.items() if k.startswith("losses/")})
 
     # 4. evaluate on held-out prompts
     eval_dir = out / "eval"
@@ -174,7 +177,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     # 5. value maps and the report
     summary = {"methods": methods, "reward": reward_name, "config": dataclasses.asdict(cfg)}
     _save_json(out / "metrics.json", summary)
-    _report(out, cfg, ilql, tokenizer, eval_prompts, methods, texts, history, reward_name, log)
+    _report(out, cfg, {"ilql_": ilql, "mcq_": scorer}, tokenizer, eval_prompts, methods, texts, history, reward_name, log)
     return summary
 
 
@@ -236,7 +239,7 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         log(f"  {name}: reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}")
 
 
-def _report(out, cfg, ilql, tokenizer, prompts, methods, texts, history, reward_name, log) -> None:
+def _report(out, cfg, models, tokenizer, prompts, methods, texts, history, reward_name, log) -> None:
     from qvlm.report import render_report
 
     log(f"[report] {time.strftime('%H:%M:%S')}")
@@ -256,16 +259,19 @@ def _report(out, cfg, ilql, tokenizer, prompts, methods, texts, history, reward_
         ps = [prompts[i] for i in idx] * 2
         rs = [texts["base"]["texts"][i] for i in idx] + [texts[best]["texts"][i] for i in idx]
         rw = [texts["base"]["rewards"][i] for i in idx] + [texts[best]["rewards"][i] for i in idx]
-        maps = value_maps(ilql, tokenizer, ps, [r if r.strip() else "." for r in rs])
+        heads_of_best = next(m for prefix, m in models.items() if best.startswith(prefix))
+        maps = value_maps(heads_of_best, tokenizer, ps, [r if r.strip() else "." for r in rs])
         for m, r, label in zip(maps, rw, ["base"] * len(idx) + [best] * len(idx)):
             m["reward"], m["method"] = r, label
         _save_json(maps_file, maps)
     intro = (
         f"<p>The base model <b>{cfg.model}</b> wrote {cfg.samples_per_prompt} responses to each of "
         f"{cfg.train_prompts} training prompts; the reward <b>{reward_name}</b> scored them. On that "
-        "offline data we trained ILQL Q and V heads and a Monte-Carlo prefix scorer V, both on the "
-        "frozen trunk. Every method below then answered the same "
-        f"{cfg.eval_prompts} held-out prompts. Best-of-N samples N responses from the base model and "
+        "offline data we trained ILQL Q and V heads (<code>ilql_*</code>) and Monte-Carlo Q and V heads "
+        "regressed on the final reward (<code>mcq_*</code>, the prefix scorer that also drives "
+        "<code>cd_blockwise</code>), all on the frozen trunk. Token-level guidance shifts only the base "
+        f"model's {cfg.guidance_top_k} likeliest tokens at each step. Every method below then answered the same "
+        f"{cfg.eval_prompts} held-out prompts. The value maps use the heads of the best guided method. Best-of-N samples N responses from the base model and "
         "keeps the one the true reward likes best: the strong baseline, at N times the cost. Cost is "
         "compute per generated token relative to plain sampling (heads and candidate blocks "
         "included); KL is the exact per-token KL to the base model summed per response (for best-of-N "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job until `qvlm demo` lands: set up, then sample -> score (VADER) -> train ILQL heads ->
-# guided generation -> evaluation, on the embedded SmolLM2-135M-Instruct, with small settings.
+# The core CLI chain end to end on the embedded SmolLM2-135M-Instruct with the VADER reward:
+# qvlm sample -> qvlm train ilql -> qvlm generate -> qvlm eval, with small settings (a few minutes).
 # Usage: bash scripts/quickstart.sh [OUT_DIR]   (default runs/quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +8,14 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${1:-runs/quickstart}
 mkdir -p "$OUT"
-qvlm sample --prompts demo:train --max-prompts ${QS_PROMPTS:-64} --n 4 --reward vader \
-  --max-new-tokens 32 --seed 0 --out "$OUT/samples.jsonl"
-qvlm train ilql --data "$OUT/samples.jsonl" --out "$OUT/ilql" --epochs 3 --batch-size 8 --max-length 160
-qvlm generate --heads "$OUT/ilql" --beta 4 --max-new-tokens 32 --seed 0 \
+START=$(date +%s)
+qvlm sample --prompts demo:train --max-prompts 64 --n 4 --reward vader \
+  --max-new-tokens 20 --batch-size 64 --seed 0 --out "$OUT/samples.jsonl"
+qvlm train ilql --data "$OUT/samples.jsonl" --out "$OUT/ilql" --q-head tied --head-hidden 128 \
+  --epochs 4 --batch-size 8 --max-length 160
+qvlm generate --heads "$OUT/ilql" --beta 16 --guidance-top-k 10 --max-new-tokens 20 --seed 0 \
   --prompt "Write a one-sentence review of a hotel you stayed at." \
   --prompt "Describe the weather this morning in one sentence."
-qvlm eval --heads "$OUT/ilql" --prompts demo:eval --max-prompts ${QS_EVAL:-48} --reward vader \
-  --betas 0,2,4 --max-new-tokens 32 --seed 1 --json "$OUT/eval.json"
+qvlm eval --heads "$OUT/ilql" --prompts demo:eval --max-prompts 48 --reward vader \
+  --betas 0,4,16,64 --guidance-top-k 10 --max-new-tokens 20 --batch-size 64 --seed 1 --json "$OUT/eval.json"
+echo "quickstart took $(( $(date +%s) - START )) s (after setup)"

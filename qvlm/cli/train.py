@@ -30,6 +30,10 @@ def register(sub) -> None:
         a.add_argument("--q-head", choices=["mlp", "tied"], default="mlp",
                        help="mlp: own vocabulary-sized output layer (trlx); tied: Q(s,a) = e_a . g(h) + b_a on "
                        "the LM's frozen output embedding (learns from little data)")
+        if name == "value":
+            a.add_argument("--with-q", action="store_true",
+                           help="also regress Q(s_t, a_t) on the same targets (Monte-Carlo Q heads, usable "
+                           "for token-level guidance with `qvlm generate --beta`)")
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
 
@@ -52,7 +56,7 @@ def run(args) -> int:
             raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
     qv = QVModel.from_trunk(
-        model, TrunkConfig(mode=args.trunk), with_q=args.algorithm == "ilql",
+        model, TrunkConfig(mode=args.trunk), with_q=args.algorithm == "ilql" or getattr(args, "with_q", False),
         head_hidden=args.head_hidden, base_model=args.model, q_head=getattr(args, "q_head", "mlp"),
     )
     train = train_ilql if args.algorithm == "ilql" else train_value
