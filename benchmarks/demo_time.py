@@ -66,7 +66,7 @@ def main() -> None:
     except ImportError:
         pass
     print(f"\nmachine: {machine}")
-    print(f"| demo | seconds | budget | within | best guided reward | best_of_4 | base |")
+    print("| demo | seconds | budget | within | best guided reward | best_of_4 | base |")
     print("|---|---|---|---|---|---|---|")
     for kind, r in results.items():
         m = r["methods"]

@@ -14,14 +14,15 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from qvlm.errors import QVLMError
 from qvlm.heads import save_heads
-from qvlm.mdp import EncodedSample, TokenBatch, atomic_write_text, collate
+from qvlm.mdp import EncodedSample, Sample, TokenBatch, atomic_write_text, collate, encode_samples
 from qvlm.model import QVModel
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "load_checkpoint",
     "save_run",
     "set_seed",
+    "make_optimizer",
+    "train_loop",
 ]
 
 
@@ -171,3 +174,69 @@ def save_run(run_dir: Path, model: QVModel, config, extra: dict | None = None) -
         os.replace(tmp, run_dir / "trunk.safetensors")
     info = {"config": asdict(config), "trunk": asdict(model.trunk_config), **(extra or {})}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
+
+
+def make_optimizer(model: QVModel, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the heads (``lr``) and the trunk's trainable tensors (``trunk_lr``), if any."""
+    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    if trunk:
+        groups.append({"params": trunk, "lr": trunk_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def train_loop(
+    model: QVModel,
+    tokenizer,
+    samples: list[Sample],
+    cfg,
+    loss_fn: Callable[[QVModel, TokenBatch], tuple[torch.Tensor, dict[str, float]]],
+    name: str,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks=(),
+    after_step: Callable[[int], None] | None = None,
+) -> dict[str, list[tuple[int, float]]]:
+    """The loop every offline trainer shares; returns the metric history.
+
+    ``cfg`` carries seed, max_length, batch_size, epochs, steps, lr, trunk_lr, weight_decay,
+    grad_clip, checkpoint_every and progress. Each step: ``loss_fn`` on the step's batch, backward,
+    clip, optimiser step, ``after_step(step)`` (e.g. target sync), log, checkpoint, ``callbacks``.
+    With ``run_dir``: checkpoints, final heads, metrics.jsonl, TensorBoard; ``resume=True``
+    continues from ``run_dir/checkpoint`` to the state an uninterrupted run reaches.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    set_seed(cfg.seed)
+    items = encode_samples(samples, tokenizer, cfg.max_length)
+    total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
+    optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
+    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
+    logger = MetricsLogger(run_dir, resume_step=start)
+    model.train()
+    bar = tqdm(total=total, initial=start, desc=f"train {name}", disable=not cfg.progress, unit="step")
+    try:
+        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
+            loss, stats = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                stats["charts/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            optimizer.step()
+            if after_step is not None:
+                after_step(step)
+            logger.log(step, stats)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in stats.items() if k.startswith("losses/")})
+            if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
+            for cb in callbacks:
+                cb(step, stats)
+    finally:
+        bar.close()
+        logger.close()
+        model.eval()
+    if run_dir:
+        save_checkpoint(run_dir, model, optimizer, total, cfg)
+        save_run(run_dir, model, cfg, {"algorithm": name, "samples": len(samples), "steps": total})
+    return logger.history

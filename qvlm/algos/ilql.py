@@ -11,17 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from qvlm.algos.common import MetricsLogger, batch_schedule, load_checkpoint, save_checkpoint, save_run, set_seed
+from qvlm.algos.common import make_optimizer, train_loop
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
 from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss
-from qvlm.mdp import Sample, TokenBatch, encode_samples
+from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, td_targets
 
-__all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]
+__all__ = ["ILQLConfig", "ilql_loss", "train_ilql", "make_optimizer"]
 
 
 def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -55,14 +53,6 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
     return loss, stats
 
 
-def make_optimizer(model: QVModel, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
-    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
-    if trunk:
-        groups.append({"params": trunk, "lr": trunk_lr})
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
-
-
 def train_ilql(
     model: QVModel,
     tokenizer,
@@ -81,41 +71,10 @@ def train_ilql(
     cfg = cfg or ILQLConfig()
     if not model.heads.has_q:
         raise QVLMError("ILQL needs Q heads; build the model with with_q=True")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    set_seed(cfg.seed)
-    items = encode_samples(samples, tokenizer, cfg.max_length)
-    per_epoch = -(-len(items) // cfg.batch_size)
-    total = cfg.steps or cfg.epochs * per_epoch
-    optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
-    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
-    logger = MetricsLogger(run_dir, resume_step=start)
-    model.train()
-    bar = tqdm(total=total, initial=start, desc="train ilql", disable=not cfg.progress, unit="step")
-    try:
-        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
-            # optimise
-            loss, stats = ilql_loss(model, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                stats["charts/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            optimizer.step()
-            # sync target Q heads
-            if (step + 1) % cfg.target_sync_every == 0:
-                model.heads.sync_targets(cfg.polyak)
-            logger.log(step, stats)
-            bar.update(1)
-            bar.set_postfix(q=f"{stats['losses/q']:.4f}", v=f"{stats['losses/v']:.4f}")
-            if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
-            for cb in callbacks:
-                cb(step, stats)
-    finally:
-        bar.close()
-        logger.close()
-        model.eval()
-    if run_dir:
-        save_checkpoint(run_dir, model, optimizer, total, cfg)
-        save_run(run_dir, model, cfg, {"algorithm": "ilql", "samples": len(samples), "steps": total})
-    return logger.history
+
+    def sync_targets(step: int) -> None:
+        if (step + 1) % cfg.target_sync_every == 0:
+            model.heads.sync_targets(cfg.polyak)
+
+    return train_loop(model, tokenizer, samples, cfg, lambda m, b: ilql_loss(m, b, cfg), "ilql",
+                      run_dir, resume, callbacks, after_step=sync_targets)

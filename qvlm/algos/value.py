@@ -12,13 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from qvlm.algos.common import MetricsLogger, batch_schedule, load_checkpoint, save_checkpoint, save_run, set_seed
-from qvlm.algos.ilql import make_optimizer
+from qvlm.algos.common import train_loop
 from qvlm.configs import ValueConfig
 from qvlm.losses import value_regression_loss
-from qvlm.mdp import Sample, TokenBatch, encode_samples
+from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, monte_carlo_returns, td_lambda_returns
 
@@ -59,38 +56,8 @@ def train_value(
     resume: bool = False,
     callbacks=(),
 ) -> dict[str, list[tuple[int, float]]]:
-    """Train a prefix scorer V; same run-directory layout and resume semantics as ILQL."""
+    """Train a prefix scorer V (and Monte-Carlo Q heads when the model has them); same run-directory
+    layout and resume semantics as ILQL."""
     cfg = cfg or ValueConfig()
-    run_dir = Path(run_dir) if run_dir is not None else None
-    set_seed(cfg.seed)
-    items = encode_samples(samples, tokenizer, cfg.max_length)
-    total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
-    optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
-    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
-    logger = MetricsLogger(run_dir, resume_step=start)
-    model.train()
-    bar = tqdm(total=total, initial=start, desc=f"train value ({cfg.target})", disable=not cfg.progress, unit="step")
-    try:
-        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
-            loss, stats = value_loss(model, batch, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            logger.log(step, stats)
-            bar.update(1)
-            bar.set_postfix(v=f"{stats['losses/v']:.4f}")
-            if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
-            for cb in callbacks:
-                cb(step, stats)
-    finally:
-        bar.close()
-        logger.close()
-        model.eval()
-    if run_dir:
-        save_checkpoint(run_dir, model, optimizer, total, cfg)
-        save_run(run_dir, model, cfg, {"algorithm": "value", "samples": len(samples), "steps": total})
-    return logger.history
+    return train_loop(model, tokenizer, samples, cfg, lambda m, b: value_loss(m, b, cfg), f"value ({cfg.target})",
+                      run_dir, resume, callbacks)
