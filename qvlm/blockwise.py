@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding import GenerationResult, _eos_ids, left_pad, warpers
+from qvlm.decoding import GenerationResult, _eos_ids, cut_at_eos, left_pad, warpers
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 from qvlm.mdp import encode_prompt
@@ -122,15 +122,10 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
         winners = torch.arange(B, device=device) * K
     new = generated[winners, ids.shape[1]:].tolist()
     lps = base_lp[winners].tolist()
-    eos_list = eos.tolist()
+    eos_ids = set(eos.tolist())
     kl_per_block = best_of_n_kl_bound(K)
     for b in range(B):
-        out, done = [], False
-        for tok in new[b]:
-            out.append(tok)
-            if tok in eos_list:
-                done = True
-                break
+        out, done = cut_at_eos(new[b], eos_ids)
         result.response_ids.append(out)
         result.finished.append(done)
         result.texts.append(tokenizer.decode(out[:-1] if done else out, skip_special_tokens=True))

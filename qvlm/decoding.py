@@ -43,6 +43,7 @@ __all__ = [
     "GenerationResult",
     "generate",
     "left_pad",
+    "cut_at_eos",
     "warpers",
     "guide",
     "ValueGuidanceLogitsProcessor",
@@ -85,6 +86,14 @@ def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: in
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         adv = torch.where(logits >= kth, adv, torch.zeros_like(adv))
     return logits + beta * adv
+
+
+def cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """A row's tokens up to and including its first EOS, and whether it had one."""
+    for i, tok in enumerate(ids):
+        if tok in eos_ids:
+            return ids[: i + 1], True
+    return ids, False
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,13 +201,9 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) ->
         if not unfinished.any():
             break
     new = generated[:, input_ids.shape[1]:].tolist()
+    eos_ids = set(eos.tolist())
     for b in range(B):
-        ids, done = [], False
-        for tok in new[b]:
-            ids.append(tok)
-            if tok in eos.tolist():
-                done = True
-                break
+        ids, done = cut_at_eos(new[b], eos_ids)
         result.response_ids.append(ids)
         result.finished.append(done)
         text_ids = ids[:-1] if done else ids

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
+from qvlm.algos.common import read_history
 from qvlm.algos.ilql import train_ilql
 from qvlm.algos.value import train_value
 from qvlm.blockwise import best_of_n_kl_bound, blockwise_generate
 from qvlm.configs import DecodeConfig, DemoConfig, ILQLConfig, TrunkConfig, ValueConfig
 from qvlm.decoding import GenerationResult, generate
 from qvlm.errors import QVLMError
-from qvlm.evaluate import distinct_n, mean_ci95, perplexity
+from qvlm.evaluate import summarize
 from qvlm.heads import load_heads
-from qvlm.mdp import Sample, atomic_write_text, read_samples, write_samples
+from qvlm.fileio import atomic_write_text
+from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.model import QVModel
 from qvlm.models import load_model
 from qvlm.rewards import get_reward, score
@@ -64,18 +66,8 @@ def compute_cost(trunk, heads_macs: int = 0) -> float:
 
 
 def _metrics(texts, rewards, kl, base_logprobs, cost, seconds, tokens) -> dict:
-    mean, ci = mean_ci95(rewards)
-    return {
-        "reward_mean": mean,
-        "reward_ci95": ci,
-        "kl_to_base": sum(kl) / len(kl),
-        "distinct_2": distinct_n(texts, 2),
-        "perplexity": perplexity(base_logprobs),
-        "cost": cost,
-        "seconds": seconds,
-        "seconds_per_token": seconds / max(tokens, 1),
-        "n": len(texts),
-    }
+    metrics = summarize(texts, rewards, kl, base_logprobs, cost).as_dict()
+    return {**metrics, "seconds": seconds, "seconds_per_token": seconds / max(tokens, 1)}
 
 
 def _save_json(path: Path, obj) -> None:
@@ -121,7 +113,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     history = _train_or_load(out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log)
     scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
                                 q_head=cfg.q_head)
-    scorer._cache = ilql._cache  # same trunk, same tokens: reuse the features
+    scorer.share_feature_cache(ilql)  # same trunk, same tokens: reuse the features
     # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
     # epochs and lr were chosen on held-out training prompts, never on the evaluation split
     value_cfg = ValueConfig(epochs=cfg.value_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
@@ -186,22 +178,10 @@ def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
     if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
         log(f"[train {name}] cached")
         model.heads.load_state_dict(load_heads(run_dir).state_dict())
-        return _read_history(run_dir)
+        return read_history(run_dir / "metrics.jsonl")
     resume = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
     log(f"[train {name}] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
     return train(run_dir, resume)
-
-
-def _read_history(run_dir: Path) -> dict:
-    history: dict = {}
-    file = run_dir / "metrics.jsonl"
-    if file.is_file():
-        for line in file.read_text().splitlines():
-            obj = json.loads(line)
-            for k, v in obj.items():
-                if k != "step":
-                    history.setdefault(k, []).append((obj["step"], v))
-    return history
 
 
 def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, decode, cfg, methods, texts, log, progress):

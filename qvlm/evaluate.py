@@ -12,7 +12,7 @@ from qvlm.decoding import DecodeConfig, GenerationResult, generate
 from qvlm.heads import QVHeads
 from qvlm.rewards import RewardFn, score
 
-__all__ = ["mean_ci95", "distinct_n", "perplexity", "MethodMetrics", "evaluate_decoding"]
+__all__ = ["mean_ci95", "distinct_n", "perplexity", "MethodMetrics", "summarize", "evaluate_decoding"]
 
 # two-sided 97.5% quantiles of Student's t for small samples (df 1..30); 1.96 beyond
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
@@ -62,6 +62,21 @@ class MethodMetrics:
         return dict(self.__dict__)
 
 
+def summarize(texts, rewards, kl, base_logprobs, cost: float = 1.0) -> MethodMetrics:
+    """Metrics of one method's responses: reward mean and 95% CI, mean summed KL, distinct-2,
+    perplexity under the base model, and its cost."""
+    mean, ci = mean_ci95(rewards)
+    return MethodMetrics(
+        reward_mean=mean,
+        reward_ci95=ci,
+        kl_to_base=sum(kl) / len(kl),
+        distinct_2=distinct_n(texts, 2),
+        perplexity=perplexity(base_logprobs),
+        cost=cost,
+        n=len(texts),
+    )
+
+
 def evaluate_decoding(
     model,
     tokenizer,
@@ -76,14 +91,4 @@ def evaluate_decoding(
     cfg = cfg or DecodeConfig()
     result = generate(model, tokenizer, prompts, heads=heads, cfg=cfg, track_kl=True, progress=progress)
     rewards = score(reward, prompts, result.texts)
-    mean, ci = mean_ci95(rewards)
-    metrics = MethodMetrics(
-        reward_mean=mean,
-        reward_ci95=ci,
-        kl_to_base=sum(result.kl) / len(result.kl),
-        distinct_2=distinct_n(result.texts, 2),
-        perplexity=perplexity(result.base_logprobs),
-        cost=cost,
-        n=len(prompts),
-    )
-    return metrics, result, rewards
+    return summarize(result.texts, rewards, result.kl, result.base_logprobs, cost), result, rewards

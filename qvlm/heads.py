@@ -17,6 +17,7 @@ from torch import nn
 from safetensors.torch import load_file, save_file
 
 from qvlm.errors import QVLMError
+from qvlm.fileio import atomic_write_text
 
 __all__ = ["HeadsConfig", "Q_HEADS", "MLPHead", "TiedQHead", "QVHeads", "polyak_update", "save_heads", "load_heads"]
 
@@ -193,8 +194,6 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
 
 def save_heads(heads: QVHeads, path: str | Path) -> None:
     """Save heads to ``path/heads.safetensors`` and ``path/heads_config.json`` atomically."""
-    from qvlm.mdp import atomic_write_text
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".heads.safetensors.tmp"

@@ -25,7 +25,6 @@ __all__ = [
     "TokenBatch",
     "read_samples",
     "write_samples",
-    "atomic_write_text",
     "encode_prompt",
     "encode_samples",
     "collate",

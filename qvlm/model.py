@@ -111,6 +111,12 @@ class QVModel(nn.Module):
                 return False
         return True
 
+    def share_feature_cache(self, other: "QVModel") -> None:
+        """Use ``other``'s cache of trunk features (same frozen trunk): no sample runs the trunk twice."""
+        if other.trunk is not self.trunk:
+            raise QVLMError("only models on the same trunk can share trunk features")
+        self._cache = other._cache
+
     def clear_cache(self) -> None:
         self._cache.clear()
 

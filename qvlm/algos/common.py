@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from qvlm.errors import QVLMError
 from qvlm.heads import save_heads
-from qvlm.mdp import EncodedSample, Sample, TokenBatch, atomic_write_text, collate, encode_samples
+from qvlm.fileio import atomic_write_text
+from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 
 __all__ = [
     "batch_schedule",
+    "read_history",
     "MetricsLogger",
     "save_checkpoint",
     "load_checkpoint",
@@ -59,6 +61,22 @@ def batch_schedule(
         yield step, collate([items[i] for i in idx], pad_token_id, index=idx)
 
 
+def read_history(path: Path, before_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
+    """``{metric: [(step, value), ...]}`` from a metrics.jsonl file (steps < ``before_step`` if given)."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if before_step is not None and obj["step"] >= before_step:
+                continue
+            for k, v in obj.items():
+                if k != "step":
+                    history.setdefault(k, []).append((obj["step"], v))
+    return history
+
+
 class MetricsLogger:
     """Metrics to ``metrics.jsonl`` (one object per step) and TensorBoard when it is installed.
 
@@ -76,11 +94,7 @@ class MetricsLogger:
         kept = []
         if resume_step and path.is_file():  # drop lines past the checkpoint that is resumed
             kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_step]
-            for line in kept:
-                obj = json.loads(line)
-                for k, v in obj.items():
-                    if k != "step":
-                        self.history.setdefault(k, []).append((obj["step"], v))
+            self.history = read_history(path, before_step=resume_step)
         atomic_write_text(path, "".join(l + "\n" for l in kept))
         self.file = path.open("a", encoding="utf-8")
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from qvlm.algos.common import make_optimizer, train_loop
+from qvlm.algos.common import train_loop
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
 from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss
@@ -19,7 +19,7 @@ from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, td_targets
 
-__all__ = ["ILQLConfig", "ilql_loss", "train_ilql", "make_optimizer"]
+__all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]
 
 
 def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch.Tensor, dict[str, float]]:

@@ -33,7 +33,8 @@ def run(args) -> int:
 
     from qvlm.errors import QVLMError
     from qvlm.evaluate import distinct_n, evaluate_decoding
-    from qvlm.mdp import atomic_write_text, read_prompts
+    from qvlm.fileio import atomic_write_text
+    from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
     from qvlm.rewards import get_reward
 

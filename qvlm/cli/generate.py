@@ -31,7 +31,8 @@ def run(args) -> int:
 
     from qvlm.decoding import generate
     from qvlm.errors import QVLMError
-    from qvlm.mdp import atomic_write_text, read_prompts
+    from qvlm.fileio import atomic_write_text
+    from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
 
     cfg = config_from_args(DecodeConfig, args)
