@@ -26,6 +26,19 @@ from typing import Any, Mapping, Sequence
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
+__all__ = [
+    "advantage_color",
+    "value_sparkline_svg",
+    "value_map_html",
+    "value_map_legend_html",
+    "plot_losses",
+    "plot_reward_vs_kl",
+    "plot_reward_vs_cost",
+    "metrics_table_html",
+    "render_report",
+    "render_value_map_page",
+]
+
 # Diverging palette of the value map (ColorBrewer RdYlGn ends, white centre).
 _NEGATIVE_RGB = (215, 48, 39)
 _POSITIVE_RGB = (26, 152, 80)

@@ -14,7 +14,8 @@ print("| module | name | what it is |\n|---|---|---|")
 seen = set()
 for name in MODULES:
     mod = importlib.import_module(name)
-    for attr in mod.__all__:
+    public = getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")]
+    for attr in public:
         obj = getattr(mod, attr)
         if not (inspect.isfunction(obj) or inspect.isclass(obj)):
             continue
