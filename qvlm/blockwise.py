@@ -2,8 +2,8 @@
 sample K candidate blocks of a few tokens from the base model, keep the one whose end state has
 the highest ``V``, repeat.
 
-All K candidates of all prompts decode together in one batch that shares one KV cache: at each
-block boundary the cache rows of the winners are selected and repeated K times
+All K candidates of all prompts decode together in one batch that shares one KV cache: each
+prompt is prefilled once, and at each block boundary the cache rows of the winners are selected and repeated K times
 (``DynamicCache.reorder_cache``), so no prefix is ever recomputed. The forward pass that scores a
 candidate's end state is the one that computes the next step's logits anyway: V costs one small
 head per token.
@@ -70,13 +70,13 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     eos = _eos_ids(model, tokenizer).to(device)
     ids, mask = left_pad(prompt_ids, pad_id)
     B = ids.shape[0]
-    ids, mask = ids.repeat_interleave(K, 0).to(device), mask.repeat_interleave(K, 0).to(device)  # (B*K, L)
+    ids, mask = ids.to(device), mask.to(device)  # (B, L): each prompt is prefilled once
     warp = warpers(cfg)
     lm_head = model.get_output_embeddings()
     cache = DynamicCache()
     unfinished = torch.ones(B * K, dtype=torch.bool, device=device)
     live = unfinished  # candidates whose last fed token is a real, non-EOS token
-    generated = ids
+    generated = ids.repeat_interleave(K, 0)  # (B*K, L)
     base_lp = torch.zeros((B * K, 0), device=device)
     step_input = ids
     score_h = None  # (B*K, H): hidden state of each candidate's last non-EOS token
@@ -85,6 +85,9 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
         h, _ = trunk_hidden_states(model, step_input, mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
         h_last = h[:, -1]  # (B*K, H)
+        if step == 0 and K > 1:  # the prompt's K candidates share its prefilled cache rows
+            cache.batch_repeat_interleave(K)
+            mask, h_last = mask.repeat_interleave(K, 0), h_last.repeat_interleave(K, 0)
         score_h = h_last if score_h is None else torch.where(live[:, None], h_last, score_h)
         if step > 0 and step % block_size == 0:
             # keep the best candidate of each prompt by V of its end state; repeat it K times

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from qvlm.errors import QVLMError
 
-__all__ = ["DEFAULT_MODEL", "TRUNK_MODES", "TrunkConfig", "DecodeConfig", "ILQLConfig", "VALUE_TARGETS", "ValueConfig"]
+__all__ = ["DEFAULT_MODEL", "TRUNK_MODES", "TrunkConfig", "DecodeConfig", "ILQLConfig", "VALUE_TARGETS", "Q_TARGETS", "ValueConfig"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -42,7 +42,8 @@ class DecodeConfig:
     beta: float = 0.0  # guidance strength on Q - V (1/alpha recovers the soft optimum)
     guidance_top_k: int = 0  # guide only the base model's k likeliest tokens, as FUDGE rescores its top k (0: all)
     seed: int | None = None  # seeds torch's global RNG before decoding (as HF generate uses it)
-    batch_size: int = 16  # prompts decoded together
+    num_return_sequences: int = 1  # responses per prompt (each prompt is prefilled once and its KV cache shared)
+    batch_size: int = 16  # responses decoded together
     chat: bool | None = None  # wrap prompts in the chat template (None: when the tokenizer has one)
 
     def __post_init__(self):
@@ -52,6 +53,8 @@ class DecodeConfig:
             raise QVLMError(f"temperature is {self.temperature}; it must be > 0 (use do_sample=False for greedy)")
         if not 0 < self.top_p <= 1:
             raise QVLMError(f"top_p is {self.top_p}; it must be in (0, 1]")
+        if self.num_return_sequences < 1:
+            raise QVLMError(f"num_return_sequences is {self.num_return_sequences}; it must be at least 1")
         if self.top_k < 0 or self.guidance_top_k < 0:
             raise QVLMError("top_k and guidance_top_k must be >= 0 (0 turns them off)")
 
@@ -93,6 +96,7 @@ class ILQLConfig:
 
 
 VALUE_TARGETS = ("mc", "td", "td_lambda")
+Q_TARGETS = ("return", "next_v")
 
 
 @dataclass
@@ -100,6 +104,10 @@ class ValueConfig:
     """Prefix-scorer settings."""
 
     target: str = "mc"  # mc: Monte-Carlo returns; td: r + gamma V(s'); td_lambda: lambda-returns
+    # Q heads (when the model has them): regressed on the same return as V, or on r + gamma V(s_{t+1}),
+    # which is Q(s_t, a_t) exactly in a token MDP (the next state is the prefix plus a_t) and pools
+    # what V learned over many prefixes instead of one sampled return
+    q_target: str = "return"  # return | next_v
     gamma: float = 1.0  # discount (1: V predicts the undiscounted final score)
     lam: float = 0.95  # lambda of td_lambda
     lr: float = 1e-3  # Adam learning rate of the V head
@@ -117,6 +125,8 @@ class ValueConfig:
     def __post_init__(self):
         if self.target not in VALUE_TARGETS:
             raise QVLMError(f"unknown value target {self.target!r}; use one of {', '.join(VALUE_TARGETS)}")
+        if self.q_target not in Q_TARGETS:
+            raise QVLMError(f"unknown q_target {self.q_target!r}; use one of {', '.join(Q_TARGETS)}")
 
 
 @dataclass
@@ -132,8 +142,9 @@ class DemoConfig:
     eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
     samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
     max_new_tokens: int = 0  # response length limit (0: preset)
-    betas: str = "4,16"  # ILQL guidance strengths, comma-separated
+    betas: str = "1,4,16"  # ILQL guidance strengths, comma-separated
     mc_betas: str = "4,8,16"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
+    mc_q_target: str = "next_v"  # Monte-Carlo Q heads' target: return (sampled) or next_v (V of the next prefix)
     guidance_top_k: int = 20  # guide only the base model's k likeliest tokens (0: all)
     best_of: int = 16  # draws per held-out prompt for best-of-4 and best-of-16
     candidates: int = 4  # V-guided blockwise: candidate blocks per step

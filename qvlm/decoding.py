@@ -46,13 +46,16 @@ __all__ = [
     "cut_at_eos",
     "warpers",
     "guide",
+    "guided_scores",
+    "encode_prompts",
     "ValueGuidanceLogitsProcessor",
 ]
 
 
 @dataclass
 class GenerationResult:
-    """Per prompt: response token ids (EOS included when written), text, and step statistics."""
+    """Per response (prompt-major: a prompt's ``num_return_sequences`` rows are adjacent): prompt
+    and response token ids (EOS included when written), text, and step statistics."""
 
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
@@ -60,6 +63,9 @@ class GenerationResult:
     finished: list[bool]
     kl: list[float] = field(default_factory=list)  # sum over steps of KL(sampling dist || base)
     base_logprobs: list[list[float]] = field(default_factory=list)  # log pi_ref(y_t | s_t)
+    # with return_hidden: per response, the trunk's last hidden states of s_1 .. s_{T+1}, (T + 1, H),
+    # the features a frozen-trunk learner trains on (QVModel.prime_features)
+    hidden: list[torch.Tensor] = field(default_factory=list)
 
 
 def warpers(cfg: DecodeConfig) -> LogitsProcessorList:
@@ -86,6 +92,21 @@ def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: in
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         adv = torch.where(logits >= kth, adv, torch.zeros_like(adv))
     return logits + beta * adv
+
+
+def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
+    """``logits + beta * (Q - V)`` from the heads on hidden states ``h`` (B, H): (B, V) -> (B, V).
+
+    With ``top_k``, Q is computed for the base model's ``top_k`` likeliest tokens only (the others
+    keep their logits), so guidance costs ``top_k`` dot products instead of a vocabulary-sized
+    matmul per head.
+    """
+    if beta == 0:
+        return logits
+    if top_k and top_k < logits.shape[-1]:
+        idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        return logits.scatter_add(-1, idx, beta * heads.advantages(h, idx).to(logits.dtype))
+    return guide(logits, heads.advantages(h), beta)
 
 
 def cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
@@ -116,6 +137,25 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torc
     return torch.tensor(eos if isinstance(eos, list) else [eos])
 
 
+def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], cfg: DecodeConfig, model=None) -> list[list[int]]:
+    """Prompts (strings, chat-templated when the tokenizer has a template, or token ids) -> token
+    ids, checked: none empty, none that leaves no room for ``max_new_tokens`` in the context."""
+    if not prompts:
+        raise QVLMError("no prompts to decode")
+    encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    for i, p in enumerate(encoded):
+        if not p:
+            raise QVLMError(f"prompt {i} is empty after tokenisation")
+        if limit and len(p) + cfg.max_new_tokens > limit:
+            raise QVLMError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
+                f"the model's context of {limit}; shorten the prompt or lower max_new_tokens"
+            )
+    return encoded
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -125,60 +165,74 @@ def generate(
     cfg: DecodeConfig | None = None,
     track_kl: bool = False,
     progress: bool = False,
+    return_hidden: bool = False,
 ) -> GenerationResult:
-    """Decode responses for ``prompts`` (strings, encoded with the chat template, or token ids)."""
+    """Decode ``cfg.num_return_sequences`` responses for each of ``prompts`` (strings, encoded with
+    the chat template, or token ids).
+
+    Each prompt is prefilled once and its KV cache shared by its responses (Hugging Face
+    ``generate`` prefills every copy). ``return_hidden`` also returns, per response, the hidden
+    states of its states ``s_1 .. s_{T+1}`` (one extra decoder step for the last), so a frozen-trunk
+    learner needs no second pass over the data.
+    """
     cfg = cfg or DecodeConfig()
     if cfg.beta != 0 and heads is None:
         raise QVLMError(f"beta is {cfg.beta} but no heads were given; pass trained heads or beta=0")
-    if not prompts:
-        raise QVLMError("no prompts to decode")
-    encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    for i, p in enumerate(encoded):
-        if not p:
-            raise QVLMError(f"prompt {i} is empty after tokenisation")
-        if limit and len(p) + cfg.max_new_tokens > limit:
-            raise QVLMError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
-                f"the model's context of {limit}; shorten the prompt or lower max_new_tokens"
-            )
+    encoded = encode_prompts(tokenizer, prompts, cfg, model)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    result = GenerationResult(encoded, [], [], [])
+    n = cfg.num_return_sequences
+    result = GenerationResult([p for p in encoded for _ in range(n)], [], [], [])
     from tqdm.auto import tqdm
 
-    starts = range(0, len(encoded), cfg.batch_size)
+    per_batch = max(1, cfg.batch_size // n)  # batch_size counts responses decoded together
+    starts = range(0, len(encoded), per_batch)
     for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
-        _decode_batch(model, tokenizer, encoded[start : start + cfg.batch_size], heads, cfg, track_kl, result)
+        _decode_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, track_kl, return_hidden, result)
     return result
 
 
-def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) -> None:
+def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hidden, result) -> None:
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = _eos_ids(model, tokenizer).to(device)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    B = input_ids.shape[0]
+    n = cfg.num_return_sequences
+    prompt_len = input_ids.shape[1]
+    B = input_ids.shape[0] * n
     warp = warpers(cfg)
     cache = DynamicCache()
     lm_head = model.get_output_embeddings()
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
-    generated = input_ids
+    generated = input_ids.repeat_interleave(n, 0)
     step_input = input_ids
     kl = torch.zeros(B, device=device)
     base_lp: list[torch.Tensor] = []
-    for _ in range(cfg.max_new_tokens):
+    states: list[torch.Tensor] = []  # (B, H) per step, with return_hidden
+    for step in range(cfg.max_new_tokens + 1):
+        # after the last token, one more decoder step only to read the features of s_{T+1}
+        last = step == cfg.max_new_tokens or not unfinished.any()
+        if last and not return_hidden:
+            break
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
         h, _ = trunk_hidden_states(
             model, step_input, attention_mask,
             position_ids=position_ids, past_key_values=cache, use_cache=True,
         )
-        h_last = h[:, -1:]  # (B, 1, H)
-        logits = lm_head(h_last)[:, -1].to(torch.float32)  # (B, V)
+        h_last = h[:, -1]  # (B or B / n, H)
+        if step == 0 and n > 1:  # one prefill per prompt; its responses share the cache rows
+            cache.batch_repeat_interleave(n)
+            attention_mask = attention_mask.repeat_interleave(n, 0)
+            h_last = h_last.repeat_interleave(n, 0)
+        if return_hidden:
+            states.append(h_last)
+        if last:
+            break
+        logits = lm_head(h_last[:, None])[:, -1].to(torch.float32)  # (B, V)
         scores = logits
         if cfg.beta != 0:
-            scores = guide(logits, heads.advantages(h_last[:, -1]), cfg.beta, cfg.guidance_top_k)
+            scores = guided_scores(logits, heads, h_last, cfg.beta, cfg.guidance_top_k)
         scores = warp(generated, scores)
         if cfg.do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -198,10 +252,9 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) ->
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
         unfinished = unfinished & ~torch.isin(next_tokens, eos)
         step_input = next_tokens[:, None]
-        if not unfinished.any():
-            break
-    new = generated[:, input_ids.shape[1]:].tolist()
+    new = generated[:, prompt_len:].tolist()
     eos_ids = set(eos.tolist())
+    hidden = torch.stack(states, 1) if return_hidden else None  # (B, steps + 1, H)
     for b in range(B):
         ids, done = cut_at_eos(new[b], eos_ids)
         result.response_ids.append(ids)
@@ -211,6 +264,8 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, result) ->
         if track_kl:
             result.kl.append(float(kl[b]))
             result.base_logprobs.append([float(base_lp[t][b]) for t in range(len(ids))])
+        if return_hidden:
+            result.hidden.append(hidden[b, : len(ids) + 1].clone())
 
 
 class ValueGuidanceLogitsProcessor(LogitsProcessor):
@@ -248,4 +303,4 @@ class ValueGuidanceLogitsProcessor(LogitsProcessor):
             return scores
         if self._hidden is None:
             raise QVLMError("ValueGuidanceLogitsProcessor used outside `with proc.attach(model):`")
-        return guide(scores, self.heads.advantages(self._hidden), self.beta, self.guidance_top_k)
+        return guided_scores(scores, self.heads, self._hidden, self.beta, self.guidance_top_k)

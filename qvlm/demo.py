@@ -35,8 +35,8 @@ from qvlm.valuemap import value_maps
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
 PRESETS = {
-    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=4, max_new_tokens=20, ilql_epochs=2, value_epochs=12),
-    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=4, max_new_tokens=16, ilql_epochs=2, value_epochs=12),
+    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=8, max_new_tokens=20, ilql_epochs=1, value_epochs=6),
+    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=8, max_new_tokens=16, ilql_epochs=1, value_epochs=6),
 }
 
 
@@ -93,16 +93,27 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                           guidance_top_k=cfg.guidance_top_k)
 
-    # 1. sample and score the offline data
+    # 1. sample and score the offline data. Each prompt is prefilled once for its responses, and
+    # the trunk's hidden states are kept while decoding: the frozen-trunk learners need no second pass.
+    # The task has a fixed horizon: the reward scores exactly the first max_new_tokens tokens (as in
+    # evaluation), so a response cut there is a terminal state, not a truncation to bootstrap past.
     samples_file = _phase(out, "samples.jsonl", log)
+    features_file = out / "features.safetensors"  # kept until both learners are trained (for resume)
+    features = None
     if samples_file.is_file():
         samples = read_samples(samples_file)
         log(f"  cached: {len(samples)} samples")
+        if features_file.is_file():
+            features = _load_features(features_file)
     else:
         prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
-        res = generate(model, tokenizer, prompts, cfg=decode, progress=progress)
+        sample_cfg = dataclasses.replace(decode, num_return_sequences=cfg.samples_per_prompt)
+        res = generate(model, tokenizer, train_prompts, cfg=sample_cfg, progress=progress, return_hidden=True)
         rewards = score(reward, prompts, res.texts, name=f"reward {reward_name}")
-        samples = [Sample(p, t, r, finished=f) for p, t, r, f in zip(prompts, res.texts, rewards, res.finished)]
+        samples = [Sample(p, t, r, finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
+                   for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)]
+        features = ([p + r for p, r in zip(res.prompt_ids, res.response_ids)], res.hidden)
+        _save_features(features_file, *features)
         write_samples(samples_file, samples)
         log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
 
@@ -110,22 +121,29 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
                               q_head=cfg.q_head)
     ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    if features is not None:
+        primed = ilql.prime_features(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
+        log(f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
+            "(the rest re-tokenise differently and are recomputed)")
     history = _train_or_load(out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log)
     scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
                                 q_head=cfg.q_head)
     scorer.share_feature_cache(ilql)  # same trunk, same tokens: reuse the features
     # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
     # epochs and lr were chosen on held-out training prompts, never on the evaluation split
-    value_cfg = ValueConfig(epochs=cfg.value_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    value_cfg = ValueConfig(epochs=cfg.value_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed,
+                            progress=progress, q_target=cfg.mc_q_target)
     v_history = _train_or_load(out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log)
+    features_file.unlink(missing_ok=True)  # both learners are trained: the features have done their job
+    ilql.clear_cache()
     history = {"ILQL " + k[len("losses/"):]: v for k, v in history.items() if k.startswith("losses/") and k != "losses/total"}
     history.update({"Monte-Carlo " + k[len("losses/"):]: v for k, v in v_history.items() if k.startswith("losses/")})
 
     # 4. evaluate on held-out prompts
     eval_dir = out / "eval"
     eval_dir.mkdir(exist_ok=True)
-    ilql_cost = compute_cost(model, ilql.heads.decode_macs_per_token())
-    mc_cost = compute_cost(model, scorer.heads.decode_macs_per_token())
+    ilql_cost = compute_cost(model, ilql.heads.decode_macs_per_token(cfg.guidance_top_k))
+    mc_cost = compute_cost(model, scorer.heads.decode_macs_per_token(cfg.guidance_top_k))
     v_cost = compute_cost(model, sum(p.numel() for p in scorer.heads.v_head.parameters()))
     methods, texts = {}, {}
 
@@ -141,7 +159,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
             seconds = time.perf_counter() - start
             rewards = score(reward, eval_prompts, res.texts, name=f"reward {reward_name}")
             tokens = sum(len(r) for r in res.response_ids)
-            saved = {"texts": res.texts, "rewards": rewards,
+            saved = {"texts": res.texts, "rewards": rewards, "finished": res.finished,
                      "metrics": _metrics(res.texts, rewards, res.kl, res.base_logprobs, cost, seconds, tokens)}
             _save_json(file, saved)
         methods[name], texts[name] = saved["metrics"], saved
@@ -173,6 +191,27 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     return summary
 
 
+def _save_features(path: Path, token_ids: list[list[int]], hidden: list[torch.Tensor]) -> None:
+    """Trunk features kept while sampling, as safetensors (written to a temporary file, renamed)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (ids, h) in enumerate(zip(token_ids, hidden)):
+        tensors[f"{i}.ids"] = torch.tensor(ids, dtype=torch.long)
+        tensors[f"{i}.h"] = h.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _load_features(path: Path) -> tuple[list[list[int]], list[torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    n = len(tensors) // 2
+    return [tensors[f"{i}.ids"].tolist() for i in range(n)], [tensors[f"{i}.h"] for i in range(n)]
+
+
 def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
     name = run_dir.name
     if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
@@ -195,10 +234,11 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         log(f"[eval base draws] {time.strftime('%H:%M:%S')} {cfg.best_of} per prompt")
         start = time.perf_counter()
         repeated = [p for p in prompts for _ in range(cfg.best_of)]
-        res = generate(model, tokenizer, repeated, cfg=decode, track_kl=True, progress=progress)
+        draw_cfg = dataclasses.replace(decode, num_return_sequences=cfg.best_of)
+        res = generate(model, tokenizer, prompts, cfg=draw_cfg, track_kl=True, progress=progress)
         seconds = time.perf_counter() - start
         rewards = score(reward, repeated, res.texts, name=f"reward {reward_name}")
-        draws = {"texts": res.texts, "rewards": rewards, "base_logprobs": res.base_logprobs,
+        draws = {"texts": res.texts, "rewards": rewards, "finished": res.finished, "base_logprobs": res.base_logprobs,
                  "tokens": [len(r) for r in res.response_ids], "seconds": seconds}
         _save_json(file, draws)
     n, N = len(prompts), cfg.best_of
@@ -215,7 +255,8 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         # best-of-k decodes k responses for each one it returns
         seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
         m = _metrics(sel_texts, sel_rewards, kl, [draws["base_logprobs"][j] for j in picks], float(k), seconds, tokens)
-        methods[name], texts[name] = m, {"texts": sel_texts, "rewards": sel_rewards}
+        methods[name], texts[name] = m, {"texts": sel_texts, "rewards": sel_rewards,
+                                         "finished": [draws["finished"][j] for j in picks]}
         log(f"  {name}: reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}")
 
 
@@ -239,23 +280,29 @@ def _report(out, cfg, models, tokenizer, prompts, methods, texts, history, rewar
         ps = [prompts[i] for i in idx] * 2
         rs = [texts["base"]["texts"][i] for i in idx] + [texts[best]["texts"][i] for i in idx]
         rw = [texts["base"]["rewards"][i] for i in idx] + [texts[best]["rewards"][i] for i in idx]
+        fin = [texts["base"]["finished"][i] for i in idx] + [texts[best]["finished"][i] for i in idx]
         heads_of_best = next(m for prefix, m in models.items() if best.startswith(prefix))
-        maps = value_maps(heads_of_best, tokenizer, ps, [r if r.strip() else "." for r in rs])
+        # responses cut at the horizon get no EOS step (none was written)
+        maps = value_maps(heads_of_best, tokenizer, ps, [r if r.strip() else "." for r in rs], finished=fin)
         for m, r, label in zip(maps, rw, ["base"] * len(idx) + [best] * len(idx)):
             m["reward"], m["method"] = r, label
         _save_json(maps_file, maps)
     intro = (
-        f"<p>The base model <b>{cfg.model}</b> wrote {cfg.samples_per_prompt} responses to each of "
-        f"{cfg.train_prompts} training prompts; the reward <b>{reward_name}</b> scored them. On that "
-        "offline data we trained ILQL Q and V heads (<code>ilql_*</code>) and Monte-Carlo Q and V heads "
-        "regressed on the final reward (<code>mcq_*</code>, the prefix scorer that also drives "
-        "<code>cd_blockwise</code>), all on the frozen trunk. Token-level guidance shifts only the base "
-        f"model's {cfg.guidance_top_k} likeliest tokens at each step. Every method below then answered the same "
-        f"{cfg.eval_prompts} held-out prompts. The value maps use the heads of the best guided method. Best-of-N samples N responses from the base model and "
-        "keeps the one the true reward likes best: the strong baseline, at N times the cost. Cost is "
-        "compute per generated token relative to plain sampling (heads and candidate blocks "
-        "included); KL is the exact per-token KL to the base model summed per response (for best-of-N "
-        "and blockwise selection, the analytic best-of-N bound).</p>"
+        f"<p>The base model <b>{cfg.model}</b> wrote {cfg.samples_per_prompt} responses of at most "
+        f"{cfg.max_new_tokens} tokens to each of {cfg.train_prompts} training prompts; the reward "
+        f"<b>{reward_name}</b> scored them. The task has a fixed horizon: the reward scores exactly those "
+        "tokens, so the last one ends the episode. On that offline data we trained ILQL Q and V heads "
+        "(<code>ilql_*</code>) and Monte-Carlo heads (<code>mcq_*</code>): V regressed on the final "
+        "reward, Q(s, a) on V of the next prefix s + a (exact in a token MDP, where the next state is "
+        "the prefix plus the token). V alone drives <code>cd_blockwise</code>. All heads sit on the "
+        "frozen trunk, whose features were kept while sampling. Token-level guidance shifts only the "
+        f"base model's {cfg.guidance_top_k} likeliest tokens at each step, and Q is computed for those "
+        f"tokens only. Every method below then answered the same {cfg.eval_prompts} held-out prompts. "
+        "The value maps use the heads of the best guided method. Best-of-N samples N responses from "
+        "the base model and keeps the one the true reward likes best: the strong baseline, at N times "
+        "the cost. Cost is compute per generated token relative to plain sampling (heads and "
+        "candidate blocks included); KL is the exact per-token KL to the base model summed per "
+        "response (for best-of-N and blockwise selection, the analytic best-of-N bound).</p>"
     )
     render_report(
         out / "report.html",

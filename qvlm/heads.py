@@ -69,15 +69,19 @@ class MLPHead(nn.Module):
     def forward(self, h: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(h)
 
-    def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
-        """The output entries ``actions`` only: (B, T, hidden), (B, T) -> (B, T).
+    def select(self, h: torch.Tensor, tokens: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The output entries ``tokens`` only: (..., hidden), (..., k) -> (..., k).
 
-        Reads the rows of the last layer that the actions pick instead of computing all ``out``
-        entries and gathering: for a vocabulary-sized head, a factor of the vocabulary fewer FLOPs.
+        Reads the rows of the last layer that the tokens pick instead of computing all ``out``
+        entries and gathering: for a vocabulary-sized head, a factor of ``vocab / k`` fewer FLOPs.
         """
-        z = self.net[1](self.net[0](h))  # (B, T, width)
+        z = self.net[1](self.net[0](h))  # (..., width)
         last = self.net[2]
-        return (z * last.weight[actions]).sum(-1) + last.bias[actions]
+        return (last.weight[tokens] @ z[..., None]).squeeze(-1) + last.bias[tokens]
+
+    def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        """The taken actions' entries: (B, T, hidden), (B, T) -> (B, T)."""
+        return self.select(h, actions[..., None], unembedding)[..., 0]
 
 
 class TiedQHead(nn.Module):
@@ -102,9 +106,14 @@ class TiedQHead(nn.Module):
     def forward(self, h: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
         return self.g(h) @ self._embedding(unembedding).T + self.bias  # (..., vocab)
 
+    def select(self, h: torch.Tensor, tokens: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Q of the given tokens only: (..., hidden), (..., k) -> (..., k)."""
+        g = self.g(h)  # (..., hidden)
+        return (self._embedding(unembedding)[tokens] @ g[..., None]).squeeze(-1) + self.bias[tokens]
+
     def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:
         """Q of the taken actions only: (B, T, hidden), (B, T) -> (B, T)."""
-        return (self.g(h) * self._embedding(unembedding)[actions]).sum(-1) + self.bias[actions]
+        return self.select(h, actions[..., None], unembedding)[..., 0]
 
 
 class QVHeads(nn.Module):
@@ -139,17 +148,21 @@ class QVHeads(nn.Module):
         """Each online Q head at the taken actions only: (B, T, hidden), (B, T) -> (B, T)."""
         return [q.taken(h, actions, self.unembedding) for q in self.q_heads]
 
-    def decode_macs_per_token(self) -> int:
+    def decode_macs_per_token(self, guidance_top_k: int = 0) -> int:
         """Multiply-adds per decoded token for guidance: V head plus every online Q head.
 
-        An MLP head costs its weights; a tied head its ``g`` plus one vocabulary-sized matmul with
-        the trunk's output embedding (``vocab * hidden``) and the bias.
+        Q is computed for ``guidance_top_k`` candidate tokens (0: the whole vocabulary). An MLP
+        head costs its first layer plus one output row per token; a tied head its ``g`` plus one
+        dot product with the trunk's output embedding per token (``hidden``), and the bias.
         """
+        k = guidance_top_k or self.config.vocab_size
         macs = sum(p.numel() for p in self.v_head.parameters())
         for q in self.q_heads:
-            macs += sum(p.numel() for p in q.parameters())
             if isinstance(q, TiedQHead):
-                macs += self.config.vocab_size * self.config.hidden_size
+                macs += sum(p.numel() for p in q.g.parameters()) + k * (self.config.hidden_size + 1)
+            else:
+                first = q.net[0]
+                macs += first.weight.numel() + first.bias.numel() + k * (self.config.width + 1)
         return macs
 
     @torch.no_grad()
@@ -167,11 +180,17 @@ class QVHeads(nn.Module):
         return torch.stack(taken).min(0).values
 
     @torch.no_grad()
-    def advantages(self, h: torch.Tensor) -> torch.Tensor:
-        """``Q(s, .) - V(s)`` for decoding, Q the min over the (online) twin heads: (..., vocab)."""
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``Q(s, a) - V(s)`` for decoding, Q the min over the (online) twin heads.
+
+        (..., hidden) -> (..., vocab); with ``tokens`` (..., k), only those tokens: -> (..., k).
+        """
         if not self.has_q:
             raise QVLMError("these heads have no Q heads (a V-only prefix scorer); use V-guided blockwise decoding")
-        q = torch.stack(self.q_values(h)).min(0).values
+        if tokens is None:
+            q = torch.stack(self.q_values(h)).min(0).values
+        else:
+            q = torch.stack([head.select(h, tokens, self.unembedding) for head in self.q_heads]).min(0).values
         return q - self.values(h)[..., None]
 
     def sync_targets(self, alpha: float) -> None:

@@ -1,9 +1,14 @@
 """Samples -> token batches of the token-level MDP (shared/DESIGN.md, "Conventions").
 
 A sample is ``{"prompt": str, "response": str, "reward": float}`` with optional
-``"token_rewards"`` (one float per response token, EOS excluded) and ``"finished"`` (bool,
+``"token_rewards"`` (one float per response token, EOS excluded), ``"finished"`` (bool,
 default true: the model ended the response itself, so EOS is appended; false: the response was
-cut by the length limit, which is truncation, not termination).
+cut by the length limit, which is truncation, not termination) and ``"terminal"`` (bool, default
+false; only with ``"finished": false``): the episode ended at the cut although no EOS was written.
+That is a fixed-horizon task, whose reward scores exactly these tokens (``qvlm demo``, or
+``qvlm sample --fixed-horizon``): the last response token is terminal and nothing bootstraps past it.
+``"response_ids"`` (ints, EOS excluded) are the exact tokens sampled; when given, they are the
+actions instead of a re-tokenisation of the text (sampled text often re-tokenises differently).
 """
 
 from __future__ import annotations
@@ -42,9 +47,14 @@ class Sample:
     token_rewards: list[float] | None = None
     finished: bool = True
     meta: dict = field(default_factory=dict)
+    terminal: bool = False  # finished=False but the episode ended there anyway (a fixed horizon)
+    response_ids: list[int] | None = None  # the exact tokens sampled (EOS excluded), if known
 
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "meta"}
+        if not self.terminal:
+            out.pop("terminal")
+        out = {k: out[k] for k in sorted(out, key=lambda k: k == "response_ids")}  # the long field last
         out.update(self.meta)
         return out
 
@@ -83,9 +93,18 @@ def sample_from_dict(obj: dict, where: str) -> Sample:
     finished = obj.get("finished", True)
     if not isinstance(finished, bool):
         raise _fail(where, 'field "finished" must be true or false')
-    known = {"prompt", "response", "reward", "token_rewards", "finished"}
+    terminal = obj.get("terminal", False)
+    if not isinstance(terminal, bool):
+        raise _fail(where, 'field "terminal" must be true or false')
+    response_ids = obj.get("response_ids")
+    if response_ids is not None and (
+        not isinstance(response_ids, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in response_ids)
+    ):
+        raise _fail(where, 'field "response_ids" must be a list of token ids (non-negative integers)')
+    known = {"prompt", "response", "reward", "token_rewards", "finished", "terminal", "response_ids"}
     meta = {k: v for k, v in obj.items() if k not in known}
-    return Sample(obj["prompt"], obj["response"], reward, token_rewards, finished, meta)
+    return Sample(obj["prompt"], obj["response"], reward, token_rewards, finished, meta, terminal, response_ids)
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -187,14 +206,23 @@ def encode_samples(
     """Tokenise samples; place rewards on steps; cut at ``max_length`` total tokens.
 
     The scalar reward goes on the last response step that is kept; ``token_rewards`` add per step.
-    A response cut here is marked truncated (not done), so its last state bootstraps. A prompt
-    that leaves no room for a response raises :class:`QVLMError`.
+    A finished sample gets EOS appended and is done; a ``terminal`` one is done at its last token
+    (a fixed horizon: no EOS). A response cut here is marked truncated (not done), so its last
+    state bootstraps. A prompt that leaves no room for a response raises :class:`QVLMError`.
     """
     encoded = []
     eos = tokenizer.eos_token_id
     for i, s in enumerate(samples):
         prompt_ids = encode_prompt(tokenizer, s.prompt, chat)
-        response_ids = tokenizer(s.response, add_special_tokens=False)["input_ids"]
+        if s.response_ids is not None:
+            response_ids = list(s.response_ids)
+            if tokenizer.decode(response_ids, skip_special_tokens=True) != s.response:
+                raise QVLMError(
+                    f"sample {i}: response_ids do not decode to the response text under this tokenizer; "
+                    "they were sampled with another model's tokenizer, or drop the field to re-tokenise"
+                )
+        else:
+            response_ids = tokenizer(s.response, add_special_tokens=False)["input_ids"]
         n_text = len(response_ids)
         if s.token_rewards is not None and len(s.token_rewards) != n_text:
             raise QVLMError(
@@ -206,6 +234,8 @@ def encode_samples(
         if terminated:
             response_ids = response_ids + [eos]
             step_rewards.append(0.0)
+        elif s.terminal:
+            terminated = True  # the horizon ended the episode: done at the last token, no EOS
         if not response_ids:
             raise QVLMError(f"sample {i}: empty response with finished=false; drop it or mark it finished")
         room = max_length - len(prompt_ids)

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from qvlm.configs import TRUNK_MODES, TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads
-from qvlm.mdp import TokenBatch
+from qvlm.mdp import TokenBatch, encode_samples
 from qvlm.models import hidden_size_of
 
 __all__ = ["TRUNK_MODES", "TrunkConfig", "QVModel", "gather_positions", "trunk_hidden_states", "load_qv_model"]
@@ -110,6 +110,25 @@ class QVModel(nn.Module):
             if hit is None or not torch.equal(hit[0], batch.input_ids[b][batch.attention_mask[b].bool()]):
                 return False
         return True
+
+    def prime_features(self, tokenizer, samples, hidden: list[torch.Tensor], token_ids: list[list[int]],
+                       max_length: int, chat: bool | None = None) -> int:
+        """Fill the frozen-trunk feature cache with features kept while decoding.
+
+        ``samples[i]`` was decoded as ``token_ids[i]`` (prompt + response ids) with hidden states
+        ``hidden[i]`` of ``s_1 .. s_{T+1}`` (``generate(..., return_hidden=True)``). A sample whose
+        text re-tokenises to other ids (or is cut by ``max_length``) is skipped: the trunk computes
+        it when training needs it. Returns how many samples were primed.
+        """
+        if not self.frozen:
+            raise QVLMError("only a frozen trunk caches features; this model trains its trunk")
+        primed = 0
+        for i, item in enumerate(encode_samples(samples, tokenizer, max_length, chat)):
+            ids = item.prompt_ids + item.response_ids
+            if ids == token_ids[i] and hidden[i].shape[0] == len(item.response_ids) + 1:
+                self._cache[i] = (torch.tensor(ids), hidden[i].detach())
+                primed += 1
+        return primed
 
     def share_feature_cache(self, other: "QVModel") -> None:
         """Use ``other``'s cache of trunk features (same frozen trunk): no sample runs the trunk twice."""

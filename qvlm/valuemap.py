@@ -13,17 +13,26 @@ __all__ = ["value_maps"]
 
 @torch.no_grad()
 def value_maps(
-    model: QVModel, tokenizer, prompts: list[str], responses: list[str], max_length: int = 512, batch_size: int = 8
+    model: QVModel,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    max_length: int = 512,
+    batch_size: int = 8,
+    finished: list[bool] | None = None,
 ) -> list[dict]:
     """One map per (prompt, response): ``{"prompt", "tokens", "values", "advantages"}``.
 
     ``values[t] = V(s_t)``; ``advantages[t] = Q(s_t, y_t) - V(s_t)`` with Q the min over the twin
     heads (zeros for a V-only prefix scorer, whose map shows ``V(s_{t+1}) - V(s_t)`` instead).
-    The final EOS step is included and shown as the token ``"<eos>"``.
+    A finished response (the default) ends with its EOS step, shown as the token ``"<eos>"``; pass
+    ``finished[i] = False`` for a response cut by the length limit (no EOS was written).
     """
     out = []
+    finished = finished if finished is not None else [True] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        chunk = [Sample(p, r, 0.0) for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])]
+        sl = slice(start, start + batch_size)
+        chunk = [Sample(p, r, 0.0, finished=f) for p, r, f in zip(prompts[sl], responses[sl], finished[sl])]
         batch = collate(encode_samples(chunk, tokenizer, max_length), tokenizer.pad_token_id)
         h, h_next = model.features(batch)  # (B, T, H)
         v = model.heads.values(h)  # (B, T)

@@ -115,3 +115,73 @@ def test_decoding_errors(tiny):
         generate(model, tok, ["  "])
     with pytest.raises(QVLMError, match="temperature"):
         DecodeConfig(temperature=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prefill_equals_hf_num_return_sequences(arch):
+    """Prefilling a prompt once for its n responses draws what HF generate draws for n copies."""
+    model, tok = tiny_model(arch, seed=2)
+    ref = hf_generate(model, tok, PROMPTS, 11, max_new_tokens=12, do_sample=True, top_k=0, num_return_sequences=3)
+    ours = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=11, num_return_sequences=3, batch_size=12))
+    assert len(ours.response_ids) == 3 * len(PROMPTS)
+    assert ours.prompt_ids[3] == ours.prompt_ids[5] == encode_prompt(tok, PROMPTS[1])
+    assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
+
+
+def test_return_hidden_equals_training_features(tiny):
+    """The hidden states kept while decoding are the features a full forward pass gives."""
+    from qvlm.mdp import EncodedSample, collate
+
+    model, tok = tiny
+    res = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=8, seed=4, num_return_sequences=2), return_hidden=True)
+    qv = QVModel.from_trunk(model)
+    for i in range(len(res.response_ids)):
+        item = EncodedSample(res.prompt_ids[i], res.response_ids[i], [0.0] * len(res.response_ids[i]), res.finished[i], not res.finished[i])
+        h, h_next = qv.features(collate([item], tok.pad_token_id))
+        n = len(item.response_ids)
+        assert res.hidden[i].shape == (n + 1, h.shape[-1])
+        torch.testing.assert_close(res.hidden[i][:n], h[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(res.hidden[i][1:], h_next[0], atol=1e-4, rtol=1e-4)
+
+
+def test_top_k_guidance_computes_q_on_candidates_only(tiny):
+    """guided_scores with top_k equals full-vocabulary guidance masked to the top k tokens."""
+    from qvlm.decoding import guide, guided_scores
+
+    model, tok = tiny
+    heads = QVModel.from_trunk(model, q_head="tied").heads
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 1.0)
+    h = torch.randn(3, model.config.hidden_size)
+    logits = torch.randn(3, model.config.vocab_size)
+    full = guide(logits, heads.advantages(h), 2.0, top_k=5)
+    torch.testing.assert_close(guided_scores(logits, heads, h, 2.0, top_k=5), full)
+    changed = (guided_scores(logits, heads, h, 2.0, top_k=5) != logits).sum(-1)
+    assert changed.tolist() == [5, 5, 5]
+    V, H = model.config.vocab_size, model.config.hidden_size
+    assert heads.decode_macs_per_token() - heads.decode_macs_per_token(5) == 2 * (V - 5) * (H + 1)  # twin heads
+
+
+def test_primed_features_train_without_the_trunk(tiny):
+    """Samples decoded with return_hidden (exact response_ids) train a frozen-trunk learner with
+    no trunk pass at all."""
+    from qvlm.algos.value import train_value
+    from qvlm.configs import ValueConfig
+    from qvlm.mdp import Sample
+
+    model, tok = tiny
+    prompts = ["ab", "ba", "abc"]
+    res = generate(model, tok, prompts, cfg=DecodeConfig(max_new_tokens=6, seed=1, num_return_sequences=2), return_hidden=True)
+    samples = [Sample(prompts[i // 2], t, float(len(t)), finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
+               for i, (t, f, ids) in enumerate(zip(res.texts, res.finished, res.response_ids))]
+    qv = QVModel.from_trunk(model)
+    ids = [p + r for p, r in zip(res.prompt_ids, res.response_ids)]
+    assert qv.prime_features(tok, samples, res.hidden, ids, max_length=64) == len(samples)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        train_value(qv, tok, samples, ValueConfig(epochs=1, batch_size=2, progress=False))
+    finally:
+        hook.remove()
+    assert calls == []

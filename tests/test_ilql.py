@@ -102,3 +102,24 @@ def test_value_regression_learns_mc_returns():
     with torch.no_grad():
         v = qv.heads.values(qv.features(batch)[0])
     assert v[0, -1] > 0.8 and abs(v[1, -1]) < 0.2  # V of the last state before EOS ~ its return
+
+
+def test_q_target_next_v_by_hand(tiny):
+    """q_target=next_v regresses Q(s_t, a_t) on r_t + V(s_{t+1}); the done step on r_t alone."""
+    from qvlm.algos.value import value_loss
+
+    model, tok = tiny
+    qv = QVModel.from_trunk(model, q_head="tied")
+    with torch.no_grad():  # V = 0.5 everywhere; Q heads stay at zero (neutral start)
+        for p in qv.heads.v_head.parameters():
+            p.zero_()
+        qv.heads.v_head.net[2].bias.fill_(0.5)
+    # response "cd" + EOS: 3 steps, reward 1 on the last (done) step
+    batch = collate(encode_samples([Sample("ab", "cd", 1.0)], tok, 32), tok.pad_token_id)
+    _, stats = value_loss(qv, batch, ValueConfig(q_target="next_v"))
+    # targets (0 + 0.5, 0 + 0.5, 1): mean squared error of Q = 0 -> (0.25 + 0.25 + 1) / 3 = 0.5
+    assert stats["losses/q"] == pytest.approx(0.5)
+    _, stats = value_loss(qv, batch, ValueConfig(q_target="return"))
+    assert stats["losses/q"] == pytest.approx(1.0)  # the Monte-Carlo return is 1 at every step
+    with pytest.raises(QVLMError, match="q_target"):
+        ValueConfig(q_target="bogus")

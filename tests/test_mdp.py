@@ -32,6 +32,8 @@ def test_read_samples_roundtrip(tmp_path):
         ('{"prompt": "a", "response": "b"}', 'missing field "reward"'),
         ('{"prompt": "a", "response": "b", "reward": 1, "token_rewards": [1, "x"]}', "token_rewards[1]"),
         ('[1, 2]', "expected a JSON object"),
+        ('{"prompt": "a", "response": "b", "reward": 1, "finished": false, "terminal": "yes"}', 'field "terminal"'),
+        ('{"prompt": "a", "response": "b", "reward": 1, "response_ids": [1, -2]}', 'field "response_ids"'),
     ],
 )
 def test_bad_sample_lines_name_line_and_field(tmp_path, line, needle):
@@ -66,6 +68,34 @@ def test_batch_positions_rewards_done(tiny):
     assert batch.response_mask[1].tolist() == [1, 0, 0]
     assert batch.done[1].tolist() == [0, 0, 0] and bool(batch.truncated[1])
     assert batch.rewards[1].tolist() == [2.0, 0, 0]
+
+
+def test_fixed_horizon_sample_is_done_at_its_last_token_without_eos(tiny, tmp_path):
+    """terminal: the horizon ended the episode; no EOS is appended and nothing bootstraps."""
+    _, tok = tiny
+    s = [Sample("ab", "cde", 1.0, finished=False, terminal=True), Sample("ab", "cde", 1.0, finished=False)]
+    write_samples(tmp_path / "s.jsonl", s)
+    back = read_samples(tmp_path / "s.jsonl")
+    assert back[0].terminal and not back[1].terminal
+    assert "terminal" not in (tmp_path / "s.jsonl").read_text().splitlines()[1]
+    batch = collate(encode_samples(back, tok, max_length=32), tok.pad_token_id)
+    assert batch.actions[0].tolist() == batch.actions[1].tolist() == tok("cde", add_special_tokens=False)["input_ids"]
+    assert batch.done[0].tolist() == [0, 0, 1] and not bool(batch.truncated[0])
+    assert batch.done[1].tolist() == [0, 0, 0] and bool(batch.truncated[1])
+    assert batch.rewards[0].tolist() == [0, 0, 1.0]
+
+
+def test_response_ids_are_the_actions_when_given(tiny, tmp_path):
+    """Exact sampled tokens win over a re-tokenisation; ids that decode to other text are refused."""
+    _, tok = tiny
+    ids = tok("cde", add_special_tokens=False)["input_ids"]
+    write_samples(tmp_path / "s.jsonl", [Sample("ab", "cde", 1.0, response_ids=ids)])
+    back = read_samples(tmp_path / "s.jsonl")
+    assert back[0].response_ids == ids
+    enc = encode_samples(back, tok, 32)[0]
+    assert enc.response_ids == ids + [tok.eos_token_id]
+    with pytest.raises(QVLMError, match="do not decode to the response"):
+        encode_samples([Sample("ab", "cde", 1.0, response_ids=ids[::-1])], tok, 32)
 
 
 def test_length_limit_truncates_not_terminates(tiny):

@@ -38,9 +38,15 @@ def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[tor
     loss, stats = value_regression_loss(v, targets, mask)
     out = {"losses/v": stats["loss"], "values/v": stats["v_mean"], "values/target": masked_mean(targets, mask).item()}
     if model.heads.has_q:
-        # Q(s_t, a_t) regressed on the same return: Monte-Carlo Q of the data's policy (CD-FUDGE);
-        # only the taken actions' outputs are computed
-        q_losses = [value_regression_loss(q, targets, mask)[0] for q in model.heads.q_taken(h, batch.actions)]
+        # Q(s_t, a_t) of the data's policy (CD-FUDGE), on the taken actions' outputs only: regressed
+        # on the same return, or on r_t + gamma V(s_{t+1}) (done steps: r_t; truncated last steps
+        # bootstrap like every other step)
+        if cfg.q_target == "next_v":
+            v_next = model.heads.values(h_next).detach()
+            q_targets = batch.rewards + cfg.gamma * v_next * (1.0 - batch.done)
+        else:
+            q_targets = targets
+        q_losses = [value_regression_loss(q, q_targets, mask)[0] for q in model.heads.q_taken(h, batch.actions)]
         q_loss = torch.stack(q_losses).mean()
         loss = loss + q_loss
         out["losses/q"] = q_loss.item()

@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--betas", default="0,1,2", help="comma-separated guidance strengths; 0 is the base model")
     p.add_argument("--json", help="write the metrics here as JSON (atomically)")
-    add_config_args(p, DecodeConfig, exclude=("beta",), title="decoding")
+    add_config_args(p, DecodeConfig, exclude=("beta", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
 
 

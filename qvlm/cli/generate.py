@@ -48,7 +48,8 @@ def run(args) -> int:
         qv = load_qv_model(model, args.heads)
         model, heads = qv.trunk, qv.heads
     result = generate(model, tokenizer, prompts, heads=heads, cfg=cfg, progress=len(prompts) > cfg.batch_size)
-    rows = [{"prompt": p, "response": t, "finished": f} for p, t, f in zip(prompts, result.texts, result.finished)]
+    repeated = [p for p in prompts for _ in range(cfg.num_return_sequences)]
+    rows = [{"prompt": p, "response": t, "finished": f} for p, t, f in zip(repeated, result.texts, result.finished)]
     if args.out:
         atomic_write_text(args.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"wrote {len(rows)} responses to {args.out}")

@@ -13,8 +13,9 @@ def register(sub) -> None:
         "sample",
         help="sample responses from the base model and score them (-> samples.jsonl)",
         description="Sample N responses per prompt from the base model, score each with a reward, and "
-        "write one JSON line per response: {prompt, response, reward, finished}. This is the offline "
-        "data for `qvlm train`.",
+        "write one JSON line per response: {prompt, response, reward, finished, response_ids} (the exact "
+        "tokens sampled). This is the offline data for `qvlm train`. Each prompt is prefilled once for "
+        "its N responses.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arg(p)
@@ -23,7 +24,10 @@ def register(sub) -> None:
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--out", default="samples.jsonl", help="output JSONL (written atomically)")
-    add_config_args(p, DecodeConfig, exclude=("beta", "do_sample"), title="decoding")
+    p.add_argument("--fixed-horizon", action="store_true",
+                   help="the reward scores exactly the first max_new_tokens tokens, so a response cut there "
+                   "ends its episode (terminal) instead of being truncated (bootstrapped past)")
+    add_config_args(p, DecodeConfig, exclude=("beta", "do_sample", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
 
 
@@ -40,13 +44,14 @@ def run(args) -> int:
         prompts = prompts[: args.max_prompts]
     reward = get_reward(args.reward)
     model, tokenizer = load(args)
-    cfg = config_from_args(DecodeConfig, args, do_sample=True)
+    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=args.n)
     repeated = [p for p in prompts for _ in range(args.n)]
-    result = generate(model, tokenizer, repeated, cfg=cfg, progress=True)
+    result = generate(model, tokenizer, prompts, cfg=cfg, progress=True)
     rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")
     samples = [
-        Sample(p, text, r, finished=fin)
-        for p, text, r, fin in zip(repeated, result.texts, rewards, result.finished)
+        Sample(p, text, r, finished=fin, terminal=args.fixed_horizon and not fin,
+               response_ids=ids[:-1] if fin else ids)
+        for p, text, r, fin, ids in zip(repeated, result.texts, rewards, result.finished, result.response_ids)
     ]
     write_samples(args.out, samples)
     mean = sum(rewards) / len(rewards)
