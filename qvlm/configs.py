@@ -142,7 +142,10 @@ class DemoConfig:
     eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
     samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
     max_new_tokens: int = 0  # response length limit (0: preset)
-    betas: str = "1,4,16"  # ILQL guidance strengths, comma-separated
+    betas: str = "16,32,64"  # ILQL guidance strengths, comma-separated
+    # ILQL's CQL weight. 0 skips the vocabulary-sized Q (about 4x cheaper per step). On held-out
+    # training prompts, 8 epochs without CQL beat 1 epoch with it (trlx: 0.1) in the same time.
+    ilql_cql_scale: float = 0.0
     mc_betas: str = "4,8,16"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
     mc_q_target: str = "next_v"  # Monte-Carlo Q heads' target: return (sampled) or next_v (V of the next prefix)
     guidance_top_k: int = 20  # guide only the base model's k likeliest tokens (0: all)

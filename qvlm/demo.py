@@ -35,8 +35,8 @@ from qvlm.valuemap import value_maps
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
 PRESETS = {
-    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=8, max_new_tokens=20, ilql_epochs=1, value_epochs=6),
-    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=8, max_new_tokens=16, ilql_epochs=1, value_epochs=6),
+    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=8, max_new_tokens=20, ilql_epochs=8, value_epochs=6),
+    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=8, max_new_tokens=16, ilql_epochs=8, value_epochs=6),
 }
 
 
@@ -120,7 +120,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     # 2. ILQL heads and 3. a prefix scorer, on the frozen trunk with one shared feature cache
     ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
                               q_head=cfg.q_head)
-    ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress)
+    ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress,
+                          cql_scale=cfg.ilql_cql_scale)
     if features is not None:
         primed = ilql.prime_features(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
         log(f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
@@ -292,7 +293,7 @@ def _report(out, cfg, models, tokenizer, prompts, methods, texts, history, rewar
         f"{cfg.max_new_tokens} tokens to each of {cfg.train_prompts} training prompts; the reward "
         f"<b>{reward_name}</b> scored them. The task has a fixed horizon: the reward scores exactly those "
         "tokens, so the last one ends the episode. On that offline data we trained ILQL Q and V heads "
-        "(<code>ilql_*</code>) and Monte-Carlo heads (<code>mcq_*</code>): V regressed on the final "
+        f"(<code>ilql_*</code>, CQL weight {cfg.ilql_cql_scale:g}) and Monte-Carlo heads (<code>mcq_*</code>): V regressed on the final "
         "reward, Q(s, a) on V of the next prefix s + a (exact in a token MDP, where the next state is "
         "the prefix plus the token). V alone drives <code>cd_blockwise</code>. All heads sit on the "
         "frozen trunk, whose features were kept while sampling. Token-level guidance shifts only the "
@@ -303,6 +304,17 @@ def _report(out, cfg, models, tokenizer, prompts, methods, texts, history, rewar
         "the cost. Cost is compute per generated token relative to plain sampling (heads and "
         "candidate blocks included); KL is the exact per-token KL to the base model summed per "
         "response (for best-of-N and blockwise selection, the analytic best-of-N bound).</p>"
+    )
+    b, bo4 = methods[best], methods["best_of_4"]
+    verdict = "reaches" if b["reward_mean"] >= bo4["reward_mean"] else "falls short of"
+    intro += (
+        f"<p><b>Headline.</b> The best guided method, <code>{best}</code>, scores "
+        f"{b['reward_mean']:.3f} ± {b['reward_ci95']:.3f} at {b['cost']:.2f}x the cost of plain sampling; "
+        f"it {verdict} best-of-4 ({bo4['reward_mean']:.3f} ± {bo4['reward_ci95']:.3f} at 4x). Base sampling "
+        f"scores {methods['base']['reward_mean']:.3f} ± {methods['base']['reward_ci95']:.3f}. Its price is "
+        f"a KL of {b['kl_to_base']:.1f} nats per response to the base model (best-of-4: at most "
+        f"{bo4['kl_to_base']:.2f}) and a perplexity of {b['perplexity']:.0f} under the base model "
+        f"(base: {methods['base']['perplexity']:.0f}): read the samples below.</p>"
     )
     render_report(
         out / "report.html",

@@ -27,6 +27,7 @@ from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
 __all__ = [
+    "running_mean",
     "advantage_color",
     "value_sparkline_svg",
     "value_map_html",
@@ -280,6 +281,17 @@ def _empty_plot(ax, message: str) -> None:
     ax.set_yticks([])
 
 
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start): a trailing moving average."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_losses(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
     """PNG data URI of training loss curves, one line per series.
 
@@ -297,14 +309,22 @@ def plot_losses(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
     if not series:
         _empty_plot(ax, "no training losses recorded")
         return _figure_data_uri(fig)
+    smoothed = False
     for name, pts in series.items():
         steps, vals = zip(*sorted(pts))
-        ax.plot(steps, vals, label=name, linewidth=1.6, marker="o" if len(pts) < 3 else None)
+        window = max(1, len(vals) // 25)
+        if window > 1:  # per-step losses are noisy: draw them faint, their running mean bold
+            line = ax.plot(steps, vals, linewidth=0.8, alpha=0.25)[0]
+            ax.plot(steps, running_mean(vals, window), label=name, linewidth=1.8, color=line.get_color())
+            smoothed = True
+        else:
+            ax.plot(steps, vals, label=name, linewidth=1.6, marker="o" if len(pts) < 3 else None)
     if all(v > 0 for pts in series.values() for _, v in pts):
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
-    ax.set_title("Training losses", loc="left", fontsize=11)
+    title = "Training losses" + (" (faint: each step; bold: running mean)" if smoothed else "")
+    ax.set_title(title, loc="left", fontsize=11)
     ax.legend(frameon=False, fontsize=8, ncol=min(len(series), 4))
     return _figure_data_uri(fig)
 

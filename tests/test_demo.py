@@ -67,3 +67,25 @@ def test_cost_counts_heads_over_trunk(tiny):
 def test_demo_cli_bad_target(capsys):
     assert main(["demo", "--target", "neutral"]) == 2
     assert "use positive or negative" in capsys.readouterr().err
+
+
+def test_demo_resumes_after_a_crash_between_phases(tmp_path, tiny_dir, monkeypatch):
+    """A crash after sampling keeps samples and trunk features; the rerun trains from them."""
+    import qvlm.demo as demo
+
+    out = tmp_path / "demo"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "train_value", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(small(tiny_dir), out, log=lambda *_: None, progress=False)
+    assert (out / "samples.jsonl").is_file() and (out / "features.safetensors").is_file()
+    assert (out / "ilql" / "heads.safetensors").is_file() and not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    logs = []
+    summary = run_demo(small(tiny_dir), out, log=logs.append, progress=False)
+    assert any("trunk features kept from sampling" in line for line in logs)
+    assert not (out / "features.safetensors").exists()  # removed once both learners trained
+    assert "mcq_beta_2" in summary["methods"]

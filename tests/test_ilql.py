@@ -123,3 +123,18 @@ def test_q_target_next_v_by_hand(tiny):
     assert stats["losses/q"] == pytest.approx(1.0)  # the Monte-Carlo return is 1 at every step
     with pytest.raises(QVLMError, match="q_target"):
         ValueConfig(q_target="bogus")
+
+
+def test_ilql_without_cql_equals_full_loss_minus_cql(tiny):
+    """cql_scale = 0 skips the vocabulary-sized Q; the other terms are unchanged."""
+    model, tok = tiny
+    qv = QVModel.from_trunk(model, q_head="tied")
+    with torch.no_grad():
+        for p in qv.heads.parameters():
+            p.normal_(0.0, 0.5)
+    batch = collate(encode_samples([Sample("ab", "cd", 1.0), Sample("ef", "g", 0.0, finished=False)], tok, 32), tok.pad_token_id)
+    full_loss, full = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.1))
+    loss, stats = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.0))
+    assert stats["losses/q"] == pytest.approx(full["losses/q"], rel=1e-5)
+    assert stats["losses/v"] == pytest.approx(full["losses/v"], rel=1e-5)
+    assert float(loss) == pytest.approx(float(full_loss) - 0.1 * full["losses/cql"], rel=1e-5)

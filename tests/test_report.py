@@ -127,3 +127,10 @@ def test_demo_prompts_are_short_balanced_and_not_near_duplicates():
 def test_demo_prompts_bad_split():
     with pytest.raises(QVLMError, match="unknown prompt split"):
         load_demo_prompts("test")
+
+
+def test_running_mean_by_hand():
+    from qvlm.report import running_mean
+
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 1) == [2.0, 4.0]

@@ -26,8 +26,11 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
     """The ILQL objective on one batch: ``q + v + cql_scale * cql (+ awac_scale * awac)``."""
     h, h_next = model.features(batch)  # (B, T, H) each
     mask, actions = batch.response_mask, batch.actions
-    q_all = model.heads.q_values(h)  # num_q x (B, T, V)
-    q_taken = [q.gather(-1, actions[..., None]).squeeze(-1) for q in q_all]  # num_q x (B, T)
+    if cfg.cql_scale > 0:  # CQL needs Q of every token; without it only the taken actions' outputs are computed
+        q_all = model.heads.q_values(h)  # num_q x (B, T, V)
+        q_taken = [q.gather(-1, actions[..., None]).squeeze(-1) for q in q_all]  # num_q x (B, T)
+    else:
+        q_taken = model.heads.q_taken(h, actions)
     target_q = model.heads.target_q_taken(h, actions)  # (B, T), min over target heads
     v = model.heads.values(h)  # (B, T)
     v_next = model.heads.values(h_next).detach()  # (B, T); unused where done
@@ -35,8 +38,12 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
 
     q_loss, q_stats = ilql_q_loss(q_taken, td_target, mask)
     v_loss, v_stats = expectile_loss(target_q, v, mask, cfg.tau)
-    cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
-    loss = q_loss + v_loss + cfg.cql_scale * cql
+    loss = q_loss + v_loss
+    if cfg.cql_scale > 0:
+        cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
+        loss = loss + cfg.cql_scale * cql
+    else:
+        cql = torch.zeros(())
     stats = {
         "losses/q": q_stats["loss"],
         "losses/v": v_stats["loss"],
