@@ -242,6 +242,17 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         draws = {"texts": res.texts, "rewards": rewards, "finished": res.finished, "base_logprobs": res.base_logprobs,
                  "tokens": [len(r) for r in res.response_ids], "seconds": seconds}
         _save_json(file, draws)
+    # time plain sampling as every guided method runs: one response per prompt, each prefilled
+    # (the draws share each prompt's prefill over N responses, so their per-token time is lower)
+    timing_file = eval_dir / "base_timing.json"
+    if timing_file.is_file():
+        timing = json.loads(timing_file.read_text())
+    else:
+        log(f"[eval base timing] {time.strftime('%H:%M:%S')}")
+        start = time.perf_counter()
+        res = generate(model, tokenizer, prompts, cfg=decode, progress=progress)
+        timing = {"seconds": time.perf_counter() - start, "tokens": sum(len(r) for r in res.response_ids)}
+        _save_json(timing_file, timing)
     n, N = len(prompts), cfg.best_of
     per_token = draws["seconds"] / max(sum(draws["tokens"]), 1)
     for name, k in (("base", 1), ("best_of_4", 4), (f"best_of_{N}", N)):
@@ -255,6 +266,8 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         tokens = sum(draws["tokens"][j] for j in picks)
         # best-of-k decodes k responses for each one it returns
         seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
+        if k == 1:
+            seconds, tokens = timing["seconds"], timing["tokens"]
         m = _metrics(sel_texts, sel_rewards, kl, [draws["base_logprobs"][j] for j in picks], float(k), seconds, tokens)
         methods[name], texts[name] = m, {"texts": sel_texts, "rewards": sel_rewards,
                                          "finished": [draws["finished"][j] for j in picks]}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The core CLI chain end to end on the embedded SmolLM2-135M-Instruct with the VADER reward:
-# qvlm sample -> qvlm train ilql -> qvlm generate -> qvlm eval, with small settings (a few minutes).
+# qvlm sample -> qvlm train ilql / value -> qvlm generate -> qvlm eval, with small settings (a few minutes).
 # Usage: bash scripts/quickstart.sh [OUT_DIR]   (default runs/quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,12 +10,16 @@ OUT=${1:-runs/quickstart}
 mkdir -p "$OUT"
 START=$(date +%s)
 qvlm sample --prompts demo:train --max-prompts 64 --n 4 --reward vader \
-  --max-new-tokens 20 --batch-size 64 --seed 0 --out "$OUT/samples.jsonl"
+  --max-new-tokens 20 --batch-size 64 --seed 0 --fixed-horizon --out "$OUT/samples.jsonl"
 qvlm train ilql --data "$OUT/samples.jsonl" --out "$OUT/ilql" --q-head tied --head-hidden 128 \
   --epochs 4 --batch-size 8 --max-length 160
-qvlm generate --heads "$OUT/ilql" --beta 16 --guidance-top-k 10 --max-new-tokens 20 --seed 0 \
+qvlm train value --data "$OUT/samples.jsonl" --out "$OUT/mcq" --with-q --q-target next_v --q-head tied \
+  --head-hidden 128 --epochs 6 --lr 3e-3 --batch-size 8 --max-length 160
+qvlm generate --heads "$OUT/mcq" --beta 16 --guidance-top-k 10 --max-new-tokens 20 --seed 0 \
   --prompt "Write a one-sentence review of a hotel you stayed at." \
   --prompt "Describe the weather this morning in one sentence."
 qvlm eval --heads "$OUT/ilql" --prompts demo:eval --max-prompts 48 --reward vader \
   --betas 0,4,16,64 --guidance-top-k 10 --max-new-tokens 20 --batch-size 64 --seed 1 --json "$OUT/eval.json"
+qvlm eval --heads "$OUT/mcq" --prompts demo:eval --max-prompts 48 --reward vader \
+  --betas 8,16 --guidance-top-k 20 --max-new-tokens 20 --batch-size 64 --seed 1 --json "$OUT/eval_mcq.json"
 echo "quickstart took $(( $(date +%s) - START )) s (after setup)"

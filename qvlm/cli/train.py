@@ -32,8 +32,8 @@ def register(sub) -> None:
                        "the LM's frozen output embedding (learns from little data)")
         if name == "value":
             a.add_argument("--with-q", action="store_true",
-                           help="also regress Q(s_t, a_t) on the same targets (Monte-Carlo Q heads, usable "
-                           "for token-level guidance with `qvlm generate --beta`)")
+                           help="also train Q heads, regressed on the return or on V of the next prefix "
+                           "(--q-target), usable for token-level guidance with `qvlm generate --beta`")
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
 
