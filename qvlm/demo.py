@@ -139,6 +139,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     ilql.clear_cache()
     history = {"ILQL " + k[len("losses/"):]: v for k, v in history.items() if k.startswith("losses/") and k != "losses/total"}
     history.update({"Monte-Carlo " + k[len("losses/"):]: v for k, v in v_history.items() if k.startswith("losses/")})
+    history = {k: v for k, v in history.items() if any(x != 0 for _, x in v)}  # a term switched off logs zeros
 
     # 4. evaluate on held-out prompts
     eval_dir = out / "eval"

@@ -27,7 +27,7 @@ from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
 __all__ = [
-    "running_mean",
+    "running_median",
     "advantage_color",
     "value_sparkline_svg",
     "value_map_html",
@@ -281,14 +281,14 @@ def _empty_plot(ax, message: str) -> None:
     ax.set_yticks([])
 
 
-def running_mean(values: Sequence[float], window: int) -> list[float]:
-    """Mean of the last ``window`` values at each point (fewer at the start): a trailing moving average."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+def running_median(values: Sequence[float], window: int) -> list[float]:
+    """Median of the last ``window`` values at each point (fewer at the start): a trailing moving
+    median, which follows the typical loss and ignores the odd spike (the faint line shows those)."""
+    out = []
+    for i in range(len(values)):
+        recent = sorted(values[max(0, i - window + 1) : i + 1])
+        mid = len(recent) // 2
+        out.append(recent[mid] if len(recent) % 2 else (recent[mid - 1] + recent[mid]) / 2)
     return out
 
 
@@ -313,9 +313,9 @@ def plot_losses(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
     for name, pts in series.items():
         steps, vals = zip(*sorted(pts))
         window = max(1, len(vals) // 25)
-        if window > 1:  # per-step losses are noisy: draw them faint, their running mean bold
+        if window > 1:  # per-step losses are noisy: draw them faint, their running median bold
             line = ax.plot(steps, vals, linewidth=0.8, alpha=0.25)[0]
-            ax.plot(steps, running_mean(vals, window), label=name, linewidth=1.8, color=line.get_color())
+            ax.plot(steps, running_median(vals, window), label=name, linewidth=1.8, color=line.get_color())
             smoothed = True
         else:
             ax.plot(steps, vals, label=name, linewidth=1.6, marker="o" if len(pts) < 3 else None)
@@ -323,7 +323,7 @@ def plot_losses(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss")
-    title = "Training losses" + (" (faint: each step; bold: running mean)" if smoothed else "")
+    title = "Training losses" + (" (faint: each step; bold: running median)" if smoothed else "")
     ax.set_title(title, loc="left", fontsize=11)
     ax.legend(frameon=False, fontsize=8, ncol=min(len(series), 4))
     return _figure_data_uri(fig)

@@ -138,3 +138,4 @@ def test_ilql_without_cql_equals_full_loss_minus_cql(tiny):
     assert stats["losses/q"] == pytest.approx(full["losses/q"], rel=1e-5)
     assert stats["losses/v"] == pytest.approx(full["losses/v"], rel=1e-5)
     assert float(loss) == pytest.approx(float(full_loss) - 0.1 * full["losses/cql"], rel=1e-5)
+    assert "losses/cql" not in stats

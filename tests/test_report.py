@@ -129,8 +129,8 @@ def test_demo_prompts_bad_split():
         load_demo_prompts("test")
 
 
-def test_running_mean_by_hand():
-    from qvlm.report import running_mean
+def test_running_median_by_hand():
+    from qvlm.report import running_median
 
-    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert running_mean([2.0, 4.0], 1) == [2.0, 4.0]
+    assert running_median([1.0, 9.0, 2.0, 3.0, 100.0, 4.0], 3) == [1.0, 5.0, 2.0, 3.0, 3.0, 4.0]
+    assert running_median([2.0, 4.0], 1) == [2.0, 4.0]

@@ -39,19 +39,17 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
     q_loss, q_stats = ilql_q_loss(q_taken, td_target, mask)
     v_loss, v_stats = expectile_loss(target_q, v, mask, cfg.tau)
     loss = q_loss + v_loss
-    if cfg.cql_scale > 0:
-        cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
-        loss = loss + cfg.cql_scale * cql
-    else:
-        cql = torch.zeros(())
     stats = {
         "losses/q": q_stats["loss"],
         "losses/v": v_stats["loss"],
-        "losses/cql": cql.item(),
         "values/q_taken": q_stats["q_mean"],
         "values/v": v_stats["v_mean"],
         "values/advantage": masked_mean(target_q - v, mask).item(),
     }
+    if cfg.cql_scale > 0:
+        cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
+        loss = loss + cfg.cql_scale * cql
+        stats["losses/cql"] = cql.item()
     if not model.frozen and cfg.awac_scale > 0:
         awac, awac_stats = awac_loss(model.lm_logits(h), actions, target_q - v, mask, cfg.awac_beta)
         loss = loss + cfg.awac_scale * awac
