@@ -47,6 +47,7 @@ __all__ = [
     "warpers",
     "guide",
     "guided_scores",
+    "centre_on_candidates",
     "encode_prompts",
     "ValueGuidanceLogitsProcessor",
 ]
@@ -82,15 +83,31 @@ def warpers(cfg: DecodeConfig) -> LogitsProcessorList:
     return out
 
 
+def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """Advantages of candidate tokens ``idx`` (B, k) minus their mean under the base model's
+    probabilities renormalised over the candidates: (B, k) -> (B, k).
+
+    Guidance that touches only candidates treats every other token as having advantage 0, i.e.
+    value ``V(s)``. That mean is the heads' own estimate of ``V(s)`` over the candidates, so a Q
+    head that runs below or above the V head moves no probability mass to or from the tokens
+    outside; guidance only reorders the candidates. Worked example: logits (0, log 3) over two
+    candidates give weights (1/4, 3/4); advantages (1, -1) have mean -1/2 and become (1.5, -0.5).
+    """
+    weights = torch.softmax(logits.gather(-1, idx), dim=-1)  # (B, k)
+    return adv - (weights * adv).sum(-1, keepdim=True)
+
+
 def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
     """Guided scores ``logits + beta * (Q - V)``; with ``top_k``, only on the base model's ``top_k``
     likeliest tokens (FUDGE's candidate set: heads trained on the data's actions say little about
-    tokens the base model would almost never write). Shape: (B, V) -> (B, V).
+    tokens the base model would almost never write), with the candidates' advantages centred
+    (:func:`centre_on_candidates`). Shape: (B, V) -> (B, V).
     """
     adv = advantages[..., : logits.shape[-1]].to(logits.dtype)
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        adv = torch.where(logits >= kth, adv, torch.zeros_like(adv))
+        idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        centred = centre_on_candidates(logits, idx, adv.gather(-1, idx))
+        return logits.scatter_add(-1, idx, beta * centred)
     return logits + beta * adv
 
 
@@ -99,13 +116,14 @@ def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: f
 
     With ``top_k``, Q is computed for the base model's ``top_k`` likeliest tokens only (the others
     keep their logits), so guidance costs ``top_k`` dot products instead of a vocabulary-sized
-    matmul per head.
+    matmul per head; the candidates' advantages are centred (:func:`centre_on_candidates`).
     """
     if beta == 0:
         return logits
     if top_k and top_k < logits.shape[-1]:
         idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
-        return logits.scatter_add(-1, idx, beta * heads.advantages(h, idx).to(logits.dtype))
+        adv = centre_on_candidates(logits, idx, heads.advantages(h, idx).to(logits.dtype))
+        return logits.scatter_add(-1, idx, beta * adv)
     return guide(logits, heads.advantages(h), beta)
 
 

@@ -145,7 +145,7 @@ def test_return_hidden_equals_training_features(tiny):
 
 
 def test_top_k_guidance_computes_q_on_candidates_only(tiny):
-    """guided_scores with top_k equals full-vocabulary guidance masked to the top k tokens."""
+    """guided_scores with top_k equals full-vocabulary guidance restricted to the top k tokens."""
     from qvlm.decoding import guide, guided_scores
 
     model, tok = tiny
@@ -185,3 +185,20 @@ def test_primed_features_train_without_the_trunk(tiny):
     finally:
         hook.remove()
     assert calls == []
+
+
+def test_centre_on_candidates_by_hand():
+    """Weights softmax(0, log 3) = (1/4, 3/4); advantages (1, -1) have mean -1/2 -> (1.5, -0.5)."""
+    import math
+
+    from qvlm.decoding import centre_on_candidates, guide
+
+    logits = torch.tensor([[0.0, math.log(3.0), -5.0]])
+    idx = torch.tensor([[1, 0]])
+    adv = torch.tensor([[-1.0, 1.0]])  # advantage of token 1, then of token 0
+    torch.testing.assert_close(centre_on_candidates(logits, idx, adv), torch.tensor([[-0.5, 1.5]]))
+    # guided with top_k = 2: the candidates move apart, the third token keeps its logit, and the
+    # candidates' total probability relative to it is unchanged to first order in beta
+    full_adv = torch.tensor([[1.0, -1.0, 7.0]])
+    out = guide(logits, full_adv, beta=2.0, top_k=2)
+    torch.testing.assert_close(out, torch.tensor([[3.0, math.log(3.0) - 1.0, -5.0]]))
