@@ -15,10 +15,9 @@ import torch
 from transformers import DynamicCache
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding import GenerationResult, _eos_ids, cut_at_eos, left_pad, warpers
+from qvlm.decoding import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
-from qvlm.mdp import encode_prompt
 from qvlm.model import trunk_hidden_states
 
 __all__ = ["blockwise_generate", "best_of_n_kl_bound"]
@@ -52,7 +51,7 @@ def blockwise_generate(
     cfg = cfg or DecodeConfig()
     if candidates < 1 or block_size < 1:
         raise QVLMError("candidates and block_size must be >= 1")
-    encoded = [encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts, cfg, model)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     result = GenerationResult(encoded, [], [], [])
@@ -65,12 +64,8 @@ def blockwise_generate(
 
 
 def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, result) -> None:
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = _eos_ids(model, tokenizer).to(device)
-    ids, mask = left_pad(prompt_ids, pad_id)
-    B = ids.shape[0]
-    ids, mask = ids.to(device), mask.to(device)  # (B, L): each prompt is prefilled once
+    pad_id, eos, ids, mask = batch_inputs(model, tokenizer, prompt_ids)  # (B, L): each prompt is prefilled once
+    device, B = ids.device, ids.shape[0]
     warp = warpers(cfg)
     lm_head = model.get_output_embeddings()
     cache = DynamicCache()

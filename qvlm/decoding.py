@@ -49,6 +49,7 @@ __all__ = [
     "guided_scores",
     "centre_on_candidates",
     "encode_prompts",
+    "batch_inputs",
     "ValueGuidanceLogitsProcessor",
 ]
 
@@ -97,6 +98,11 @@ def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Ten
     return adv - (weights * adv).sum(-1, keepdim=True)
 
 
+def _guide_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float) -> torch.Tensor:
+    """Add ``beta`` times the centred advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``."""
+    return logits.scatter_add(-1, idx, beta * centre_on_candidates(logits, idx, adv.to(logits.dtype)))
+
+
 def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
     """Guided scores ``logits + beta * (Q - V)``; with ``top_k``, only on the base model's ``top_k``
     likeliest tokens (FUDGE's candidate set: heads trained on the data's actions say little about
@@ -106,8 +112,7 @@ def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: in
     adv = advantages[..., : logits.shape[-1]].to(logits.dtype)
     if top_k and top_k < logits.shape[-1]:
         idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
-        centred = centre_on_candidates(logits, idx, adv.gather(-1, idx))
-        return logits.scatter_add(-1, idx, beta * centred)
+        return _guide_candidates(logits, idx, adv.gather(-1, idx), beta)
     return logits + beta * adv
 
 
@@ -122,8 +127,7 @@ def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: f
         return logits
     if top_k and top_k < logits.shape[-1]:
         idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
-        adv = centre_on_candidates(logits, idx, heads.advantages(h, idx).to(logits.dtype))
-        return logits.scatter_add(-1, idx, beta * adv)
+        return _guide_candidates(logits, idx, heads.advantages(h, idx), beta)
     return guide(logits, heads.advantages(h), beta)
 
 
@@ -210,12 +214,17 @@ def generate(
     return result
 
 
-def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hidden, result) -> None:
+def batch_inputs(model, tokenizer, prompt_ids: list[list[int]]):
+    """One decoding batch's set-up: ``pad_id``, EOS ids and the left-padded prompts, on the model's device."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = _eos_ids(model, tokenizer).to(device)
     input_ids, attention_mask = left_pad(prompt_ids, pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    return pad_id, _eos_ids(model, tokenizer).to(device), input_ids.to(device), attention_mask.to(device)
+
+
+def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hidden, result) -> None:
+    pad_id, eos, input_ids, attention_mask = batch_inputs(model, tokenizer, prompt_ids)
+    device = input_ids.device
     n = cfg.num_return_sequences
     prompt_len = input_ids.shape[1]
     B = input_ids.shape[0] * n
