@@ -41,6 +41,7 @@ class DecodeConfig:
     top_p: float = 1.0  # nucleus sampling mass (1: off)
     beta: float = 0.0  # guidance strength on Q - V (1/alpha recovers the soft optimum)
     guidance_top_k: int = 0  # guide only the base model's k likeliest tokens, as FUDGE rescores its top k (0: all)
+    centre_candidates: bool = True  # top-k guidance: centre the candidates' advantages on their base-weighted mean
     seed: int | None = None  # seeds torch's global RNG before decoding (as HF generate uses it)
     num_return_sequences: int = 1  # responses per prompt (each prompt is prefilled once and its KV cache shared)
     batch_size: int = 16  # responses decoded together

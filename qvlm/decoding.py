@@ -98,9 +98,11 @@ def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Ten
     return adv - (weights * adv).sum(-1, keepdim=True)
 
 
-def _guide_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float) -> torch.Tensor:
-    """Add ``beta`` times the centred advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``."""
-    return logits.scatter_add(-1, idx, beta * centre_on_candidates(logits, idx, adv.to(logits.dtype)))
+def _guide_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float,
+                      centre: bool = True) -> torch.Tensor:
+    """Add ``beta`` times the (centred) advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``."""
+    adv = adv.to(logits.dtype)
+    return logits.scatter_add(-1, idx, beta * (centre_on_candidates(logits, idx, adv) if centre else adv))
 
 
 def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
@@ -116,18 +118,20 @@ def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: in
     return logits + beta * adv
 
 
-def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
+def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: float, top_k: int = 0,
+                  centre: bool = True) -> torch.Tensor:
     """``logits + beta * (Q - V)`` from the heads on hidden states ``h`` (B, H): (B, V) -> (B, V).
 
     With ``top_k``, Q is computed for the base model's ``top_k`` likeliest tokens only (the others
     keep their logits), so guidance costs ``top_k`` dot products instead of a vocabulary-sized
-    matmul per head; the candidates' advantages are centred (:func:`centre_on_candidates`).
+    matmul per head; the candidates' advantages are centred (:func:`centre_on_candidates`) unless
+    ``centre`` is False (then the V head's ``V(s)`` is their baseline: the ablation).
     """
     if beta == 0:
         return logits
     if top_k and top_k < logits.shape[-1]:
         idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
-        return _guide_candidates(logits, idx, heads.advantages(h, idx), beta)
+        return _guide_candidates(logits, idx, heads.advantages(h, idx), beta, centre)
     return guide(logits, heads.advantages(h), beta)
 
 
@@ -259,7 +263,7 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hid
         logits = lm_head(h_last[:, None])[:, -1].to(torch.float32)  # (B, V)
         scores = logits
         if cfg.beta != 0:
-            scores = guided_scores(logits, heads, h_last, cfg.beta, cfg.guidance_top_k)
+            scores = guided_scores(logits, heads, h_last, cfg.beta, cfg.guidance_top_k, cfg.centre_candidates)
         scores = warp(generated, scores)
         if cfg.do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

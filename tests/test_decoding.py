@@ -202,3 +202,18 @@ def test_centre_on_candidates_by_hand():
     full_adv = torch.tensor([[1.0, -1.0, 7.0]])
     out = guide(logits, full_adv, beta=2.0, top_k=2)
     torch.testing.assert_close(out, torch.tensor([[3.0, math.log(3.0) - 1.0, -5.0]]))
+
+
+def test_uncentred_ablation_adds_raw_advantages(tiny):
+    """centre=False (DecodeConfig.centre_candidates) adds beta * (Q - V) to the candidates as they are."""
+    from qvlm.decoding import guided_scores
+
+    model, _ = tiny
+    heads = QVModel.from_trunk(model, q_head="tied").heads
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 1.0)
+    h, logits = torch.randn(2, model.config.hidden_size), torch.randn(2, model.config.vocab_size)
+    idx = torch.topk(logits, 4, dim=-1).indices
+    expected = logits.scatter_add(-1, idx, 3.0 * heads.advantages(h, idx))
+    torch.testing.assert_close(guided_scores(logits, heads, h, 3.0, top_k=4, centre=False), expected)
