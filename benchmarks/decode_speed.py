@@ -57,7 +57,7 @@ from transformers import LogitsProcessorList
 from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
-from qvlm.models import DEFAULT_MODEL, load_model
+from qvlm.loading import DEFAULT_MODEL, load_model
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "decode_speed.json"
 

@@ -133,7 +133,7 @@ class ValueConfig:
 @dataclass
 class DemoConfig:
     """`qvlm demo`: steer the embedded model toward a reward; compare with best-of-N. Zeros take
-    the full or --quick preset (see qvlm.demo.PRESETS)."""
+    the full or --quick preset (see qvlm.apps.demo.PRESETS)."""
 
     target: str = "positive"  # sentiment to steer toward: positive | negative (VADER compound)
     reward: str = ""  # reward name overriding --target (e.g. count:e for tests)

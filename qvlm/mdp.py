@@ -287,7 +287,7 @@ def read_prompts(path: str | Path) -> list[str]:
     the line.
     """
     if str(path).startswith("demo:"):  # the prompts shipped with qvlm: demo:train, demo:eval, demo:all
-        from qvlm.demo_prompts import load_demo_prompts
+        from qvlm.apps.demo_prompts import load_demo_prompts
 
         split = str(path)[len("demo:"):]
         return load_demo_prompts(None if split == "all" else split)

@@ -1,4 +1,4 @@
-"""A trunk (any Hugging Face causal LM) with Q/V heads, in one of three modes.
+"""A trunk (any Hugging Face causal LM) with Q/V heads, in one of three modes (:mod:`qvlm.trunk`).
 
 - ``frozen``: only the heads train; the trunk's hidden states at the MDP's state positions are
   computed once per sample and cached, so epochs after the first do not run the trunk.
@@ -14,28 +14,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from qvlm.configs import TRUNK_MODES, TrunkConfig
+from qvlm.configs import TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads
 from qvlm.mdp import TokenBatch, encode_samples
-from qvlm.models import hidden_size_of
+from qvlm.loading import hidden_size_of
+from qvlm.trunk import gather_positions, prepare_trunk, trunk_hidden_states
 
-__all__ = ["TRUNK_MODES", "TrunkConfig", "QVModel", "gather_positions", "trunk_hidden_states", "load_qv_model"]
-
-def gather_positions(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Pick hidden states at per-row positions: h (B, L, H), positions (B, T) -> (B, T, H)."""
-    return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
-
-
-def trunk_hidden_states(trunk: PreTrainedModel, input_ids, attention_mask, **kwargs):
-    """Last hidden states of the trunk (after its final norm): (B, L) -> (B, L, H), and the output.
-
-    Runs ``trunk.base_model`` (the decoder without the LM head) so no vocabulary-sized logits are
-    computed for positions nobody reads.
-    """
-    out = trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return out.last_hidden_state, out
-
+__all__ = ["QVModel", "load_qv_model"]
 
 class QVModel(nn.Module):
     """Trunk + heads. ``features(batch)`` returns the hidden states of ``s_t`` and ``s_{t+1}``."""
@@ -43,7 +29,7 @@ class QVModel(nn.Module):
     def __init__(self, trunk: PreTrainedModel, heads: QVHeads, trunk_config: TrunkConfig | None = None):
         super().__init__()
         self.trunk_config = trunk_config or TrunkConfig()
-        self.trunk = _prepare_trunk(trunk, self.trunk_config)
+        self.trunk = prepare_trunk(trunk, self.trunk_config)
         self.heads = heads
         if heads.config.q_head == "tied":
             heads.attach_unembedding(self.trunk.get_output_embeddings().weight)
@@ -155,27 +141,6 @@ def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     for b, r in enumerate(rows):
         out[b, : r.shape[0]] = r
     return out
-
-
-def _prepare_trunk(trunk: PreTrainedModel, cfg: TrunkConfig) -> PreTrainedModel:
-    if cfg.mode == "frozen":
-        return trunk.requires_grad_(False)
-    if cfg.mode == "full":
-        return trunk.requires_grad_(True)
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise QVLMError("trunk mode 'lora' needs the package peft: pip install peft") from None
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    # keep the Hugging Face model itself (now holding the adapter layers) as the trunk, so every
-    # caller uses one interface (base_model, get_output_embeddings) whatever the mode
-    return get_peft_model(trunk, lora).base_model.model
 
 
 def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:

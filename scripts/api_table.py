@@ -4,10 +4,12 @@ import importlib
 import inspect
 
 MODULES = [
-    "qvlm.models", "qvlm.configs", "qvlm.mdp", "qvlm.returns", "qvlm.losses", "qvlm.heads", "qvlm.model",
-    "qvlm.decoding", "qvlm.blockwise", "qvlm.algos.ilql", "qvlm.algos.value", "qvlm.rewards", "qvlm.evaluate",
-    "qvlm.valuemap", "qvlm.demo", "qvlm.report", "qvlm.exact", "qvlm.algos.exact_learners", "qvlm.demo_prompts",
-    "qvlm.fileio", "qvlm.errors",
+    "qvlm.errors", "qvlm.fileio", "qvlm.configs", "qvlm.mdp", "qvlm.returns", "qvlm.losses", "qvlm.heads",
+    "qvlm.loading", "qvlm.testing", "qvlm.trunk", "qvlm.model",
+    "qvlm.decoding.sampling", "qvlm.decoding.guidance", "qvlm.decoding.blockwise", "qvlm.decoding.best_of_n",
+    "qvlm.rewards", "qvlm.train.loop", "qvlm.train.checkpoint", "qvlm.train.metrics",
+    "qvlm.algos.ilql", "qvlm.algos.value", "qvlm.exact.solver", "qvlm.exact.learners",
+    "qvlm.eval.metrics", "qvlm.eval.valuemap", "qvlm.report.page", "qvlm.apps.demo", "qvlm.apps.demo_prompts",
 ]
 
 print("| module | name | what it is |\n|---|---|---|")

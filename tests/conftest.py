@@ -10,7 +10,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture
 def tiny():
-    from qvlm.models import tiny_model
+    from qvlm.testing import tiny_model
 
     return tiny_model("llama", seed=0)
 
@@ -18,7 +18,8 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random model saved as a local model directory (for CLI tests)."""
-    from qvlm.models import save_model, tiny_model
+    from qvlm.loading import save_model
+    from qvlm.testing import tiny_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     model, tokenizer = tiny_model("llama", seed=0)

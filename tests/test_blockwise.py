@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from qvlm.blockwise import best_of_n_kl_bound, blockwise_generate
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.configs import DecodeConfig
 from qvlm.decoding import generate
 from qvlm.model import QVModel
-from qvlm.valuemap import value_maps
+from qvlm.eval.valuemap import value_maps
 
 PROMPTS = ["ab", "cd", "ef"]
 
@@ -30,7 +31,7 @@ def test_one_candidate_is_plain_sampling(tiny):
 def test_blockwise_with_a_trained_prefix_scorer_raises_the_reward():
     from qvlm.algos.value import train_value
     from qvlm.configs import ValueConfig
-    from qvlm.models import tiny_model
+    from qvlm.testing import tiny_model
     from qvlm.rewards import get_reward, score
     from tests.test_ilql import PROMPTS as TOY_PROMPTS, REWARD, offline_data
 

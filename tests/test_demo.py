@@ -7,7 +7,7 @@ import pytest
 
 from qvlm.cli import main
 from qvlm.configs import DemoConfig
-from qvlm.demo import compute_cost, resolve, run_demo
+from qvlm.apps.demo import compute_cost, resolve, run_demo
 from qvlm.errors import QVLMError
 
 KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", "cost"}
@@ -71,7 +71,7 @@ def test_demo_cli_bad_target(capsys):
 
 def test_demo_resumes_after_a_crash_between_phases(tmp_path, tiny_dir, monkeypatch):
     """A crash after sampling keeps samples and trunk features; the rerun trains from them."""
-    import qvlm.demo as demo
+    import qvlm.apps.demo as demo
 
     out = tmp_path / "demo"
 

@@ -15,27 +15,7 @@ import torch
 from torch.testing import assert_close
 
 from qvlm.errors import QVLMError
-from qvlm.exact import (
-    CausalLMPolicy,
-    DirichletPolicy,
-    MDPConfig,
-    TokenMDP,
-    build_mdp,
-    build_tree,
-    count_reward,
-    count_tree_nodes,
-    eos_reward,
-    evaluate_policy,
-    guided_policy,
-    pattern_reward,
-    soft_bellman_residual,
-    solve,
-    solve_hard,
-    table_policy,
-    terminal_reward,
-    tiny_llama,
-    token_reward,
-)
+from qvlm.exact import CausalLMPolicy, DirichletPolicy, MDPConfig, TokenMDP, build_mdp, build_tree, count_reward, count_tree_nodes, eos_reward, evaluate_policy, guided_policy, pattern_reward, soft_bellman_residual, solve, solve_hard, table_policy, terminal_reward, tiny_llama, token_reward
 
 A, B, EOS = 0, 1, 2
 

@@ -1,4 +1,4 @@
-"""Tabular learners measured against the exact optimum (qvlm.algos.exact_learners, qvlm exact).
+"""Tabular learners measured against the exact optimum (qvlm.exact.learners, qvlm exact).
 
 Acceptance: soft Q-learning reaches V RMSE <= 0.02 and objective ratio >= 0.99 on the default MDP
 (vocab 4, horizon 5, alpha 0.1) for several seeds. ILQL and MC are held to sanity checks that
@@ -13,29 +13,8 @@ import math
 import pytest
 import torch
 
-from qvlm.algos.exact_learners import (
-    ILQLConfig,
-    MCConfig,
-    SoftQConfig,
-    TransitionTable,
-    compare_learners,
-    measure,
-    objective_ratio,
-    open_pairs,
-    sample_episodes,
-    train_learner,
-)
-from qvlm.exact import (
-    MDPConfig,
-    TokenMDP,
-    build_mdp,
-    build_tree,
-    count_reward,
-    evaluate_policy,
-    solve,
-    solve_hard,
-    table_policy,
-)
+from qvlm.exact.learners import TabularILQLConfig, TabularMCConfig, TabularSoftQConfig, TransitionTable, compare_learners, measure, objective_ratio, open_pairs, sample_episodes, train_learner
+from qvlm.exact import MDPConfig, TokenMDP, build_mdp, build_tree, count_reward, evaluate_policy, solve, solve_hard, table_policy
 from qvlm.returns import monte_carlo_returns
 
 ALPHA = 0.1
@@ -86,7 +65,7 @@ def test_soft_q_learning_reaches_the_soft_optimum(seed):
     tree = default_tree(seed)
     opt = solve(tree, ALPHA)
     reference = evaluate_policy(tree, tree.ref_probs)
-    heads = train_learner("softq", tree, SoftQConfig(seed=seed), ALPHA)
+    heads = train_learner("softq", tree, TabularSoftQConfig(seed=seed), ALPHA)
     report = measure(tree, opt, reference, heads)
     assert report.v_rmse <= 0.02
     assert report.q_rmse <= 0.02
@@ -100,7 +79,7 @@ def test_soft_q_without_systematic_exploration_is_reported_honestly():
     tree = default_tree(0)
     opt = solve(tree, ALPHA)
     report = measure(tree, opt, evaluate_policy(tree, tree.ref_probs),
-                     train_learner("softq_boltzmann", tree, SoftQConfig(explore="boltzmann"), ALPHA))
+                     train_learner("softq_boltzmann", tree, TabularSoftQConfig(explore="boltzmann"), ALPHA))
     assert report.visited_pairs < tree.num_states * tree.vocab_size
     assert report.objective_ratio >= 0.95
     assert math.isfinite(report.v_rmse) and report.v_rmse > 0.02
@@ -110,7 +89,7 @@ def test_soft_q_without_systematic_exploration_is_reported_honestly():
 
 
 def _dataset_means(tree, seed, num_episodes):
-    """Per-state mean Monte-Carlo return and visit count of the dataset train_mc samples."""
+    """Per-state mean Monte-Carlo return and visit count of the dataset train_tabular_mc samples."""
     data = sample_episodes(tree, tree.ref_probs, num_episodes, torch.Generator().manual_seed(seed))
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)
     real = data.mask.bool()
@@ -123,9 +102,9 @@ def _dataset_means(tree, seed, num_episodes):
 def test_mc_regression_learns_v_of_the_reference_policy():
     tree = default_tree(0)
     reference = evaluate_policy(tree, tree.ref_probs)
-    heads = train_learner("mc", tree, MCConfig(seed=0), ALPHA)
+    heads = train_learner("mc", tree, TabularMCConfig(seed=0), ALPHA)
     report = measure(tree, solve(tree, ALPHA), reference, heads)
-    mean_return, visits = _dataset_means(tree, 0, MCConfig().num_episodes)
+    mean_return, visits = _dataset_means(tree, 0, TabularMCConfig().num_episodes)
     seen = visits > 0
     assert torch.equal(seen, heads.visited_states)
     # the regression converged: V is the per-state mean return of its dataset ...
@@ -142,7 +121,7 @@ def test_mc_error_against_v_ref_shrinks_with_data():
     reference = evaluate_policy(tree, tree.ref_probs)
     errors = []
     for n in (200, 5000):
-        heads = train_learner("mc", tree, MCConfig(seed=1, num_episodes=n, steps=200), ALPHA)
+        heads = train_learner("mc", tree, TabularMCConfig(seed=1, num_episodes=n, steps=200), ALPHA)
         weights = _dataset_means(tree, 1, n)[1]
         errors.append(float(((heads.v - reference.reward_v) ** 2 * weights).sum() / weights.sum()))
     assert errors[1] < errors[0] / 4  # visit-weighted MSE falls roughly as 1/n
@@ -151,14 +130,14 @@ def test_mc_error_against_v_ref_shrinks_with_data():
 def test_ilql_expectile_sits_between_v_ref_and_the_in_support_max():
     tree = default_tree(0)
     reference, hard = evaluate_policy(tree, tree.ref_probs), solve_hard(tree)
-    mc = train_learner("mc", tree, MCConfig(seed=0), ALPHA)
-    median = train_learner("ilql", tree, ILQLConfig(seed=0, tau=0.5, steps=200), ALPHA)
-    upper = train_learner("ilql", tree, ILQLConfig(seed=0, tau=0.7, steps=200), ALPHA)
+    mc = train_learner("mc", tree, TabularMCConfig(seed=0), ALPHA)
+    median = train_learner("ilql", tree, TabularILQLConfig(seed=0, tau=0.5, steps=200), ALPHA)
+    upper = train_learner("ilql", tree, TabularILQLConfig(seed=0, tau=0.7, steps=200), ALPHA)
     seen = mc.visited_states
     # tau = 0.5 is an expectation: on a tree, TD(0) on the data equals the Monte-Carlo mean
     assert (median.v - mc.v)[seen].abs().max() <= 2e-3
     # tau = 0.7 lifts V above V^pi_ref toward the hard max over the data's actions
-    _, visits = _dataset_means(tree, 0, ILQLConfig().num_episodes)
+    _, visits = _dataset_means(tree, 0, TabularILQLConfig().num_episodes)
     frequent = visits >= 50
     assert ((upper.v - reference.reward_v)[frequent] >= -0.01).all()
     assert ((upper.v - hard.v)[frequent] <= 0.01).all()
@@ -169,7 +148,7 @@ def test_ilql_expectile_sits_between_v_ref_and_the_in_support_max():
 
 def test_ilql_cql_pushes_down_untaken_actions():
     tree = default_tree(0)
-    heads = train_learner("ilql", tree, ILQLConfig(seed=0, cql_coef=0.5, steps=200), ALPHA)
+    heads = train_learner("ilql", tree, TabularILQLConfig(seed=0, cql_coef=0.5, steps=200), ALPHA)
     untaken = heads.visited_states[:, None] & ~heads.visited_pairs
     assert heads.q[untaken].max() < 0.0 < heads.q[heads.visited_pairs].mean()
 
@@ -181,7 +160,7 @@ def test_objective_ratio_definition():
 
 def test_compare_learners_shape_and_unknown_learner():
     tree = doc_tree()
-    out = compare_learners(tree, 1.0, ["softq"], configs={"softq": SoftQConfig(iterations=40)})
+    out = compare_learners(tree, 1.0, ["softq"], configs={"softq": TabularSoftQConfig(iterations=40)})
     assert out["optimal"]["objective"] == pytest.approx(0.4312276, abs=1e-7)
     assert set(out["learners"]["softq"]) >= {"v_rmse", "q_rmse", "objective", "objective_ratio", "kl"}
     assert out["learners"]["softq"]["v_rmse"] <= 0.02

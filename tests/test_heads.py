@@ -6,8 +6,10 @@ import torch
 from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads, load_heads, polyak_update, save_heads
 from qvlm.mdp import Sample, collate, encode_samples
-from qvlm.model import QVModel, TrunkConfig
-from qvlm.models import hidden_size_of, tiny_gpt2_config, tiny_llama_config
+from qvlm.model import QVModel
+from qvlm.trunk import TrunkConfig
+from qvlm.loading import hidden_size_of
+from qvlm.testing import tiny_gpt2_config, tiny_llama_config
 
 
 def test_polyak_update_by_hand():

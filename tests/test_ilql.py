@@ -11,8 +11,9 @@ from qvlm.algos.value import ValueConfig, train_value
 from qvlm.decoding import DecodeConfig, generate
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, collate, encode_samples
-from qvlm.model import QVModel, TrunkConfig
-from qvlm.models import tiny_model
+from qvlm.model import QVModel
+from qvlm.trunk import TrunkConfig
+from qvlm.testing import tiny_model
 from qvlm.rewards import get_reward, score
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]

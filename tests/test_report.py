@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from qvlm.demo_prompts import load_demo_prompts, load_demo_records
+from qvlm.apps.demo_prompts import load_demo_prompts, load_demo_records
 from qvlm.errors import QVLMError
 from qvlm.report import advantage_color, metrics_table_html, value_map_html
 

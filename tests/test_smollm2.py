@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.slow, requires_smollm2]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from qvlm.models import load_model
+    from qvlm.loading import load_model
 
     return load_model("smollm2-135m-instruct")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from qvlm.algos.common import train_loop
+from qvlm.train.loop import train_loop
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
 from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss

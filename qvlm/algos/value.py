@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from qvlm.algos.common import train_loop
+from qvlm.train.loop import train_loop
 from qvlm.configs import ValueConfig
 from qvlm.losses import value_regression_loss
 from qvlm.mdp import Sample, TokenBatch

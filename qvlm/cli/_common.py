@@ -62,7 +62,7 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 def load(args):
     from transformers.utils import logging as hf_logging
 
-    from qvlm.models import load_model
+    from qvlm.loading import load_model
 
     hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own per phase
 

@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from qvlm.demo import run_demo
+    from qvlm.apps.demo import run_demo
 
     cfg = config_from_args(DemoConfig, args)
     summary = run_demo(cfg, args.out)

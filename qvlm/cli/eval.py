@@ -32,7 +32,7 @@ def run(args) -> int:
     import json
 
     from qvlm.errors import QVLMError
-    from qvlm.evaluate import distinct_n, evaluate_decoding
+    from qvlm.eval.metrics import distinct_n, evaluate_decoding
     from qvlm.fileio import atomic_write_text
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model

@@ -66,7 +66,7 @@ def _token_id(text: str, vocab: int, flag: str) -> int:
 
 
 def _learner_names(text: str) -> list[str]:
-    from qvlm.algos.exact_learners import LEARNERS
+    from qvlm.exact.learners import LEARNERS
     from qvlm.errors import QVLMError
 
     if text.strip() == "none":
@@ -80,7 +80,7 @@ def _learner_names(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    from qvlm.algos.exact_learners import compare_learners
+    from qvlm.exact.learners import compare_learners
     from qvlm.errors import QVLMError
     from qvlm.exact import MDPConfig, build_mdp, build_tree, token_names
 

@@ -15,21 +15,13 @@ import torch
 from transformers import DynamicCache
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
-from qvlm.model import trunk_hidden_states
+from qvlm.trunk import trunk_hidden_states
 
-__all__ = ["blockwise_generate", "best_of_n_kl_bound"]
-
-
-def best_of_n_kl_bound(n: int) -> float:
-    """KL of best-of-n selection to the base policy, ``log n - (n - 1) / n``.
-
-    The analytic value for a continuous reward without ties (Beirami et al. 2024, "Theoretical
-    guarantees on the best-of-n alignment policy"), an upper bound in general. ``n = 4`` -> 0.6363.
-    """
-    return float(torch.log(torch.tensor(float(n)))) - (n - 1) / n
+__all__ = ["blockwise_generate"]
 
 
 @torch.no_grad()

@@ -8,12 +8,12 @@ state id, trained with Adam and the pure losses of :mod:`qvlm.losses`. Entries t
 reaches keep their initial value (guided decoding there falls back to ``pi_ref``: a constant Q row
 leaves ``pi_ref`` unchanged).
 
-- :func:`train_ilql`: ILQL (Snell et al. 2023) from offline samples of pi_ref: twin Q, target Q by
+- :func:`train_tabular_ilql`: ILQL (Snell et al. 2023) from offline samples of pi_ref: twin Q, target Q by
   Polyak averaging, V by expectile regression on the min target Q, Q on ``r + gamma (1-done) V(s')``,
   optional CQL term.
-- :func:`train_mc`: Monte-Carlo value regression from offline samples of pi_ref: a prefix scorer
+- :func:`train_tabular_mc`: Monte-Carlo value regression from offline samples of pi_ref: a prefix scorer
   V(s) and Q(s, a) on the taken action, both regressed on the Monte-Carlo return.
-- :func:`train_softq`: soft Q-learning (Haarnoja et al. 2017, with a pi_ref prior) from online
+- :func:`train_tabular_softq`: soft Q-learning (Haarnoja et al. 2017, with a pi_ref prior) from online
   interaction: it samples episodes from its own policy ``pi ~ pi_ref exp(Q / alpha)`` (plus
   systematic exploration of what it has not tried, by default), keeps a replay buffer of observed
   transitions, and regresses Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
@@ -51,14 +51,14 @@ __all__ = [
     "TransitionTable",
     "TabularHeads",
     "LearnerReport",
-    "ILQLConfig",
-    "MCConfig",
-    "SoftQConfig",
+    "TabularILQLConfig",
+    "TabularMCConfig",
+    "TabularSoftQConfig",
     "LEARNERS",
     "sample_episodes",
-    "train_ilql",
-    "train_mc",
-    "train_softq",
+    "train_tabular_ilql",
+    "train_tabular_mc",
+    "train_tabular_softq",
     "measure",
     "objective_ratio",
     "train_learner",
@@ -199,7 +199,7 @@ def _check_positive(name: str, **values: float) -> None:
 
 
 @dataclass
-class ILQLConfig:
+class TabularILQLConfig:
     """ILQL on offline episodes of pi_ref (tabular heads, full-batch steps)."""
 
     num_episodes: int = 2000  # offline episodes sampled from pi_ref: the whole dataset
@@ -212,9 +212,9 @@ class ILQLConfig:
     progress: bool = False  # tqdm progress bar
 
 
-def train_ilql(tree: TokenTree, config: ILQLConfig) -> TabularHeads:
+def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHeads:
     """Twin Q + target Q + expectile V, trained offline on episodes of pi_ref (ILQL, eqs. 2-4)."""
-    _check_positive("ILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    _check_positive("TabularILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     s, a, nxt = data.states, data.actions, data.next_states  # (B, H)
@@ -247,7 +247,7 @@ def train_ilql(tree: TokenTree, config: ILQLConfig) -> TabularHeads:
 
 
 @dataclass
-class MCConfig:
+class TabularMCConfig:
     """Monte-Carlo value regression on offline episodes of pi_ref (tabular V and Q)."""
 
     num_episodes: int = 2000  # offline episodes sampled from pi_ref: the whole dataset
@@ -257,9 +257,9 @@ class MCConfig:
     progress: bool = False  # tqdm progress bar
 
 
-def train_mc(tree: TokenTree, config: MCConfig) -> TabularHeads:
+def train_tabular_mc(tree: TokenTree, config: TabularMCConfig) -> TabularHeads:
     """V(s_t) and Q(s_t, a_t) regressed on the Monte-Carlo return G_t: they learn V^pi_ref, Q^pi_ref."""
-    _check_positive("MCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    _check_positive("TabularMCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)  # (B, H)
@@ -278,7 +278,7 @@ def train_mc(tree: TokenTree, config: MCConfig) -> TabularHeads:
 
 
 @dataclass
-class SoftQConfig:
+class TabularSoftQConfig:
     """Online soft Q-learning with a target table and a replay buffer of observed transitions."""
 
     iterations: int = 100  # rounds of (sample episodes with the current policy, then update)
@@ -316,19 +316,19 @@ def explore_open_first(policy: torch.Tensor, open_: torch.Tensor) -> torch.Tenso
     return torch.where(counts > 0, open_ / counts.clamp(min=1), policy)
 
 
-def train_softq(tree: TokenTree, config: SoftQConfig, alpha: float) -> TabularHeads:
+def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: float) -> TabularHeads:
     """Soft Q-learning with a pi_ref prior: on-policy sampling, soft TD targets from a target table.
 
     The replay buffer is a :class:`TransitionTable`; each update regresses Q on every distinct
     stored transition once (a tabular Q's fixed point does not depend on how transitions are
     weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
     """
-    _check_positive("SoftQConfig", iterations=config.iterations, episodes_per_iter=config.episodes_per_iter,
+    _check_positive("TabularSoftQConfig", iterations=config.iterations, episodes_per_iter=config.episodes_per_iter,
                     updates_per_iter=config.updates_per_iter, lr=config.lr)
     if not alpha > 0:
-        raise QVLMError(f"alpha={alpha} (train_softq): the KL temperature must be positive")
+        raise QVLMError(f"alpha={alpha} (train_tabular_softq): the KL temperature must be positive")
     if config.explore not in ("open_first", "boltzmann"):
-        raise QVLMError(f"SoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
+        raise QVLMError(f"TabularSoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
     gen = torch.Generator().manual_seed(config.seed)
     log_ref = torch.log(tree.ref_probs)  # the frozen reference model, queried at visited states
     q = _table(tree.num_states, tree.vocab_size, init=config.q_init)
@@ -404,10 +404,10 @@ def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, 
 
 # name -> (default config factory taking seed= and progress=, trainer(tree, config, alpha))
 LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], TabularHeads]]] = {
-    "ilql": (ILQLConfig, lambda tree, config, alpha: train_ilql(tree, config)),
-    "mc": (MCConfig, lambda tree, config, alpha: train_mc(tree, config)),
-    "softq": (SoftQConfig, train_softq),
-    "softq_boltzmann": (partial(SoftQConfig, explore="boltzmann"), train_softq),
+    "ilql": (TabularILQLConfig, lambda tree, config, alpha: train_tabular_ilql(tree, config)),
+    "mc": (TabularMCConfig, lambda tree, config, alpha: train_tabular_mc(tree, config)),
+    "softq": (TabularSoftQConfig, train_tabular_softq),
+    "softq_boltzmann": (partial(TabularSoftQConfig, explore="boltzmann"), train_tabular_softq),
 }
 
 

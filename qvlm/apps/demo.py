@@ -16,21 +16,22 @@ from pathlib import Path
 
 import torch
 
-from qvlm.algos.common import read_history
+from qvlm.train.metrics import read_history
 from qvlm.algos.ilql import train_ilql
 from qvlm.algos.value import train_value
-from qvlm.blockwise import best_of_n_kl_bound, blockwise_generate
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.configs import DecodeConfig, DemoConfig, ILQLConfig, TrunkConfig, ValueConfig
 from qvlm.decoding import GenerationResult, generate
 from qvlm.errors import QVLMError
-from qvlm.evaluate import summarize
+from qvlm.eval.metrics import summarize
 from qvlm.heads import load_heads
 from qvlm.fileio import atomic_write_text
 from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.model import QVModel
-from qvlm.models import load_model
+from qvlm.loading import load_model
 from qvlm.rewards import get_reward, score
-from qvlm.valuemap import value_maps
+from qvlm.eval.valuemap import value_maps
 
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
@@ -83,7 +84,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     torch.manual_seed(cfg.seed)
     reward_name = cfg.reward or ("vader" if cfg.target == "positive" else "vader-negative")
     reward = get_reward(reward_name)
-    from qvlm.demo_prompts import load_demo_prompts
+    from qvlm.apps.demo_prompts import load_demo_prompts
 
     train_prompts = load_demo_prompts("train")[: cfg.train_prompts]
     eval_prompts = load_demo_prompts("eval")[: cfg.eval_prompts]

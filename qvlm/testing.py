@@ -1,0 +1,85 @@
+"""Tiny random causal LMs and a character tokenizer, built in code: no files, no network. For tests,
+examples and benchmarks that need a model of a real architecture but not its weights."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from qvlm.errors import QVLMError
+
+__all__ = ["tiny_llama_config", "tiny_gpt2_config", "char_tokenizer", "tiny_model"]
+
+_CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
+_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def char_tokenizer(chars: str = _CHARS) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer built in code (no files, no network).
+
+    Ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then one id per character. Upper case
+    is folded to lower case; other characters map to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS)}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 32, num_layers: int = 2) -> LlamaConfig:
+    """A Llama-style config small enough for unit tests (thousands of parameters)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_gpt2_config(vocab_size: int, hidden_size: int = 32, num_layers: int = 2) -> GPT2Config:
+    """A GPT-2-style config small enough for unit tests."""
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+
+
+def tiny_model(
+    arch: str = "llama", seed: int = 0, hidden_size: int = 32, num_layers: int = 2
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A random tiny causal LM with the character tokenizer, seeded, in eval mode."""
+    tokenizer = char_tokenizer()
+    configs = {"llama": tiny_llama_config, "gpt2": tiny_gpt2_config}
+    if arch not in configs:
+        raise QVLMError(f"unknown tiny architecture {arch!r}; use one of {sorted(configs)}")
+    config = configs[arch](len(tokenizer), hidden_size, num_layers)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), tokenizer

@@ -1,0 +1,1 @@
+"""Training mechanics every trainer shares: the loop, checkpoints, metrics."""
