@@ -55,9 +55,9 @@ import transformers
 from transformers import LogitsProcessorList
 
 from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad
+from qvlm.loading import DEFAULT_MODEL, load_model
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
-from qvlm.loading import DEFAULT_MODEL, load_model
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "decode_speed.json"
 
@@ -81,19 +81,27 @@ NAIVE = "naive no-cache guided loop beta=1 (trlx-style hand loop)"
 
 # ---- methods: each takes (prompt ids, new tokens) and returns the number of generated tokens ----
 
+
 def hf_generate(model, pad_id, eos_id, processor=None):
     def run(prompts: list[list[int]], n: int) -> int:
         ids, mask = left_pad(prompts, pad_id)
         kwargs = dict(
-            input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-            max_new_tokens=n, eos_token_id=eos_id, pad_token_id=pad_id,
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=n,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
         )
         if processor is None:
             out = model.generate(**kwargs)
         else:
             with processor.attach(model):
                 out = model.generate(**kwargs, logits_processor=LogitsProcessorList([processor]))
-        new = out[:, ids.shape[1]:]
+        new = out[:, ids.shape[1] :]
         return int(new.numel())
 
     return run
@@ -116,8 +124,9 @@ def naive_loop(model, heads, pad_id, beta: float):
         start = ids.shape[1]
         for _ in range(n):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                        output_hidden_states=True)
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_hidden_states=True
+            )
             logits = out.logits[:, -1].float()
             h = out.hidden_states[-1][:, -1]
             scores = logits + beta * heads.advantages(h).float()
@@ -130,6 +139,7 @@ def naive_loop(model, heads, pad_id, beta: float):
 
 
 # ---- helpers -----------------------------------------------------------------------------------
+
 
 @contextmanager
 def eos_disabled(model, unreachable: int):
@@ -204,8 +214,7 @@ def machine_info() -> dict:
     u = platform.uname()
     return {
         "processor": platform.processor(),
-        "uname": {"system": u.system, "node": u.node, "release": u.release, "version": u.version,
-                  "machine": u.machine},
+        "uname": {"system": u.system, "node": u.node, "release": u.release, "version": u.version, "machine": u.machine},
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -221,8 +230,10 @@ def atomic_write_json(path: Path, data: dict) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| method | batch | new tokens/row | median s | tokens/s | ms/step | vs HF plain "
-            "| analytic cost vs plain | analytic, whole call |")
+    head = (
+        "| method | batch | new tokens/row | median s | tokens/s | ms/step | vs HF plain "
+        "| analytic cost vs plain | analytic, whole call |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
@@ -235,19 +246,28 @@ def markdown_table(rows: list[dict]) -> str:
 
 # ---- main --------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--naive-new-tokens", type=int, default=None,
-                    help="new tokens for the no-cache loop (default: min(new tokens, 8))")
+    ap.add_argument(
+        "--naive-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens for the no-cache loop (default: min(new tokens, 8))",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--q-heads", type=int, default=2, help="Q heads in the random heads (default 2: twin Q)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: os.cpu_count()); on a machine shared with other busy "
-                    "processes, fewer threads than cores avoids oversubscription stalls")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: os.cpu_count()); on a machine shared with other busy "
+        "processes, fewer threads than cores avoids oversubscription stalls",
+    )
     ap.add_argument("--skip-naive", action="store_true", help="leave out the no-cache loop")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output JSON (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
@@ -258,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     busy = os.getloadavg()[0]
     if busy >= 1.0:
-        print(f"note: load average {busy:.2f} on {os.cpu_count()} CPUs before the run; if other processes "
-              "compete for the cores the timings will be noisy (try --threads 1)", file=sys.stderr)
+        print(
+            f"note: load average {busy:.2f} on {os.cpu_count()} CPUs before the run; if other processes "
+            "compete for the cores the timings will be noisy (try --threads 1)",
+            file=sys.stderr,
+        )
     t_load = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_s = time.perf_counter() - t_load
@@ -300,24 +323,29 @@ def main(argv: list[str] | None = None) -> int:
                     hf_tps = tps
                 step, total = analytic_flops(kind, L, n, pc)
                 plain_step, plain_total = analytic_flops("plain", L, n, pc)
-                rows.append({
-                    "method": name,
-                    "batch_size": bs,
-                    "prompt_len_padded": L,
-                    "new_tokens": n,
-                    "generated_tokens": cs[0],
-                    "times_s": ts,
-                    "median_s": med,
-                    "tokens_per_s": tps,
-                    "ms_per_step": 1000 * med / n,
-                    "ms_per_token": 1000 * med / cs[0],
-                    "speed_vs_hf_plain": tps / hf_tps if hf_tps else float("nan"),
-                    "analytic_cost_vs_plain": step / plain_step,
-                    "analytic_cost_vs_plain_whole_call": total / plain_total,
-                    "analytic_gflops_per_row_step": step / 1e9,
-                })
-                print(f"  {name}: {tps:.1f} tok/s (median {med:.3f} s of {[round(t, 3) for t in ts]})",
-                      file=sys.stderr, flush=True)
+                rows.append(
+                    {
+                        "method": name,
+                        "batch_size": bs,
+                        "prompt_len_padded": L,
+                        "new_tokens": n,
+                        "generated_tokens": cs[0],
+                        "times_s": ts,
+                        "median_s": med,
+                        "tokens_per_s": tps,
+                        "ms_per_step": 1000 * med / n,
+                        "ms_per_token": 1000 * med / cs[0],
+                        "speed_vs_hf_plain": tps / hf_tps if hf_tps else float("nan"),
+                        "analytic_cost_vs_plain": step / plain_step,
+                        "analytic_cost_vs_plain_whole_call": total / plain_total,
+                        "analytic_gflops_per_row_step": step / 1e9,
+                    }
+                )
+                print(
+                    f"  {name}: {tps:.1f} tok/s (median {med:.3f} s of {[round(t, 3) for t in ts]})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     bench_s = time.perf_counter() - t_bench
     load_after = os.getloadavg()
 
@@ -327,12 +355,18 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "decode_speed",
         "model": args.model,
         "settings": {
-            "batch_sizes": args.batch_sizes, "new_tokens": args.new_tokens, "naive_new_tokens": naive_n,
-            "repeats": args.repeats, "warmup": 1, "statistic": "median", "seed": args.seed,
-            "sampling": "do_sample=True, top_k=0, top_p=1, temperature=1", "beta_guided": 1.0,
+            "batch_sizes": args.batch_sizes,
+            "new_tokens": args.new_tokens,
+            "naive_new_tokens": naive_n,
+            "repeats": args.repeats,
+            "warmup": 1,
+            "statistic": "median",
+            "seed": args.seed,
+            "sampling": "do_sample=True, top_k=0, top_p=1, temperature=1",
+            "beta_guided": 1.0,
             "eos": "unreachable for every method (each row writes exactly new_tokens per prompt)",
             "heads": "random QVModel.from_trunk(model, num_q_heads=q_heads).heads; decoding runs the "
-                     "V head and the online Q heads (min over Q heads)",
+            "V head and the online Q heads (min over Q heads)",
             "heads_config": dataclasses.asdict(heads.config),
         },
         "load_s": load_s,

@@ -37,8 +37,14 @@ def run(kind: str, workdir: Path) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     phases = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     metrics = json.loads((out / "metrics.json").read_text())["methods"]
-    return {"command": " ".join(cmd[1:]), "seconds": seconds, "budget_s": BUDGET_S[kind],
-            "within_budget": seconds <= BUDGET_S[kind], "phases": phases, "methods": metrics}
+    return {
+        "command": " ".join(cmd[1:]),
+        "seconds": seconds,
+        "budget_s": BUDGET_S[kind],
+        "within_budget": seconds <= BUDGET_S[kind],
+        "phases": phases,
+        "methods": metrics,
+    }
 
 
 def main() -> None:
@@ -56,8 +62,13 @@ def main() -> None:
         for kind in kinds:
             print(f"running the {kind} demo ...", flush=True)
             results[kind] = run(kind, work)
-    machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
-               "python": platform.python_version(), "loadavg": os.getloadavg()}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
     try:
         import torch
         import transformers
@@ -71,8 +82,10 @@ def main() -> None:
     for kind, r in results.items():
         m = r["methods"]
         guided = max((k for k in m if k.startswith(("ilql_", "mcq_"))), key=lambda k: m[k]["reward_mean"])
-        print(f"| {kind} | {r['seconds']:.0f} | {r['budget_s']} | {'yes' if r['within_budget'] else 'NO'} | "
-              f"{guided} {m[guided]['reward_mean']:.3f} | {m['best_of_4']['reward_mean']:.3f} | {m['base']['reward_mean']:.3f} |")
+        print(
+            f"| {kind} | {r['seconds']:.0f} | {r['budget_s']} | {'yes' if r['within_budget'] else 'NO'} | "
+            f"{guided} {m[guided]['reward_mean']:.3f} | {m['best_of_4']['reward_mean']:.3f} | {m['base']['reward_mean']:.3f} |"
+        )
     atomic_write_text(args.json, json.dumps({"machine": machine, "results": results}, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 

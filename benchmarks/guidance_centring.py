@@ -22,9 +22,9 @@ from qvlm.configs import DecodeConfig  # noqa: E402
 from qvlm.decoding import generate  # noqa: E402
 from qvlm.eval.metrics import mean_ci95, perplexity  # noqa: E402
 from qvlm.fileio import atomic_write_text  # noqa: E402
+from qvlm.loading import load_model  # noqa: E402
 from qvlm.mdp import read_prompts  # noqa: E402
 from qvlm.model import load_qv_model  # noqa: E402
-from qvlm.loading import load_model  # noqa: E402
 from qvlm.rewards import get_reward, score  # noqa: E402
 
 
@@ -46,18 +46,35 @@ def main() -> None:
     print(f"{'centred':<8} {'beta':>5} {'reward':>8} {'+-95%':>7} {'KL':>7} {'ppl':>7}")
     for centre in (False, True):
         for beta in [float(b) for b in args.betas.split(",")]:
-            cfg = DecodeConfig(max_new_tokens=20, batch_size=64, seed=0, beta=beta, guidance_top_k=args.top_k,
-                               centre_candidates=centre)
+            cfg = DecodeConfig(
+                max_new_tokens=20, batch_size=64, seed=0, beta=beta, guidance_top_k=args.top_k, centre_candidates=centre
+            )
             res = generate(model, tok, prompts, heads=heads, cfg=cfg, track_kl=True)
             mean, ci = mean_ci95(score(reward, prompts, res.texts))
-            row = {"centred": centre, "beta": beta, "reward_mean": mean, "reward_ci95": ci,
-                   "kl_to_base": sum(res.kl) / len(res.kl), "perplexity": perplexity(res.base_logprobs)}
+            row = {
+                "centred": centre,
+                "beta": beta,
+                "reward_mean": mean,
+                "reward_ci95": ci,
+                "kl_to_base": sum(res.kl) / len(res.kl),
+                "perplexity": perplexity(res.base_logprobs),
+            }
             rows.append(row)
-            print(f"{str(centre):<8} {beta:>5g} {mean:>8.3f} {ci:>7.3f} {row['kl_to_base']:>7.2f} {row['perplexity']:>7.2f}")
-    machine = {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    atomic_write_text(args.json, json.dumps({"command": " ".join(sys.argv), "heads": args.heads, "machine": machine,
-                                             "rows": rows}, indent=2) + "\n")
+            print(
+                f"{str(centre):<8} {beta:>5g} {mean:>8.3f} {ci:>7.3f} {row['kl_to_base']:>7.2f} {row['perplexity']:>7.2f}"
+            )
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(
+        args.json,
+        json.dumps({"command": " ".join(sys.argv), "heads": args.heads, "machine": machine, "rows": rows}, indent=2)
+        + "\n",
+    )
     print(f"machine: {machine}\nwrote {args.json}")
 
 

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 
 from qvlm.errors import QVLMError
 
-__all__ = ["DEFAULT_MODEL", "TRUNK_MODES", "TrunkConfig", "DecodeConfig", "ILQLConfig", "VALUE_TARGETS", "Q_TARGETS", "ValueConfig"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "TRUNK_MODES",
+    "TrunkConfig",
+    "DecodeConfig",
+    "ILQLConfig",
+    "VALUE_TARGETS",
+    "Q_TARGETS",
+    "ValueConfig",
+]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
@@ -99,8 +99,10 @@ class TiedQHead(nn.Module):
 
     def _embedding(self, unembedding: torch.Tensor | None) -> torch.Tensor:
         if unembedding is None:
-            raise QVLMError("a tied Q head needs the trunk's output embedding: attach the heads to a model "
-                            "(QVModel or load_qv_model) before using them")
+            raise QVLMError(
+                "a tied Q head needs the trunk's output embedding: attach the heads to a model "
+                "(QVModel or load_qv_model) before using them"
+            )
         return unembedding
 
     def forward(self, h: torch.Tensor, unembedding: torch.Tensor | None = None) -> torch.Tensor:

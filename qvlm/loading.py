@@ -103,9 +103,7 @@ def hidden_size_of(config) -> int:
 
 def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            name, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             name, local_files_only=True, dtype=dtype, trust_remote_code=trust_remote_code
         )

@@ -62,9 +62,7 @@ def ilql_q_loss(
     return loss, {"loss": loss.item(), "q_mean": masked_mean(q_values[0], mask).item()}
 
 
-def cql_loss(
-    q_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, Stats]:
+def cql_loss(q_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """Conservative Q term: cross-entropy of ``Q(s_t, .)`` used as logits against ``a_t``.
 
     ``logsumexp_a Q(s_t, a) - Q(s_t, a_t)`` pushes Q down on actions the data did not take

@@ -289,7 +289,7 @@ def read_prompts(path: str | Path) -> list[str]:
     if str(path).startswith("demo:"):  # the prompts shipped with qvlm: demo:train, demo:eval, demo:all
         from qvlm.apps.demo_prompts import load_demo_prompts
 
-        split = str(path)[len("demo:"):]
+        split = str(path)[len("demo:") :]
         return load_demo_prompts(None if split == "all" else split)
     path = Path(path)
     if not path.is_file():

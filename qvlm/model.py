@@ -17,11 +17,12 @@ from transformers import PreTrainedModel
 from qvlm.configs import TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads
-from qvlm.mdp import TokenBatch, encode_samples
 from qvlm.loading import hidden_size_of
+from qvlm.mdp import TokenBatch, encode_samples
 from qvlm.trunk import gather_positions, prepare_trunk, trunk_hidden_states
 
 __all__ = ["QVModel", "load_qv_model"]
+
 
 class QVModel(nn.Module):
     """Trunk + heads. ``features(batch)`` returns the hidden states of ``s_t`` and ``s_{t+1}``."""
@@ -97,8 +98,15 @@ class QVModel(nn.Module):
                 return False
         return True
 
-    def prime_features(self, tokenizer, samples, hidden: list[torch.Tensor], token_ids: list[list[int]],
-                       max_length: int, chat: bool | None = None) -> int:
+    def prime_features(
+        self,
+        tokenizer,
+        samples,
+        hidden: list[torch.Tensor],
+        token_ids: list[list[int]],
+        max_length: int,
+        chat: bool | None = None,
+    ) -> int:
         """Fill the frozen-trunk feature cache with features kept while decoding.
 
         ``samples[i]`` was decoded as ``token_ids[i]`` (prompt + response ids) with hidden states

@@ -50,9 +50,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """Normalise the real entries of ``x`` to unit variance (and zero mean if ``shift_mean``).
 
     Padding entries come back as 0. Used on PPO advantages (Schulman et al. 2017, implementation
@@ -77,9 +75,7 @@ def shift_values(values: torch.Tensor, last_value: torch.Tensor | None = None) -
     return torch.cat([values[:, 1:], last_value[:, None].to(values.dtype)], dim=1)
 
 
-def _reverse_scan(
-    x: torch.Tensor, carry_weight: torch.Tensor, init: torch.Tensor | None = None
-) -> torch.Tensor:
+def _reverse_scan(x: torch.Tensor, carry_weight: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
     """``out_t = x_t + carry_weight_t * out_{t+1}`` from the right; ``out_{T+1} = init`` (or 0)."""
     out = torch.zeros_like(x)
     running = torch.zeros_like(x[:, 0]) if init is None else init.to(x.dtype)
@@ -138,9 +134,7 @@ def _last_index(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return (lengths - 1).clamp(min=0)
 
 
-def td_targets(
-    rewards: torch.Tensor, next_values: torch.Tensor, done: torch.Tensor, gamma: float
-) -> torch.Tensor:
+def td_targets(rewards: torch.Tensor, next_values: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
     """One-step TD targets ``y_t = r_t + gamma * (1 - done_t) * V(s_{t+1})``.
 
     Source: Sutton & Barto (2018), eq. 6.2. DESIGN.md: rewards (0, 0, 1), done (0, 0, 1),

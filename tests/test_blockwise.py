@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from qvlm.decoding.best_of_n import best_of_n_kl_bound
-from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.configs import DecodeConfig
 from qvlm.decoding import generate
-from qvlm.model import QVModel
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.eval.valuemap import value_maps
+from qvlm.model import QVModel
 
 PROMPTS = ["ab", "cd", "ef"]
 
@@ -24,20 +24,25 @@ def test_one_candidate_is_plain_sampling(tiny):
     model, tok = tiny
     heads = QVModel.from_trunk(model, with_q=False).heads
     cfg = DecodeConfig(max_new_tokens=10, seed=0)
-    assert blockwise_generate(model, tok, PROMPTS, heads, candidates=1, block_size=3, cfg=cfg).response_ids == \
-        generate(model, tok, PROMPTS, cfg=cfg).response_ids
+    assert (
+        blockwise_generate(model, tok, PROMPTS, heads, candidates=1, block_size=3, cfg=cfg).response_ids
+        == generate(model, tok, PROMPTS, cfg=cfg).response_ids
+    )
 
 
 def test_blockwise_with_a_trained_prefix_scorer_raises_the_reward():
     from qvlm.algos.value import train_value
     from qvlm.configs import ValueConfig
-    from qvlm.testing import tiny_model
     from qvlm.rewards import get_reward, score
-    from tests.test_ilql import PROMPTS as TOY_PROMPTS, REWARD, offline_data
+    from qvlm.testing import tiny_model
+    from tests.test_ilql import PROMPTS as TOY_PROMPTS
+    from tests.test_ilql import REWARD, offline_data
 
     model, tok = tiny_model("llama", seed=0)
     qv = QVModel.from_trunk(model, with_q=False)
-    train_value(qv, tok, offline_data(model, tok), ValueConfig(epochs=10, lr=3e-3, batch_size=16, max_length=32, progress=False))
+    train_value(
+        qv, tok, offline_data(model, tok), ValueConfig(epochs=10, lr=3e-3, batch_size=16, max_length=32, progress=False)
+    )
     prompts = TOY_PROMPTS * 8
     cfg = DecodeConfig(max_new_tokens=10, seed=5, batch_size=64)
     guided = blockwise_generate(model, tok, prompts, qv.heads, candidates=8, block_size=1, cfg=cfg)

@@ -32,23 +32,104 @@ def test_sample_train_generate_eval(tmp_path, tiny_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ab\ncd\nef\n")
     samples = tmp_path / "samples.jsonl"
-    assert main(["sample", "--model", str(tiny_dir), "--prompts", str(prompts), "--reward", "count:e",
-                 "--n", "4", "--max-new-tokens", "8", "--seed", "0", "--out", str(samples)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_dir),
+                "--prompts",
+                str(prompts),
+                "--reward",
+                "count:e",
+                "--n",
+                "4",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "0",
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in samples.read_text().splitlines()]
     assert len(rows) == 12 and {"prompt", "response", "reward", "finished"} <= set(rows[0])
     run = tmp_path / "run"
-    assert main(["train", "ilql", "--model", str(tiny_dir), "--data", str(samples), "--out", str(run),
-                 "--epochs", "2", "--batch-size", "4", "--max-length", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "ilql",
+                "--model",
+                str(tiny_dir),
+                "--data",
+                str(samples),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-length",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     for name in ("heads.safetensors", "heads_config.json", "training.json", "metrics.jsonl", "checkpoint"):
         assert (run / name).exists(), name
     out = tmp_path / "gen.jsonl"
-    assert main(["generate", "--model", str(tiny_dir), "--heads", str(run), "--prompts", str(prompts),
-                 "--beta", "2", "--max-new-tokens", "8", "--seed", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tiny_dir),
+                "--heads",
+                str(run),
+                "--prompts",
+                str(prompts),
+                "--beta",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 3
     metrics = tmp_path / "metrics.json"
-    assert main(["eval", "--model", str(tiny_dir), "--heads", str(run), "--prompts", str(prompts),
-                 "--reward", "count:e", "--betas", "0,2", "--max-new-tokens", "8", "--seed", "0",
-                 "--json", str(metrics)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_dir),
+                "--heads",
+                str(run),
+                "--prompts",
+                str(prompts),
+                "--reward",
+                "count:e",
+                "--betas",
+                "0,2",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "0",
+                "--json",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
     methods = json.loads(metrics.read_text())["methods"]
     assert set(methods) == {"base", "guided_beta_2"}
     assert methods["base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-5)

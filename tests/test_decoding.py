@@ -17,7 +17,7 @@ def hf_generate(model, tok, prompts, seed, **kw):
     ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     torch.manual_seed(seed)
     out = model.generate(ids, attention_mask=mask, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 def strip(rows, eos, pad):
@@ -70,8 +70,16 @@ def test_processor_inside_generate_equals_own_loop(tiny):
             p.normal_(0.0, 1.0)
     proc = ValueGuidanceLogitsProcessor(heads, beta=1.5)
     with proc.attach(model):
-        ref = hf_generate(model, tok, PROMPTS, 5, max_new_tokens=12, do_sample=True, top_k=0,
-                          logits_processor=LogitsProcessorList([proc]))
+        ref = hf_generate(
+            model,
+            tok,
+            PROMPTS,
+            5,
+            max_new_tokens=12,
+            do_sample=True,
+            top_k=0,
+            logits_processor=LogitsProcessorList([proc]),
+        )
     ours = generate(model, tok, PROMPTS, heads=heads, cfg=DecodeConfig(max_new_tokens=12, seed=5, beta=1.5))
     base = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=5))
     assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
@@ -122,7 +130,9 @@ def test_shared_prefill_equals_hf_num_return_sequences(arch):
     """Prefilling a prompt once for its n responses draws what HF generate draws for n copies."""
     model, tok = tiny_model(arch, seed=2)
     ref = hf_generate(model, tok, PROMPTS, 11, max_new_tokens=12, do_sample=True, top_k=0, num_return_sequences=3)
-    ours = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=11, num_return_sequences=3, batch_size=12))
+    ours = generate(
+        model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=11, num_return_sequences=3, batch_size=12)
+    )
     assert len(ours.response_ids) == 3 * len(PROMPTS)
     assert ours.prompt_ids[3] == ours.prompt_ids[5] == encode_prompt(tok, PROMPTS[1])
     assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
@@ -133,10 +143,18 @@ def test_return_hidden_equals_training_features(tiny):
     from qvlm.mdp import EncodedSample, collate
 
     model, tok = tiny
-    res = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=8, seed=4, num_return_sequences=2), return_hidden=True)
+    res = generate(
+        model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=8, seed=4, num_return_sequences=2), return_hidden=True
+    )
     qv = QVModel.from_trunk(model)
     for i in range(len(res.response_ids)):
-        item = EncodedSample(res.prompt_ids[i], res.response_ids[i], [0.0] * len(res.response_ids[i]), res.finished[i], not res.finished[i])
+        item = EncodedSample(
+            res.prompt_ids[i],
+            res.response_ids[i],
+            [0.0] * len(res.response_ids[i]),
+            res.finished[i],
+            not res.finished[i],
+        )
         h, h_next = qv.features(collate([item], tok.pad_token_id))
         n = len(item.response_ids)
         assert res.hidden[i].shape == (n + 1, h.shape[-1])
@@ -172,9 +190,13 @@ def test_primed_features_train_without_the_trunk(tiny):
 
     model, tok = tiny
     prompts = ["ab", "ba", "abc"]
-    res = generate(model, tok, prompts, cfg=DecodeConfig(max_new_tokens=6, seed=1, num_return_sequences=2), return_hidden=True)
-    samples = [Sample(prompts[i // 2], t, float(len(t)), finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
-               for i, (t, f, ids) in enumerate(zip(res.texts, res.finished, res.response_ids))]
+    res = generate(
+        model, tok, prompts, cfg=DecodeConfig(max_new_tokens=6, seed=1, num_return_sequences=2), return_hidden=True
+    )
+    samples = [
+        Sample(prompts[i // 2], t, float(len(t)), finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
+        for i, (t, f, ids) in enumerate(zip(res.texts, res.finished, res.response_ids))
+    ]
     qv = QVModel.from_trunk(model)
     ids = [p + r for p, r in zip(res.prompt_ids, res.response_ids)]
     assert qv.prime_features(tok, samples, res.hidden, ids, max_length=64) == len(samples)

@@ -5,25 +5,45 @@ import json
 
 import pytest
 
+from qvlm.apps.demo import compute_cost, resolve, run_demo
 from qvlm.cli import main
 from qvlm.configs import DemoConfig
-from qvlm.apps.demo import compute_cost, resolve, run_demo
 from qvlm.errors import QVLMError
 
 KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", "cost"}
 
 
 def small(tiny_dir, **kw):
-    return DemoConfig(model=str(tiny_dir), reward="count:e", quick=True, train_prompts=6, eval_prompts=5,
-                      samples_per_prompt=2, max_new_tokens=6, ilql_epochs=1, value_epochs=1, betas="1,4", mc_betas="2",
-                      best_of=4, **kw)
+    return DemoConfig(
+        model=str(tiny_dir),
+        reward="count:e",
+        quick=True,
+        train_prompts=6,
+        eval_prompts=5,
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        ilql_epochs=1,
+        value_epochs=1,
+        betas="1,4",
+        mc_betas="2",
+        best_of=4,
+        **kw,
+    )
 
 
 def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     out = tmp_path / "demo"
     summary = run_demo(small(tiny_dir), out, log=lambda *_: None, progress=False)
-    for name in ("samples.jsonl", "ilql/heads.safetensors", "value/heads.safetensors", "eval/draws.json",
-                 "metrics.json", "report.html", "value_maps.json", "demo_config.json"):
+    for name in (
+        "samples.jsonl",
+        "ilql/heads.safetensors",
+        "value/heads.safetensors",
+        "eval/draws.json",
+        "metrics.json",
+        "report.html",
+        "value_maps.json",
+        "demo_config.json",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))

@@ -15,7 +15,27 @@ import torch
 from torch.testing import assert_close
 
 from qvlm.errors import QVLMError
-from qvlm.exact import CausalLMPolicy, DirichletPolicy, MDPConfig, TokenMDP, build_mdp, build_tree, count_reward, count_tree_nodes, eos_reward, evaluate_policy, guided_policy, pattern_reward, soft_bellman_residual, solve, solve_hard, table_policy, terminal_reward, tiny_llama, token_reward
+from qvlm.exact import (
+    CausalLMPolicy,
+    DirichletPolicy,
+    MDPConfig,
+    TokenMDP,
+    build_mdp,
+    build_tree,
+    count_reward,
+    count_tree_nodes,
+    eos_reward,
+    evaluate_policy,
+    guided_policy,
+    pattern_reward,
+    soft_bellman_residual,
+    solve,
+    solve_hard,
+    table_policy,
+    terminal_reward,
+    tiny_llama,
+    token_reward,
+)
 
 A, B, EOS = 0, 1, 2
 
@@ -120,11 +140,17 @@ def test_builtin_rewards_by_hand():
 
 def _trees():
     yield "default", build_tree(build_mdp(MDPConfig()))
-    yield "gamma0.9-pattern", build_tree(build_mdp(MDPConfig(vocab_size=5, horizon=4, gamma=0.9, reward="pattern",
-                                                             seed=3)))
+    yield (
+        "gamma0.9-pattern",
+        build_tree(build_mdp(MDPConfig(vocab_size=5, horizon=4, gamma=0.9, reward="pattern", seed=3))),
+    )
     yield "eos-v3h8", build_tree(build_mdp(MDPConfig(vocab_size=3, horizon=8, reward="eos", seed=1)))
-    yield "per-token-v8h5", build_tree(TokenMDP(8, 5, DirichletPolicy(8, seed=2, concentration=0.5),
-                                                token_reward(lambda p, a: 0.2 * (a == 1))))
+    yield (
+        "per-token-v8h5",
+        build_tree(
+            TokenMDP(8, 5, DirichletPolicy(8, seed=2, concentration=0.5), token_reward(lambda p, a: 0.2 * (a == 1)))
+        ),
+    )
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.1, 0.02])
@@ -189,8 +215,13 @@ def test_state_budget_and_config_errors():
     with pytest.raises(QVLMError, match="over the budget"):
         build_tree(build_mdp(MDPConfig(vocab_size=8, horizon=8)))
     assert count_tree_nodes(8, 7) < 2_000_000 < count_tree_nodes(8, 8)
-    for bad, where in [(dict(vocab_size=2), "--vocab"), (dict(horizon=9), "--horizon"),
-                       (dict(token=3), "--token"), (dict(reward="bleu"), "--reward"), (dict(reference="gpt"), "--ref")]:
+    for bad, where in [
+        (dict(vocab_size=2), "--vocab"),
+        (dict(horizon=9), "--horizon"),
+        (dict(token=3), "--token"),
+        (dict(reward="bleu"), "--reward"),
+        (dict(reference="gpt"), "--ref"),
+    ]:
         with pytest.raises(QVLMError, match=where):
             build_mdp(MDPConfig(**bad))
     with pytest.raises(QVLMError, match="alpha"):

@@ -13,8 +13,29 @@ import math
 import pytest
 import torch
 
-from qvlm.exact.learners import TabularILQLConfig, TabularMCConfig, TabularSoftQConfig, TransitionTable, compare_learners, measure, objective_ratio, open_pairs, sample_episodes, train_learner
-from qvlm.exact import MDPConfig, TokenMDP, build_mdp, build_tree, count_reward, evaluate_policy, solve, solve_hard, table_policy
+from qvlm.exact import (
+    MDPConfig,
+    TokenMDP,
+    build_mdp,
+    build_tree,
+    count_reward,
+    evaluate_policy,
+    solve,
+    solve_hard,
+    table_policy,
+)
+from qvlm.exact.learners import (
+    TabularILQLConfig,
+    TabularMCConfig,
+    TabularSoftQConfig,
+    TransitionTable,
+    compare_learners,
+    measure,
+    objective_ratio,
+    open_pairs,
+    sample_episodes,
+    train_learner,
+)
 from qvlm.returns import monte_carlo_returns
 
 ALPHA = 0.1
@@ -78,8 +99,12 @@ def test_soft_q_without_systematic_exploration_is_reported_honestly():
     # optimistic initial Q: the guided policy is still near-optimal, V on the fringe is not
     tree = default_tree(0)
     opt = solve(tree, ALPHA)
-    report = measure(tree, opt, evaluate_policy(tree, tree.ref_probs),
-                     train_learner("softq_boltzmann", tree, TabularSoftQConfig(explore="boltzmann"), ALPHA))
+    report = measure(
+        tree,
+        opt,
+        evaluate_policy(tree, tree.ref_probs),
+        train_learner("softq_boltzmann", tree, TabularSoftQConfig(explore="boltzmann"), ALPHA),
+    )
     assert report.visited_pairs < tree.num_states * tree.vocab_size
     assert report.objective_ratio >= 0.95
     assert math.isfinite(report.v_rmse) and report.v_rmse > 0.02
@@ -93,8 +118,9 @@ def _dataset_means(tree, seed, num_episodes):
     data = sample_episodes(tree, tree.ref_probs, num_episodes, torch.Generator().manual_seed(seed))
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)
     real = data.mask.bool()
-    visits = torch.zeros(tree.num_states, dtype=torch.float64).index_add_(0, data.states[real],
-                                                                         torch.ones_like(returns[real]))
+    visits = torch.zeros(tree.num_states, dtype=torch.float64).index_add_(
+        0, data.states[real], torch.ones_like(returns[real])
+    )
     sums = torch.zeros(tree.num_states, dtype=torch.float64).index_add_(0, data.states[real], returns[real])
     return sums / visits.clamp(min=1), visits
 
@@ -177,8 +203,24 @@ def test_cli_default_run_writes_json_atomically(tmp_path, capsys):
     from qvlm.cli import main
 
     out = tmp_path / "res" / "exact.json"
-    code = main(["exact", "--vocab", "4", "--horizon", "5", "--alpha", "0.1", "--seed", "0",
-                 "--learners", "ilql,mc,softq", "--json", str(out), "--no-progress"])
+    code = main(
+        [
+            "exact",
+            "--vocab",
+            "4",
+            "--horizon",
+            "5",
+            "--alpha",
+            "0.1",
+            "--seed",
+            "0",
+            "--learners",
+            "ilql,mc,softq",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "optimal pi*" in printed and "softq" in printed
@@ -191,9 +233,13 @@ def test_cli_default_run_writes_json_atomically(tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["exact.json"]  # no temp file left behind
 
     # bad values: exit code 2 and a one-line message naming the flag
-    for argv, flag in [(["--vocab", "2"], "--vocab"), (["--horizon", "9"], "--horizon"),
-                       (["--learners", "ilql,dqn"], "--learners"), (["--alpha", "0"], "--alpha"),
-                       (["--token", "eos"], "--token")]:
+    for argv, flag in [
+        (["--vocab", "2"], "--vocab"),
+        (["--horizon", "9"], "--horizon"),
+        (["--learners", "ilql,dqn"], "--learners"),
+        (["--alpha", "0"], "--alpha"),
+        (["--token", "eos"], "--token"),
+    ]:
         assert main(["exact", "--no-progress", *argv]) == 2
         err = capsys.readouterr().err
         assert flag in err and err.count("\n") == 1

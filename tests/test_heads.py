@@ -5,11 +5,11 @@ import torch
 
 from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads, load_heads, polyak_update, save_heads
+from qvlm.loading import hidden_size_of
 from qvlm.mdp import Sample, collate, encode_samples
 from qvlm.model import QVModel
-from qvlm.trunk import TrunkConfig
-from qvlm.loading import hidden_size_of
 from qvlm.testing import tiny_gpt2_config, tiny_llama_config
+from qvlm.trunk import TrunkConfig
 
 
 def test_polyak_update_by_hand():

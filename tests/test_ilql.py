@@ -12,9 +12,9 @@ from qvlm.decoding import DecodeConfig, generate
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, collate, encode_samples
 from qvlm.model import QVModel
-from qvlm.trunk import TrunkConfig
-from qvlm.testing import tiny_model
 from qvlm.rewards import get_reward, score
+from qvlm.testing import tiny_model
+from qvlm.trunk import TrunkConfig
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
 REWARD = "count:e"  # toy reward: how often the response writes the token "e"
@@ -29,7 +29,9 @@ def offline_data(model, tok, n_per_prompt=16, seed=0):
 
 def mean_reward(model, tok, heads, beta, seed=123):
     prompts = PROMPTS * 8
-    res = generate(model, tok, prompts, heads=heads, cfg=DecodeConfig(max_new_tokens=10, seed=seed, beta=beta, batch_size=64))
+    res = generate(
+        model, tok, prompts, heads=heads, cfg=DecodeConfig(max_new_tokens=10, seed=seed, beta=beta, batch_size=64)
+    )
     rewards = score(get_reward(REWARD), prompts, res.texts)
     return sum(rewards) / len(rewards)
 
@@ -85,7 +87,9 @@ def test_resume_refuses_other_config(tmp_path):
 def test_ilql_loss_terms_and_target_detached(tiny):
     model, tok = tiny
     qv = QVModel.from_trunk(model, TrunkConfig("full"))
-    batch = collate(encode_samples([Sample("ab", "cd", 1.0), Sample("ef", "g", 0.0, finished=False)], tok, 32), tok.pad_token_id)
+    batch = collate(
+        encode_samples([Sample("ab", "cd", 1.0), Sample("ef", "g", 0.0, finished=False)], tok, 32), tok.pad_token_id
+    )
     loss, stats = ilql_loss(qv, batch, ILQLConfig())
     loss.backward()
     assert {"losses/q", "losses/v", "losses/cql", "losses/awac"} <= set(stats)
@@ -133,7 +137,9 @@ def test_ilql_without_cql_equals_full_loss_minus_cql(tiny):
     with torch.no_grad():
         for p in qv.heads.parameters():
             p.normal_(0.0, 0.5)
-    batch = collate(encode_samples([Sample("ab", "cd", 1.0), Sample("ef", "g", 0.0, finished=False)], tok, 32), tok.pad_token_id)
+    batch = collate(
+        encode_samples([Sample("ab", "cd", 1.0), Sample("ef", "g", 0.0, finished=False)], tok, 32), tok.pad_token_id
+    )
     full_loss, full = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.1))
     loss, stats = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.0))
     assert stats["losses/q"] == pytest.approx(full["losses/q"], rel=1e-5)

@@ -63,9 +63,7 @@ def test_expectile_gradient_flows_to_values_not_target():
 
 def test_expectile_padding_does_not_change_loss():
     # a 4th padding step with a huge error must not count; the denominator stays 3
-    loss, _ = expectile_loss(
-        t([0.6, 0.5, 1.0, 100.0]), t([0.5, 0.6, 0.8, -100.0]), t([1, 1, 1, 0]), tau=0.7
-    )
+    loss, _ = expectile_loss(t([0.6, 0.5, 1.0, 100.0]), t([0.5, 0.6, 0.8, -100.0]), t([1, 1, 1, 0]), tau=0.7)
     assert loss.item() == pytest.approx(0.0126667, abs=1e-7)
 
 
@@ -115,9 +113,7 @@ def test_cql_loss_cross_entropy_of_q_logits():
     # step 1: Q = (0, 0), a = 0: logsumexp = ln 2, minus Q(a) = 0 -> ln 2 = 0.693147
     # step 2: Q = (ln 3, 0), a = 0: ln(3 + 1) - ln 3 = ln(4/3) = 0.287682
     # step 3: padding. mean = (ln 2 + ln 4/3) / 2 = ln(8/3) / 2 = 0.490415
-    q_logits = torch.tensor(
-        [[[0.0, 0.0], [math.log(3.0), 0.0], [9.0, -9.0]]], dtype=torch.float64, requires_grad=True
-    )
+    q_logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [9.0, -9.0]]], dtype=torch.float64, requires_grad=True)
     actions = torch.tensor([[0, 0, 1]])
     loss, stats = cql_loss(q_logits, actions, t([1, 1, 0]))
     assert loss.item() == pytest.approx(math.log(8.0 / 3.0) / 2)
@@ -231,9 +227,7 @@ def test_ppo_policy_loss_lower_clip():
 def test_ppo_policy_loss_ratio_one_and_padding():
     # ratio 1 everywhere: loss = -mean(A) over real steps = -(2 + 4) / 2 = -3 ; nothing clipped
     # the padded step (A = 1000, log ratio 5) must not count
-    loss, stats = ppo_policy_loss(
-        t([0.0, 0.0, 5.0]), t([0.0, 0.0, 0.0]), t([2.0, 4.0, 1000.0]), t([1, 1, 0])
-    )
+    loss, stats = ppo_policy_loss(t([0.0, 0.0, 5.0]), t([0.0, 0.0, 0.0]), t([2.0, 4.0, 1000.0]), t([1, 1, 0]))
     assert loss.item() == pytest.approx(-3.0)
     assert stats["clipfrac"] == 0.0
     assert stats["approx_kl"] == 0.0
@@ -266,9 +260,7 @@ def test_clipped_value_loss_both_branches():
 
 def test_clipped_value_loss_within_clip_is_half_mse_and_padding():
     # |V - V_old| = 0.1 < 0.2: both branches equal -> 0.5 * mean((V - G)^2) = 0.5 * (0.09 + 0.01) / 2
-    loss, stats = clipped_value_loss(
-        t([0.6, 0.4, 9.0]), t([0.5, 0.5, 0.0]), t([0.3, 0.5, -9.0]), t([1, 1, 0])
-    )
+    loss, stats = clipped_value_loss(t([0.6, 0.4, 9.0]), t([0.5, 0.5, 0.0]), t([0.3, 0.5, -9.0]), t([1, 1, 0]))
     assert loss.item() == pytest.approx(0.025)
     assert stats["clipfrac"] == 0.0
 

@@ -1,6 +1,5 @@
 """Samples and token batches: validation messages and the DESIGN.md index conventions."""
 
-
 import pytest
 
 from qvlm.errors import QVLMError
@@ -31,7 +30,7 @@ def test_read_samples_roundtrip(tmp_path):
         ('{"prompt": "  ", "response": "b", "reward": 1}', 'field "prompt" is empty'),
         ('{"prompt": "a", "response": "b"}', 'missing field "reward"'),
         ('{"prompt": "a", "response": "b", "reward": 1, "token_rewards": [1, "x"]}', "token_rewards[1]"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
         ('{"prompt": "a", "response": "b", "reward": 1, "finished": false, "terminal": "yes"}', 'field "terminal"'),
         ('{"prompt": "a", "response": "b", "reward": 1, "response_ids": [1, -2]}', 'field "response_ids"'),
     ],

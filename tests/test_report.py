@@ -12,9 +12,30 @@ from qvlm.errors import QVLMError
 from qvlm.report import advantage_color, metrics_table_html, value_map_html
 
 METHODS = {
-    "base": {"reward_mean": 0.1, "reward_ci95": 0.05, "kl_to_base": 0.0, "distinct_2": 0.7, "perplexity": 6.5, "cost": 1.0},
-    "guided-beta-4": {"reward_mean": 0.5, "reward_ci95": 0.04, "kl_to_base": 1.2, "distinct_2": 0.6, "perplexity": 8.0, "cost": 1.2},
-    "ilql-policy": {"reward_mean": 0.4, "reward_ci95": None, "kl_to_base": None, "distinct_2": 0.65, "perplexity": 7.1, "cost": 1.0},
+    "base": {
+        "reward_mean": 0.1,
+        "reward_ci95": 0.05,
+        "kl_to_base": 0.0,
+        "distinct_2": 0.7,
+        "perplexity": 6.5,
+        "cost": 1.0,
+    },
+    "guided-beta-4": {
+        "reward_mean": 0.5,
+        "reward_ci95": 0.04,
+        "kl_to_base": 1.2,
+        "distinct_2": 0.6,
+        "perplexity": 8.0,
+        "cost": 1.2,
+    },
+    "ilql-policy": {
+        "reward_mean": 0.4,
+        "reward_ci95": None,
+        "kl_to_base": None,
+        "distinct_2": 0.65,
+        "perplexity": 7.1,
+        "cost": 1.0,
+    },
 }
 
 
@@ -31,11 +52,25 @@ def report_path(tmp_path_factory):
         intro_html="<p>Fake data for a test.</p>",
         methods=METHODS,
         loss_history={"losses/q": [(0, 1.0), (10, 0.5), (20, 0.25)], "losses/v": [(0, 0.3), (20, 0.1)]},
-        samples=[{"prompt": "Describe a park.", "base": "It is a park & <grey>.", "guided": "A lovely park.",
-                  "base_reward": -0.1, "guided_reward": 0.7, "method": "guided-beta-4"}],
-        value_maps=[{"prompt": "Describe a park.", "tokens": ["The", " <b>", " park", "\n", " is", " nice"],
-                     "values": [0.1, 0.1, 0.2, 0.2, 0.3, 0.6], "advantages": [0.0, -0.05, 0.1, 0.0, 0.1, 0.3],
-                     "reward": 0.6}],
+        samples=[
+            {
+                "prompt": "Describe a park.",
+                "base": "It is a park & <grey>.",
+                "guided": "A lovely park.",
+                "base_reward": -0.1,
+                "guided_reward": 0.7,
+                "method": "guided-beta-4",
+            }
+        ],
+        value_maps=[
+            {
+                "prompt": "Describe a park.",
+                "tokens": ["The", " <b>", " park", "\n", " is", " nice"],
+                "values": [0.1, 0.1, 0.2, 0.2, 0.3, 0.6],
+                "advantages": [0.0, -0.05, 0.1, 0.0, 0.1, 0.3],
+                "reward": 0.6,
+            }
+        ],
         config={"beta": 4, "model": "tiny"},
     )
     return path

@@ -203,9 +203,7 @@ def test_gae_lam_zero_is_td_error(worked):
 def test_gae_truncated_row_bootstraps(worked):
     # done_3 = 0, V(s_4) = 2: delta_3 = 1 + 0.9 * 2 - 0.8 = 2.0, delta_1,2 = (0.04, 0.12)
     # A_3 = 2.0 ; A_2 = 0.12 + 0.855 * 2 = 1.83 ; A_1 = 0.04 + 0.855 * 1.83 = 1.60465
-    adv, ret = gae(
-        worked["rewards"], worked["values"], t([0.6, 0.8, 2.0]), t([0.0, 0.0, 0.0]), GAMMA, LAM
-    )
+    adv, ret = gae(worked["rewards"], worked["values"], t([0.6, 0.8, 2.0]), t([0.0, 0.0, 0.0]), GAMMA, LAM)
     assert_close(adv, t([1.60465, 1.83, 2.0]))
     assert_close(ret, t([2.10465, 2.43, 2.8]))
 

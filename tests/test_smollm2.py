@@ -33,10 +33,17 @@ def test_beta_zero_equals_hf_generate_on_smollm2(smollm2):
     heads = QVModel.from_trunk(model, head_hidden=64).heads
     for do_sample in (False, True):
         torch.manual_seed(11)
-        ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=do_sample,
-                             top_k=0 if do_sample else None, pad_token_id=tok.pad_token_id)
-        ref = ref[:, ids.shape[1]:].tolist()
-        ours = generate(model, tok, prompts, heads=heads,
-                        cfg=DecodeConfig(max_new_tokens=6, do_sample=do_sample, seed=11, beta=0.0))
+        ref = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=do_sample,
+            top_k=0 if do_sample else None,
+            pad_token_id=tok.pad_token_id,
+        )
+        ref = ref[:, ids.shape[1] :].tolist()
+        ours = generate(
+            model, tok, prompts, heads=heads, cfg=DecodeConfig(max_new_tokens=6, do_sample=do_sample, seed=11, beta=0.0)
+        )
         assert [r[: len(o)] for r, o in zip(ref, ours.response_ids)] == ours.response_ids
         assert all(len(o) >= 1 for o in ours.response_ids)

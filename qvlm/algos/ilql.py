@@ -11,13 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from qvlm.train.loop import train_loop
+
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
 from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, td_targets
+from qvlm.train.loop import train_loop
 
 __all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]
 
@@ -81,5 +82,15 @@ def train_ilql(
         if (step + 1) % cfg.target_sync_every == 0:
             model.heads.sync_targets(cfg.polyak)
 
-    return train_loop(model, tokenizer, samples, cfg, lambda m, b: ilql_loss(m, b, cfg), "ilql",
-                      run_dir, resume, callbacks, after_step=sync_targets)
+    return train_loop(
+        model,
+        tokenizer,
+        samples,
+        cfg,
+        lambda m, b: ilql_loss(m, b, cfg),
+        "ilql",
+        run_dir,
+        resume,
+        callbacks,
+        after_step=sync_targets,
+    )

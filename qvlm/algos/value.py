@@ -12,14 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from qvlm.train.loop import train_loop
+
 from qvlm.configs import ValueConfig
 from qvlm.losses import value_regression_loss
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, monte_carlo_returns, td_lambda_returns
+from qvlm.train.loop import train_loop
 
 __all__ = ["ValueConfig", "value_loss", "train_value"]
+
 
 def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Squared error of ``V(s_t)`` against the chosen targets on one batch."""
@@ -65,5 +67,14 @@ def train_value(
     """Train a prefix scorer V (and Monte-Carlo Q heads when the model has them); same run-directory
     layout and resume semantics as ILQL."""
     cfg = cfg or ValueConfig()
-    return train_loop(model, tokenizer, samples, cfg, lambda m, b: value_loss(m, b, cfg), f"value ({cfg.target})",
-                      run_dir, resume, callbacks)
+    return train_loop(
+        model,
+        tokenizer,
+        samples,
+        cfg,
+        lambda m, b: value_loss(m, b, cfg),
+        f"value ({cfg.target})",
+        run_dir,
+        resume,
+        callbacks,
+    )

@@ -16,28 +16,32 @@ from pathlib import Path
 
 import torch
 
-from qvlm.train.metrics import read_history
 from qvlm.algos.ilql import train_ilql
 from qvlm.algos.value import train_value
-from qvlm.decoding.best_of_n import best_of_n_kl_bound
-from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.configs import DecodeConfig, DemoConfig, ILQLConfig, TrunkConfig, ValueConfig
 from qvlm.decoding import GenerationResult, generate
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import summarize
-from qvlm.heads import load_heads
+from qvlm.eval.valuemap import value_maps
 from qvlm.fileio import atomic_write_text
+from qvlm.heads import load_heads
+from qvlm.loading import load_model
 from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.model import QVModel
-from qvlm.loading import load_model
 from qvlm.rewards import get_reward, score
-from qvlm.eval.valuemap import value_maps
+from qvlm.train.metrics import read_history
 
 __all__ = ["PRESETS", "run_demo", "resolve", "compute_cost"]
 
 PRESETS = {
-    "full": dict(train_prompts=128, eval_prompts=48, samples_per_prompt=8, max_new_tokens=20, ilql_epochs=8, value_epochs=6),
-    "quick": dict(train_prompts=32, eval_prompts=20, samples_per_prompt=8, max_new_tokens=16, ilql_epochs=8, value_epochs=6),
+    "full": dict(
+        train_prompts=128, eval_prompts=48, samples_per_prompt=8, max_new_tokens=20, ilql_epochs=8, value_epochs=6
+    ),
+    "quick": dict(
+        train_prompts=32, eval_prompts=20, samples_per_prompt=8, max_new_tokens=16, ilql_epochs=8, value_epochs=6
+    ),
 }
 
 
@@ -88,11 +92,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
 
     train_prompts = load_demo_prompts("train")[: cfg.train_prompts]
     eval_prompts = load_demo_prompts("eval")[: cfg.eval_prompts]
-    log(f"qvlm demo: {cfg.model}, reward {reward_name}, {len(train_prompts)} training and "
-        f"{len(eval_prompts)} held-out prompts, output in {out}")
+    log(
+        f"qvlm demo: {cfg.model}, reward {reward_name}, {len(train_prompts)} training and "
+        f"{len(eval_prompts)} held-out prompts, output in {out}"
+    )
     model, tokenizer = load_model(cfg.model)
-    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
-                          guidance_top_k=cfg.guidance_top_k)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, guidance_top_k=cfg.guidance_top_k
+    )
 
     # 1. sample and score the offline data. Each prompt is prefilled once for its responses, and
     # the trunk's hidden states are kept while decoding: the frozen-trunk learners need no second pass.
@@ -111,35 +118,58 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         sample_cfg = dataclasses.replace(decode, num_return_sequences=cfg.samples_per_prompt)
         res = generate(model, tokenizer, train_prompts, cfg=sample_cfg, progress=progress, return_hidden=True)
         rewards = score(reward, prompts, res.texts, name=f"reward {reward_name}")
-        samples = [Sample(p, t, r, finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
-                   for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)]
+        samples = [
+            Sample(p, t, r, finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
+            for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)
+        ]
         features = ([p + r for p, r in zip(res.prompt_ids, res.response_ids)], res.hidden)
         _save_features(features_file, *features)
         write_samples(samples_file, samples)
         log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
 
     # 2. ILQL heads and 3. a prefix scorer, on the frozen trunk with one shared feature cache
-    ilql = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
-                              q_head=cfg.q_head)
-    ilql_cfg = ILQLConfig(epochs=cfg.ilql_epochs, batch_size=8, max_length=512, seed=cfg.seed, progress=progress,
-                          cql_scale=cfg.ilql_cql_scale)
+    ilql = QVModel.from_trunk(
+        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+    )
+    ilql_cfg = ILQLConfig(
+        epochs=cfg.ilql_epochs,
+        batch_size=8,
+        max_length=512,
+        seed=cfg.seed,
+        progress=progress,
+        cql_scale=cfg.ilql_cql_scale,
+    )
     if features is not None:
         primed = ilql.prime_features(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
-        log(f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
-            "(the rest re-tokenise differently and are recomputed)")
+        log(
+            f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
+            "(the rest re-tokenise differently and are recomputed)"
+        )
     history = _train_or_load(out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log)
-    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model,
-                                q_head=cfg.q_head)
+    scorer = QVModel.from_trunk(
+        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+    )
     scorer.share_feature_cache(ilql)  # same trunk, same tokens: reuse the features
     # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
     # epochs and lr were chosen on held-out training prompts, never on the evaluation split
-    value_cfg = ValueConfig(epochs=cfg.value_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed,
-                            progress=progress, q_target=cfg.mc_q_target)
-    v_history = _train_or_load(out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log)
+    value_cfg = ValueConfig(
+        epochs=cfg.value_epochs,
+        lr=3e-3,
+        batch_size=8,
+        max_length=512,
+        seed=cfg.seed,
+        progress=progress,
+        q_target=cfg.mc_q_target,
+    )
+    v_history = _train_or_load(
+        out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
+    )
     features_file.unlink(missing_ok=True)  # both learners are trained: the features have done their job
     ilql.clear_cache()
-    history = {"ILQL " + k[len("losses/"):]: v for k, v in history.items() if k.startswith("losses/") and k != "losses/total"}
-    history.update({"Monte-Carlo " + k[len("losses/"):]: v for k, v in v_history.items() if k.startswith("losses/")})
+    history = {
+        "ILQL " + k[len("losses/") :]: v for k, v in history.items() if k.startswith("losses/") and k != "losses/total"
+    }
+    history.update({"Monte-Carlo " + k[len("losses/") :]: v for k, v in v_history.items() if k.startswith("losses/")})
     history = {k: v for k, v in history.items() if any(x != 0 for _, x in v)}  # a term switched off logs zeros
 
     # 4. evaluate on held-out prompts
@@ -162,25 +192,43 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
             seconds = time.perf_counter() - start
             rewards = score(reward, eval_prompts, res.texts, name=f"reward {reward_name}")
             tokens = sum(len(r) for r in res.response_ids)
-            saved = {"texts": res.texts, "rewards": rewards, "finished": res.finished,
-                     "metrics": _metrics(res.texts, rewards, res.kl, res.base_logprobs, cost, seconds, tokens)}
+            saved = {
+                "texts": res.texts,
+                "rewards": rewards,
+                "finished": res.finished,
+                "metrics": _metrics(res.texts, rewards, res.kl, res.base_logprobs, cost, seconds, tokens),
+            }
             _save_json(file, saved)
         methods[name], texts[name] = saved["metrics"], saved
         m = saved["metrics"]
-        log(f"  reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}, KL {m['kl_to_base']:.2f}, cost {m['cost']:.2f}")
+        log(
+            f"  reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}, KL {m['kl_to_base']:.2f}, cost {m['cost']:.2f}"
+        )
 
-    _best_of(out, eval_dir, model, tokenizer, eval_prompts, reward, reward_name, decode, cfg, methods, texts, log, progress)
+    _best_of(
+        out, eval_dir, model, tokenizer, eval_prompts, reward, reward_name, decode, cfg, methods, texts, log, progress
+    )
     for beta in [float(b) for b in cfg.betas.split(",") if b.strip()]:
         guided = dataclasses.replace(decode, beta=beta)
-        run_method(f"ilql_beta_{beta:g}", lambda g=guided: generate(model, tokenizer, eval_prompts, ilql.heads, g, track_kl=True, progress=progress),
-                   ilql_cost)
+        run_method(
+            f"ilql_beta_{beta:g}",
+            lambda g=guided: generate(model, tokenizer, eval_prompts, ilql.heads, g, track_kl=True, progress=progress),
+            ilql_cost,
+        )
     for beta in [float(b) for b in cfg.mc_betas.split(",") if b.strip()]:
         guided = dataclasses.replace(decode, beta=beta)
-        run_method(f"mcq_beta_{beta:g}", lambda g=guided: generate(model, tokenizer, eval_prompts, scorer.heads, g, track_kl=True, progress=progress),
-                   mc_cost)
+        run_method(
+            f"mcq_beta_{beta:g}",
+            lambda g=guided: generate(
+                model, tokenizer, eval_prompts, scorer.heads, g, track_kl=True, progress=progress
+            ),
+            mc_cost,
+        )
     run_method(
         f"cd_blockwise_k{cfg.candidates}",
-        lambda: blockwise_generate(model, tokenizer, eval_prompts, scorer.heads, cfg.candidates, cfg.block_size, decode, progress),
+        lambda: blockwise_generate(
+            model, tokenizer, eval_prompts, scorer.heads, cfg.candidates, cfg.block_size, decode, progress
+        ),
         cfg.candidates * v_cost,
     )
     base_time = methods["base"]["seconds_per_token"]
@@ -190,7 +238,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     # 5. value maps and the report
     summary = {"methods": methods, "reward": reward_name, "config": dataclasses.asdict(cfg)}
     _save_json(out / "metrics.json", summary)
-    _report(out, cfg, {"ilql_": ilql, "mcq_": scorer}, tokenizer, eval_prompts, methods, texts, history, reward_name, log)
+    _report(
+        out, cfg, {"ilql_": ilql, "mcq_": scorer}, tokenizer, eval_prompts, methods, texts, history, reward_name, log
+    )
     return summary
 
 
@@ -241,8 +291,14 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         res = generate(model, tokenizer, prompts, cfg=draw_cfg, track_kl=True, progress=progress)
         seconds = time.perf_counter() - start
         rewards = score(reward, repeated, res.texts, name=f"reward {reward_name}")
-        draws = {"texts": res.texts, "rewards": rewards, "finished": res.finished, "base_logprobs": res.base_logprobs,
-                 "tokens": [len(r) for r in res.response_ids], "seconds": seconds}
+        draws = {
+            "texts": res.texts,
+            "rewards": rewards,
+            "finished": res.finished,
+            "base_logprobs": res.base_logprobs,
+            "tokens": [len(r) for r in res.response_ids],
+            "seconds": seconds,
+        }
         _save_json(file, draws)
     # time plain sampling as every guided method runs: one response per prompt, each prefilled
     # (the draws share each prompt's prefill over N responses, so their per-token time is lower)
@@ -271,8 +327,10 @@ def _best_of(out, eval_dir, model, tokenizer, prompts, reward, reward_name, deco
         if k == 1:
             seconds, tokens = timing["seconds"], timing["tokens"]
         m = _metrics(sel_texts, sel_rewards, kl, [draws["base_logprobs"][j] for j in picks], float(k), seconds, tokens)
-        methods[name], texts[name] = m, {"texts": sel_texts, "rewards": sel_rewards,
-                                         "finished": [draws["finished"][j] for j in picks]}
+        methods[name], texts[name] = (
+            m,
+            {"texts": sel_texts, "rewards": sel_rewards, "finished": [draws["finished"][j] for j in picks]},
+        )
         log(f"  {name}: reward {m['reward_mean']:.3f} +- {m['reward_ci95']:.3f}")
 
 
@@ -284,8 +342,14 @@ def _report(out, cfg, models, tokenizer, prompts, methods, texts, history, rewar
     best = max(guided, key=lambda k: methods[k]["reward_mean"])
     n_show = min(8, len(prompts))
     samples = [
-        {"prompt": prompts[i], "base": texts["base"]["texts"][i], "guided": texts[best]["texts"][i],
-         "base_reward": texts["base"]["rewards"][i], "guided_reward": texts[best]["rewards"][i], "method": best}
+        {
+            "prompt": prompts[i],
+            "base": texts["base"]["texts"][i],
+            "guided": texts[best]["texts"][i],
+            "base_reward": texts["base"]["rewards"][i],
+            "guided_reward": texts[best]["rewards"][i],
+            "method": best,
+        }
         for i in range(n_show)
     ]
     maps_file = out / "value_maps.json"

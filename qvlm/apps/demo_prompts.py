@@ -45,11 +45,7 @@ def _records() -> tuple[dict, ...]:
     # `/` one part at a time: a namespace package's MultiplexedPath takes one part per joinpath.
     resource = files("qvlm") / _RESOURCE[0] / _RESOURCE[1]
     text = resource.read_text(encoding="utf-8")
-    records = tuple(
-        _parse_line(line, lineno)
-        for lineno, line in enumerate(text.splitlines(), start=1)
-        if line.strip()
-    )
+    records = tuple(_parse_line(line, lineno) for lineno, line in enumerate(text.splitlines(), start=1) if line.strip())
     if not records:
         raise QVLMError(f"{'/'.join(_RESOURCE)} holds no prompts; reinstall qvlm")
     return records

@@ -33,7 +33,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ..
         default = f.default
         help_text = f"{docs.get(f.name, '')} (default: {default})"
         if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             kind = type(default) if default is not None else str
             if f.name == "seed" and default is None:

@@ -33,7 +33,9 @@ def run(args) -> int:
     methods = summary["methods"]
     print(f"\n{'method':<20} {'reward':>8} {'+-95%':>7} {'KL':>7} {'dist-2':>7} {'ppl':>7} {'cost':>6} {'time':>6}")
     for name, m in methods.items():
-        print(f"{name:<20} {m['reward_mean']:>8.3f} {m['reward_ci95']:>7.3f} {m['kl_to_base']:>7.2f} "
-              f"{m['distinct_2']:>7.3f} {m['perplexity']:>7.2f} {m['cost']:>6.2f} {m['time_ratio']:>6.2f}")
+        print(
+            f"{name:<20} {m['reward_mean']:>8.3f} {m['reward_ci95']:>7.3f} {m['kl_to_base']:>7.2f} "
+            f"{m['distinct_2']:>7.3f} {m['perplexity']:>7.2f} {m['cost']:>6.2f} {m['time_ratio']:>6.2f}"
+        )
     print(f"\nreport: {args.out}/report.html   metrics: {args.out}/metrics.json")
     return 0

@@ -60,9 +60,13 @@ def run(args) -> int:
         row["distinct_1"] = distinct_n(result.texts, 1)
         methods[name] = row
         lo, hi = row["reward_mean"] - row["reward_ci95"], row["reward_mean"] + row["reward_ci95"]
-        print(f"{name:<12} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {row['kl_to_base']:>8.3f} "
-              f"{row['distinct_1']:>7.3f} {row['distinct_2']:>7.3f} {row['perplexity']:>8.2f}")
+        print(
+            f"{name:<12} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {row['kl_to_base']:>8.3f} "
+            f"{row['distinct_1']:>7.3f} {row['distinct_2']:>7.3f} {row['perplexity']:>8.2f}"
+        )
     if args.json:
-        atomic_write_text(args.json, json.dumps({"reward": args.reward, "n_prompts": len(prompts),
-                                                 "methods": methods}, indent=2) + "\n")
+        atomic_write_text(
+            args.json,
+            json.dumps({"reward": args.reward, "n_prompts": len(prompts), "methods": methods}, indent=2) + "\n",
+        )
     return 0

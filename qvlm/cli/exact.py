@@ -30,21 +30,36 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.1, help="KL temperature alpha (> 0); guidance uses beta = 1/alpha")
     p.add_argument("--gamma", type=float, default=1.0, help="discount in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the reference policy and of every learner's sampling")
-    p.add_argument("--ref", choices=("dirichlet", "lm"), default="dirichlet",
-                   help="reference policy: a seeded Dirichlet(concentration) table per prefix, or a tiny "
-                   "random Llama (hidden 16, 1 layer) reading [EOS] + prefix (imports transformers: slower)")
+    p.add_argument(
+        "--ref",
+        choices=("dirichlet", "lm"),
+        default="dirichlet",
+        help="reference policy: a seeded Dirichlet(concentration) table per prefix, or a tiny "
+        "random Llama (hidden 16, 1 layer) reading [EOS] + prefix (imports transformers: slower)",
+    )
     p.add_argument("--concentration", type=float, default=1.0, help="Dirichlet concentration of --ref dirichlet")
-    p.add_argument("--reward", choices=("count", "pattern", "eos"), default="count",
-                   help="terminal reward in [0, 1]: count = occurrences of --token / horizon; pattern = 1 if "
-                   "--pattern occurs as a contiguous run; eos = 1 if the response ends with EOS")
+    p.add_argument(
+        "--reward",
+        choices=("count", "pattern", "eos"),
+        default="count",
+        help="terminal reward in [0, 1]: count = occurrences of --token / horizon; pattern = 1 if "
+        "--pattern occurs as a contiguous run; eos = 1 if the response ends with EOS",
+    )
     p.add_argument("--token", default="a", help="the counted token of --reward count (a letter or an id; not EOS)")
     p.add_argument("--pattern", default="a,b", help="comma-separated tokens of --reward pattern (letters, ids or eos)")
-    p.add_argument("--learners", default=DEFAULT_LEARNERS,
-                   help="comma-separated learners: ilql, mc, softq, softq_boltzmann (soft Q without systematic "
-                   "exploration); 'none' only solves")
+    p.add_argument(
+        "--learners",
+        default=DEFAULT_LEARNERS,
+        help="comma-separated learners: ilql, mc, softq, softq_boltzmann (soft Q without systematic "
+        "exploration); 'none' only solves",
+    )
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (atomically)")
-    p.add_argument("--max-states", type=int, default=2_000_000,
-                   help="budget of tree nodes; larger MDPs are refused before anything is allocated")
+    p.add_argument(
+        "--max-states",
+        type=int,
+        default=2_000_000,
+        help="budget of tree nodes; larger MDPs are refused before anything is allocated",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the learner progress bars")
     p.set_defaults(handler=run)
 
@@ -61,28 +76,32 @@ def _token_id(text: str, vocab: int, flag: str) -> int:
         return names.index(text)
     if text.isdigit() and int(text) < vocab:
         return int(text)
-    raise QVLMError(f"{flag} {text!r} is not a token of this vocabulary ({' '.join(names)}): "
-                    f"give a letter or an id in 0..{vocab - 1}")
+    raise QVLMError(
+        f"{flag} {text!r} is not a token of this vocabulary ({' '.join(names)}): "
+        f"give a letter or an id in 0..{vocab - 1}"
+    )
 
 
 def _learner_names(text: str) -> list[str]:
-    from qvlm.exact.learners import LEARNERS
     from qvlm.errors import QVLMError
+    from qvlm.exact.learners import LEARNERS
 
     if text.strip() == "none":
         return []
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEARNERS]
     if unknown:
-        raise QVLMError(f"--learners: unknown learner {', '.join(unknown)}; choose from {', '.join(LEARNERS)} "
-                        "(comma-separated) or 'none'")
+        raise QVLMError(
+            f"--learners: unknown learner {', '.join(unknown)}; choose from {', '.join(LEARNERS)} "
+            "(comma-separated) or 'none'"
+        )
     return names
 
 
 def run(args) -> int:
-    from qvlm.exact.learners import compare_learners
     from qvlm.errors import QVLMError
     from qvlm.exact import MDPConfig, build_mdp, build_tree, token_names
+    from qvlm.exact.learners import compare_learners
 
     if not 3 <= args.vocab <= 8:
         raise QVLMError(f"--vocab {args.vocab}: the exact MDP needs 3..8 tokens including EOS; pass 3..8")
@@ -95,16 +114,29 @@ def run(args) -> int:
     learners = _learner_names(args.learners)
     pattern = tuple(_token_id(t, args.vocab, "--pattern") for t in args.pattern.split(",") if t.strip())
     config = MDPConfig(
-        vocab_size=args.vocab, horizon=args.horizon, gamma=args.gamma, seed=args.seed, reference=args.ref,
-        concentration=args.concentration, reward=args.reward,
-        token=_token_id(args.token, args.vocab, "--token"), pattern=pattern, max_states=args.max_states,
+        vocab_size=args.vocab,
+        horizon=args.horizon,
+        gamma=args.gamma,
+        seed=args.seed,
+        reference=args.ref,
+        concentration=args.concentration,
+        reward=args.reward,
+        token=_token_id(args.token, args.vocab, "--token"),
+        pattern=pattern,
+        max_states=args.max_states,
     )
     mdp = build_mdp(config)
     tree = build_tree(mdp, max_states=config.max_states)
     result = compare_learners(tree, args.alpha, learners, seed=args.seed, progress=not args.no_progress)
     result["mdp"] = {
-        "vocab": token_names(args.vocab), "horizon": args.horizon, "gamma": args.gamma, "alpha": args.alpha,
-        "seed": args.seed, "reference": args.ref, "reward": mdp.reward.name, "states": tree.num_states,
+        "vocab": token_names(args.vocab),
+        "horizon": args.horizon,
+        "gamma": args.gamma,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "reference": args.ref,
+        "reward": mdp.reward.name,
+        "states": tree.num_states,
     }
     print(format_table(result))
     if args.json_path:
@@ -125,15 +157,21 @@ def format_table(result: dict) -> str:
     ]
     opt, ref = result["optimal"], result["reference"]
     lines.append(f"{'optimal pi*':<16}{opt['objective']:>10.4f}{1.0:>8.4f}{opt['reward']:>9.4f}{opt['kl']:>8.4f}")
-    lines.append(f"{'reference':<16}{ref['objective']:>10.4f}{ref['objective_ratio']:>8.4f}{ref['reward']:>9.4f}"
-                 f"{ref['kl']:>8.4f}")
+    lines.append(
+        f"{'reference':<16}{ref['objective']:>10.4f}{ref['objective_ratio']:>8.4f}{ref['reward']:>9.4f}"
+        f"{ref['kl']:>8.4f}"
+    )
     for name, r in result["learners"].items():
-        lines.append(f"{name:<16}{r['objective']:>10.4f}{r['objective_ratio']:>8.4f}{r['reward']:>9.4f}"
-                     f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
-                     f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}")
-    lines.append("ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
-                 "(Q: state-action pairs) each learner's data visited, uniformly weighted; V-Vref: RMSE against "
-                 "V^pi_ref")
+        lines.append(
+            f"{name:<16}{r['objective']:>10.4f}{r['objective_ratio']:>8.4f}{r['reward']:>9.4f}"
+            f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
+            f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}"
+        )
+    lines.append(
+        "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
+        "(Q: state-action pairs) each learner's data visited, uniformly weighted; V-Vref: RMSE against "
+        "V^pi_ref"
+    )
     return "\n".join(lines)
 
 

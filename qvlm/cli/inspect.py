@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from qvlm.errors import QVLMError
-    from qvlm.model import load_qv_model
     from qvlm.eval.valuemap import value_maps
+    from qvlm.model import load_qv_model
 
     if not args.prompt.strip():
         raise QVLMError("--prompt is empty; give the prompt the text answers")

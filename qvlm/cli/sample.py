@@ -24,18 +24,21 @@ def register(sub) -> None:
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--out", default="samples.jsonl", help="output JSONL (written atomically)")
-    p.add_argument("--fixed-horizon", action="store_true",
-                   help="the reward scores exactly the first max_new_tokens tokens, so a response cut there "
-                   "ends its episode (terminal) instead of being truncated (bootstrapped past)")
+    p.add_argument(
+        "--fixed-horizon",
+        action="store_true",
+        help="the reward scores exactly the first max_new_tokens tokens, so a response cut there "
+        "ends its episode (terminal) instead of being truncated (bootstrapped past)",
+    )
     add_config_args(p, DecodeConfig, exclude=("beta", "do_sample", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    from qvlm.decoding import generate
     from qvlm.errors import QVLMError
     from qvlm.mdp import Sample, read_prompts, write_samples
     from qvlm.rewards import get_reward, score
-    from qvlm.decoding import generate
 
     if args.n < 1:
         raise QVLMError(f"--n is {args.n}; ask for at least one response per prompt")
@@ -49,8 +52,7 @@ def run(args) -> int:
     result = generate(model, tokenizer, prompts, cfg=cfg, progress=True)
     rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")
     samples = [
-        Sample(p, text, r, finished=fin, terminal=args.fixed_horizon and not fin,
-               response_ids=ids[:-1] if fin else ids)
+        Sample(p, text, r, finished=fin, terminal=args.fixed_horizon and not fin, response_ids=ids[:-1] if fin else ids)
         for p, text, r, fin, ids in zip(repeated, result.texts, rewards, result.finished, result.response_ids)
     ]
     write_samples(args.out, samples)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-
-from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 
 
 def register(sub) -> None:
@@ -18,22 +17,41 @@ def register(sub) -> None:
         ("ilql", ILQLConfig, "ILQL: twin Q heads + V head (expectile) + target Q heads, offline"),
         ("value", ValueConfig, "prefix scorer: V regressed on Monte-Carlo returns or TD targets"),
     ):
-        a = algos.add_parser(name, help=text, description=text + ". Writes heads.safetensors, "
-                             "heads_config.json, training.json, metrics.jsonl, tb/ and checkpoint/ to --out.")
+        a = algos.add_parser(
+            name,
+            help=text,
+            description=text + ". Writes heads.safetensors, "
+            "heads_config.json, training.json, metrics.jsonl, tb/ and checkpoint/ to --out.",
+        )
         add_model_arg(a)
-        a.add_argument("--data", required=True, help="samples JSONL: {prompt, response, reward[, token_rewards, finished]}")
+        a.add_argument(
+            "--data", required=True, help="samples JSONL: {prompt, response, reward[, token_rewards, finished]}"
+        )
         a.add_argument("--out", required=True, help="run directory for heads, checkpoints and logs")
         a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
-        a.add_argument("--trunk", choices=TRUNK_MODES, default="frozen",
-                       help="frozen: heads only, trunk features cached; lora: adapters train too; full: all")
-        a.add_argument("--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)")
-        a.add_argument("--q-head", choices=["mlp", "tied"], default="mlp",
-                       help="mlp: own vocabulary-sized output layer (trlx); tied: Q(s,a) = e_a . g(h) + b_a on "
-                       "the LM's frozen output embedding (learns from little data)")
+        a.add_argument(
+            "--trunk",
+            choices=TRUNK_MODES,
+            default="frozen",
+            help="frozen: heads only, trunk features cached; lora: adapters train too; full: all",
+        )
+        a.add_argument(
+            "--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)"
+        )
+        a.add_argument(
+            "--q-head",
+            choices=["mlp", "tied"],
+            default="mlp",
+            help="mlp: own vocabulary-sized output layer (trlx); tied: Q(s,a) = e_a . g(h) + b_a on "
+            "the LM's frozen output embedding (learns from little data)",
+        )
         if name == "value":
-            a.add_argument("--with-q", action="store_true",
-                           help="also train Q heads, regressed on the return or on V of the next prefix "
-                           "(--q-target), usable for token-level guidance with `qvlm generate --beta`")
+            a.add_argument(
+                "--with-q",
+                action="store_true",
+                help="also train Q heads, regressed on the return or on V of the next prefix "
+                "(--q-target), usable for token-level guidance with `qvlm generate --beta`",
+            )
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
 
@@ -43,9 +61,9 @@ def run(args) -> int:
 
     from qvlm.algos.ilql import train_ilql
     from qvlm.algos.value import train_value
+    from qvlm.configs import TrunkConfig
     from qvlm.errors import QVLMError
     from qvlm.mdp import read_samples
-    from qvlm.configs import TrunkConfig
     from qvlm.model import QVModel
 
     cfg = config_from_args(args.config_cls, args)
@@ -56,12 +74,18 @@ def run(args) -> int:
             raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
     qv = QVModel.from_trunk(
-        model, TrunkConfig(mode=args.trunk), with_q=args.algorithm == "ilql" or getattr(args, "with_q", False),
-        head_hidden=args.head_hidden, base_model=args.model, q_head=getattr(args, "q_head", "mlp"),
+        model,
+        TrunkConfig(mode=args.trunk),
+        with_q=args.algorithm == "ilql" or getattr(args, "with_q", False),
+        head_hidden=args.head_hidden,
+        base_model=args.model,
+        q_head=getattr(args, "q_head", "mlp"),
     )
     train = train_ilql if args.algorithm == "ilql" else train_value
     history = train(qv, tokenizer, samples, cfg, run_dir=out, resume=args.resume)
     last = {k: v[-1][1] for k, v in history.items() if k.startswith("losses/")}
-    print(f"trained {args.algorithm} on {len(samples)} samples; heads in {out}; final " +
-          ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items())))
+    print(
+        f"trained {args.algorithm} on {len(samples)} samples; heads in {out}; final "
+        + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
+    )
     return 0

@@ -10,7 +10,15 @@ from qvlm.configs import DecodeConfig
 from qvlm.decoding.best_of_n import best_of_n_kl_bound
 from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.decoding.guidance import ValueGuidanceLogitsProcessor, centre_on_candidates, guide, guided_scores
-from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, generate, left_pad, warpers
+from qvlm.decoding.sampling import (
+    GenerationResult,
+    batch_inputs,
+    cut_at_eos,
+    encode_prompts,
+    generate,
+    left_pad,
+    warpers,
+)
 
 __all__ = [
     "DecodeConfig",

@@ -51,7 +51,9 @@ def blockwise_generate(
 
     per_batch = max(1, cfg.batch_size // candidates)
     for start in tqdm(range(0, len(encoded), per_batch), desc="blockwise", disable=not progress, unit="batch"):
-        _blockwise_batch(model, tokenizer, encoded[start : start + per_batch], heads, candidates, block_size, cfg, result)
+        _blockwise_batch(
+            model, tokenizer, encoded[start : start + per_batch], heads, candidates, block_size, cfg, result
+        )
     return result
 
 
@@ -69,8 +71,10 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     score_h = None  # (B*K, H): hidden state of each candidate's last non-EOS token
     n_blocks = 0
     for step in range(cfg.max_new_tokens):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
-        h, _ = trunk_hidden_states(model, step_input, mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
+        h, _ = trunk_hidden_states(
+            model, step_input, mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        )
         h_last = h[:, -1]  # (B*K, H)
         if step == 0 and K > 1:  # the prompt's K candidates share its prefilled cache rows
             cache.batch_repeat_interleave(K)
@@ -103,14 +107,16 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
             break
     # the final (possibly partial) block: choose among candidates as at every boundary
     if score_h is not None and K > 1:
-        h, _ = trunk_hidden_states(model, step_input, mask, position_ids=(mask.cumsum(-1) - 1)[:, -1:], past_key_values=cache, use_cache=True)
+        h, _ = trunk_hidden_states(
+            model, step_input, mask, position_ids=(mask.cumsum(-1) - 1)[:, -1:], past_key_values=cache, use_cache=True
+        )
         score_h = torch.where(live[:, None], h[:, -1], score_h)
         v = heads.values(score_h).view(B, K)
         winners = torch.arange(B, device=device) * K + v.argmax(1)
         n_blocks += 1
     else:
         winners = torch.arange(B, device=device) * K
-    new = generated[winners, ids.shape[1]:].tolist()
+    new = generated[winners, ids.shape[1] :].tolist()
     lps = base_lp[winners].tolist()
     eos_ids = set(eos.tolist())
     kl_per_block = best_of_n_kl_bound(K)

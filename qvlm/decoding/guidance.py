@@ -32,8 +32,9 @@ def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Ten
     return adv - (weights * adv).sum(-1, keepdim=True)
 
 
-def _guide_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float,
-                      centre: bool = True) -> torch.Tensor:
+def _guide_candidates(
+    logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float, centre: bool = True
+) -> torch.Tensor:
     """Add ``beta`` times the (centred) advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``."""
     adv = adv.to(logits.dtype)
     return logits.scatter_add(-1, idx, beta * (centre_on_candidates(logits, idx, adv) if centre else adv))
@@ -52,8 +53,9 @@ def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: in
     return logits + beta * adv
 
 
-def guided_scores(logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: float, top_k: int = 0,
-                  centre: bool = True) -> torch.Tensor:
+def guided_scores(
+    logits: torch.Tensor, heads: QVHeads, h: torch.Tensor, beta: float, top_k: int = 0, centre: bool = True
+) -> torch.Tensor:
     """``logits + beta * (Q - V)`` from the heads on hidden states ``h`` (B, H): (B, V) -> (B, V).
 
     With ``top_k``, Q is computed for the base model's ``top_k`` likeliest tokens only (the others

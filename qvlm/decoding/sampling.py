@@ -31,10 +31,10 @@ from transformers import (
 )
 
 from qvlm.configs import DecodeConfig
+from qvlm.decoding.guidance import guided_scores
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 from qvlm.mdp import encode_prompt
-from qvlm.decoding.guidance import guided_scores
 from qvlm.trunk import trunk_hidden_states
 
 __all__ = [
@@ -93,8 +93,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids[b, L - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[b, L - len(s):] = 1
+        ids[b, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[b, L - len(s) :] = 1
     return ids, mask
 
 
@@ -190,10 +190,14 @@ def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hid
         last = step == cfg.max_new_tokens or not unfinished.any()
         if last and not return_hidden:
             break
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
         h, _ = trunk_hidden_states(
-            model, step_input, attention_mask,
-            position_ids=position_ids, past_key_values=cache, use_cache=True,
+            model,
+            step_input,
+            attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
         )
         h_last = h[:, -1]  # (B or B / n, H)
         if step == 0 and n > 1:  # one prefill per prompt; its responses share the cache rows

@@ -40,16 +40,18 @@ def value_maps(
             q = torch.stack(model.heads.q_values(h)).min(0).values  # (B, T, V)
             adv = q.gather(-1, batch.actions[..., None]).squeeze(-1) - v
         else:
-            adv = (model.heads.values(h_next) * (1 - batch.done) - v)
+            adv = model.heads.values(h_next) * (1 - batch.done) - v
         for b, sample in enumerate(chunk):
             n = int(batch.response_mask[b].sum())
             ids = batch.actions[b, :n].tolist()
             tokens = ["<eos>" if i == tokenizer.eos_token_id else tokenizer.decode([i]) for i in ids]
-            out.append({
-                "prompt": sample.prompt,
-                "response": sample.response,
-                "tokens": tokens,
-                "values": v[b, :n].tolist(),
-                "advantages": adv[b, :n].tolist(),
-            })
+            out.append(
+                {
+                    "prompt": sample.prompt,
+                    "response": sample.response,
+                    "tokens": tokens,
+                    "values": v[b, :n].tolist(),
+                    "advantages": adv[b, :n].tolist(),
+                }
+            )
     return out

@@ -86,8 +86,7 @@ class Episodes:
     mask: torch.Tensor
 
 
-def sample_episodes(tree: TokenTree, policy: torch.Tensor, num_episodes: int,
-                    generator: torch.Generator) -> Episodes:
+def sample_episodes(tree: TokenTree, policy: torch.Tensor, num_episodes: int, generator: torch.Generator) -> Episodes:
     """Roll out ``num_episodes`` episodes of ``policy`` (``(N, V)`` probabilities) in the MDP.
 
     The environment step reads ``tree.child``, ``tree.rewards`` and ``tree.done``: what a learner
@@ -126,8 +125,9 @@ class TransitionTable:
     @classmethod
     def empty(cls, num_states: int, vocab_size: int) -> "TransitionTable":
         zeros = partial(torch.zeros, num_states, vocab_size)
-        return cls(zeros(dtype=torch.float64), zeros(dtype=torch.float64), zeros(dtype=torch.float64),
-                   zeros(dtype=torch.long))
+        return cls(
+            zeros(dtype=torch.float64), zeros(dtype=torch.float64), zeros(dtype=torch.float64), zeros(dtype=torch.long)
+        )
 
     def add(self, episodes: Episodes) -> None:
         real = episodes.mask.bool()
@@ -295,8 +295,9 @@ class TabularSoftQConfig:
     progress: bool = False  # tqdm progress bar
 
 
-def open_pairs(seen: torch.Tensor, ref_probs: torch.Tensor, done: torch.Tensor, next_states: torch.Tensor,
-               horizon: int) -> torch.Tensor:
+def open_pairs(
+    seen: torch.Tensor, ref_probs: torch.Tensor, done: torch.Tensor, next_states: torch.Tensor, horizon: int
+) -> torch.Tensor:
     """(state, action) pairs still worth exploring: untried, or leading to a state with open pairs.
 
     Uses only the learner's own observations (``done``/``next_states`` are valid where ``seen``);
@@ -323,8 +324,13 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
     stored transition once (a tabular Q's fixed point does not depend on how transitions are
     weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
     """
-    _check_positive("TabularSoftQConfig", iterations=config.iterations, episodes_per_iter=config.episodes_per_iter,
-                    updates_per_iter=config.updates_per_iter, lr=config.lr)
+    _check_positive(
+        "TabularSoftQConfig",
+        iterations=config.iterations,
+        episodes_per_iter=config.episodes_per_iter,
+        updates_per_iter=config.updates_per_iter,
+        lr=config.lr,
+    )
     if not alpha > 0:
         raise QVLMError(f"alpha={alpha} (train_tabular_softq): the KL temperature must be positive")
     if config.explore not in ("open_first", "boltzmann"):
@@ -340,8 +346,9 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
         with torch.no_grad():
             policy = guided_policy(tree.ref_probs, q, soft_value(q, log_ref, alpha), 1.0 / alpha)
         if config.explore == "open_first":
-            policy = explore_open_first(policy, open_pairs(buffer.seen, tree.ref_probs, buffer.done,
-                                                           buffer.next_states, tree.horizon))
+            policy = explore_open_first(
+                policy, open_pairs(buffer.seen, tree.ref_probs, buffer.done, buffer.next_states, tree.horizon)
+            )
         buffer.add(sample_episodes(tree, policy, config.episodes_per_iter, gen))
         # optimise on every stored transition
         s, a = buffer.seen.nonzero(as_tuple=True)
@@ -419,8 +426,14 @@ def train_learner(name: str, tree: TokenTree, config: Any, alpha: float) -> Tabu
         return LEARNERS[name][1](tree, config, alpha)
 
 
-def compare_learners(tree: TokenTree, alpha: float, learners: list[str], seed: int = 0,
-                     progress: bool = False, configs: dict[str, Any] | None = None) -> dict[str, Any]:
+def compare_learners(
+    tree: TokenTree,
+    alpha: float,
+    learners: list[str],
+    seed: int = 0,
+    progress: bool = False,
+    configs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Solve exactly, train each learner, and report ``{"optimal", "reference", "learners"}``.
 
     ``configs`` maps a learner name to its config; missing ones use the defaults with ``seed``.
@@ -434,8 +447,12 @@ def compare_learners(tree: TokenTree, alpha: float, learners: list[str], seed: i
     ref_objective = reference.objective(alpha)
     out: dict[str, Any] = {
         "optimal": {"objective": optimum.objective, "reward": star.reward, "kl": star.kl},
-        "reference": {"objective": ref_objective, "reward": reference.reward, "kl": reference.kl,
-                      "objective_ratio": objective_ratio(ref_objective, optimum.objective)},
+        "reference": {
+            "objective": ref_objective,
+            "reward": reference.reward,
+            "kl": reference.kl,
+            "objective_ratio": objective_ratio(ref_objective, optimum.objective),
+        },
         "learners": {},
     }
     for name in learners:

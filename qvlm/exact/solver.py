@@ -129,8 +129,9 @@ class CallablePolicy:
     fn: Callable[[tuple[int, ...]], Sequence[float]]
 
     def probs(self, prefixes: np.ndarray) -> np.ndarray:
-        return np.array([np.asarray(self.fn(tuple(int(t) for t in p)), dtype=np.float64)
-                         for p in prefixes]).reshape(len(prefixes), self.vocab_size)
+        return np.array([np.asarray(self.fn(tuple(int(t) for t in p)), dtype=np.float64) for p in prefixes]).reshape(
+            len(prefixes), self.vocab_size
+        )
 
 
 def table_policy(vocab_size: int, table: Mapping[tuple[int, ...], Sequence[float]]) -> CallablePolicy:
@@ -170,8 +171,9 @@ class CausalLMPolicy:
         return torch.cat(out).numpy()
 
 
-def tiny_llama(vocab_size: int, seed: int, hidden_size: int = 16, num_layers: int = 1,
-               initializer_range: float = 0.5) -> Any:
+def tiny_llama(
+    vocab_size: int, seed: int, hidden_size: int = 16, num_layers: int = 1, initializer_range: float = 0.5
+) -> Any:
     """A randomly initialised Llama (``torch.manual_seed(seed)``) whose vocabulary is the MDP's.
 
     ``initializer_range`` 0.5 (the Llama default 0.02 gives nearly uniform next-token rows) makes
@@ -180,10 +182,17 @@ def tiny_llama(vocab_size: int, seed: int, hidden_size: int = 16, num_layers: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
-        max_position_embeddings=16, initializer_range=initializer_range,
-        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=None,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        initializer_range=initializer_range,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=None,
         tie_word_embeddings=False,  # no pad id: Llama zeroes the pad row of the embedding
     )
     torch.manual_seed(seed)
@@ -212,8 +221,9 @@ def count_reward(token: int, horizon: int, label: str | None = None) -> Reward:
 
     ``label`` names the token in the reward's name (default: its id).
     """
-    return Reward(f"count({label or token})/{horizon}",
-                  terminal=lambda tokens: (tokens == token).sum(axis=1) / float(horizon))
+    return Reward(
+        f"count({label or token})/{horizon}", terminal=lambda tokens: (tokens == token).sum(axis=1) / float(horizon)
+    )
 
 
 def pattern_reward(pattern: Sequence[int]) -> Reward:
@@ -236,14 +246,17 @@ def eos_reward(eos_id: int) -> Reward:
 
 def terminal_reward(fn: Callable[[tuple[int, ...]], float], name: str = "callable") -> Reward:
     """Terminal reward from any callable on the complete token tuple (one call per response)."""
-    return Reward(name, terminal=lambda tokens: np.array([float(fn(tuple(int(t) for t in row)))
-                                                          for row in tokens]))
+    return Reward(name, terminal=lambda tokens: np.array([float(fn(tuple(int(t) for t in row))) for row in tokens]))
 
 
 def token_reward(fn: Callable[[tuple[int, ...], int], float], name: str = "per_token") -> Reward:
     """Per-token reward from a callable ``(prefix tuple, action) -> float`` (one call per step)."""
-    return Reward(name, per_token=lambda prefixes, actions: np.array(
-        [float(fn(tuple(int(t) for t in p), int(a))) for p, a in zip(prefixes, actions)]))
+    return Reward(
+        name,
+        per_token=lambda prefixes, actions: np.array(
+            [float(fn(tuple(int(t) for t in p), int(a))) for p, a in zip(prefixes, actions)]
+        ),
+    )
 
 
 # ---------------------------------------------------------------- the MDP and its tree
@@ -298,10 +311,11 @@ class TokenTree:
         """Id of a live prefix (no EOS, shorter than the horizon)."""
         prefix = tuple(prefix)
         if len(prefix) >= self.horizon or any(not 0 <= t < self.eos_id for t in prefix):
-            raise QVLMError(f"prefix {prefix} is not a decision state of this MDP (TokenTree.state_id): "
-                            f"use tokens 0..{self.eos_id - 1} and length < {self.horizon}")
-        return self.offsets[len(prefix)] + int(_level_index(np.array([prefix], dtype=np.int64),
-                                                            self.vocab_size)[0])
+            raise QVLMError(
+                f"prefix {prefix} is not a decision state of this MDP (TokenTree.state_id): "
+                f"use tokens 0..{self.eos_id - 1} and length < {self.horizon}"
+            )
+        return self.offsets[len(prefix)] + int(_level_index(np.array([prefix], dtype=np.int64), self.vocab_size)[0])
 
     def prefix(self, state_id: int) -> tuple[int, ...]:
         """The token tuple of a state id."""
@@ -324,13 +338,17 @@ def count_tree_nodes(vocab_size: int, horizon: int) -> int:
 
 def _check_probs(probs: np.ndarray, prefixes: np.ndarray, vocab_size: int) -> np.ndarray:
     if probs.shape != (len(prefixes), vocab_size) or not np.all(np.isfinite(probs)) or np.any(probs < 0):
-        raise QVLMError(f"reference policy returned shape {probs.shape} or invalid entries for prefixes of "
-                        f"length {prefixes.shape[1]}: return non-negative (n, {vocab_size}) probabilities")
+        raise QVLMError(
+            f"reference policy returned shape {probs.shape} or invalid entries for prefixes of "
+            f"length {prefixes.shape[1]}: return non-negative (n, {vocab_size}) probabilities"
+        )
     sums = probs.sum(axis=1)
     bad = np.flatnonzero(np.abs(sums - 1.0) > 1e-6)
     if len(bad):
-        raise QVLMError(f"pi_ref(.|{tuple(prefixes[bad[0]])}) sums to {sums[bad[0]]:.6g}, not 1 "
-                        "(reference policy): normalise each row")
+        raise QVLMError(
+            f"pi_ref(.|{tuple(prefixes[bad[0]])}) sums to {sums[bad[0]]:.6g}, not 1 "
+            "(reference policy): normalise each row"
+        )
     return probs / sums[:, None]
 
 
@@ -338,20 +356,24 @@ def build_tree(mdp: TokenMDP, max_states: int = DEFAULT_MAX_STATES) -> TokenTree
     """Enumerate the prefix tree: pi_ref, rewards, done and child ids for every (state, action)."""
     V, H = mdp.vocab_size, mdp.horizon
     if V < 2 or H < 1:
-        raise QVLMError(f"vocab_size={V}, horizon={H} (TokenMDP): need vocab_size >= 2 (EOS + one token) "
-                        "and horizon >= 1")
+        raise QVLMError(
+            f"vocab_size={V}, horizon={H} (TokenMDP): need vocab_size >= 2 (EOS + one token) and horizon >= 1"
+        )
     if not 0.0 < mdp.gamma <= 1.0:
         raise QVLMError(f"gamma={mdp.gamma} (TokenMDP.gamma): use a discount in (0, 1]")
     nodes = count_tree_nodes(V, H)
     if nodes > max_states:
-        raise QVLMError(f"vocab {V}, horizon {H} has {nodes:,} tree nodes, over the budget of "
-                        f"{max_states:,} (max_states, --max-states): lower the vocabulary or the horizon, or raise "
-                        "max_states if you have the memory (about 100 bytes per node)")
+        raise QVLMError(
+            f"vocab {V}, horizon {H} has {nodes:,} tree nodes, over the budget of "
+            f"{max_states:,} (max_states, --max-states): lower the vocabulary or the horizon, or raise "
+            "max_states if you have the memory (about 100 bytes per node)"
+        )
     level_tokens = [np.zeros((1, 0), dtype=np.int64)]
     for _ in range(1, H):
         prev = level_tokens[-1]
-        level_tokens.append(np.concatenate(
-            [np.repeat(prev, V - 1, axis=0), np.tile(np.arange(V - 1), len(prev))[:, None]], axis=1))
+        level_tokens.append(
+            np.concatenate([np.repeat(prev, V - 1, axis=0), np.tile(np.arange(V - 1), len(prev))[:, None]], axis=1)
+        )
     offsets = list(np.cumsum([0] + [len(t) for t in level_tokens]))
     ref, rew, done, child = [], [], [], []
     for d, prefixes in enumerate(level_tokens):
@@ -370,7 +392,10 @@ def build_tree(mdp: TokenMDP, max_states: int = DEFAULT_MAX_STATES) -> TokenTree
         done.append(done_d.reshape(n, V))
         child.append(kid.reshape(n, V))
     return TokenTree(
-        vocab_size=V, horizon=H, gamma=float(mdp.gamma), level_tokens=level_tokens,
+        vocab_size=V,
+        horizon=H,
+        gamma=float(mdp.gamma),
+        level_tokens=level_tokens,
         offsets=[int(o) for o in offsets],
         ref_probs=torch.from_numpy(np.concatenate(ref)),
         rewards=torch.from_numpy(np.concatenate(rew)),
@@ -413,8 +438,10 @@ def _next_values(tree: TokenTree, values: torch.Tensor, sl: slice) -> torch.Tens
 
 def _check_alpha(alpha: float) -> None:
     if not alpha > 0 or not math.isfinite(alpha):
-        raise QVLMError(f"alpha={alpha}: the KL temperature must be a positive number; for the "
-                        "unregularised (alpha -> 0) optimum call solve_hard")
+        raise QVLMError(
+            f"alpha={alpha}: the KL temperature must be a positive number; for the "
+            "unregularised (alpha -> 0) optimum call solve_hard"
+        )
 
 
 def solve(tree: TokenTree, alpha: float) -> SoftOptimum:
@@ -490,8 +517,10 @@ def policy_table(tree: TokenTree, policy: Any) -> torch.Tensor:
     if isinstance(policy, (torch.Tensor, np.ndarray)):
         table = torch.as_tensor(policy, dtype=torch.float64)
         if table.shape != tree.ref_probs.shape:
-            raise QVLMError(f"policy table has shape {tuple(table.shape)}, expected "
-                            f"{tuple(tree.ref_probs.shape)} (states x vocab) for this tree")
+            raise QVLMError(
+                f"policy table has shape {tuple(table.shape)}, expected "
+                f"{tuple(tree.ref_probs.shape)} (states x vocab) for this tree"
+            )
         return table
     if isinstance(policy, Mapping):
         policy = table_policy(tree.vocab_size, policy)
@@ -549,16 +578,19 @@ def build_mdp(config: MDPConfig) -> TokenMDP:
     """The token MDP a :class:`MDPConfig` describes; invalid values raise :class:`QVLMError`."""
     V, H = config.vocab_size, config.horizon
     if not 3 <= V <= 8:
-        raise QVLMError(f"vocab_size={V} (--vocab): the exact MDP needs 3..8 tokens including EOS; "
-                        "pass a value in 3..8")
+        raise QVLMError(
+            f"vocab_size={V} (--vocab): the exact MDP needs 3..8 tokens including EOS; pass a value in 3..8"
+        )
     if not 1 <= H <= 8:
         raise QVLMError(f"horizon={H} (--horizon): exact enumeration supports horizons 1..8; pass one")
     if config.reference not in REFERENCES:
         raise QVLMError(f"reference={config.reference!r} (--ref): choose one of {', '.join(REFERENCES)}")
     if config.reward == "count":
         if not 0 <= config.token < V - 1:
-            raise QVLMError(f"token={config.token} (--token): the counted token must be an ordinary "
-                            f"token id in 0..{V - 2} (EOS is {V - 1})")
+            raise QVLMError(
+                f"token={config.token} (--token): the counted token must be an ordinary "
+                f"token id in 0..{V - 2} (EOS is {V - 1})"
+            )
         reward = count_reward(config.token, H, label=token_names(V)[config.token])
     elif config.reward == "pattern":
         if not config.pattern or any(not 0 <= t < V for t in config.pattern):

@@ -67,7 +67,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
     f = _finite(x)
     if f is None:
         return "—"
-    if f != 0 and (abs(f) >= 1e4 or abs(f) < 10 ** -digits):
+    if f != 0 and (abs(f) >= 1e4 or abs(f) < 10**-digits):
         return f"{f:.{digits - 1}e}"
     return f"{f:.{digits}f}"
 
@@ -167,8 +167,7 @@ def value_sparkline_svg(values: Sequence[float], *, width: int = 640, height: in
     ]
     _, y0 = xy(0, 0.0)
     parts.append(
-        f'<line x1="0" y1="{y0:.1f}" x2="{width}" y2="{y0:.1f}" class="spark-zero" '
-        f'vector-effect="non-scaling-stroke"/>'
+        f'<line x1="0" y1="{y0:.1f}" x2="{width}" y2="{y0:.1f}" class="spark-zero" vector-effect="non-scaling-stroke"/>'
     )
     for seg in segments:
         pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in seg)
@@ -215,14 +214,13 @@ def value_map_html(
         bg, fg = advantage_color(adv, scale)
         tip = f"t={t}  token={token!r}\nV={_fmt(v, 4)}, Q-V={_signed(adv, 4)}"
         spans.append(
-            f'<span class="tok" style="background:{bg};color:{fg}" title="{_esc(tip)}">'
-            f"{_token_display(token)}</span>"
+            f'<span class="tok" style="background:{bg};color:{fg}" title="{_esc(tip)}">{_token_display(token)}</span>'
         )
     spark = value_sparkline_svg(values)
     spark_block = (
         f'<div class="spark-wrap"><div class="spark-label">V(s<sub>t</sub>) over the response '
-        f'(min {_fmt(min((f for f in map(_finite, values) if f is not None), default=None))}, '
-        f'max {_fmt(max((f for f in map(_finite, values) if f is not None), default=None))})'
+        f"(min {_fmt(min((f for f in map(_finite, values) if f is not None), default=None))}, "
+        f"max {_fmt(max((f for f in map(_finite, values) if f is not None), default=None))})"
         f"</div>{spark}</div>"
         if spark
         else ""
@@ -342,8 +340,19 @@ def _plot_reward_against(methods: Mapping[str, Mapping[str, Any]], key: str, xla
         return _figure_data_uri(fig)
     colors = [f"C{i % 10}" for i in range(len(points))]
     for (name, x, y, ci), color in zip(points, colors):
-        ax.errorbar(x, y, yerr=ci, fmt="o", color=color, ecolor=color, elinewidth=1.4,
-                    capsize=4, markersize=7, markeredgecolor="white", zorder=3)
+        ax.errorbar(
+            x,
+            y,
+            yerr=ci,
+            fmt="o",
+            color=color,
+            ecolor=color,
+            elinewidth=1.4,
+            capsize=4,
+            markersize=7,
+            markeredgecolor="white",
+            zorder=3,
+        )
     xs = [x for _, x, _, _ in points]
     if min(xs) > 0 and max(xs) / min(xs) > 30:
         ax.set_xscale("log")
@@ -361,8 +370,14 @@ def _plot_reward_against(methods: Mapping[str, Mapping[str, Any]], key: str, xla
 
 
 # Candidate label offsets (points) around a marker, tried in order: right, left, above, below.
-_LABEL_OFFSETS = ((7, 4, "left", "bottom"), (7, -4, "left", "top"), (-7, 4, "right", "bottom"),
-                  (-7, -4, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"))
+_LABEL_OFFSETS = (
+    (7, 4, "left", "bottom"),
+    (7, -4, "left", "top"),
+    (-7, 4, "right", "bottom"),
+    (-7, -4, "right", "top"),
+    (0, 9, "center", "bottom"),
+    (0, -9, "center", "top"),
+)
 
 
 def _place_labels(fig, ax, points: Sequence[tuple[str, float, float, float]], colors: Sequence[str]) -> None:
@@ -376,8 +391,17 @@ def _place_labels(fig, ax, points: Sequence[tuple[str, float, float, float]], co
     for i, (name, x, y, _) in enumerate(points):
 
         def annotate(dx: float, dy: float, ha: str, va: str):
-            ann = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va,
-                              fontsize=8.5, color=colors[i], zorder=4)
+            ann = ax.annotate(
+                name,
+                (x, y),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha=ha,
+                va=va,
+                fontsize=8.5,
+                color=colors[i],
+                zorder=4,
+            )
             return ann, ann.get_window_extent(renderer).expanded(1.05, 1.15)
 
         for offset in _LABEL_OFFSETS:
@@ -443,7 +467,7 @@ def metrics_table_html(methods: Mapping[str, Mapping[str, Any]]) -> str:
         '<table class="metrics"><thead><tr><th>Method</th>'
         '<th class="num" title="mean reward on eval prompts, ± 95% CI half-width">Reward ± 95% CI</th>'
         f"{head}"
-        f'</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )
 
 
@@ -488,8 +512,8 @@ def _value_maps_html(value_maps: Sequence[Mapping[str, Any]]) -> str:
         parts.append(
             '<article class="card">'
             f'<header><p class="prompt"><span class="label">Prompt</span>{_esc(vm.get("prompt", ""))}</p>'
-            f'{_reward_badge(vm.get("reward"))}</header>'
-            f'{value_map_html(list(vm["tokens"]), list(vm["values"]), list(vm["advantages"]), scale)}'
+            f"{_reward_badge(vm.get('reward'))}</header>"
+            f"{value_map_html(list(vm['tokens']), list(vm['values']), list(vm['advantages']), scale)}"
             "</article>"
         )
     return "".join(parts)
@@ -629,14 +653,12 @@ def render_report(
         (
             "config",
             "Configuration",
-            f'<details><summary>Run configuration ({len(config)} keys)</summary>'
+            f"<details><summary>Run configuration ({len(config)} keys)</summary>"
             f'<pre class="config">{_esc(config_json)}</pre></details>',
         ),
     ]
     nav = "".join(f'<a href="#{sid}">{_esc(name)}</a>' for sid, name, _ in sections)
-    body = "".join(
-        f'<section id="{sid}"><h2>{_esc(name)}</h2>{content}</section>' for sid, name, content in sections
-    )
+    body = "".join(f'<section id="{sid}"><h2>{_esc(name)}</h2>{content}</section>' for sid, name, content in sections)
     page = (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

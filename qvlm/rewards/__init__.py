@@ -54,7 +54,7 @@ def get_reward(name: str) -> RewardFn:
     if name == "vader-negative":
         return _vader(-1.0)
     if name.startswith("count:"):
-        return _count(name[len("count:"):])
+        return _count(name[len("count:") :])
     if name == "length":
         return _length
     raise QVLMError(f"unknown reward {name!r}; use one of {', '.join(REWARD_NAMES)}")
