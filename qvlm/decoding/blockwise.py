@@ -19,6 +19,7 @@ from qvlm.decoding.best_of_n import best_of_n_kl_bound
 from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
+from qvlm.progress import progress as progress_bar
 from qvlm.trunk import trunk_hidden_states
 
 __all__ = ["blockwise_generate"]
@@ -47,10 +48,9 @@ def blockwise_generate(
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     result = GenerationResult(encoded, [], [], [])
-    from tqdm.auto import tqdm
 
     per_batch = max(1, cfg.batch_size // candidates)
-    for start in tqdm(range(0, len(encoded), per_batch), desc="blockwise", disable=not progress, unit="batch"):
+    for start in progress_bar(range(0, len(encoded), per_batch), desc="blockwise", enabled=progress, unit="batch"):
         _blockwise_batch(
             model, tokenizer, encoded[start : start + per_batch], heads, candidates, block_size, cfg, result
         )

@@ -35,6 +35,7 @@ from qvlm.decoding.guidance import guided_scores
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 from qvlm.mdp import encode_prompt
+from qvlm.progress import progress as progress_bar
 from qvlm.trunk import trunk_hidden_states
 
 __all__ = [
@@ -153,11 +154,10 @@ def generate(
         torch.manual_seed(cfg.seed)
     n = cfg.num_return_sequences
     result = GenerationResult([p for p in encoded for _ in range(n)], [], [], [])
-    from tqdm.auto import tqdm
 
     per_batch = max(1, cfg.batch_size // n)  # batch_size counts responses decoded together
     starts = range(0, len(encoded), per_batch)
-    for start in tqdm(starts, desc="decode", disable=not progress, unit="batch"):
+    for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch"):
         _decode_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, track_kl, return_hidden, result)
     return result
 

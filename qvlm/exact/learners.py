@@ -38,12 +38,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qvlm.errors import QVLMError
 from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
 from qvlm.heads import polyak_update
 from qvlm.losses import cql_loss, expectile_loss, ilql_q_loss, soft_value, value_regression_loss
+from qvlm.progress import progress
 from qvlm.returns import monte_carlo_returns, td_targets
 
 __all__ = [
@@ -209,7 +209,7 @@ class TabularILQLConfig:
     polyak: float = 0.1  # target-Q Polyak rate per step: theta' <- (1 - p) theta' + p theta
     cql_coef: float = 0.0  # weight of the CQL term; 0 = off (tables do not extrapolate to unseen actions)
     seed: int = 0  # seed of the dataset sampling
-    progress: bool = False  # tqdm progress bar
+    progress: bool = False  # show progress (a bar on a terminal, plain lines in a log)
 
 
 def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHeads:
@@ -224,7 +224,7 @@ def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHea
     q1, q2, v = _table(N, V), _table(N, V), _table(N)
     q1_target, q2_target = q1.detach().clone(), q2.detach().clone()
     opt, sched = _adam([q1, q2, v], config.lr, config.steps)
-    for _ in tqdm(range(config.steps), desc="ilql", disable=not config.progress, leave=False):
+    for _ in progress(range(config.steps), desc="ilql", enabled=config.progress, leave=False):
         # targets: Q on r + gamma (1 - done) V(s'), V on the min of the twin target Qs
         td_target = td_targets(data.rewards, v[nxt].detach(), data.done, tree.gamma)
         target_q = torch.minimum(q1_target[s, a], q2_target[s, a])  # (B, H)
@@ -254,7 +254,7 @@ class TabularMCConfig:
     steps: int = 300  # gradient steps, each on the whole dataset
     lr: float = 0.05  # Adam learning rate, decayed linearly to 0
     seed: int = 0  # seed of the dataset sampling
-    progress: bool = False  # tqdm progress bar
+    progress: bool = False  # show progress (a bar on a terminal, plain lines in a log)
 
 
 def train_tabular_mc(tree: TokenTree, config: TabularMCConfig) -> TabularHeads:
@@ -265,7 +265,7 @@ def train_tabular_mc(tree: TokenTree, config: TabularMCConfig) -> TabularHeads:
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)  # (B, H)
     q, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
     opt, sched = _adam([q, v], config.lr, config.steps)
-    for _ in tqdm(range(config.steps), desc="mc", disable=not config.progress, leave=False):
+    for _ in progress(range(config.steps), desc="mc", enabled=config.progress, leave=False):
         v_loss, _ = value_regression_loss(v[data.states], returns, data.mask)
         q_loss, _ = value_regression_loss(q[data.states, data.actions], returns, data.mask)
         _step(opt, sched, v_loss + q_loss)
@@ -292,7 +292,7 @@ class TabularSoftQConfig:
     #                              a state that still holds untried ones) take one of them uniformly,
     #                              else sample pi ~ pi_ref exp(Q / alpha); "boltzmann": always sample pi
     seed: int = 0  # seed of the episode sampling
-    progress: bool = False  # tqdm progress bar
+    progress: bool = False  # show progress (a bar on a terminal, plain lines in a log)
 
 
 def open_pairs(
@@ -341,7 +341,7 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
     q_target = q.detach().clone()
     opt, sched = _adam([q], config.lr, config.iterations * config.updates_per_iter)
     buffer = TransitionTable.empty(tree.num_states, tree.vocab_size)
-    for _ in tqdm(range(config.iterations), desc="softq", disable=not config.progress, leave=False):
+    for _ in progress(range(config.iterations), desc="softq", enabled=config.progress, leave=False):
         # rollout: guided decoding with the learner's own Q (beta = 1/alpha), plus exploration
         with torch.no_grad():
             policy = guided_policy(tree.ref_probs, q, soft_value(q, log_ref, alpha), 1.0 / alpha)

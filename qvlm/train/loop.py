@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
+from qvlm.progress import progress
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint, save_run
 from qvlm.train.metrics import MetricsLogger
 
@@ -87,7 +87,7 @@ def train_loop(
     start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
     logger = MetricsLogger(run_dir, resume_step=start)
     model.train()
-    bar = tqdm(total=total, initial=start, desc=f"train {name}", disable=not cfg.progress, unit="step")
+    bar = progress(total=total, initial=start, desc=f"train {name}", enabled=cfg.progress, unit="step")
     try:
         for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
             loss, stats = loss_fn(model, batch)
