@@ -1,7 +1,10 @@
 """Losses for Q/V learning and policy optimisation: pure functions of tensors.
 
 Every function returns ``(loss, stats)`` where ``loss`` is a scalar tensor and ``stats`` a dict of
-detached floats for logging. Reductions over tokens are masked means (DESIGN.md, "Padding").
+detached 0-dim tensors for logging: nothing here calls ``.item()``, so a loss never waits for the
+device; trainers turn the stats into floats once per step
+(:func:`qvlm.train.metrics.stats_to_floats`). Reductions over tokens are masked means (DESIGN.md,
+"Padding").
 Shapes: ``(B, T)`` over response steps, ``(B, T, V)`` for vocabulary-sized heads and logits.
 """
 
@@ -14,6 +17,7 @@ import torch
 from qvlm.returns import masked_mean
 
 __all__ = [
+    "Stats",
     "expectile_loss",
     "ilql_q_loss",
     "cql_loss",
@@ -24,7 +28,7 @@ __all__ = [
     "value_regression_loss",
 ]
 
-Stats = dict[str, float]
+Stats = dict[str, torch.Tensor]  # name -> detached 0-dim tensor
 
 
 def expectile_loss(
@@ -43,7 +47,7 @@ def expectile_loss(
     u = target_q.detach() - values
     weight = torch.abs(tau - (u < 0).to(u.dtype))
     loss = masked_mean(weight * u**2, mask)
-    return loss, {"loss": loss.item(), "v_mean": masked_mean(values, mask).item()}
+    return loss, {"loss": loss.detach(), "v_mean": masked_mean(values.detach(), mask)}
 
 
 def ilql_q_loss(
@@ -59,7 +63,7 @@ def ilql_q_loss(
     target = td_target.detach()
     per_head = [masked_mean((q - target) ** 2, mask) for q in q_values]
     loss = torch.stack(per_head).mean()
-    return loss, {"loss": loss.item(), "q_mean": masked_mean(q_values[0], mask).item()}
+    return loss, {"loss": loss.detach(), "q_mean": masked_mean(q_values[0].detach(), mask)}
 
 
 def cql_loss(q_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Stats]:
@@ -72,7 +76,7 @@ def cql_loss(q_logits: torch.Tensor, actions: torch.Tensor, mask: torch.Tensor) 
     """
     ce = torch.logsumexp(q_logits, dim=-1) - q_logits.gather(-1, actions[..., None]).squeeze(-1)
     loss = masked_mean(ce, mask)
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": loss.detach()}
 
 
 def awac_loss(
@@ -93,7 +97,7 @@ def awac_loss(
     weight = torch.exp(beta * advantages.detach()).clamp(max=max_weight)
     nll = -torch.log_softmax(logits, dim=-1).gather(-1, actions[..., None]).squeeze(-1)
     loss = masked_mean(weight * nll, mask)
-    return loss, {"loss": loss.item(), "weight_mean": masked_mean(weight, mask).item()}
+    return loss, {"loss": loss.detach(), "weight_mean": masked_mean(weight, mask)}
 
 
 def soft_value(q_values: torch.Tensor, ref_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -125,12 +129,12 @@ def ppo_policy_loss(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
-    approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2, mask)
+    approx_kl = masked_mean(0.5 * (logprobs.detach() - old_logprobs.detach()) ** 2, mask)
     return loss, {
-        "loss": loss.item(),
-        "clipfrac": clipfrac.item(),
-        "approx_kl": approx_kl.item(),
-        "ratio_mean": masked_mean(ratio, mask).item(),
+        "loss": loss.detach(),
+        "clipfrac": clipfrac.detach(),
+        "approx_kl": approx_kl.detach(),
+        "ratio_mean": masked_mean(ratio.detach(), mask),
     }
 
 
@@ -150,7 +154,7 @@ def clipped_value_loss(
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
     vclipfrac = masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).to(values.dtype), mask)
-    return loss, {"loss": loss.item(), "clipfrac": vclipfrac.item()}
+    return loss, {"loss": loss.detach(), "clipfrac": vclipfrac.detach()}
 
 
 def value_regression_loss(
@@ -162,4 +166,4 @@ def value_regression_loss(
     Shape: all ``(B, T)`` -> scalar.
     """
     loss = masked_mean((values - targets.detach()) ** 2, mask)
-    return loss, {"loss": loss.item(), "v_mean": masked_mean(values, mask).item()}
+    return loss, {"loss": loss.detach(), "v_mean": masked_mean(values.detach(), mask)}

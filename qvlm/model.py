@@ -1,7 +1,8 @@
 """A trunk (any Hugging Face causal LM) with Q/V heads, in one of three modes (:mod:`qvlm.trunk`).
 
 - ``frozen``: only the heads train; the trunk's hidden states at the MDP's state positions are
-  computed once per sample and cached, so epochs after the first do not run the trunk.
+  computed once per sample and cached (:class:`qvlm.features.FeatureCache`), so epochs after the
+  first do not run the trunk.
 - ``lora``: low-rank adapters on the trunk's linear layers (peft) train with the heads.
 - ``full``: the whole trunk trains with the heads.
 """
@@ -16,25 +17,42 @@ from transformers import PreTrainedModel
 
 from qvlm.configs import TrunkConfig
 from qvlm.errors import QVLMError
+from qvlm.features import FeatureCache
 from qvlm.heads import HeadsConfig, QVHeads
 from qvlm.loading import hidden_size_of
-from qvlm.mdp import TokenBatch, encode_samples
+from qvlm.mdp import TokenBatch
 from qvlm.trunk import gather_positions, prepare_trunk, trunk_hidden_states
 
 __all__ = ["QVModel", "load_qv_model"]
 
 
 class QVModel(nn.Module):
-    """Trunk + heads. ``features(batch)`` returns the hidden states of ``s_t`` and ``s_{t+1}``."""
+    """Trunk + heads. ``features(batch)`` returns the hidden states of ``s_t`` and ``s_{t+1}``.
 
-    def __init__(self, trunk: PreTrainedModel, heads: QVHeads, trunk_config: TrunkConfig | None = None):
+    A frozen trunk reads and fills ``feature_cache`` (its own unless one is passed; models on one
+    trunk share features by being given the same :class:`FeatureCache`). The cache is a plain
+    attribute: not in ``state_dict()``, not moved by ``.to()``.
+    """
+
+    def __init__(
+        self,
+        trunk: PreTrainedModel,
+        heads: QVHeads,
+        trunk_config: TrunkConfig | None = None,
+        feature_cache: FeatureCache | None = None,
+    ):
         super().__init__()
         self.trunk_config = trunk_config or TrunkConfig()
         self.trunk = prepare_trunk(trunk, self.trunk_config)
-        self.heads = heads
-        if heads.config.q_head == "tied":
-            heads.attach_unembedding(self.trunk.get_output_embeddings().weight)
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (token ids, features)
+        weight = self.trunk.get_output_embeddings().weight
+        self.heads = heads.to(device=weight.device, dtype=weight.dtype)  # one device, one dtype
+        self._attach_unembedding()
+        if feature_cache is not None and not self.frozen:
+            raise QVLMError(
+                f"a feature cache was given to a model whose trunk trains ({self.trunk_config.mode}); "
+                "only a frozen trunk caches features: drop feature_cache or use TrunkConfig('frozen')"
+            )
+        self.feature_cache = (feature_cache if feature_cache is not None else FeatureCache()) if self.frozen else None
 
     @classmethod
     def from_trunk(
@@ -46,6 +64,7 @@ class QVModel(nn.Module):
         head_hidden: int = 0,
         base_model: str = "",
         q_head: str = "mlp",
+        feature_cache: FeatureCache | None = None,
     ) -> "QVModel":
         """Build fresh heads sized from the trunk's config (read once, no guessing)."""
         config = HeadsConfig(
@@ -57,7 +76,24 @@ class QVModel(nn.Module):
             base_model=base_model,
             q_head=q_head,
         )
-        return cls(trunk, QVHeads(config), trunk_config)
+        return cls(trunk, QVHeads(config), trunk_config, feature_cache)
+
+    def _attach_unembedding(self) -> None:
+        """Tied Q heads read the trunk's output embedding: its current tensor, never a copy."""
+        if self.heads.config.q_head == "tied":
+            self.heads.attach_unembedding(self.trunk.get_output_embeddings().weight)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(), ... move the trunk and the heads as one; the tied heads' view of
+        # the output embedding is dropped first (not cast as a second copy) and re-read after
+        self.heads.attach_unembedding(None)
+        super()._apply(fn, recurse)
+        self._attach_unembedding()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.trunk.get_output_embeddings().weight.device
 
     @property
     def frozen(self) -> bool:
@@ -73,10 +109,11 @@ class QVModel(nn.Module):
         With a frozen trunk they come from the per-sample cache when every sample of the batch is
         cached; otherwise the trunk runs (without gradient when frozen) and fills the cache.
         """
+        batch = batch.to(self.device)
         T = batch.state_positions.shape[1]
-        if self.frozen and self._cached(batch):
-            feats = _pad_stack([self._cache[int(i)][1] for i in batch.index], T + 1)  # (B, T+1, H)
-            return feats[:, :T], feats[:, 1:]
+        cached = self.feature_cache.lookup(batch) if self.feature_cache is not None else None  # (B, T+1, H)
+        if cached is not None:
+            return cached[:, :T], cached[:, 1:]
         with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
             h, _ = trunk_hidden_states(self.trunk, batch.input_ids, batch.attention_mask)  # (B, L, H)
         # the positions of s_1..s_{T+1}: state_positions then one past the last real step
@@ -84,19 +121,9 @@ class QVModel(nn.Module):
         positions = torch.cat([batch.state_positions, batch.state_positions[:, :1] * 0], dim=1)
         positions[torch.arange(len(lengths)), lengths] = batch.state_positions[:, 0] + lengths
         feats = gather_positions(h, positions)  # (B, T+1, H)
-        if self.frozen:
-            for b, i in enumerate(batch.index.tolist()):
-                ids = batch.input_ids[b][batch.attention_mask[b].bool()].clone()
-                self._cache[i] = (ids, feats[b, : lengths[b] + 1].detach().clone())
+        if self.feature_cache is not None:
+            self.feature_cache.store(batch, feats)
         return feats[:, :T], feats[:, 1:]
-
-    def _cached(self, batch: TokenBatch) -> bool:
-        """Every row cached, for the same tokens (an index reused by other data misses)."""
-        for b, i in enumerate(batch.index.tolist()):
-            hit = self._cache.get(i)
-            if hit is None or not torch.equal(hit[0], batch.input_ids[b][batch.attention_mask[b].bool()]):
-                return False
-        return True
 
     def prime_features(
         self,
@@ -107,31 +134,26 @@ class QVModel(nn.Module):
         max_length: int,
         chat: bool | None = None,
     ) -> int:
-        """Fill the frozen-trunk feature cache with features kept while decoding.
-
-        ``samples[i]`` was decoded as ``token_ids[i]`` (prompt + response ids) with hidden states
-        ``hidden[i]`` of ``s_1 .. s_{T+1}`` (``generate(..., return_hidden=True)``). A sample whose
-        text re-tokenises to other ids (or is cut by ``max_length``) is skipped: the trunk computes
-        it when training needs it. Returns how many samples were primed.
-        """
-        if not self.frozen:
+        """Fill the frozen-trunk feature cache with features kept while decoding (a thin wrapper of
+        :meth:`FeatureCache.prime`); returns how many samples were primed."""
+        if self.feature_cache is None:
             raise QVLMError("only a frozen trunk caches features; this model trains its trunk")
-        primed = 0
-        for i, item in enumerate(encode_samples(samples, tokenizer, max_length, chat)):
-            ids = item.prompt_ids + item.response_ids
-            if ids == token_ids[i] and hidden[i].shape[0] == len(item.response_ids) + 1:
-                self._cache[i] = (torch.tensor(ids), hidden[i].detach())
-                primed += 1
-        return primed
+        return self.feature_cache.prime(tokenizer, samples, hidden, token_ids, max_length, chat)
 
     def share_feature_cache(self, other: "QVModel") -> None:
-        """Use ``other``'s cache of trunk features (same frozen trunk): no sample runs the trunk twice."""
+        """Use ``other``'s cache of trunk features (same frozen trunk): no sample runs the trunk twice.
+
+        Kept for callers of the old API; prefer passing one :class:`FeatureCache` to both models.
+        """
         if other.trunk is not self.trunk:
             raise QVLMError("only models on the same trunk can share trunk features")
-        self._cache = other._cache
+        if self.feature_cache is None or other.feature_cache is None:
+            raise QVLMError("only models with a frozen trunk share trunk features")
+        self.feature_cache = other.feature_cache
 
     def clear_cache(self) -> None:
-        self._cache.clear()
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
 
     def trainable_trunk_state(self) -> dict[str, torch.Tensor]:
         """The trunk parameters that train (LoRA adapters or all), for checkpoints."""
@@ -142,13 +164,6 @@ class QVModel(nn.Module):
         if missing:
             raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
         self.trunk.load_state_dict(state, strict=False)
-
-
-def _pad_stack(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    out = rows[0].new_zeros((len(rows), length, rows[0].shape[-1]))
-    for b, r in enumerate(rows):
-        out[b, : r.shape[0]] = r
-    return out
 
 
 def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:

@@ -14,6 +14,7 @@ from qvlm.mdp import Sample, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward, score
 from qvlm.testing import tiny_model
+from qvlm.train.checkpoint import latest_checkpoint
 from qvlm.trunk import TrunkConfig
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
@@ -69,7 +70,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_training(tmp_path / "cut", cfg, callbacks=[interrupt])
-    assert json.loads((tmp_path / "cut" / "checkpoint" / "config.json").read_text())["steps"] == 12
+    assert json.loads((latest_checkpoint(tmp_path / "cut") / "config.json").read_text())["steps"] == 12
     resumed = run_training(tmp_path / "cut", cfg, resume=True)
     for (name, a), b in zip(full.heads.state_dict().items(), resumed.heads.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -123,9 +124,9 @@ def test_q_target_next_v_by_hand(tiny):
     batch = collate(encode_samples([Sample("ab", "cd", 1.0)], tok, 32), tok.pad_token_id)
     _, stats = value_loss(qv, batch, ValueConfig(q_target="next_v"))
     # targets (0 + 0.5, 0 + 0.5, 1): mean squared error of Q = 0 -> (0.25 + 0.25 + 1) / 3 = 0.5
-    assert stats["losses/q"] == pytest.approx(0.5)
+    assert float(stats["losses/q"]) == pytest.approx(0.5)
     _, stats = value_loss(qv, batch, ValueConfig(q_target="return"))
-    assert stats["losses/q"] == pytest.approx(1.0)  # the Monte-Carlo return is 1 at every step
+    assert float(stats["losses/q"]) == pytest.approx(1.0)  # the Monte-Carlo return is 1 at every step
     with pytest.raises(QVLMError, match="q_target"):
         ValueConfig(q_target="bogus")
 
@@ -142,7 +143,7 @@ def test_ilql_without_cql_equals_full_loss_minus_cql(tiny):
     )
     full_loss, full = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.1))
     loss, stats = ilql_loss(qv, batch, ILQLConfig(cql_scale=0.0))
-    assert stats["losses/q"] == pytest.approx(full["losses/q"], rel=1e-5)
-    assert stats["losses/v"] == pytest.approx(full["losses/v"], rel=1e-5)
-    assert float(loss) == pytest.approx(float(full_loss) - 0.1 * full["losses/cql"], rel=1e-5)
+    assert float(stats["losses/q"]) == pytest.approx(float(full["losses/q"]), rel=1e-5)
+    assert float(stats["losses/v"]) == pytest.approx(float(full["losses/v"]), rel=1e-5)
+    assert loss.item() == pytest.approx(full_loss.item() - 0.1 * float(full["losses/cql"]), rel=1e-5)
     assert "losses/cql" not in stats

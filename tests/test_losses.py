@@ -41,8 +41,8 @@ def test_expectile_worked_numbers():
     # terms (0.7 * 0.01, 0.3 * 0.01, 0.7 * 0.04) = (0.007, 0.003, 0.028), mean 0.038 / 3 = 0.0126667
     loss, stats = expectile_loss(t([0.6, 0.5, 1.0]), t([0.5, 0.6, 0.8]), ONES3, tau=0.7)
     assert loss.item() == pytest.approx(0.038 / 3)
-    assert stats["loss"] == pytest.approx(0.0126667, abs=1e-7)
-    assert stats["v_mean"] == pytest.approx(1.9 / 3)  # (0.5 + 0.6 + 0.8) / 3
+    assert float(stats["loss"]) == pytest.approx(0.0126667, abs=1e-7)
+    assert float(stats["v_mean"]) == pytest.approx(1.9 / 3)  # (0.5 + 0.6 + 0.8) / 3
 
 
 def test_expectile_tau_half_is_half_mse():
@@ -81,7 +81,7 @@ def test_ilql_q_loss_mean_over_heads():
     q1, q2 = t([1.0, 2.0, 3.0], grad=True), t([1.0, 1.0, 1.0], grad=True)
     loss, stats = ilql_q_loss([q1, q2], t([1.0, 1.0, 1.0]), ONES3)
     assert loss.item() == pytest.approx(5.0 / 6.0)
-    assert stats["q_mean"] == pytest.approx(2.0)  # head 0: (1 + 2 + 3) / 3
+    assert float(stats["q_mean"]) == pytest.approx(2.0)  # head 0: (1 + 2 + 3) / 3
     loss.backward()
     # dL/dq1 = 2 (q1 - y) / 3 / 2 heads = (0, 1/3, 2/3)
     assert_close(q1.grad, t([0.0, 1.0 / 3.0, 2.0 / 3.0]))
@@ -117,7 +117,7 @@ def test_cql_loss_cross_entropy_of_q_logits():
     actions = torch.tensor([[0, 0, 1]])
     loss, stats = cql_loss(q_logits, actions, t([1, 1, 0]))
     assert loss.item() == pytest.approx(math.log(8.0 / 3.0) / 2)
-    assert stats["loss"] == pytest.approx(0.490415, abs=1e-6)
+    assert float(stats["loss"]) == pytest.approx(0.490415, abs=1e-6)
     loss.backward()
     # dL/dQ = (softmax - onehot(a)) / 2: step 1 (0.5 - 1, 0.5) / 2 = (-0.25, 0.25); padding 0
     assert_close(q_logits.grad[0, 0], torch.tensor([-0.25, 0.25], dtype=torch.float64))
@@ -135,7 +135,7 @@ def test_awac_loss_weighted_nll_with_clipping():
     advantages = t([LN2, 10.0], grad=True)
     loss, stats = awac_loss(logits, torch.tensor([[0, 1]]), advantages, t([1, 1]), max_weight=5.0)
     assert loss.item() == pytest.approx(3.5 * LN2)
-    assert stats["weight_mean"] == pytest.approx(3.5)
+    assert float(stats["weight_mean"]) == pytest.approx(3.5)
     loss.backward()
     assert advantages.grad is None  # the weight is detached
     assert logits.grad is not None
@@ -202,9 +202,9 @@ def test_ppo_policy_loss_upper_clip():
     logprobs = t([1.0, 1.0, 1.0], grad=True)
     loss, stats = ppo_policy_loss(logprobs, t([0.0, 0.0, 0.0]), t([1.0, -1.0, 2.0]), ONES3)
     assert loss.item() == pytest.approx((E - 3.6) / 3)
-    assert stats["clipfrac"] == pytest.approx(2.0 / 3.0)
-    assert stats["ratio_mean"] == pytest.approx(E)
-    assert stats["approx_kl"] == pytest.approx(0.5)  # 0.5 * 1^2
+    assert float(stats["clipfrac"]) == pytest.approx(2.0 / 3.0)
+    assert float(stats["ratio_mean"]) == pytest.approx(E)
+    assert float(stats["approx_kl"]) == pytest.approx(0.5)  # 0.5 * 1^2
     loss.backward()
     # clipped steps: no gradient ; unclipped: d(-A e^x)/dx / 3 = -(-1) e / 3 = e / 3
     assert_close(logprobs.grad, t([0.0, E / 3, 0.0]))
@@ -218,7 +218,7 @@ def test_ppo_policy_loss_lower_clip():
     logprobs = t([-1.0, -1.0, -1.0], grad=True)
     loss, stats = ppo_policy_loss(logprobs, t([0.0, 0.0, 0.0]), t([1.0, -1.0, -2.0]), ONES3)
     assert loss.item() == pytest.approx((2.4 - 1 / E) / 3)
-    assert stats["clipfrac"] == pytest.approx(2.0 / 3.0)
+    assert float(stats["clipfrac"]) == pytest.approx(2.0 / 3.0)
     loss.backward()
     # unclipped step: d(-1 * e^x)/dx / 3 = -e^-1 / 3 ; clipped steps: 0
     assert_close(logprobs.grad, t([-1 / (3 * E), 0.0, 0.0]))
@@ -229,8 +229,8 @@ def test_ppo_policy_loss_ratio_one_and_padding():
     # the padded step (A = 1000, log ratio 5) must not count
     loss, stats = ppo_policy_loss(t([0.0, 0.0, 5.0]), t([0.0, 0.0, 0.0]), t([2.0, 4.0, 1000.0]), t([1, 1, 0]))
     assert loss.item() == pytest.approx(-3.0)
-    assert stats["clipfrac"] == 0.0
-    assert stats["approx_kl"] == 0.0
+    assert float(stats["clipfrac"]) == 0.0
+    assert float(stats["approx_kl"]) == 0.0
 
 
 def test_ppo_policy_loss_old_logprobs_detached():
@@ -252,7 +252,7 @@ def test_clipped_value_loss_both_branches():
     values = t([1.0, 1.0, 1.0], grad=True)
     loss, stats = clipped_value_loss(values, t([0.5, 0.5, 0.5]), t([0.5, 1.5, 1.1]), ONES3)
     assert loss.item() == pytest.approx(0.175)
-    assert stats["clipfrac"] == pytest.approx(2.0 / 3.0)
+    assert float(stats["clipfrac"]) == pytest.approx(2.0 / 3.0)
     loss.backward()
     # step 1: 0.5 * 2 (1 - 0.5) / 3 = 1/6 ; steps 2, 3 follow the saturated clip: 0
     assert_close(values.grad, t([1.0 / 6.0, 0.0, 0.0]))
@@ -262,7 +262,7 @@ def test_clipped_value_loss_within_clip_is_half_mse_and_padding():
     # |V - V_old| = 0.1 < 0.2: both branches equal -> 0.5 * mean((V - G)^2) = 0.5 * (0.09 + 0.01) / 2
     loss, stats = clipped_value_loss(t([0.6, 0.4, 9.0]), t([0.5, 0.5, 0.0]), t([0.3, 0.5, -9.0]), t([1, 1, 0]))
     assert loss.item() == pytest.approx(0.025)
-    assert stats["clipfrac"] == 0.0
+    assert float(stats["clipfrac"]) == 0.0
 
 
 def test_value_regression_loss_against_worked_mc_returns():
@@ -272,7 +272,7 @@ def test_value_regression_loss_against_worked_mc_returns():
     targets = t([0.81, 0.9, 1.0], grad=True)
     loss, stats = value_regression_loss(values, targets, ONES3)
     assert loss.item() == pytest.approx(0.2261 / 3)
-    assert stats["v_mean"] == pytest.approx(1.9 / 3)
+    assert float(stats["v_mean"]) == pytest.approx(1.9 / 3)
     loss.backward()
     # dL/dV = 2 (V - G) / 3 = (-0.62, -0.6, -0.4) / 3 ; targets detached
     assert_close(values.grad, t([-0.62 / 3, -0.2, -0.4 / 3]))
@@ -288,3 +288,39 @@ def test_value_regression_loss_padded_row_equals_unpadded():
     unpadded, _ = value_regression_loss(t([0.5, 0.6]), t([1.0, 1.0]), t([1, 1]))
     assert loss.item() == pytest.approx(0.205)
     assert loss.item() == pytest.approx(unpadded.item())
+
+
+# ---------------------------------------------------------------- stats: detached tensors, no sync
+
+
+def _every_loss(grad: bool):
+    x = t([0.5, 0.6, 0.8], grad=grad)
+    y = t([0.6, 0.5, 1.0], grad=grad)
+    logits = torch.zeros(1, 3, 2, dtype=torch.float64, requires_grad=grad)
+    actions = torch.tensor([[0, 1, 0]])
+    return {
+        "expectile": expectile_loss(y, x, ONES3, tau=0.7),
+        "ilql_q": ilql_q_loss([x, y], y, ONES3),
+        "cql": cql_loss(logits, actions, ONES3),
+        "awac": awac_loss(logits, actions, y, ONES3),
+        "ppo_policy": ppo_policy_loss(x, y, y, ONES3),
+        "clipped_value": clipped_value_loss(x, y, y, ONES3),
+        "value_regression": value_regression_loss(x, y, ONES3),
+    }
+
+
+def test_every_loss_returns_detached_zero_dim_tensor_stats(monkeypatch):
+    # .item() is a device sync per call: the losses must not call it (the trainer converts once per step)
+    def no_item(self):
+        raise AssertionError("a loss called .item()")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    for name, (loss, stats) in _every_loss(grad=True).items():
+        assert loss.requires_grad, name
+        for key, value in stats.items():
+            assert isinstance(value, torch.Tensor) and value.dim() == 0, (name, key)
+            assert not value.requires_grad, (name, key)
+    # the "loss" stat is the loss's value: value_regression (0.01 + 0.01 + 0.04) / 3 = 0.02
+    loss, stats = _every_loss(grad=True)["value_regression"]
+    monkeypatch.undo()
+    assert float(stats["loss"]) == pytest.approx(0.02) == loss.item()

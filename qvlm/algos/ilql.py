@@ -14,7 +14,7 @@ import torch
 
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
-from qvlm.losses import awac_loss, cql_loss, expectile_loss, ilql_q_loss
+from qvlm.losses import Stats, awac_loss, cql_loss, expectile_loss, ilql_q_loss
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, td_targets
@@ -23,8 +23,11 @@ from qvlm.train.loop import train_loop
 __all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]
 
 
-def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The ILQL objective on one batch: ``q + v + cql_scale * cql (+ awac_scale * awac)``."""
+def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch.Tensor, Stats]:
+    """The ILQL objective on one batch: ``q + v + cql_scale * cql (+ awac_scale * awac)``.
+
+    Stats are detached 0-dim tensors (no device sync here); the train loop logs them as floats.
+    """
     h, h_next = model.features(batch)  # (B, T, H) each
     mask, actions = batch.response_mask, batch.actions
     if cfg.cql_scale > 0:  # CQL needs Q of every token; without it only the taken actions' outputs are computed
@@ -45,17 +48,17 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
         "losses/v": v_stats["loss"],
         "values/q_taken": q_stats["q_mean"],
         "values/v": v_stats["v_mean"],
-        "values/advantage": masked_mean(target_q - v, mask).item(),
+        "values/advantage": masked_mean((target_q - v).detach(), mask),
     }
     if cfg.cql_scale > 0:
         cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
         loss = loss + cfg.cql_scale * cql
-        stats["losses/cql"] = cql.item()
+        stats["losses/cql"] = cql.detach()
     if not model.frozen and cfg.awac_scale > 0:
         awac, awac_stats = awac_loss(model.lm_logits(h), actions, target_q - v, mask, cfg.awac_beta)
         loss = loss + cfg.awac_scale * awac
         stats["losses/awac"] = awac_stats["loss"]
-    stats["losses/total"] = loss.item()
+    stats["losses/total"] = loss.detach()
     return loss, stats
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qvlm.configs import ValueConfig
-from qvlm.losses import value_regression_loss
+from qvlm.losses import Stats, value_regression_loss
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import masked_mean, monte_carlo_returns, td_lambda_returns
@@ -23,8 +23,8 @@ from qvlm.train.loop import train_loop
 __all__ = ["ValueConfig", "value_loss", "train_value"]
 
 
-def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Squared error of ``V(s_t)`` against the chosen targets on one batch."""
+def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[torch.Tensor, Stats]:
+    """Squared error of ``V(s_t)`` against the chosen targets on one batch (stats: detached tensors)."""
     h, h_next = model.features(batch)  # (B, T, H)
     mask = batch.response_mask
     v = model.heads.values(h)  # (B, T)
@@ -38,7 +38,7 @@ def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[tor
         lam = 0.0 if cfg.target == "td" else cfg.lam
         targets = td_lambda_returns(batch.rewards, v.detach(), v_next, batch.done, cfg.gamma, lam, mask)
     loss, stats = value_regression_loss(v, targets, mask)
-    out = {"losses/v": stats["loss"], "values/v": stats["v_mean"], "values/target": masked_mean(targets, mask).item()}
+    out = {"losses/v": stats["loss"], "values/v": stats["v_mean"], "values/target": masked_mean(targets.detach(), mask)}
     if model.heads.has_q:
         # Q(s_t, a_t) of the data's policy (CD-FUDGE), on the taken actions' outputs only: regressed
         # on the same return, or on r_t + gamma V(s_{t+1}) (done steps: r_t; truncated last steps
@@ -51,7 +51,7 @@ def value_loss(model: QVModel, batch: TokenBatch, cfg: ValueConfig) -> tuple[tor
         q_losses = [value_regression_loss(q, q_targets, mask)[0] for q in model.heads.q_taken(h, batch.actions)]
         q_loss = torch.stack(q_losses).mean()
         loss = loss + q_loss
-        out["losses/q"] = q_loss.item()
+        out["losses/q"] = q_loss.detach()
     return loss, out
 
 

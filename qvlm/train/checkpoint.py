@@ -1,13 +1,30 @@
-"""Atomic, resumable checkpoints and the final run directory of a trainer."""
+"""Resumable checkpoints and the final run directory of a trainer.
+
+Layout of ``run_dir/checkpoint/``: one complete checkpoint per folder ``step-<step>/`` and a small
+``latest`` file naming the current one. A save builds the new folder under a temporary name,
+renames it into place, replaces ``latest`` atomically (``os.replace``), then removes everything
+else (older checkpoints, temporary folders left by a killed save). A process killed at any instant
+therefore leaves ``latest`` naming a complete checkpoint (or, before the first pointer, at least
+one complete ``step-*`` folder), and the next save cleans up what it left.
+
+A checkpoint holds the heads and trainable trunk tensors (safetensors), ``trainer_state.pt``
+(optimiser, LR schedule, step, data position, every RNG state, the data fingerprint and any extra
+state of the trainer: tensors and plain values, loadable with ``torch.load(weights_only=True)``)
+and ``config.json``. Only the main process writes (:func:`qvlm.train.distributed.is_main_process`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from dataclasses import asdict
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,47 +32,192 @@ from safetensors.torch import load_file, save_file
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 from qvlm.heads import save_heads
+from qvlm.mdp import EncodedSample
 from qvlm.model import QVModel
+from qvlm.train.distributed import is_main_process
+from qvlm.train.rng import rng_state, set_rng_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save_run"]
+__all__ = [
+    "Resumed",
+    "data_fingerprint",
+    "has_checkpoint",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "save_run",
+]
+
+CHECKPOINT_DIR = "checkpoint"
+POINTER = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)(?:\.(\d+))?$")  # step-00000012, or step-00000012.1 when re-saved
 
 
-def _state_file_write(obj, path: Path) -> None:
+@dataclass
+class Resumed:
+    """What :func:`load_checkpoint` restored besides the model, optimiser, schedule and RNG."""
+
+    step: int  # the step to continue from
+    data_position: Any  # where the data stream was (the offline loop: the step)
+    extra: dict = field(default_factory=dict)  # the trainer's own state, as saved
+    path: Path | None = None  # the checkpoint folder read
+
+
+def data_fingerprint(items: Sequence[EncodedSample]) -> str:
+    """sha256 of the encoded data: per sample its token ids, step rewards and end flags.
+
+    The hashed text is the compact JSON ``[[prompt_ids, response_ids, rewards, terminated,
+    truncated], ...]`` (floats as Python's shortest round-trip repr), so a resume can tell the
+    same data from other data (another file, tokenizer or max_length).
+    """
+    rows = [[e.prompt_ids, e.response_ids, e.rewards, e.terminated, e.truncated] for e in items]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _step_key(name: str) -> tuple[int, int] | None:
+    m = _STEP_DIR.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint folder a resume reads: the one ``latest`` names, else (a save killed before
+    its first pointer) the newest complete ``step-*`` folder; None when there is none."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    pointer = root / POINTER
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _step_key(named.name) and (named / "trainer_state.pt").is_file():
+            return named
+    steps = [p for p in root.glob("step-*") if _step_key(p.name) and (p / "trainer_state.pt").is_file()]
+    return max(steps, key=lambda p: _step_key(p.name)) if steps else None
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint to resume from."""
+    return latest_checkpoint(run_dir) is not None
+
+
+def _check_plain(value, where: str) -> None:
+    """Refuse extra state that ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise QVLMError(f"checkpoint extra state {where}: key {k!r} must be a str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float, bool, torch.Tensor))):
+        raise QVLMError(
+            f"checkpoint extra state {where} is a {type(value).__name__}; store tensors, numbers, strings, "
+            "None and lists/dicts of them (loadable with torch.load(weights_only=True))"
+        )
+
+
+def _torch_save_atomic(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, model: QVModel, optimizer: torch.optim.Optimizer, step: int, config) -> None:
-    """Write ``run_dir/checkpoint`` atomically: build it in a temp dir, then swap it in."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_dir))
-    save_heads(model.heads, tmp)
+def _save_model_tensors(model: QVModel, folder: Path) -> None:
+    """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``)."""
+    save_heads(model.heads, folder)
     trunk_state = model.trainable_trunk_state()
     if trunk_state:
-        save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp / "trunk.safetensors"))
-    # optimizer moments, step and RNG: tensors and plain Python values, loadable with weights_only
-    _state_file_write(
-        {"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
-        tmp / "trainer_state.pt",
-    )
-    atomic_write_text(tmp / "config.json", json.dumps(asdict(config), indent=2) + "\n")
-    final = run_dir / "checkpoint"
-    old = run_dir / ".checkpoint.old"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        tmp = folder / ".trunk.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp))
+        os.replace(tmp, folder / "trunk.safetensors")
 
 
-def load_checkpoint(run_dir: Path, model: QVModel, optimizer: torch.optim.Optimizer, config) -> int:
-    """Restore heads, trainable trunk tensors, optimizer and RNG from ``run_dir/checkpoint``.
+def save_checkpoint(
+    run_dir: str | Path,
+    model: QVModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    data_position: Any = None,
+    fingerprint: str | None = None,
+    extra: dict | None = None,
+) -> Path | None:
+    """Write a complete checkpoint of ``step`` and point ``latest`` at it; returns its folder
+    (None in a process other than the main one, which writes nothing).
 
-    Returns the step to continue from. Refuses a checkpoint written with a different config.
+    ``data_position`` (default: ``step``) and ``extra`` are plain values or tensors an online
+    trainer needs to continue (e.g. its iteration, a KL coefficient, a rollout buffer).
     """
-    ckpt = run_dir / "checkpoint"
-    if not (ckpt / "trainer_state.pt").is_file():
+    extra = dict(extra or {})
+    _check_plain(extra, "extra")
+    _check_plain(data_position, "data_position")
+    if not is_main_process():
+        return None
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    _save_model_tensors(model, tmp)
+    state = {
+        "step": step,
+        "data_position": step if data_position is None else data_position,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "fingerprint": fingerprint,
+        "extra": extra,
+    }
+    _torch_save_atomic(state, tmp / "trainer_state.pt")
+    atomic_write_text(tmp / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    name, k = f"step-{step:08d}", 0
+    while (root / name).exists():  # re-saving a step (a resumed run's end): a fresh name, never a swap
+        k += 1
+        name = f"step-{step:08d}.{k}"
+    os.replace(tmp, root / name)
+    atomic_write_text(root / POINTER, name + "\n")
+    _remove_all_but(root, keep=name)
+    return root / name
+
+
+def _remove_all_but(root: Path, keep: str) -> None:
+    """Remove older checkpoints and leftovers of killed saves. Each folder is first renamed to
+    ``.trash-*`` (so no ``step-*`` folder is ever half deleted), then deleted."""
+    for entry in root.iterdir():
+        if entry.name in (keep, POINTER) or not entry.is_dir():
+            continue
+        if not (_step_key(entry.name) or entry.name.startswith((".tmp-", ".trash-"))):
+            continue
+        trash = entry
+        if not entry.name.startswith(".trash-"):
+            trash = root / f".trash-{uuid.uuid4().hex[:12]}"
+            os.replace(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    for entry in root.glob(f".{POINTER}.*.tmp"):  # a pointer write killed before its rename
+        entry.unlink(missing_ok=True)
+
+
+def load_checkpoint(
+    run_dir: str | Path,
+    model: QVModel,
+    optimizer: torch.optim.Optimizer,
+    config,
+    *,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    fingerprint: str | None = None,
+) -> Resumed:
+    """Restore heads, trainable trunk tensors, optimiser, schedule and every RNG state from the
+    latest checkpoint of ``run_dir``; returns the step (and data position, extra state) to go on from.
+
+    Refuses a checkpoint written with a different config, or (when ``fingerprint`` is given) for
+    other data.
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        legacy = Path(run_dir) / CHECKPOINT_DIR / "trainer_state.pt"
+        if legacy.is_file():
+            raise QVLMError(
+                f"{legacy.parent}: a checkpoint in the layout of an older qvlm, which cannot be resumed; "
+                "start a new run directory"
+            )
         raise QVLMError(f"{run_dir}: no checkpoint to resume; run without --resume to start fresh")
     saved = json.loads((ckpt / "config.json").read_text())
     current = json.loads(json.dumps(asdict(config)))
@@ -65,26 +227,34 @@ def load_checkpoint(run_dir: Path, model: QVModel, optimizer: torch.optim.Optimi
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
             "resume with the same settings or start a new run directory"
         )
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    if fingerprint is not None and state["fingerprint"] != fingerprint:
+        raise QVLMError(
+            f"{ckpt}: the run started on other data (fingerprint {str(state['fingerprint'])[:12]}, this data "
+            f"{fingerprint[:12]}: the samples, tokenizer or max_length changed); resume with the same "
+            "samples file and settings, or start a new run directory"
+        )
     model.heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
     if (ckpt / "trunk.safetensors").is_file():
         model.load_trunk_state(load_file(str(ckpt / "trunk.safetensors")))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    if scheduler is not None:
+        if state["scheduler"] is None:
+            raise QVLMError(f"{ckpt}: saved without an LR schedule; resume with the settings the run started with")
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return Resumed(int(state["step"]), state["data_position"], state["extra"], ckpt)
 
 
 # fields that may change between an interrupted run and its resume
 _RESUMABLE = {"checkpoint_every", "progress"}
 
 
-def save_run(run_dir: Path, model: QVModel, config, extra: dict | None = None) -> None:
-    """Save the final heads (and trainable trunk tensors) plus the training config."""
-    save_heads(model.heads, run_dir)
-    trunk_state = model.trainable_trunk_state()
-    if trunk_state:
-        tmp = run_dir / ".trunk.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp))
-        os.replace(tmp, run_dir / "trunk.safetensors")
+def save_run(run_dir: str | Path, model: QVModel, config, extra: dict | None = None) -> None:
+    """Save the final heads (and trainable trunk tensors) plus the training config (main process only)."""
+    if not is_main_process():
+        return
+    run_dir = Path(run_dir)
+    _save_model_tensors(model, run_dir)
     info = {"config": asdict(config), "trunk": asdict(model.trunk_config), **(extra or {})}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")

@@ -1,5 +1,6 @@
-"""The loop every offline trainer shares: seeding, batch order, optimiser, steps; metrics
-(:mod:`qvlm.train.metrics`) and checkpoints (:mod:`qvlm.train.checkpoint`).
+"""The loop every offline trainer shares, composed of the pieces an online trainer uses as well:
+:mod:`qvlm.train.optim` (optimiser, one optimiser step), :mod:`qvlm.train.checkpoint` (resumable
+state), :mod:`qvlm.train.metrics` (jsonl + TensorBoard), :mod:`qvlm.train.rng` (seeding).
 
 A run directory holds ``heads.safetensors`` + ``heads_config.json`` (the final heads),
 ``checkpoint/`` (the latest resumable state), ``metrics.jsonl`` and ``tb/`` (TensorBoard).
@@ -8,29 +9,27 @@ A run directory holds ``heads.safetensors`` + ``heads_config.json`` (the final h
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from qvlm.errors import QVLMError
 from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.progress import progress
-from qvlm.train.checkpoint import load_checkpoint, save_checkpoint, save_run
-from qvlm.train.metrics import MetricsLogger
+from qvlm.train.checkpoint import data_fingerprint, load_checkpoint, save_checkpoint, save_run
+from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.optim import make_optimizer, optimizer_step
+from qvlm.train.rng import set_seed
 
 __all__ = [
     "batch_schedule",
+    "check_finite",
     "set_seed",
     "make_optimizer",
     "train_loop",
 ]
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def batch_schedule(
@@ -50,13 +49,19 @@ def batch_schedule(
         yield step, collate([items[i] for i in idx], pad_token_id, index=idx)
 
 
-def make_optimizer(model: QVModel, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the heads (``lr``) and the trunk's trainable tensors (``trunk_lr``), if any."""
-    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
-    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
-    if trunk:
-        groups.append({"params": trunk, "lr": trunk_lr})
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+def check_finite(step: int, objective: float, stats: dict[str, float]) -> None:
+    """Stop a diverged run: raise :class:`QVLMError` when the objective, a ``losses/*`` term or the
+    gradient norm is NaN or infinite, naming the step and the loss terms."""
+    watched = {"objective": objective, **{k: v for k, v in stats.items() if k.startswith("losses/")}}
+    if "charts/grad_norm" in stats:
+        watched["charts/grad_norm"] = stats["charts/grad_norm"]
+    if all(math.isfinite(v) for v in watched.values()):
+        return
+    terms = ", ".join(f"{k}={v:.6g}" for k, v in watched.items())
+    raise QVLMError(
+        f"training diverged at step {step}: {terms}. Nothing of this step was saved; the last good checkpoint "
+        "stays. Lower lr, keep grad_clip on, or scale the rewards down, then resume or start again"
+    )
 
 
 def train_loop(
@@ -64,7 +69,7 @@ def train_loop(
     tokenizer,
     samples: list[Sample],
     cfg,
-    loss_fn: Callable[[QVModel, TokenBatch], tuple[torch.Tensor, dict[str, float]]],
+    loss_fn: Callable[[QVModel, TokenBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     name: str,
     run_dir: str | Path | None = None,
     resume: bool = False,
@@ -74,43 +79,52 @@ def train_loop(
     """The loop every offline trainer shares; returns the metric history.
 
     ``cfg`` carries seed, max_length, batch_size, epochs, steps, lr, trunk_lr, weight_decay,
-    grad_clip, checkpoint_every and progress. Each step: ``loss_fn`` on the step's batch, backward,
-    clip, optimiser step, ``after_step(step)`` (e.g. target sync), log, checkpoint, ``callbacks``.
+    grad_clip, checkpoint_every and progress. ``loss_fn`` returns the loss and its stats as
+    detached tensors. Each step: the batch on the model's device, ``loss_fn``, an optimiser step,
+    ``after_step(step)`` (e.g. target sync), then the stats as floats (the step's one device
+    sync), a divergence check, log, checkpoint, ``callbacks`` as ``cb(step, stats)``.
     With ``run_dir``: checkpoints, final heads, metrics.jsonl, TensorBoard; ``resume=True``
-    continues from ``run_dir/checkpoint`` to the state an uninterrupted run reaches.
+    continues from the latest checkpoint to the state an uninterrupted run reaches, on the same data.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
+    fingerprint = data_fingerprint(items)
     total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
-    start = load_checkpoint(run_dir, model, optimizer, cfg) if resume and run_dir else 0
+    start = load_checkpoint(run_dir, model, optimizer, cfg, fingerprint=fingerprint).step if resume and run_dir else 0
+    saved_at = start if resume else None
     logger = MetricsLogger(run_dir, resume_step=start)
+    device = next(model.heads.parameters()).device
     model.train()
     bar = progress(total=total, initial=start, desc=f"train {name}", enabled=cfg.progress, unit="step")
     try:
         for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
+            # batch
+            batch = batch.to(device)
+            # loss
             loss, stats = loss_fn(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                stats["charts/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            optimizer.step()
+            # optimise
+            grad_norm = optimizer_step(loss, optimizer, cfg.grad_clip)
             if after_step is not None:
                 after_step(step)
-            logger.log(step, stats)
+            # log and checkpoint
+            floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm, "_objective": loss.detach()})
+            check_finite(step, floats.pop("_objective"), floats)
+            logger.log(step, floats)
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in stats.items() if k.startswith("losses/")})
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in floats.items() if k.startswith("losses/")})
             if run_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, model, optimizer, step + 1, cfg)
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg, fingerprint=fingerprint)
+                saved_at = step + 1
             for cb in callbacks:
-                cb(step, stats)
+                cb(step, floats)
     finally:
         bar.close()
         logger.close()
         model.eval()
     if run_dir:
-        save_checkpoint(run_dir, model, optimizer, total, cfg)
+        if saved_at != total:
+            save_checkpoint(run_dir, model, optimizer, total, cfg, fingerprint=fingerprint)
         save_run(run_dir, model, cfg, {"algorithm": name, "samples": len(samples), "steps": total})
     return logger.history

@@ -1,0 +1,43 @@
+"""The optimiser and one optimiser step: shared by the offline loop and by online trainers that
+run several epochs of minibatches over each rollout (PPO, soft Q-learning)."""
+
+from __future__ import annotations
+
+import torch
+
+from qvlm.model import QVModel
+
+__all__ = ["make_optimizer", "optimizer_step"]
+
+
+def make_optimizer(model: QVModel, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the heads (``lr``) and the trunk's trainable tensors (``trunk_lr``), if any."""
+    groups = [{"params": [p for p in model.heads.parameters() if p.requires_grad], "lr": lr}]
+    trunk = [p for p in model.trunk.parameters() if p.requires_grad]
+    if trunk:
+        groups.append({"params": trunk, "lr": trunk_lr})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float = 0.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> torch.Tensor:
+    """One step on ``loss``: zero_grad, backward, clip the global gradient norm to ``grad_clip``
+    (0: off), ``optimizer.step()``, then ``scheduler.step()`` when given.
+
+    Returns the global gradient norm before clipping as a detached 0-dim tensor (no device sync).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return grad_norm.detach()
