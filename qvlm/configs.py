@@ -1,142 +1,204 @@
-"""Typed configs, one dataclass per algorithm or stage; each field has a default and a one-line
-description (the comment after it), which the CLI turns into ``--flag`` help. This module
-imports nothing heavy, so ``qvlm --help`` starts fast.
+"""Typed configs, one dataclass per algorithm or stage (TRL-style): each field has a default and a
+one-line description in ``field(metadata={"help": ...})``, which the CLI turns into ``--flag``
+help. This module imports nothing heavy, so ``qvlm --help`` starts fast.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from qvlm.errors import QVLMError
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEVICES_HELP",
+    "DTYPE_NAMES",
     "TRUNK_MODES",
+    "option",
     "TrunkConfig",
     "DecodeConfig",
+    "TrainConfig",
     "ILQLConfig",
     "VALUE_TARGETS",
     "Q_TARGETS",
     "ValueConfig",
+    "DemoConfig",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEVICES_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # qvlm.loading.DTYPES maps them to torch dtypes
 
 TRUNK_MODES = ("frozen", "lora", "full")
+VALUE_TARGETS = ("mc", "td", "td_lambda")
+Q_TARGETS = ("return", "next_v")
+
+
+def option(default, help: str, **metadata):
+    """A config field: its default and its one-line description (the ``--flag`` help).
+
+    Extra metadata the CLI reads: ``choices`` (allowed values) and ``type`` (the value type when
+    the default is ``None``).
+    """
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def _check(ok: bool, name: str, value, rule: str) -> None:
+    """Raise ``QVLMError("name is value; it must be rule")`` unless ``ok``.
+
+    Write ``ok`` as the positive condition (``lr > 0``), so that NaN, for which every comparison is
+    False, fails it instead of silently switching something off.
+    """
+    if not ok:
+        raise QVLMError(f"{name} is {value}; it must be {rule}")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 @dataclass
 class TrunkConfig:
     """How the trunk is trained."""
 
-    mode: str = "frozen"  # frozen | lora | full
-    lora_r: int = 8  # LoRA rank (mode = lora)
-    lora_alpha: int = 16  # LoRA scaling numerator (mode = lora)
-    lora_dropout: float = 0.0  # LoRA dropout (mode = lora); 0 keeps runs deterministic
+    mode: str = option(
+        "frozen", "frozen: heads only; lora: adapters train too; full: every weight", choices=TRUNK_MODES
+    )
+    lora_r: int = option(8, "LoRA rank (mode = lora)")
+    lora_alpha: int = option(16, "LoRA scaling numerator (mode = lora)")
+    lora_dropout: float = option(0.0, "LoRA dropout (mode = lora); 0 keeps runs deterministic")
 
     def __post_init__(self):
         if self.mode not in TRUNK_MODES:
             raise QVLMError(f"unknown trunk mode {self.mode!r}; use one of {', '.join(TRUNK_MODES)}")
+        _check(self.lora_r >= 1, "lora_r", self.lora_r, ">= 1")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)")
 
 
 @dataclass
 class DecodeConfig:
     """Decoding settings. ``beta = 0`` is plain sampling from the base model."""
 
-    max_new_tokens: int = 48  # response length limit (a cut response is truncated, not done)
-    do_sample: bool = True  # False: greedy (argmax of the guided scores)
-    temperature: float = 1.0  # softmax temperature applied after guidance
-    top_k: int = 0  # keep the k best tokens (0: off)
-    top_p: float = 1.0  # nucleus sampling mass (1: off)
-    beta: float = 0.0  # guidance strength on Q - V (1/alpha recovers the soft optimum)
-    guidance_top_k: int = 0  # guide only the base model's k likeliest tokens, as FUDGE rescores its top k (0: all)
-    centre_candidates: bool = True  # top-k guidance: centre the candidates' advantages on their base-weighted mean
-    seed: int | None = None  # seeds torch's global RNG before decoding (as HF generate uses it)
-    num_return_sequences: int = 1  # responses per prompt (each prompt is prefilled once and its KV cache shared)
-    batch_size: int = 16  # responses decoded together
-    chat: bool | None = None  # wrap prompts in the chat template (None: when the tokenizer has one)
+    max_new_tokens: int = option(48, "response length limit (a cut response is truncated, not done)")
+    do_sample: bool = option(True, "sample (False: greedy, the argmax of the guided scores)")
+    temperature: float = option(1.0, "softmax temperature applied after guidance (> 0)")
+    top_k: int = option(0, "keep the k best tokens (0: off)")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    beta: float = option(0.0, "guidance strength on Q - V (0: the base model; 1/alpha recovers the soft optimum)")
+    guidance_top_k: int = option(
+        0, "guide only the base model's k likeliest tokens, as FUDGE rescores its top k (0: all)"
+    )
+    centre_candidates: bool = option(
+        True, "top-k guidance: centre the candidates' advantages on their base-weighted mean"
+    )
+    seed: int | None = option(None, "seeds torch's global RNG before decoding (as HF generate uses it)", type=int)
+    num_return_sequences: int = option(
+        1, "responses per prompt (each prompt is prefilled once and its KV cache shared)"
+    )
+    batch_size: int = option(16, "responses decoded together")
+    chat: bool | None = option(None, "wrap prompts in the chat template (None: when the tokenizer has one)", type=bool)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise QVLMError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
-        if self.temperature <= 0:
-            raise QVLMError(f"temperature is {self.temperature}; it must be > 0 (use do_sample=False for greedy)")
+        if not (_finite(self.temperature) and self.temperature > 0):
+            raise QVLMError(
+                f"temperature is {self.temperature}; it must be a finite number > 0 (use do_sample=False for greedy)"
+            )
         if not 0 < self.top_p <= 1:
             raise QVLMError(f"top_p is {self.top_p}; it must be in (0, 1]")
         if self.num_return_sequences < 1:
             raise QVLMError(f"num_return_sequences is {self.num_return_sequences}; it must be at least 1")
         if self.top_k < 0 or self.guidance_top_k < 0:
             raise QVLMError("top_k and guidance_top_k must be >= 0 (0 turns them off)")
+        _check(_finite(self.beta), "beta", self.beta, "a finite number (0: no guidance)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
 
 
 @dataclass
-class ILQLConfig:
-    """ILQL settings. Defaults follow trlx's ILQLConfig except where noted."""
+class TrainConfig:
+    """What every offline trainer shares (qvlm.train.loop): optimiser, batches, length, seed, checkpoints.
 
-    gamma: float = 0.99  # discount per token (trlx: 0.99)
-    tau: float = 0.7  # expectile of V over Q (trlx: 0.7); 0.5 is the mean, ->1 the max
-    cql_scale: float = 0.1  # weight of the CQL term (trlx: 0.1)
-    awac_scale: float = 1.0  # weight of the AWAC term when the trunk trains (trlx: 1)
-    awac_beta: float = 1.0  # inverse temperature of the AWAC weight exp(beta * A)
-    # trlx syncs with 0.001 every 5 steps: a 5000-step time constant, tuned for long GPU runs.
-    # Offline runs here are hundreds of steps, so the targets follow faster (about 100 steps).
-    polyak: float = 0.01  # target Q <- (1 - polyak) target Q + polyak Q
-    target_sync_every: int = 1  # steps between Polyak updates (trlx: 5)
-    lr: float = 1e-3  # Adam learning rate of the heads
-    trunk_lr: float = 1e-5  # Adam learning rate of the trunk (lora: adapters; full: all)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm (0: off)
-    batch_size: int = 8  # samples per step
-    epochs: int = 4  # passes over the data (ignored when steps > 0)
-    steps: int = 0  # total optimiser steps (0: epochs * batches per epoch)
-    max_length: int = 256  # prompt + response tokens; longer responses are cut (truncated)
-    seed: int = 0  # data order and initialisation
-    checkpoint_every: int = 100  # steps between resumable checkpoints (0: only at the end)
-    progress: bool = True  # show a progress bar
+    ILQLConfig and ValueConfig extend it, so ``asdict`` of either stays flat.
+    """
+
+    lr: float = option(1e-3, "AdamW learning rate of the heads")
+    trunk_lr: float = option(1e-5, "AdamW learning rate of the trunk (lora: adapters; full: all)")
+    weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    batch_size: int = option(8, "samples per optimiser step")
+    epochs: int = option(4, "passes over the data (ignored when steps > 0)")
+    steps: int = option(0, "total optimiser steps (0: epochs * batches per epoch)")
+    max_length: int = option(256, "prompt + response tokens; longer responses are cut (truncated)")
+    seed: int = option(0, "seed of the heads' initialisation and the data order")
+    checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(_finite(self.trunk_lr) and self.trunk_lr > 0, "trunk_lr", self.trunk_lr, "a finite number > 0")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "finite, >= 0")
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "finite, >= 0 (0: off)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: epochs * batches per epoch)")
+        _check(self.max_length >= 2, "max_length", self.max_length, "at least 2 (a prompt token and a response token)")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
+
+
+@dataclass
+class ILQLConfig(TrainConfig):
+    """ILQL settings. Defaults follow trlx's ILQLConfig except where noted."""
+
+    gamma: float = option(0.99, "discount per token (trlx: 0.99)")
+    tau: float = option(0.7, "expectile of V over Q (trlx: 0.7); 0.5 is the mean, ->1 the max")
+    cql_scale: float = option(0.1, "weight of the CQL term (trlx: 0.1; 0: off)")
+    awac_scale: float = option(1.0, "weight of the AWAC term when the trunk trains (trlx: 1; 0: off)")
+    awac_beta: float = option(1.0, "inverse temperature of the AWAC weight exp(beta * A)")
+    # trlx syncs with 0.001 every 5 steps: a 5000-step time constant, tuned for long GPU runs.
+    # Offline runs here are hundreds of steps, so the targets follow faster (about 100 steps).
+    polyak: float = option(0.01, "target Q <- (1 - polyak) target Q + polyak Q (trlx: 0.001)")
+    target_sync_every: int = option(1, "steps between Polyak updates (trlx: 5)")
+
+    def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.tau < 1:
             raise QVLMError(f"tau is {self.tau}; the expectile must be in (0, 1)")
         if not 0 <= self.gamma <= 1:
             raise QVLMError(f"gamma is {self.gamma}; it must be in [0, 1]")
         if not 0 < self.polyak <= 1:
             raise QVLMError(f"polyak is {self.polyak}; it must be in (0, 1]")
-        if self.batch_size < 1 or self.epochs < 1 or self.steps < 0:
-            raise QVLMError("batch_size and epochs must be >= 1 and steps >= 0")
-
-
-VALUE_TARGETS = ("mc", "td", "td_lambda")
-Q_TARGETS = ("return", "next_v")
+        _check(_finite(self.cql_scale) and self.cql_scale >= 0, "cql_scale", self.cql_scale, "finite, >= 0 (0: off)")
+        _check(_finite(self.awac_scale) and self.awac_scale >= 0, "awac_scale", self.awac_scale, "finite, >= 0")
+        _check(_finite(self.awac_beta), "awac_beta", self.awac_beta, "a finite number")
+        _check(self.target_sync_every >= 1, "target_sync_every", self.target_sync_every, "at least 1")
 
 
 @dataclass
-class ValueConfig:
+class ValueConfig(TrainConfig):
     """Prefix-scorer settings."""
 
-    target: str = "mc"  # mc: Monte-Carlo returns; td: r + gamma V(s'); td_lambda: lambda-returns
+    target: str = option(
+        "mc", "mc: Monte-Carlo returns; td: r + gamma V(s'); td_lambda: lambda-returns", choices=VALUE_TARGETS
+    )
     # Q heads (when the model has them): regressed on the same return as V, or on r + gamma V(s_{t+1}),
     # which is Q(s_t, a_t) exactly in a token MDP (the next state is the prefix plus a_t) and pools
     # what V learned over many prefixes instead of one sampled return
-    q_target: str = "return"  # return | next_v
-    gamma: float = 1.0  # discount (1: V predicts the undiscounted final score)
-    lam: float = 0.95  # lambda of td_lambda
-    lr: float = 1e-3  # Adam learning rate of the V head
-    trunk_lr: float = 1e-5  # learning rate of the trunk when it trains
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    batch_size: int = 8
-    epochs: int = 4
-    steps: int = 0  # total steps (0: epochs * batches per epoch)
-    max_length: int = 256
-    seed: int = 0
-    checkpoint_every: int = 100
-    progress: bool = True
+    q_target: str = option(
+        "return", "Q heads' target: return (the same as V's) or next_v (r + gamma V(s_{t+1}))", choices=Q_TARGETS
+    )
+    gamma: float = option(1.0, "discount (1: V predicts the undiscounted final score)")
+    lam: float = option(0.95, "lambda of td_lambda")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.target not in VALUE_TARGETS:
             raise QVLMError(f"unknown value target {self.target!r}; use one of {', '.join(VALUE_TARGETS)}")
         if self.q_target not in Q_TARGETS:
             raise QVLMError(f"unknown q_target {self.q_target!r}; use one of {', '.join(Q_TARGETS)}")
+        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", self.lam, "in [0, 1]")
 
 
 @dataclass
@@ -144,36 +206,58 @@ class DemoConfig:
     """`qvlm demo`: steer the embedded model toward a reward; compare with best-of-N. Zeros take
     the full or --quick preset (see qvlm.apps.demo.PRESETS)."""
 
-    target: str = "positive"  # sentiment to steer toward: positive | negative (VADER compound)
-    reward: str = ""  # reward name overriding --target (e.g. count:e for tests)
-    model: str = DEFAULT_MODEL  # base model
-    quick: bool = False  # smaller preset: fewer prompts and shorter responses
-    train_prompts: int = 0  # training prompts to sample from (0: preset)
-    val_prompts: int = 0  # validation prompts from the training side, never trained on: choose settings (0: preset)
-    eval_prompts: int = 0  # held-out prompts to evaluate on (0: preset)
-    samples_per_prompt: int = 0  # base responses per training prompt (0: preset)
-    max_new_tokens: int = 0  # response length limit (0: preset)
-    betas: str = "16,32,64"  # ILQL guidance strengths, comma-separated
+    target: str = option("positive", "sentiment to steer toward: positive or negative (VADER compound)")
+    reward: str = option("", "reward name overriding --target (e.g. count:e for tests)")
+    model: str = option(DEFAULT_MODEL, "base model")
+    quick: bool = option(False, "smaller preset: fewer prompts and shorter responses")
+    train_prompts: int = option(0, "training prompts to sample from (0: preset)")
+    val_prompts: int = option(
+        0, "validation prompts from the training side, never trained on: choose settings (0: preset)"
+    )
+    eval_prompts: int = option(0, "held-out prompts to evaluate on (0: preset)")
+    samples_per_prompt: int = option(0, "base responses per training prompt (0: preset)")
+    max_new_tokens: int = option(0, "response length limit (0: preset)")
+    betas: str = option("16,32,64", "ILQL guidance strengths, comma-separated")
     # ILQL's CQL weight. 0 skips the vocabulary-sized Q (about 4x cheaper per step). On held-out
     # training prompts, 8 epochs without CQL beat 1 epoch with it (trlx: 0.1) in the same time.
-    ilql_cql_scale: float = 0.0
-    mc_betas: str = "4,8,16"  # guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)
-    mc_q_target: str = "next_v"  # Monte-Carlo Q heads' target: return (sampled) or next_v (V of the next prefix)
-    guidance_top_k: int = 20  # guide only the base model's k likeliest tokens (0: all)
-    best_of: int = 16  # draws per held-out prompt for best-of-4 and best-of-16
-    candidates: int = 4  # V-guided blockwise: candidate blocks per step
-    block_size: int = 4  # V-guided blockwise: tokens per block
-    ilql_epochs: int = 0  # ILQL epochs over the samples (0: preset)
-    value_epochs: int = 0  # prefix-scorer epochs (0: preset)
-    head_hidden: int = 128  # width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)
-    q_head: str = "tied"  # Q head design: tied (to the LM's output embedding) or mlp (trlx's)
-    batch_size: int = 64  # prompts decoded together
-    seed: int = 0  # sampling and training seed
-    device: str = "auto"  # auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N
-    dtype: str = "float32"  # model weights: float32, bfloat16 or float16
+    ilql_cql_scale: float = option(0.0, "ILQL's CQL weight (0: off, about 4x cheaper per step)")
+    mc_betas: str = option("4,8,16", "guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)")
+    mc_q_target: str = option(
+        "next_v",
+        "Monte-Carlo Q heads' target: return (sampled) or next_v (V of the next prefix)",
+        choices=Q_TARGETS,
+    )
+    guidance_top_k: int = option(20, "guide only the base model's k likeliest tokens (0: all)")
+    best_of: int = option(16, "draws per held-out prompt for best-of-4 and best-of-16")
+    candidates: int = option(4, "V-guided blockwise: candidate blocks per step")
+    block_size: int = option(4, "V-guided blockwise: tokens per block")
+    ilql_epochs: int = option(0, "ILQL epochs over the samples (0: preset)")
+    value_epochs: int = option(0, "prefix-scorer epochs (0: preset)")
+    head_hidden: int = option(128, "width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)")
+    q_head: str = option(
+        "tied", "Q head design: tied (to the LM's output embedding) or mlp (trlx's)", choices=("tied", "mlp")
+    )
+    batch_size: int = option(64, "prompts decoded together")
+    seed: int = option(0, "sampling and training seed")
+    device: str = option("auto", f"where the model runs: {DEVICES_HELP}")
+    dtype: str = option("float32", "the model's weights and the heads'", choices=DTYPE_NAMES)
 
     def __post_init__(self):
         if self.target not in ("positive", "negative"):
             raise QVLMError(f"--target is {self.target!r}; use positive or negative")
         if self.best_of < 4:
             raise QVLMError(f"--best-of is {self.best_of}; it must be at least 4 (best-of-4 is a baseline)")
+        if self.dtype not in DTYPE_NAMES:
+            raise QVLMError(f"--dtype is {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+        _check(
+            _finite(self.ilql_cql_scale) and self.ilql_cql_scale >= 0,
+            "--ilql-cql-scale",
+            self.ilql_cql_scale,
+            "finite, >= 0 (0: off)",
+        )
+        for name in ("train_prompts", "val_prompts", "eval_prompts", "samples_per_prompt", "max_new_tokens"):
+            _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0 (0: preset)")
+        for name in ("ilql_epochs", "value_epochs", "head_hidden", "guidance_top_k"):
+            _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0")
+        for name in ("candidates", "block_size", "batch_size"):
+            _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qvlm.configs import option
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
@@ -26,18 +27,19 @@ __all__ = ["HeadsConfig", "Q_HEADS", "MLPHead", "TiedQHead", "QVHeads", "polyak_
 class HeadsConfig:
     """Shape of the heads. ``hidden_size`` and ``vocab_size`` come from the trunk's config."""
 
-    hidden_size: int
-    vocab_size: int
-    num_q_heads: int = 2  # twin Q (clipped double-Q: Fujimoto et al. 2018), min over targets
-    # width of the heads' hidden layer; 0 means hidden_size. trlx uses 2 * hidden_size; one times
-    # keeps twin vocabulary-sized Q heads under ~0.45x the trunk's compute per token on SmolLM2
-    head_hidden: int = 0
-    with_q: bool = True  # False: a V head only (prefix scorer)
+    hidden_size: int = field(metadata={"help": "the trunk's hidden size (the heads' input width)"})
+    vocab_size: int = field(metadata={"help": "rows of the trunk's output embedding (Q heads' output width)"})
+    # twin Q (clipped double-Q: Fujimoto et al. 2018), min over targets
+    num_q_heads: int = option(2, "number of online Q heads (twin Q: the min over them is used)")
+    # trlx uses 2 * hidden_size; one times keeps twin vocabulary-sized Q heads under ~0.45x the
+    # trunk's compute per token on SmolLM2
+    head_hidden: int = option(0, "width of the heads' hidden layer (0: hidden_size)")
+    with_q: bool = option(True, "build Q heads (False: a V head only, a prefix scorer)")
     # mlp: Q(s, .) = W2 relu(W1 h) + b, its own vocabulary-sized output layer (trlx's design).
     # tied: Q(s, a) = e_a . g(h) + b_a, with e_a the trunk's frozen output embedding of token a, so
     # tokens the LM treats alike share value (far fewer parameters; learns from little data).
-    q_head: str = "mlp"
-    base_model: str = ""  # the trunk these heads were trained on, recorded for loading
+    q_head: str = option("mlp", "Q head design: mlp (own output layer) or tied (the LM's output embedding)")
+    base_model: str = option("", "the trunk these heads were trained on, recorded for loading")
 
     @property
     def width(self) -> int:
@@ -130,9 +132,21 @@ class QVHeads(nn.Module):
         self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
         self.unembedding: torch.Tensor | None = None  # the trunk's output embedding, for tied heads
 
-    def attach_unembedding(self, weight: torch.Tensor) -> None:
-        """Give tied Q heads the trunk's output embedding ``(vocab, hidden)`` (kept frozen)."""
-        self.unembedding = weight.detach()
+    def attach_unembedding(self, weight: torch.Tensor | None) -> None:
+        """Give tied Q heads the trunk's output embedding ``(vocab, hidden)`` (kept frozen; None detaches).
+
+        A plain attribute, not a buffer: it is the trunk's tensor (its storage, not a copy) and is
+        not saved with the heads. :class:`qvlm.model.QVModel` re-attaches it whenever it moves.
+        """
+        self.unembedding = weight.detach() if weight is not None else None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(), ...: move and cast an attached unembedding with the heads, so
+        # heads moved on their own never mix devices or dtypes with it
+        super()._apply(fn, recurse)
+        if self.unembedding is not None:
+            self.unembedding = fn(self.unembedding)
+        return self
 
     @property
     def has_q(self) -> bool:

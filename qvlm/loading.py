@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qvlm.configs import DEFAULT_MODEL
+from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_NAMES
 from qvlm.errors import QVLMError
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICES_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # "float32" -> torch.float32, ...
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

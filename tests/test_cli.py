@@ -149,6 +149,12 @@ def test_sample_train_generate_eval(tmp_path, tiny_dir):
         (["sample", "--model", "{tiny}", "--prompts", "{tmp}/p.txt", "--reward", "bleu"], "unknown reward"),
         (["eval", "--model", "{tiny}", "--prompts", "{tmp}/p.txt", "--betas", "0,x"], "--betas must be"),
         (["train", "ilql", "--data", "x"], "required"),
+        (["train", "ilql", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--cql-scale", "nan"], "cql_scale is nan"),
+        (["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--grad-clip", "nan"], "grad_clip is nan"),
+        (["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--batch-size", "0"], "batch_size is 0"),
+        (["generate", "--model", "{tiny}", "--prompt", "hi", "--beta", "nan"], "beta is nan"),
+        (["generate", "--model", "{tiny}", "--prompt", "hi", "--temperature", "nan"], "temperature is nan"),
+        (["train", "value", "--data", "x", "--out", "{tmp}/r", "--target", "gae"], "invalid choice: 'gae'"),
     ],
 )
 def test_bad_input_exits_2_without_traceback(tmp_path, tiny_dir, capsys, args, needle):
@@ -172,3 +178,82 @@ def test_error_in_a_real_process_has_no_traceback(tmp_path):
     code, _, err = run_cli("train", "ilql", "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "r")
     assert code == 2
     assert "bad.jsonl:1: not valid JSON" in err and "Traceback" not in err
+
+
+def _walk(parser, path=("qvlm",)):
+    """``(command path, action)`` for every action of every (sub)command parser."""
+    import argparse
+
+    for action in parser._actions:
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from qvlm.cli import build_parser
+
+    seen, missing = set(), []
+    for path, action in _walk(build_parser()):
+        if isinstance(action, argparse._HelpAction):
+            continue
+        seen.add(path)
+        if not (action.help or "").strip():
+            missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, missing
+    commands = {" ".join(p[1:]) for p in seen}
+    assert {"sample", "train ilql", "train value", "generate", "eval", "inspect", "demo", "exact"} <= commands
+
+
+@pytest.mark.parametrize("command", [["sample"], ["train", "ilql"], ["train", "value"], ["generate"], ["eval"]])
+def test_model_commands_take_device_and_dtype(command):
+    from qvlm.cli import build_parser
+
+    parser = build_parser()
+    required = {"sample": ["--prompts", "p"], "train": ["--data", "d", "--out", "o"], "eval": ["--prompts", "p"]}
+    extra = required.get(command[0], ["--prompt", "hi"])
+    args = parser.parse_args([*command, *extra, "--device", "cuda:1", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cuda:1", "bfloat16")
+    defaults = parser.parse_args([*command, *extra])
+    assert (defaults.device, defaults.dtype) == ("auto", "float32")
+
+
+def test_inspect_and_demo_take_device_and_dtype():
+    from qvlm.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["inspect", "--heads", "h", "--text", "t", "--device", "cpu", "--dtype", "float16"])
+    assert (args.device, args.dtype) == ("cpu", "float16")
+    args = parser.parse_args(["demo", "--device", "cpu", "--dtype", "bfloat16"])
+    assert (args.device, args.dtype) == ("cpu", "bfloat16")
+
+
+def test_optional_bool_and_optional_int_flags():
+    from qvlm.cli import build_parser
+
+    parser = build_parser()
+    base = ["generate", "--prompt", "hi"]
+    assert parser.parse_args(base).chat is None  # None: decided by the tokenizer
+    assert parser.parse_args([*base, "--chat"]).chat is True
+    assert parser.parse_args([*base, "--no-chat"]).chat is False
+    assert parser.parse_args(base).seed is None and parser.parse_args([*base, "--seed", "7"]).seed == 7
+
+
+def _train_value(tiny_dir, data, out, seed):
+    args = ["train", "value", "--model", tiny_dir, "--data", data, "--out", out, "--seed", seed, "--with-q"]
+    args += ["--epochs", "1", "--batch-size", "4", "--max-length", "32", "--no-progress", "--device", "cpu"]
+    assert main([str(a) for a in args]) == 0
+    return (out / "heads.safetensors").read_bytes()
+
+
+def test_same_seed_gives_byte_identical_heads(tmp_path, tiny_dir):
+    data = tmp_path / "samples.jsonl"
+    rows = [{"prompt": p, "response": p[::-1] + "e", "reward": float(i % 2)} for i, p in enumerate(["ab", "cd"] * 4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = _train_value(tiny_dir, data, tmp_path / "a", 0)
+    second = _train_value(tiny_dir, data, tmp_path / "b", 0)  # the global RNG has moved on since
+    assert first == second
+    assert _train_value(tiny_dir, data, tmp_path / "c", 1) != first  # the seed is what decides

@@ -157,3 +157,21 @@ def test_q_heads_start_neutral():
     heads = QVHeads(HeadsConfig(hidden_size=4, vocab_size=6))
     adv = heads.advantages(torch.randn(2, 4))
     torch.testing.assert_close(adv, adv[:, :1].expand(-1, 6))  # same for every action: no guidance
+
+
+def test_loaded_heads_take_the_trunk_dtype(tiny, tmp_path):
+    from qvlm.model import load_qv_model
+
+    model, _ = tiny
+    qv = QVModel.from_trunk(model, q_head="tied", head_hidden=8)
+    with torch.no_grad():
+        for p in qv.heads.parameters():
+            p.normal_(0, 0.1)
+    save_heads(qv.heads, tmp_path)
+    h = torch.randn(3, model.config.hidden_size)
+    expected = qv.heads.advantages(h)
+    back = load_qv_model(model.to(torch.bfloat16), tmp_path)  # saved in float32, loaded onto a bfloat16 trunk
+    assert {p.dtype for p in back.heads.parameters()} == {torch.bfloat16}
+    assert back.heads.unembedding.dtype == torch.bfloat16
+    got = back.heads.advantages(h.to(torch.bfloat16)).float()
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, help="the step to run (qvlm COMMAND --help)"
+    )
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser

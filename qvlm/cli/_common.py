@@ -1,46 +1,45 @@
-"""Shared CLI plumbing: config dataclasses become flags (help text from each field's comment)."""
+"""Shared CLI plumbing: config dataclasses become flags, with each field's ``metadata["help"]`` as help."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import re
 
-from qvlm.configs import DEFAULT_MODEL
-
-_FIELD_LINE = re.compile(r"^\s+(\w+):\s*[^=]+=\s*(.+?)\s*#\s*(.+)$")
-
-
-def field_docs(cls) -> dict[str, str]:
-    """``{field: comment}`` from lines ``name: type = default  # comment`` of a dataclass's source."""
-    docs = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = _FIELD_LINE.match(line)
-        if m:
-            docs[m.group(1)] = m.group(3)
-    return docs
+from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_NAMES
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), title: str | None = None):
-    """One ``--flag`` per dataclass field, with its default and one-line description as help."""
+    """One ``--flag`` per dataclass field, with its default and one-line description as help.
+
+    The description is the field's ``metadata["help"]`` (see :func:`qvlm.configs.option`); a field
+    without one is a programming error, caught here rather than shipped as an undocumented flag.
+    ``metadata["choices"]`` restricts the values; ``metadata["type"]`` gives the type of a field
+    whose default is ``None``. Booleans become ``--flag/--no-flag``.
+    """
     group = parser.add_argument_group(title or f"{cls.__name__} (defaults shown)")
-    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
+        if not f.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with qvlm.configs.option")
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{docs.get(f.name, '')} (default: {default})"
-        if isinstance(default, bool):
+        help_text = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+        kind = f.metadata.get("type") or type(f.default)
+        if kind is bool:
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
             )
         else:
-            kind = type(default) if default is not None else str
-            if f.name == "seed" and default is None:
-                kind = int
-            group.add_argument(flag, dest=f.name, type=kind, default=default, metavar=f.name.upper(), help=help_text)
+            choices = f.metadata.get("choices")
+            group.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                choices=choices,
+                metavar=None if choices else f.name.upper(),
+                help=help_text,
+            )
 
 
 def config_from_args(cls, args: argparse.Namespace, **overrides):
@@ -50,11 +49,19 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype`` and ``--trust-remote-code``: what :func:`load` reads."""
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"model: a local directory, a cached hub id, a .gguf file, or {DEFAULT_MODEL!r} "
         "(the embedded default; converted to safetensors once) (default: %(default)s)",
+    )
+    parser.add_argument("--device", default="auto", help=f"where the model runs: {DEVICES_HELP} (default: %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPE_NAMES,
+        help="the model's weights and the heads' (default: %(default)s)",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the model's files (off by default)"
@@ -62,13 +69,15 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args):
+    """``(model, tokenizer)`` from ``--model``, on ``--device`` in ``--dtype`` (checked: a missing GPU
+    is a :class:`~qvlm.errors.QVLMError`, exit code 2)."""
     from transformers.utils import logging as hf_logging
 
     from qvlm.loading import load_model
 
     hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own per phase
 
-    return load_model(args.model, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def parse_floats(text: str, name: str) -> list[float]:

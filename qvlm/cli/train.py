@@ -12,7 +12,9 @@ def register(sub) -> None:
         help="train Q/V heads offline (ilql) or a prefix scorer V (value)",
         description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`).",
     )
-    algos = p.add_subparsers(dest="algorithm", metavar="ALGORITHM", required=True)
+    algos = p.add_subparsers(
+        dest="algorithm", metavar="ALGORITHM", required=True, help="what to train (qvlm train ALGORITHM --help)"
+    )
     for name, cls, text in (
         ("ilql", ILQLConfig, "ILQL: twin Q heads + V head (expectile) + target Q heads, offline"),
         ("value", ValueConfig, "prefix scorer: V regressed on Monte-Carlo returns or TD targets"),
@@ -65,6 +67,7 @@ def run(args) -> int:
     from qvlm.errors import QVLMError
     from qvlm.mdp import read_samples
     from qvlm.model import QVModel
+    from qvlm.train.loop import set_seed
 
     cfg = config_from_args(args.config_cls, args)
     samples = read_samples(args.data)
@@ -73,6 +76,7 @@ def run(args) -> int:
         if (out / "checkpoint").exists():
             raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
+    set_seed(cfg.seed)  # the heads' random initialisation: same seed, same heads
     qv = QVModel.from_trunk(
         model,
         TrunkConfig(mode=args.trunk),
