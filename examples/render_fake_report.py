@@ -4,7 +4,7 @@
 
 No model is loaded; every number below is invented. Headless screenshot:
 
-    chromium --headless --no-sandbox --disable-gpu --window-size=1200,2400 \
+    chromium --headless --no-sandbox --disable-gpu --window-size=1200,3000 \
         --screenshot=/tmp/report.png file:///tmp/r/report.html
 """
 
@@ -14,57 +14,54 @@ import argparse
 import math
 import random
 
-from qvlm.report import render_report
+from qvlm.report import demo_intro_html, render_report
 
+
+def _row(reward, ci, kl, distinct_2, ppl, cost, topk=None, kl_kind="exact"):
+    return {
+        "reward_mean": reward,
+        "reward_ci95": ci,
+        "kl_to_base": kl,
+        "kl_kind": kl_kind,
+        "distinct_2": distinct_2,
+        "perplexity": ppl,
+        "topk_mass": topk,
+        "cost": cost,
+    }
+
+
+# The demo's method names; eval numbers. Validation chose mcq_beta_8, the eval table's best is
+# mcq_beta_16: the page says which was chosen where.
 METHODS = {
-    "base": {
-        "reward_mean": 0.12,
-        "reward_ci95": 0.06,
-        "kl_to_base": 0.0,
-        "distinct_2": 0.71,
-        "perplexity": 6.8,
-        "cost": 1.0,
-    },
-    "best-of-4": {
-        "reward_mean": 0.41,
-        "reward_ci95": 0.05,
-        "kl_to_base": 1.05,
-        "distinct_2": 0.69,
-        "perplexity": 7.0,
-        "cost": 4.0,
-    },
-    "guided β=2": {
-        "reward_mean": 0.38,
-        "reward_ci95": 0.06,
-        "kl_to_base": 0.62,
-        "distinct_2": 0.68,
-        "perplexity": 7.4,
-        "cost": 1.15,
-    },
-    "guided β=8": {
-        "reward_mean": 0.63,
-        "reward_ci95": 0.05,
-        "kl_to_base": 2.31,
-        "distinct_2": 0.61,
-        "perplexity": 9.2,
-        "cost": 1.15,
-    },
-    "ILQL": {
-        "reward_mean": 0.55,
-        "reward_ci95": 0.07,
-        "kl_to_base": 1.70,
-        "distinct_2": 0.64,
-        "perplexity": 8.1,
-        "cost": 1.1,
-    },
-    "PPO": {
-        "reward_mean": 0.58,
-        "reward_ci95": 0.06,
-        "kl_to_base": 3.20,
-        "distinct_2": 0.52,
-        "perplexity": 10.3,
-        "cost": None,
-    },
+    "base": _row(0.12, 0.06, 0.0, 0.71, 6.8, 1.0, topk=0.79),
+    "best_of_4": _row(0.41, 0.05, 0.6363, 0.69, 7.0, 4.0, kl_kind="bound"),
+    "best_of_16": _row(0.58, 0.04, 1.8351, 0.68, 7.1, 16.0, kl_kind="bound"),
+    "ilql_beta_16": _row(0.38, 0.06, 0.62, 0.68, 7.4, 1.02, topk=0.84),
+    "mcq_beta_8": _row(0.55, 0.07, 1.70, 0.64, 8.1, 1.02, topk=0.88),
+    "mcq_beta_16": _row(0.61, 0.05, 2.31, 0.61, 9.2, 1.02, topk=0.90),
+    "cd_blockwise_k4": _row(0.47, 0.06, 3.18, 0.66, 7.6, 4.01, kl_kind="bound"),
+    "ppo_policy": _row(0.58, None, None, 0.52, 10.3, None),
+}
+VALIDATION = {
+    "ilql_beta_16": _row(0.36, 0.09, 0.60, 0.69, 7.3, 1.02, topk=0.84),
+    "mcq_beta_8": _row(0.60, 0.08, 1.66, 0.65, 8.0, 1.02, topk=0.88),
+    "mcq_beta_16": _row(0.57, 0.08, 2.25, 0.62, 9.0, 1.02, topk=0.90),
+    "cd_blockwise_k4": _row(0.44, 0.09, 3.18, 0.66, 7.5, 4.01, kl_kind="bound"),
+}
+SHOWN = {"method": "mcq_beta_8", "chosen_on": "validation", "validation_prompts": 12}
+CONFIG = {
+    "model": "smollm2-135m-instruct",
+    "reward": "",
+    "samples_per_prompt": 8,
+    "max_new_tokens": 16,
+    "train_prompts": 32,
+    "val_prompts": 12,
+    "eval_prompts": 20,
+    "ilql_cql_scale": 0.0,
+    "guidance_top_k": 20,
+    "betas": "16",
+    "mc_betas": "8,16",
+    "seed": 0,
 }
 
 SAMPLES = [
@@ -74,7 +71,7 @@ SAMPLES = [
         "guided": "The pizza was wonderful, with a crisp crust and friendly, attentive service.",
         "base_reward": -0.21,
         "guided_reward": 0.83,
-        "method": "guided β=8",
+        "method": "mcq_beta_8",
     },
     {
         "prompt": "Reply to a friend who asked how the move went.",
@@ -82,7 +79,7 @@ SAMPLES = [
         "guided": "It went really well! The new place feels like home already, thanks for asking.",
         "base_reward": -0.44,
         "guided_reward": 0.76,
-        "method": "ILQL",
+        "method": "mcq_beta_8",
     },
     {
         "prompt": "Describe your neighbour's garden in one sentence.",
@@ -90,7 +87,7 @@ SAMPLES = [
         "guided": "My neighbour's garden is a lovely little oasis of roses, herbs and birdsong.",
         "base_reward": 0.0,
         "guided_reward": 0.69,
-        "method": "guided β=2",
+        "method": "mcq_beta_8",
     },
 ]
 
@@ -196,7 +193,14 @@ def fake_value_map(prompt: str, tokens: list[str], rng: random.Random) -> dict:
         values.append(round(v, 4))
         advantages.append(round(adv, 4))
         v = max(-1.0, min(1.0, v + adv))
-    return {"prompt": prompt, "tokens": tokens, "values": values, "advantages": advantages, "reward": round(v, 3)}
+    return {
+        "prompt": prompt,
+        "tokens": tokens,
+        "values": values,
+        "advantages": advantages,
+        "reward": round(v, 3),
+        "method": "mcq_beta_8",
+    }
 
 
 def fake_loss_history(rng: random.Random, steps: int = 300) -> dict[str, list[tuple[int, float]]]:
@@ -213,27 +217,22 @@ def main() -> None:
     parser.add_argument("out", nargs="?", default="/tmp/r/report.html", help="where to write the HTML")
     args = parser.parse_args()
     rng = random.Random(0)
+    metrics = {"methods": METHODS, "validation": VALIDATION, "shown": SHOWN, "reward": "vader"}
+    intro = (
+        demo_intro_html(metrics, CONFIG)
+        + "<p><strong>All numbers on this page are invented</strong>: it shows the layout.</p>"
+    )
     render_report(
         args.out,
-        title="qvlm demo: steering SmolLM2-135M-Instruct toward positive sentiment (fake data)",
-        intro_html=(
-            "<p>We sampled 8 responses per train prompt from <code>SmolLM2-135M-Instruct</code>, scored them "
-            "with VADER, trained Q/V heads on the frozen model, and compared decoding methods on held-out "
-            "prompts. <strong>All numbers on this page are invented</strong>: it shows the layout.</p>"
-        ),
+        title="qvlm demo: steering smollm2-135m-instruct toward vader (fake data)",
+        intro_html=intro,
         methods=METHODS,
         loss_history=fake_loss_history(rng),
         samples=SAMPLES,
         value_maps=[fake_value_map(p, toks, rng) for p, toks in RESPONSES],
-        config={
-            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "reward": "vader",
-            "gamma": 1.0,
-            "beta": [2, 8],
-            "max_new_tokens": 48,
-            "seed": 0,
-            "heads": {"hidden": 576, "twin_q": True},
-        },
+        config=CONFIG,
+        validation=VALIDATION,
+        shown=SHOWN,
     )
     print(f"wrote {args.out}")
 

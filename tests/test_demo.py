@@ -1,11 +1,12 @@
 """`qvlm demo` end to end on a tiny random model with a toy reward: every output file, the keys of
-metrics.json, and resuming from the cached phases."""
+metrics.json, the validation protocol (the method shown is chosen on validation prompts), and
+resuming from the cached phases."""
 
 import json
 
 import pytest
 
-from qvlm.apps.demo import compute_cost, resolve, run_demo
+from qvlm.apps.demo import VAL_START, check_splits, choose_shown, compute_cost, resolve, run_demo
 from qvlm.cli import main
 from qvlm.configs import DemoConfig
 from qvlm.errors import QVLMError
@@ -27,6 +28,7 @@ def small(tiny_dir, **kw):
         betas="1,4",
         mc_betas="2",
         best_of=4,
+        val_prompts=kw.pop("val_prompts", 4),
         **kw,
     )
 
@@ -39,6 +41,8 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
         "ilql/heads.safetensors",
         "value/heads.safetensors",
         "eval/draws.json",
+        "val/ilql_beta_1.json",
+        "val/cd_blockwise_k4.json",
         "metrics.json",
         "report.html",
         "value_maps.json",
@@ -55,8 +59,20 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert methods["base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
     assert 1.0 < methods["ilql_beta_1"]["cost"] < methods["cd_blockwise_k4"]["cost"]
     assert methods["mcq_beta_2"]["cost"] == methods["ilql_beta_1"]["cost"]  # same head design
+    # the method shown is chosen on validation prompts, never on the eval table
+    validation, shown = metrics["validation"], metrics["shown"]
+    assert set(validation) == {"ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4"}
+    assert all(m["n"] == 4 for m in validation.values())
+    assert shown["chosen_on"] == "validation" and shown["validation_prompts"] == 4
+    assert shown["method"] == choose_shown(validation)
+    assert shown["eval_reward"] == methods[shown["method"]]["reward_mean"]
+    assert methods["base"]["kl_kind"] == "exact" and methods["best_of_4"]["kl_kind"] == "bound"
+    assert methods["cd_blockwise_k4"]["kl_kind"] == "bound" and methods["ilql_beta_1"]["kl_kind"] == "exact"
+    assert "topk_mass" in methods["ilql_beta_1"]
     html = (out / "report.html").read_text()
     assert "ilql_beta_4" in html and "data:image/png;base64," in html
+    assert "{cfg" not in html and "Infinity" not in (out / "metrics.json").read_text()
+    assert "Chosen on validation (reward" in html and 'id="validation"' in html
 
     # a rerun resumes from every cached phase: same numbers, no new training
     mtime = (out / "ilql" / "heads.safetensors").stat().st_mtime
@@ -91,14 +107,14 @@ def test_demo_cli_bad_target(capsys):
 
 def test_demo_resumes_after_a_crash_between_phases(tmp_path, tiny_dir, monkeypatch):
     """A crash after sampling keeps samples and trunk features; the rerun trains from them."""
-    import qvlm.apps.demo as demo
+    import qvlm.apps.demo_train as demo_train
 
     out = tmp_path / "demo"
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "train_value", crash)
+    monkeypatch.setattr(demo_train, "train_value", crash)
     with pytest.raises(KeyboardInterrupt):
         run_demo(small(tiny_dir), out, log=lambda *_: None, progress=False)
     assert (out / "samples.jsonl").is_file() and (out / "features.safetensors").is_file()
@@ -109,3 +125,56 @@ def test_demo_resumes_after_a_crash_between_phases(tmp_path, tiny_dir, monkeypat
     assert any("trunk features kept from sampling" in line for line in logs)
     assert not (out / "features.safetensors").exists()  # removed once both learners trained
     assert "mcq_beta_2" in summary["methods"]
+
+
+def test_choose_shown_is_the_validation_argmax():
+    val = {"a": {"reward_mean": 0.2}, "b": {"reward_mean": 0.5}, "c": {"reward_mean": 0.5}, "d": {"reward_mean": None}}
+    assert choose_shown(val) == "b"  # the first of equals, in order; a missing reward is skipped
+    assert choose_shown({"x": {"reward_mean": float("nan")}, "y": {"reward_mean": -1.0}}) == "y"
+    with pytest.raises(ValueError, match="no validation reward"):
+        choose_shown({"x": {"reward_mean": None}})
+
+
+def test_demo_shows_the_validation_choice_when_eval_prefers_another(tmp_path, tiny_dir, monkeypatch):
+    """Validation favours mcq_beta_2, the eval table favours ilql_beta_4: the page shows mcq_beta_2."""
+    import qvlm.apps.demo as demo
+
+    real_validation, real_eval = demo.validation_phase, demo.eval_phase
+
+    def validation(ctx, methods):
+        rows = real_validation(ctx, methods)
+        return {k: {**m, "reward_mean": 1.0 if k == "mcq_beta_2" else 0.0} for k, m in rows.items()}
+
+    def evaluation(ctx, methods):
+        rows, responses = real_eval(ctx, methods)
+        rows["ilql_beta_4"]["reward_mean"] = 5.0
+        return rows, responses
+
+    monkeypatch.setattr(demo, "validation_phase", validation)
+    monkeypatch.setattr(demo, "eval_phase", evaluation)
+    out = tmp_path / "demo"
+    summary = run_demo(small(tiny_dir), out, log=lambda *_: None, progress=False)
+    shown = summary["shown"]
+    assert shown["method"] == "mcq_beta_2" and shown["eval_argmax"] == "ilql_beta_4"
+    assert shown["chosen_on"] == "validation" and shown["validation_reward"] == 1.0
+    maps = json.loads((out / "value_maps.json").read_text())
+    assert {m["method"] for m in maps} == {"base", "mcq_beta_2"}
+    html = (out / "report.html").read_text()
+    assert "<code>mcq_beta_2</code> scores" in html  # the headline names the validation choice
+    assert "<code>ilql_beta_4</code> scored highest on the eval prompts" in html
+    assert html.count('<span class="method">mcq_beta_2</span>') >= 5  # 5 sample cards (+ value maps)
+
+
+def test_validation_prompts_never_overlap_training():
+    check_splits(resolve(DemoConfig(train_prompts=VAL_START, val_prompts=20)), 219)
+    with pytest.raises(QVLMError, match="--train-prompts is 161"):
+        check_splits(resolve(DemoConfig(train_prompts=VAL_START + 1)), 219)
+    with pytest.raises(QVLMError, match="--val-prompts is 60; .* use --val-prompts 59 or fewer"):
+        check_splits(resolve(DemoConfig(val_prompts=60)), 219)
+    assert resolve(DemoConfig()).val_prompts == 32 and resolve(DemoConfig(quick=True)).val_prompts == 12
+
+
+def test_demo_refuses_overlapping_splits_before_writing(tmp_path):
+    with pytest.raises(QVLMError, match="validation prompts start at training prompt 160"):
+        run_demo(DemoConfig(train_prompts=200), tmp_path / "demo", log=lambda *_: None, progress=False)
+    assert not (tmp_path / "demo").exists()

@@ -1,4 +1,5 @@
-"""Fast tests of the HTML report (fake data, no model) and of the packaged demo prompts."""
+"""Fast tests of the HTML report (fake data, no model), the demo's introduction text, and the
+packaged demo prompts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 
 from qvlm.apps.demo_prompts import load_demo_prompts, load_demo_records
 from qvlm.errors import QVLMError
-from qvlm.report import advantage_color, metrics_table_html, value_map_html
+from qvlm.report import (
+    advantage_color,
+    demo_intro_html,
+    metrics_table_html,
+    report_css,
+    validation_html,
+    value_map_html,
+)
 
 METHODS = {
     "base": {
@@ -18,7 +26,17 @@ METHODS = {
         "kl_to_base": 0.0,
         "distinct_2": 0.7,
         "perplexity": 6.5,
+        "topk_mass": 0.79,
         "cost": 1.0,
+    },
+    "best_of_4": {
+        "reward_mean": 0.3,
+        "reward_ci95": 0.05,
+        "kl_to_base": 0.6362944,
+        "kl_kind": "bound",
+        "distinct_2": 0.7,
+        "perplexity": 6.6,
+        "cost": 4.0,
     },
     "guided-beta-4": {
         "reward_mean": 0.5,
@@ -26,6 +44,8 @@ METHODS = {
         "kl_to_base": 1.2,
         "distinct_2": 0.6,
         "perplexity": 8.0,
+        "topk_mass": 0.9,
+        "kl_kind": "exact",
         "cost": 1.2,
     },
     "ilql-policy": {
@@ -72,6 +92,8 @@ def report_path(tmp_path_factory):
             }
         ],
         config={"beta": 4, "model": "tiny"},
+        validation={"guided-beta-4": {**METHODS["guided-beta-4"], "reward_mean": 0.45}},
+        shown={"method": "guided-beta-4", "chosen_on": "validation", "validation_prompts": 12},
     )
     return path
 
@@ -126,7 +148,77 @@ def test_value_map_rejects_mismatched_lengths():
 def test_metrics_table_marks_best_and_dashes_missing():
     table = metrics_table_html(METHODS)
     assert '<tr class="best"><th scope="row">guided-beta-4</th>' in table
-    assert "—" in table  # ilql-policy has no KL
+    rows = dict(re.findall(r'<th scope="row">([^<]+)</th>(.*?)</tr>', table))
+    # ilql-policy has no CI, no KL and no top-k mass: dashes
+    assert '<span class="ci">± —</span>' in rows["ilql-policy"]
+    assert rows["ilql-policy"].count('<td class="num">—</td>') == 2
+
+
+def test_metrics_table_topk_mass_beside_perplexity_and_kl_labelled():
+    table = metrics_table_html(METHODS, shown="guided-beta-4")
+    heads = re.findall(r"<th[^>]*>([^<]+)</th>", table.split("</thead>")[0])
+    assert heads.index("Top-k mass") == heads.index("Perplexity") + 1
+    cells = re.findall(r'<td class="num">(.*?)</td>', table.split("guided-beta-4", 1)[1].split("</tr>")[0])
+    assert cells[1:6] == ["1.200", "0.600", "8.000", "0.900", "1.200"]  # KL (exact), dist-2, ppl, top-k, cost
+    assert "≤ 0.636" in table  # best-of-4's KL is the bound log 4 - 3/4
+    assert "≤ 1.200" not in table
+    assert table.count('class="tag"') == 1 and 'guided-beta-4 <span class="tag"' in table  # the row shown
+
+
+def test_validation_note_names_the_choice_and_the_eval_argmax():
+    val = {"a": {"reward_mean": 0.5}, "b": {"reward_mean": 0.3}}
+    shown = {"method": "a", "chosen_on": "validation", "validation_prompts": 12}
+    note = validation_html(val, shown, {"a": {"reward_mean": 0.2}, "b": {"reward_mean": 0.4}, "base": {}})
+    assert "<code>a</code>, was chosen by its mean reward on 12 validation prompts" in note
+    assert "Among the methods below, <code>b</code> scored highest on the eval prompts (0.400, against 0.200" in note
+    same = validation_html(val, shown, {"a": {"reward_mean": 0.4}, "b": {"reward_mean": 0.2}})
+    assert "scored highest" not in same
+
+
+DEMO_CONFIG = {
+    "model": "tiny",
+    "samples_per_prompt": 8,
+    "max_new_tokens": 16,
+    "train_prompts": 32,
+    "val_prompts": 12,
+    "eval_prompts": 20,
+    "ilql_cql_scale": 0.0,
+    "guidance_top_k": 20,
+}
+
+
+def test_demo_intro_fills_every_field_and_headlines_the_validation_choice():
+    methods = {
+        "base": {**METHODS["base"], "kl_kind": "exact"},
+        "best_of_4": METHODS["best_of_4"],
+        "mcq_beta_8": {**METHODS["guided-beta-4"], "reward_mean": 0.2},
+        "ilql_beta_16": METHODS["guided-beta-4"],
+    }
+    metrics = {
+        "methods": methods,
+        "validation": {"mcq_beta_8": {"reward_mean": 0.6, "reward_ci95": 0.1}},
+        "shown": {"method": "mcq_beta_8", "chosen_on": "validation"},
+        "reward": "vader",
+    }
+    intro = demo_intro_html(metrics, DEMO_CONFIG)
+    assert "{" not in intro and "}" not in intro  # no unformatted f-string fields
+    assert "same 20 held-out eval prompts" in intro and "on 12 validation prompts" in intro
+    assert "to or from the other tokens" not in intro  # centring does move mass onto the candidates
+    assert "top-k mass" in intro
+    assert "Chosen on validation (reward 0.600 ± 0.100), <code>mcq_beta_8</code> scores 0.200 ± 0.040" in intro
+    assert "falls short of best-of-4" in intro
+    assert "a KL of 1.20 nats per response to the base model (best-of-4: a KL of at most 0.64 nats" in intro
+    assert "puts 0.90 of its mass on the top-20 tokens (base: 0.79)" in intro
+    no_shown = demo_intro_html({**metrics, "shown": None}, DEMO_CONFIG)
+    assert "Headline" not in no_shown and "{" not in no_shown
+
+
+def test_report_css_is_package_data_inlined_in_the_page(report_path):
+    css = report_css()
+    assert "table.metrics" in css and ".tag" in css
+    page = report_path.read_text(encoding="utf-8")
+    assert f"<style>{css}</style>" in page
+    assert 'id="validation"' in page and "Validation: how the method shown was chosen" in page
 
 
 def test_demo_prompts_splits():

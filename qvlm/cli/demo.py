@@ -30,12 +30,25 @@ def run(args) -> int:
 
     cfg = config_from_args(DemoConfig, args)
     summary = run_demo(cfg, args.out)
-    methods = summary["methods"]
-    print(f"\n{'method':<20} {'reward':>8} {'+-95%':>7} {'KL':>7} {'dist-2':>7} {'ppl':>7} {'cost':>6} {'time':>6}")
-    for name, m in methods.items():
+
+    def num(x, width: int, digits: int) -> str:  # None (not finite, or not tracked) prints as a dash
+        return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
+
+    print(
+        f"\n{'method':<20} {'reward':>8} {'+-95%':>7} {'KL':>8} {'dist-2':>7} {'ppl':>7} {'top-k':>6} "
+        f"{'cost':>6} {'time':>6}"
+    )
+    for name, m in summary["methods"].items():
+        kl = ("<=" if m.get("kl_kind") == "bound" else "  ") + num(m["kl_to_base"], 6, 2)
         print(
-            f"{name:<20} {m['reward_mean']:>8.3f} {m['reward_ci95']:>7.3f} {m['kl_to_base']:>7.2f} "
-            f"{m['distinct_2']:>7.3f} {m['perplexity']:>7.2f} {m['cost']:>6.2f} {m['time_ratio']:>6.2f}"
+            f"{name:<20} {num(m['reward_mean'], 8, 3)} {num(m['reward_ci95'], 7, 3)} {kl} "
+            f"{num(m['distinct_2'], 7, 3)} {num(m['perplexity'], 7, 2)} {num(m.get('topk_mass'), 6, 2)} "
+            f"{num(m['cost'], 6, 2)} {num(m.get('time_ratio'), 6, 2)}"
         )
-    print(f"\nreport: {args.out}/report.html   metrics: {args.out}/metrics.json")
+    shown = summary["shown"]
+    print(
+        f"\nshown in the report: {shown['method']}, chosen on {shown['validation_prompts']} validation prompts "
+        f"(reward {num(shown['validation_reward'], 0, 3).strip()}); KL <= is the best-of-N bound"
+    )
+    print(f"report: {args.out}/report.html   metrics: {args.out}/metrics.json")
     return 0

@@ -32,7 +32,7 @@ def run(args) -> int:
     import json
 
     from qvlm.errors import QVLMError
-    from qvlm.eval.metrics import distinct_n, evaluate_decoding
+    from qvlm.eval.metrics import distinct_n, evaluate_decoding, json_safe
     from qvlm.fileio import atomic_write_text
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
@@ -67,6 +67,7 @@ def run(args) -> int:
     if args.json:
         atomic_write_text(
             args.json,
-            json.dumps({"reward": args.reward, "n_prompts": len(prompts), "methods": methods}, indent=2) + "\n",
+            json.dumps(json_safe({"reward": args.reward, "n_prompts": len(prompts), "methods": methods}), indent=2)
+            + "\n",
         )
     return 0

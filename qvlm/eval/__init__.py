@@ -1,2 +1,3 @@
-"""Evaluation: reward with a 95% CI, KL to the base model, distinct-n, perplexity
-(:mod:`qvlm.eval.metrics`), and per-token value maps (:mod:`qvlm.eval.valuemap`)."""
+"""Evaluation: reward with a 95% CI (Student's t for every n), KL to the base model (exact or a
+bound, labelled), distinct-n, perplexity, top-k mass (:mod:`qvlm.eval.metrics`), and per-token value
+maps (:mod:`qvlm.eval.valuemap`)."""

@@ -1,0 +1,162 @@
+"""The demo's learning phases: sample and score the offline data, then train ILQL heads and a
+Monte-Carlo prefix scorer on the frozen trunk (one shared feature cache). Both phases are cached in
+the output directory and resume after an interruption."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qvlm.algos.ilql import train_ilql
+from qvlm.algos.value import train_value
+from qvlm.apps.demo_context import DemoContext
+from qvlm.configs import ILQLConfig, TrunkConfig, ValueConfig
+from qvlm.decoding import generate
+from qvlm.heads import load_heads
+from qvlm.mdp import Sample, read_samples, write_samples
+from qvlm.model import QVModel
+from qvlm.train.metrics import read_history
+
+__all__ = ["Learners", "sample_phase", "train_phase"]
+
+Features = tuple[list[list[int]], list[torch.Tensor]]  # (token ids, trunk hidden states) per sample
+
+
+@dataclass
+class Learners:
+    """The trained heads: ILQL's and the Monte-Carlo prefix scorer's, and their loss curves."""
+
+    ilql: QVModel
+    scorer: QVModel
+    history: dict[str, list[tuple[int, float]]]  # {"ILQL q": [(step, loss), ...], "Monte-Carlo v": ...}
+
+
+def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
+    """Sample and score the offline data: ``samples_per_prompt`` base responses to each training prompt.
+
+    Each prompt is prefilled once for its responses, and the trunk's hidden states are kept while
+    decoding: the frozen-trunk learners need no second pass. The task has a fixed horizon: the reward
+    scores exactly the first max_new_tokens tokens (as in evaluation), so a response cut there is a
+    terminal state, not a truncation to bootstrap past.
+    """
+    cfg, log = ctx.cfg, ctx.log
+    samples_file = ctx.phase("samples.jsonl")
+    features_file = ctx.out / "features.safetensors"  # kept until both learners are trained (for resume)
+    features = None
+    if samples_file.is_file():
+        samples = read_samples(samples_file)
+        log(f"  cached: {len(samples)} samples")
+        if features_file.is_file():
+            features = _load_features(features_file)
+        return samples, features
+    prompts = [p for p in ctx.train_prompts for _ in range(cfg.samples_per_prompt)]
+    sample_cfg = dataclasses.replace(ctx.decode, num_return_sequences=cfg.samples_per_prompt)
+    res = generate(
+        ctx.model, ctx.tokenizer, ctx.train_prompts, cfg=sample_cfg, progress=ctx.progress, return_hidden=True
+    )
+    rewards = ctx.score(prompts, res.texts)
+    samples = [
+        Sample(p, t, r, finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
+        for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)
+    ]
+    features = ([p + r for p, r in zip(res.prompt_ids, res.response_ids)], res.hidden)
+    _save_features(features_file, *features)
+    write_samples(samples_file, samples)
+    log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
+    return samples, features
+
+
+def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | None) -> Learners:
+    """ILQL heads and a Monte-Carlo prefix scorer, on the frozen trunk with one shared feature cache."""
+    cfg, model, tokenizer, log = ctx.cfg, ctx.model, ctx.tokenizer, ctx.log
+    ilql = QVModel.from_trunk(
+        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+    )
+    ilql_cfg = ILQLConfig(
+        epochs=cfg.ilql_epochs,
+        batch_size=8,
+        max_length=512,
+        seed=cfg.seed,
+        progress=ctx.progress,
+        cql_scale=cfg.ilql_cql_scale,
+    )
+    if features is not None:
+        primed = ilql.prime_features(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
+        log(
+            f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
+            "(the rest re-tokenise differently and are recomputed)"
+        )
+    history = _train_or_load(
+        ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
+    )
+    scorer = QVModel.from_trunk(
+        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+    )
+    scorer.share_feature_cache(ilql)  # same trunk, same tokens: reuse the features
+    # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
+    # epochs and lr were chosen on held-out training prompts, never on the evaluation split
+    value_cfg = ValueConfig(
+        epochs=cfg.value_epochs,
+        lr=3e-3,
+        batch_size=8,
+        max_length=512,
+        seed=cfg.seed,
+        progress=ctx.progress,
+        q_target=cfg.mc_q_target,
+    )
+    v_history = _train_or_load(
+        ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
+    )
+    (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
+    ilql.clear_cache()
+    return Learners(ilql, scorer, loss_curves(history, v_history))
+
+
+def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple[int, float]]]:
+    """The loss terms worth plotting: ILQL's (not its total) and the Monte-Carlo heads', named by
+    learner; a term switched off logs zeros and is left out."""
+    curves = {
+        "ILQL " + k[len("losses/") :]: v
+        for k, v in ilql_history.items()
+        if k.startswith("losses/") and k != "losses/total"
+    }
+    curves.update(
+        {"Monte-Carlo " + k[len("losses/") :]: v for k, v in value_history.items() if k.startswith("losses/")}
+    )
+    return {k: v for k, v in curves.items() if any(x != 0 for _, x in v)}
+
+
+def _save_features(path: Path, token_ids: list[list[int]], hidden: list[torch.Tensor]) -> None:
+    """Trunk features kept while sampling, as safetensors (written to a temporary file, renamed)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, (ids, h) in enumerate(zip(token_ids, hidden)):
+        tensors[f"{i}.ids"] = torch.tensor(ids, dtype=torch.long)
+        tensors[f"{i}.h"] = h.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def _load_features(path: Path) -> Features:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    n = len(tensors) // 2
+    return [tensors[f"{i}.ids"].tolist() for i in range(n)], [tensors[f"{i}.h"] for i in range(n)]
+
+
+def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
+    name = run_dir.name
+    if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
+        log(f"[train {name}] cached")
+        model.heads.load_state_dict(load_heads(run_dir).state_dict())
+        return read_history(run_dir / "metrics.jsonl")
+    resume = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
+    log(f"[train {name}] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
+    return train(run_dir, resume)
