@@ -112,7 +112,8 @@ class QVModel(nn.Module):
         batch = batch.to(self.device)
         T = batch.state_positions.shape[1]
         cached = self.feature_cache.lookup(batch) if self.feature_cache is not None else None  # (B, T+1, H)
-        if cached is not None:
+        if cached is not None:  # features kept in another dtype (the model was cast since) follow the trunk
+            cached = cached.to(self.trunk.get_output_embeddings().weight.dtype)
             return cached[:, :T], cached[:, 1:]
         with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
             h, _ = trunk_hidden_states(self.trunk, batch.input_ids, batch.attention_mask)  # (B, L, H)

@@ -16,9 +16,11 @@ from qvlm.algos.value import train_value
 from qvlm.apps.demo_context import DemoContext
 from qvlm.configs import ILQLConfig, TrunkConfig, ValueConfig
 from qvlm.decoding import generate
+from qvlm.features import FeatureCache, load_features, save_features
 from qvlm.heads import load_heads
 from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.model import QVModel
+from qvlm.train.checkpoint import has_checkpoint
 from qvlm.train.metrics import read_history
 
 __all__ = ["Learners", "sample_phase", "train_phase"]
@@ -51,7 +53,7 @@ def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
         samples = read_samples(samples_file)
         log(f"  cached: {len(samples)} samples")
         if features_file.is_file():
-            features = _load_features(features_file)
+            features = load_features(features_file)
         return samples, features
     prompts = [p for p in ctx.train_prompts for _ in range(cfg.samples_per_prompt)]
     sample_cfg = dataclasses.replace(ctx.decode, num_return_sequences=cfg.samples_per_prompt)
@@ -64,7 +66,7 @@ def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
         for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)
     ]
     features = ([p + r for p, r in zip(res.prompt_ids, res.response_ids)], res.hidden)
-    _save_features(features_file, *features)
+    save_features(features_file, *features)
     write_samples(samples_file, samples)
     log(f"  {len(samples)} samples, mean reward {sum(rewards) / len(rewards):.3f}")
     return samples, features
@@ -73,8 +75,14 @@ def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
 def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | None) -> Learners:
     """ILQL heads and a Monte-Carlo prefix scorer, on the frozen trunk with one shared feature cache."""
     cfg, model, tokenizer, log = ctx.cfg, ctx.model, ctx.tokenizer, ctx.log
+    cache = FeatureCache()  # same trunk, same tokens: both learners read one cache of trunk features
     ilql = QVModel.from_trunk(
-        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+        model,
+        TrunkConfig("frozen"),
+        head_hidden=cfg.head_hidden,
+        base_model=cfg.model,
+        q_head=cfg.q_head,
+        feature_cache=cache,
     )
     ilql_cfg = ILQLConfig(
         epochs=cfg.ilql_epochs,
@@ -85,7 +93,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         cql_scale=cfg.ilql_cql_scale,
     )
     if features is not None:
-        primed = ilql.prime_features(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
+        primed = cache.prime(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
         log(
             f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
             "(the rest re-tokenise differently and are recomputed)"
@@ -94,9 +102,13 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
     )
     scorer = QVModel.from_trunk(
-        model, TrunkConfig("frozen"), head_hidden=cfg.head_hidden, base_model=cfg.model, q_head=cfg.q_head
+        model,
+        TrunkConfig("frozen"),
+        head_hidden=cfg.head_hidden,
+        base_model=cfg.model,
+        q_head=cfg.q_head,
+        feature_cache=cache,
     )
-    scorer.share_feature_cache(ilql)  # same trunk, same tokens: reuse the features
     # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
     # epochs and lr were chosen on held-out training prompts, never on the evaluation split
     value_cfg = ValueConfig(
@@ -112,7 +124,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
     )
     (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
-    ilql.clear_cache()
+    cache.clear()
     return Learners(ilql, scorer, loss_curves(history, v_history))
 
 
@@ -130,33 +142,12 @@ def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple
     return {k: v for k, v in curves.items() if any(x != 0 for _, x in v)}
 
 
-def _save_features(path: Path, token_ids: list[list[int]], hidden: list[torch.Tensor]) -> None:
-    """Trunk features kept while sampling, as safetensors (written to a temporary file, renamed)."""
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for i, (ids, h) in enumerate(zip(token_ids, hidden)):
-        tensors[f"{i}.ids"] = torch.tensor(ids, dtype=torch.long)
-        tensors[f"{i}.h"] = h.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
-
-
-def _load_features(path: Path) -> Features:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    n = len(tensors) // 2
-    return [tensors[f"{i}.ids"].tolist() for i in range(n)], [tensors[f"{i}.h"] for i in range(n)]
-
-
 def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
     name = run_dir.name
     if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
         log(f"[train {name}] cached")
         model.heads.load_state_dict(load_heads(run_dir).state_dict())
         return read_history(run_dir / "metrics.jsonl")
-    resume = (run_dir / "checkpoint" / "trainer_state.pt").is_file()
+    resume = has_checkpoint(run_dir)
     log(f"[train {name}] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
     return train(run_dir, resume)
