@@ -2,37 +2,40 @@
 
 import importlib
 import inspect
+import pkgutil
 
-MODULES = [
-    "qvlm.errors",
-    "qvlm.fileio",
-    "qvlm.configs",
-    "qvlm.mdp",
-    "qvlm.returns",
-    "qvlm.losses",
-    "qvlm.heads",
-    "qvlm.loading",
-    "qvlm.testing",
-    "qvlm.trunk",
-    "qvlm.model",
-    "qvlm.decoding.sampling",
-    "qvlm.decoding.guidance",
-    "qvlm.decoding.blockwise",
-    "qvlm.decoding.best_of_n",
-    "qvlm.rewards",
-    "qvlm.train.loop",
-    "qvlm.train.checkpoint",
-    "qvlm.train.metrics",
-    "qvlm.algos.ilql",
-    "qvlm.algos.value",
-    "qvlm.exact.solver",
-    "qvlm.exact.learners",
-    "qvlm.eval.metrics",
-    "qvlm.eval.valuemap",
-    "qvlm.report.page",
-    "qvlm.apps.demo",
-    "qvlm.apps.demo_prompts",
+import qvlm
+
+# every module of the package, in layout order (pure maths first), except the CLI and private modules
+_ORDER = [
+    "errors",
+    "fileio",
+    "configs",
+    "mdp",
+    "returns",
+    "losses",
+    "heads",
+    "loading",
+    "testing",
+    "trunk",
+    "model",
+    "features",
+    "progress",
+    "rollout",
+    "decoding",
+    "rewards",
+    "train",
+    "algos",
+    "exact",
+    "eval",
+    "report",
+    "apps",
 ]
+MODULES = sorted(
+    (m.name for m in pkgutil.walk_packages(qvlm.__path__, "qvlm.") if not m.ispkg or m.name == "qvlm.rewards"),
+    key=lambda n: (_ORDER.index(n.split(".")[1]) if n.split(".")[1] in _ORDER else len(_ORDER), n),
+)
+MODULES = [n for n in MODULES if ".cli" not in n and not n.split(".")[-1].startswith("_")]
 
 print("| module | name | what it is |\n|---|---|---|")
 seen = set()
