@@ -7,11 +7,12 @@ Rows (each at every batch size, same prompts, same number of new tokens per row)
 3. ``qvlm beta=1``            :func:`qvlm.decoding.generate` with Q/V heads (random weights; speed
                               does not depend on them).
 4. ``hf-generate + processor`` HF ``generate`` with :class:`ValueGuidanceLogitsProcessor`, beta=1.
-5. ``naive no-cache loop``    a hand-written guided loop that re-runs the whole model on the whole
-                              sequence every step (no KV cache, full logits, ``output_hidden_states``)
-                              and applies the heads to the last hidden state. This is what a loop
-                              without a cache costs; it is not trlx's own ``generate`` (which
-                              keeps a cache). Its cost grows with length, so it runs
+5. ``naive no-cache loop``    the guided loop on the decoding step's no-cache mode
+                              (``sample_rollout(..., use_cache=False)``): it re-runs the whole model
+                              on the whole sequence every step (no KV cache, logits at every
+                              position) and applies the heads to the last hidden state. This is
+                              what a hand loop without a cache costs; it is not trlx's own
+                              ``generate`` (which keeps a cache). Its cost grows with length, so it runs
                               ``--naive-new-tokens`` tokens (default: min(new tokens, 8)) and its
                               tokens/s is optimistic compared with a full-length run.
 
@@ -54,7 +55,7 @@ import torch
 import transformers
 from transformers import LogitsProcessorList
 
-from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad
+from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad, sample_rollout
 from qvlm.loading import DEFAULT_MODEL, load_model
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
@@ -116,24 +117,16 @@ def qvlm_generate(model, tokenizer, heads, beta: float):
     return run
 
 
-def naive_loop(model, heads, pad_id, beta: float):
-    """Guided sampling with a full forward over the whole sequence each step (no KV cache)."""
+def naive_loop(model, tokenizer, heads, beta: float):
+    """Guided sampling that re-runs the whole sequence every step (no KV cache, logits at every
+    position): :func:`qvlm.decoding.sample_rollout` on the decoding step's no-cache mode."""
 
     def run(prompts: list[list[int]], n: int) -> int:
-        ids, mask = left_pad(prompts, pad_id)
-        start = ids.shape[1]
-        for _ in range(n):
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, output_hidden_states=True
-            )
-            logits = out.logits[:, -1].float()
-            h = out.hidden_states[-1][:, -1]
-            scores = logits + beta * heads.advantages(h).float()
-            nxt = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
-            ids = torch.cat([ids, nxt], dim=1)
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        return int(ids[:, start:].numel())
+        cfg = DecodeConfig(max_new_tokens=n, do_sample=True, top_k=0, beta=beta, batch_size=len(prompts))
+        rollout = sample_rollout(
+            model, tokenizer, prompts, heads, cfg, logprobs=False, ref_logprobs=False, use_cache=False
+        )
+        return int(rollout.response_mask.sum())
 
     return run
 
@@ -301,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         (HF_PROC, "guided", hf_generate(model, pad_id, unreachable_eos, ValueGuidanceLogitsProcessor(heads, 1.0))),
     ]
     if not args.skip_naive:
-        methods.append((NAIVE, "naive", naive_loop(model, heads, pad_id, 1.0)))
+        methods.append((NAIVE, "naive", naive_loop(model, tokenizer, heads, 1.0)))
 
     rows: list[dict] = []
     load_before = os.getloadavg()

@@ -3,8 +3,8 @@ sample K candidate blocks of a few tokens from the base model, keep the one whos
 the highest ``V``, repeat.
 
 All K candidates of all prompts decode together in one batch that shares one KV cache: each
-prompt is prefilled once, and at each block boundary the cache rows of the winners are selected and repeated K times
-(``DynamicCache.reorder_cache``), so no prefix is ever recomputed. The forward pass that scores a
+prompt is prefilled once, and at each block boundary the cache rows of the winners are selected
+and repeated K times (:meth:`qvlm.decoding.step.DecodeStep.select`), so no prefix is ever recomputed. The forward pass that scores a
 candidate's end state is the one that computes the next step's logits anyway: V costs one small
 head per token.
 """
@@ -12,15 +12,14 @@ head per token.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from qvlm.configs import DecodeConfig
 from qvlm.decoding.best_of_n import best_of_n_kl_bound
 from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
+from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 from qvlm.progress import progress as progress_bar
-from qvlm.trunk import trunk_hidden_states
 
 __all__ = ["blockwise_generate"]
 
@@ -61,37 +60,32 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     pad_id, eos, ids, mask = batch_inputs(model, tokenizer, prompt_ids)  # (B, L): each prompt is prefilled once
     device, B = ids.device, ids.shape[0]
     warp = warpers(cfg)
-    lm_head = model.get_output_embeddings()
-    cache = DynamicCache()
+    decoder = DecodeStep(model)
     unfinished = torch.ones(B * K, dtype=torch.bool, device=device)
     live = unfinished  # candidates whose last fed token is a real, non-EOS token
     generated = ids.repeat_interleave(K, 0)  # (B*K, L)
     base_lp = torch.zeros((B * K, 0), device=device)
-    step_input = ids
     score_h = None  # (B*K, H): hidden state of each candidate's last non-EOS token
-    n_blocks = 0
+    winners = None  # (B,): set once the winners are known
+    next_tokens = None  # (B*K,): the tokens written last
     for step in range(cfg.max_new_tokens):
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
-        h, _ = trunk_hidden_states(
-            model, step_input, mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        # the prompt's K candidates share its prefilled cache rows
+        out = (
+            decoder.prefill(ids, mask, repeat=K, logits=False) if step == 0 else decoder.step(next_tokens, logits=False)
         )
-        h_last = h[:, -1]  # (B*K, H)
-        if step == 0 and K > 1:  # the prompt's K candidates share its prefilled cache rows
-            cache.batch_repeat_interleave(K)
-            mask, h_last = mask.repeat_interleave(K, 0), h_last.repeat_interleave(K, 0)
+        h_last = out.hidden  # (B*K, H)
         score_h = h_last if score_h is None else torch.where(live[:, None], h_last, score_h)
         if step > 0 and step % block_size == 0:
             # keep the best candidate of each prompt by V of its end state; repeat it K times
-            n_blocks += 1
             v = heads.values(score_h).view(B, K)  # (B, K)
-            winners = torch.arange(B, device=device) * K + v.argmax(1)  # (B,)
-            keep = winners.repeat_interleave(K)  # (B*K,)
-            cache.reorder_cache(keep)
-            generated, mask, unfinished = generated[keep], mask[keep], unfinished[keep]
+            keep = (torch.arange(B, device=device) * K + v.argmax(1)).repeat_interleave(K)  # (B*K,)
+            decoder.select(keep)
+            generated, unfinished = generated[keep], unfinished[keep]
             base_lp, h_last, score_h = base_lp[keep], h_last[keep], score_h[keep]
             if not unfinished.any():
+                winners = torch.arange(B, device=device) * K  # all K rows of a prompt are its winner now
                 break
-        logits = lm_head(h_last[:, None])[:, -1].to(torch.float32)  # (B*K, V)
+        logits = decoder.logits(h_last)  # (B*K, V)
         scores = warp(generated, logits)
         next_tokens = torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1) if cfg.do_sample else scores.argmax(-1)
         lp = torch.log_softmax(logits, -1).gather(-1, next_tokens[:, None])
@@ -101,20 +95,13 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
         live = unfinished & ~torch.isin(next_tokens, eos)
         unfinished = live
         generated = torch.cat([generated, next_tokens[:, None]], 1)
-        mask = torch.cat([mask, mask.new_ones((B * K, 1))], 1)
-        step_input = next_tokens[:, None]
         if not unfinished.any() and (step + 1) % block_size == 0:
             break
-    # the final (possibly partial) block: choose among candidates as at every boundary
-    if score_h is not None and K > 1:
-        h, _ = trunk_hidden_states(
-            model, step_input, mask, position_ids=(mask.cumsum(-1) - 1)[:, -1:], past_key_values=cache, use_cache=True
-        )
-        score_h = torch.where(live[:, None], h[:, -1], score_h)
-        v = heads.values(score_h).view(B, K)
-        winners = torch.arange(B, device=device) * K + v.argmax(1)
-        n_blocks += 1
-    else:
+    if winners is None and K > 1:
+        # the final (possibly partial) block: choose among candidates as at every boundary
+        score_h = torch.where(live[:, None], decoder.step(next_tokens, logits=False).hidden, score_h)
+        winners = torch.arange(B, device=device) * K + heads.values(score_h).view(B, K).argmax(1)
+    elif winners is None:
         winners = torch.arange(B, device=device) * K
     new = generated[winners, ids.shape[1] :].tolist()
     lps = base_lp[winners].tolist()

@@ -1,13 +1,16 @@
-"""Value-guided decoding: sample from ``log pi_ref + beta * (Q - V)`` (DESIGN.md).
+"""Decoding loops on :class:`qvlm.decoding.step.DecodeStep`: plain and value-guided sampling from
+``log pi_ref + beta * (Q - V)`` (DESIGN.md).
 
 Two ways in:
 
-- :func:`generate`: a KV-cached loop, batched with left padding, each row stopping at its own
-  EOS. It runs the decoder once per step, reads the last hidden state for both the LM head and the
-  Q/V heads, and can record exact per-token KL to the base model.
-- :class:`ValueGuidanceLogitsProcessor`: the same guidance inside ``model.generate``. A forward
-  hook on the decoder captures the last hidden state of each step, so the heads cost no second
-  trunk pass.
+- :func:`sample_rollout`: a KV-cached loop, batched with left padding, each row stopping at its own
+  EOS, into a :class:`qvlm.rollout.Rollout` (tensors on the device). It runs the decoder once per
+  step, reads the last hidden state for both the LM head and the Q/V heads, and records what is
+  asked for: the sampled tokens' log-probs under the sampling and the base distributions, ``V(s_t)``,
+  exact per-token KL to the base model, hidden states. :func:`generate` returns the same as lists
+  and texts (:class:`GenerationResult`).
+- :class:`qvlm.decoding.guidance.ValueGuidanceLogitsProcessor`: the same guidance inside
+  ``model.generate``.
 
 The guided scores are ``logits + beta * (Q - V)``: ``log pi_ref`` is ``logits`` minus a constant per
 state, which softmax ignores. So with ``beta = 0`` the scores are the raw logits bit for bit, and
@@ -21,7 +24,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import (
-    DynamicCache,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -31,17 +33,19 @@ from transformers import (
 )
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding.guidance import guided_scores
+from qvlm.decoding.guidance import candidate_mass, guided_scores
+from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 from qvlm.mdp import encode_prompt
 from qvlm.progress import progress as progress_bar
-from qvlm.trunk import trunk_hidden_states
+from qvlm.rollout import Rollout
 
 __all__ = [
     "DecodeConfig",
     "GenerationResult",
     "generate",
+    "sample_rollout",
     "left_pad",
     "cut_at_eos",
     "warpers",
@@ -64,6 +68,25 @@ class GenerationResult:
     # with return_hidden: per response, the trunk's last hidden states of s_1 .. s_{T+1}, (T + 1, H),
     # the features a frozen-trunk learner trains on (QVModel.prime_features)
     hidden: list[torch.Tensor] = field(default_factory=list)
+    # with track_kl and guidance_top_k: per response, the mean over its steps of the sampling
+    # distribution's mass on the base model's guidance_top_k likeliest tokens
+    topk_mass: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_rollout(cls, rollout: Rollout, tokenizer: PreTrainedTokenizerBase) -> GenerationResult:
+        """Lists and texts from a rollout; ``base_logprobs`` from its ``ref_logprobs``."""
+        response_ids = rollout.response_lists()
+        lengths = [len(r) for r in response_ids]
+        result = cls(rollout.prompt_lists(), response_ids, rollout.texts(tokenizer), rollout.finished.tolist())
+        if rollout.kl is not None:
+            result.kl = rollout.kl.tolist()
+        if rollout.ref_logprobs is not None:
+            result.base_logprobs = [row[:n] for row, n in zip(rollout.ref_logprobs.tolist(), lengths)]
+        if rollout.hidden is not None:
+            result.hidden = [h[: n + 1].clone() for h, n in zip(rollout.hidden, lengths)]
+        if rollout.topk_mass is not None:
+            result.topk_mass = rollout.topk_mass.tolist()
+        return result
 
 
 def warpers(cfg: DecodeConfig) -> LogitsProcessorList:
@@ -127,6 +150,67 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], cfg: DecodeC
     return encoded
 
 
+def batch_inputs(model, tokenizer, prompt_ids: list[list[int]]):
+    """One decoding batch's set-up: ``pad_id``, EOS ids and the left-padded prompts, on the model's device."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
+    return pad_id, _eos_ids(model, tokenizer).to(device), input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str] | list[list[int]],
+    heads: QVHeads | None = None,
+    cfg: DecodeConfig | None = None,
+    track_kl: bool = False,
+    return_hidden: bool = False,
+    progress: bool = False,
+    logprobs: bool = True,
+    ref_logprobs: bool = True,
+    values: bool = False,
+    use_cache: bool = True,
+) -> Rollout:
+    """Decode ``cfg.num_return_sequences`` responses for each of ``prompts`` (strings, encoded with
+    the chat template, or token ids) into a :class:`qvlm.rollout.Rollout` on the model's device.
+
+    Each prompt is prefilled once and its KV cache shared by its responses (Hugging Face
+    ``generate`` prefills every copy). Recorded per step, each only when asked for:
+    ``logprobs``: log-prob of the sampled token under the distribution it was drawn from (guided
+    scores after the warpers; for greedy, the guided scores); ``ref_logprobs``: under the base
+    model; ``values``: ``V(s_t)`` from ``heads``; ``track_kl``: per response, the summed KL of the
+    sampling distribution to the base (and, with ``cfg.guidance_top_k``, the mean mass it puts on
+    the base model's top k); ``return_hidden``: the hidden states of ``s_1 .. s_{T+1}`` (one extra
+    decoder step for the last), so a frozen-trunk learner needs no second pass over the data.
+    ``use_cache=False`` re-runs the whole sequence every step (the benchmark's reference).
+    """
+    cfg = cfg or DecodeConfig()
+    if cfg.beta != 0 and heads is None:
+        raise QVLMError(f"beta is {cfg.beta} but no heads were given; pass trained heads or beta=0")
+    if values and heads is None:
+        raise QVLMError("values=True needs heads (V(s_t) comes from their V head); pass heads or values=False")
+    encoded = encode_prompts(tokenizer, prompts, cfg, model)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    record = dict(
+        track_kl=track_kl,
+        return_hidden=return_hidden,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        use_cache=use_cache,
+    )
+    per_batch = max(1, cfg.batch_size // cfg.num_return_sequences)  # batch_size counts responses decoded together
+    starts = range(0, len(encoded), per_batch)
+    batches = [
+        _sample_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record)
+        for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch")
+    ]
+    return Rollout.cat(batches)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -139,109 +223,115 @@ def generate(
     return_hidden: bool = False,
 ) -> GenerationResult:
     """Decode ``cfg.num_return_sequences`` responses for each of ``prompts`` (strings, encoded with
-    the chat template, or token ids).
+    the chat template, or token ids): :func:`sample_rollout`, as lists and texts.
 
-    Each prompt is prefilled once and its KV cache shared by its responses (Hugging Face
-    ``generate`` prefills every copy). ``return_hidden`` also returns, per response, the hidden
-    states of its states ``s_1 .. s_{T+1}`` (one extra decoder step for the last), so a frozen-trunk
-    learner needs no second pass over the data.
+    ``track_kl`` fills ``kl``, ``base_logprobs`` (and ``topk_mass`` with ``cfg.guidance_top_k``);
+    ``return_hidden`` fills ``hidden``.
     """
-    cfg = cfg or DecodeConfig()
-    if cfg.beta != 0 and heads is None:
-        raise QVLMError(f"beta is {cfg.beta} but no heads were given; pass trained heads or beta=0")
-    encoded = encode_prompts(tokenizer, prompts, cfg, model)
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-    n = cfg.num_return_sequences
-    result = GenerationResult([p for p in encoded for _ in range(n)], [], [], [])
-
-    per_batch = max(1, cfg.batch_size // n)  # batch_size counts responses decoded together
-    starts = range(0, len(encoded), per_batch)
-    for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch"):
-        _decode_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, track_kl, return_hidden, result)
-    return result
-
-
-def batch_inputs(model, tokenizer, prompt_ids: list[list[int]]):
-    """One decoding batch's set-up: ``pad_id``, EOS ids and the left-padded prompts, on the model's device."""
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
-    return pad_id, _eos_ids(model, tokenizer).to(device), input_ids.to(device), attention_mask.to(device)
+    rollout = sample_rollout(
+        model,
+        tokenizer,
+        prompts,
+        heads,
+        cfg,
+        track_kl=track_kl,
+        return_hidden=return_hidden,
+        progress=progress,
+        logprobs=False,
+        ref_logprobs=track_kl,
+    )
+    return GenerationResult.from_rollout(rollout, tokenizer)
 
 
-def _decode_batch(model, tokenizer, prompt_ids, heads, cfg, track_kl, return_hidden, result) -> None:
+def _sample_batch(
+    model, tokenizer, prompt_ids, heads, cfg, *, track_kl, return_hidden, logprobs, ref_logprobs, values, use_cache
+) -> Rollout:
     pad_id, eos, input_ids, attention_mask = batch_inputs(model, tokenizer, prompt_ids)
     device = input_ids.device
     n = cfg.num_return_sequences
-    prompt_len = input_ids.shape[1]
     B = input_ids.shape[0] * n
     warp = warpers(cfg)
-    cache = DynamicCache()
-    lm_head = model.get_output_embeddings()
+    topk = cfg.guidance_top_k if track_kl else 0
+    decoder = DecodeStep(model, use_cache=use_cache)
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     generated = input_ids.repeat_interleave(n, 0)
-    step_input = input_ids
     kl = torch.zeros(B, device=device)
-    base_lp: list[torch.Tensor] = []
-    states: list[torch.Tensor] = []  # (B, H) per step, with return_hidden
+    mass = torch.zeros(B, device=device)
+    # per step (B,): response mask, log-probs, ref log-probs, values; (B, H): hidden states
+    next_tokens = None  # (B,): the tokens written last
+    steps: dict[str, list[torch.Tensor]] = {"mask": [], "logprobs": [], "ref_logprobs": [], "values": [], "hidden": []}
     for step in range(cfg.max_new_tokens + 1):
         # after the last token, one more decoder step only to read the features of s_{T+1}
         last = step == cfg.max_new_tokens or not unfinished.any()
         if last and not return_hidden:
             break
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1] :]
-        h, _ = trunk_hidden_states(
-            model,
-            step_input,
-            attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        h_last = h[:, -1]  # (B or B / n, H)
-        if step == 0 and n > 1:  # one prefill per prompt; its responses share the cache rows
-            cache.batch_repeat_interleave(n)
-            attention_mask = attention_mask.repeat_interleave(n, 0)
-            h_last = h_last.repeat_interleave(n, 0)
+        if step == 0:
+            out = decoder.prefill(input_ids, attention_mask, repeat=n, logits=not last)
+        else:
+            out = decoder.step(next_tokens, logits=not last)
         if return_hidden:
-            states.append(h_last)
+            steps["hidden"].append(out.hidden)
         if last:
             break
-        logits = lm_head(h_last[:, None])[:, -1].to(torch.float32)  # (B, V)
+        logits = out.logits  # (B, V)
         scores = logits
         if cfg.beta != 0:
-            scores = guided_scores(logits, heads, h_last, cfg.beta, cfg.guidance_top_k, cfg.centre_candidates)
+            scores = guided_scores(logits, heads, out.hidden, cfg.beta, cfg.guidance_top_k, cfg.centre_candidates)
         scores = warp(generated, scores)
+        probs = None
         if cfg.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
+        # log-softmaxes only where something reads them; the sampling one is the base one when
+        # neither guidance nor a warper changed the logits
+        ref_logp = torch.log_softmax(logits, dim=-1) if track_kl or ref_logprobs else None
+        logp = None
+        if logprobs or (track_kl and cfg.do_sample):
+            logp = ref_logp if scores is logits and ref_logp is not None else torch.log_softmax(scores, dim=-1)
         if track_kl:
-            ref_logp = torch.log_softmax(logits, dim=-1)
             if cfg.do_sample:
-                logp = torch.log_softmax(scores, dim=-1)
                 step_kl = (logp.exp() * (logp - ref_logp)).nan_to_num(0.0).sum(-1)  # 0 log 0 = 0
             else:  # greedy is a point mass on the argmax: KL = -log pi_ref(argmax)
                 step_kl = -ref_logp.gather(-1, next_tokens[:, None]).squeeze(-1)
             kl += step_kl * unfinished
-            base_lp.append(ref_logp.gather(-1, next_tokens[:, None]).squeeze(-1))
+            if topk:
+                if probs is None:  # greedy: a point mass on the argmax
+                    probs = torch.zeros_like(scores).scatter_(-1, next_tokens[:, None], 1.0)
+                mass += candidate_mass(logits, probs, topk) * unfinished
+        if logprobs:
+            steps["logprobs"].append(logp.gather(-1, next_tokens[:, None]).squeeze(-1))
+        if ref_logprobs:
+            steps["ref_logprobs"].append(ref_logp.gather(-1, next_tokens[:, None]).squeeze(-1))
+        if values:
+            steps["values"].append(heads.values(out.hidden).to(torch.float32))
+        steps["mask"].append(unfinished)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_id))
         generated = torch.cat([generated, next_tokens[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
         unfinished = unfinished & ~torch.isin(next_tokens, eos)
-        step_input = next_tokens[:, None]
-    new = generated[:, prompt_len:].tolist()
-    eos_ids = set(eos.tolist())
-    hidden = torch.stack(states, 1) if return_hidden else None  # (B, steps + 1, H)
-    for b in range(B):
-        ids, done = cut_at_eos(new[b], eos_ids)
-        result.response_ids.append(ids)
-        result.finished.append(done)
-        text_ids = ids[:-1] if done else ids
-        result.texts.append(tokenizer.decode(text_ids, skip_special_tokens=True))
-        if track_kl:
-            result.kl.append(float(kl[b]))
-            result.base_logprobs.append([float(base_lp[t][b]) for t in range(len(ids))])
-        if return_hidden:
-            result.hidden.append(hidden[b, : len(ids) + 1].clone())
+    response_mask = torch.stack(steps["mask"], 1).to(torch.float32)  # (B, T)
+    real = response_mask.bool()
+
+    def per_step(name: str) -> torch.Tensor | None:  # (B, T), 0 on padding
+        return torch.where(real, torch.stack(steps[name], 1), 0.0) if steps[name] else None
+
+    hidden = None
+    if return_hidden:  # (B, T + 1, H): s_1 .. s_{T+1} of each row, 0 past its end
+        hidden = torch.stack(steps["hidden"], 1)
+        valid = torch.cat([real.new_ones((B, 1)), real], 1)  # state t + 1 exists where step t was real
+        hidden = torch.where(valid[..., None], hidden, 0.0)
+    return Rollout(
+        prompt_ids=input_ids.repeat_interleave(n, 0),
+        prompt_mask=attention_mask.repeat_interleave(n, 0),
+        response_ids=generated[:, input_ids.shape[1] :],
+        response_mask=response_mask,
+        finished=~unfinished,
+        logprobs=per_step("logprobs"),
+        ref_logprobs=per_step("ref_logprobs"),
+        values=per_step("values"),
+        hidden=hidden,
+        kl=kl if track_kl else None,
+        topk_mass=mass / response_mask.sum(-1) if topk else None,
+        pad_id=pad_id,
+    )
