@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from qvlm.apps.demo_context import DemoContext, save_json
 from qvlm.apps.demo_train import Learners
-from qvlm.decoding import GenerationResult, best_of_n_kl_bound, blockwise_generate, generate
+from qvlm.decoding import GenerationResult, best_of_n_kl_bound, blockwise_generate, generate, select_best_of_n
 from qvlm.eval.metrics import json_safe, summarize
 from qvlm.model import QVModel
 
@@ -193,7 +193,7 @@ def _base_draws(ctx: DemoContext, file: Path) -> dict:
         "rewards": ctx.score(repeated, res.texts),
         "finished": res.finished,
         "base_logprobs": res.base_logprobs,
-        "topk_mass": getattr(res, "topk_mass", []),  # GenerationResult.topk_mass is being added
+        "topk_mass": res.topk_mass,  # the base model's own mass on its top guidance_top_k tokens
         "tokens": [len(r) for r in res.response_ids],
         "seconds": seconds,
     }
@@ -223,7 +223,7 @@ def _best_of_phase(ctx: DemoContext) -> tuple[dict[str, dict], dict[str, dict]]:
     per_token = draws["seconds"] / max(sum(draws["tokens"]), 1)
     metrics, responses = {}, {}
     for name, k in (("base", 1), ("best_of_4", 4), (f"best_of_{N}", N)):
-        picks = [max(range(i * N, i * N + k), key=lambda j: draws["rewards"][j]) for i in range(n)]
+        picks = select_best_of_n(draws["rewards"], N, k)  # (n,) indices into the draws
         sel_texts = [draws["texts"][j] for j in picks]
         sel_rewards = [draws["rewards"][j] for j in picks]
         kl = [best_of_n_kl_bound(k) if k > 1 else 0.0] * n

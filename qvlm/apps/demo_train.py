@@ -20,6 +20,7 @@ from qvlm.features import FeatureCache, load_features, save_features
 from qvlm.heads import load_heads
 from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.model import QVModel
+from qvlm.rollout import rollout_to_samples
 from qvlm.train.checkpoint import has_checkpoint
 from qvlm.train.metrics import read_history
 
@@ -55,16 +56,12 @@ def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
         if features_file.is_file():
             features = load_features(features_file)
         return samples, features
-    prompts = [p for p in ctx.train_prompts for _ in range(cfg.samples_per_prompt)]
     sample_cfg = dataclasses.replace(ctx.decode, num_return_sequences=cfg.samples_per_prompt)
     res = generate(
         ctx.model, ctx.tokenizer, ctx.train_prompts, cfg=sample_cfg, progress=ctx.progress, return_hidden=True
     )
-    rewards = ctx.score(prompts, res.texts)
-    samples = [
-        Sample(p, t, r, finished=f, terminal=not f, response_ids=ids[:-1] if f else ids)
-        for p, t, r, f, ids in zip(prompts, res.texts, rewards, res.finished, res.response_ids)
-    ]
+    rewards = ctx.score([p for p in ctx.train_prompts for _ in range(cfg.samples_per_prompt)], res.texts)
+    samples = rollout_to_samples(res, ctx.tokenizer, ctx.train_prompts, rewards, fixed_horizon=True)
     features = ([p + r for p, r in zip(res.prompt_ids, res.response_ids)], res.hidden)
     save_features(features_file, *features)
     write_samples(samples_file, samples)

@@ -37,8 +37,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from qvlm.decoding import generate
     from qvlm.errors import QVLMError
-    from qvlm.mdp import Sample, read_prompts, write_samples
+    from qvlm.mdp import read_prompts, write_samples
     from qvlm.rewards import get_reward, score
+    from qvlm.rollout import rollout_to_samples
 
     if args.n < 1:
         raise QVLMError(f"--n is {args.n}; ask for at least one response per prompt")
@@ -51,10 +52,7 @@ def run(args) -> int:
     repeated = [p for p in prompts for _ in range(args.n)]
     result = generate(model, tokenizer, prompts, cfg=cfg, progress=True)
     rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")
-    samples = [
-        Sample(p, text, r, finished=fin, terminal=args.fixed_horizon and not fin, response_ids=ids[:-1] if fin else ids)
-        for p, text, r, fin, ids in zip(repeated, result.texts, rewards, result.finished, result.response_ids)
-    ]
+    samples = rollout_to_samples(result, tokenizer, prompts, rewards, fixed_horizon=args.fixed_horizon)
     write_samples(args.out, samples)
     mean = sum(rewards) / len(rewards)
     print(f"wrote {len(samples)} samples ({len(prompts)} prompts x {args.n}) to {args.out}; mean reward {mean:.4f}")
