@@ -22,4 +22,18 @@ qvlm eval --heads "$OUT/ilql" --prompts demo:eval --max-prompts 48 --reward vade
   --betas 0,4,16,64 --guidance-top-k 10 --max-new-tokens 20 --batch-size 64 --seed 1 --json "$OUT/eval.json"
 qvlm eval --heads "$OUT/mcq" --prompts demo:eval --max-prompts 48 --reward vader \
   --betas 8,16 --guidance-top-k 20 --max-new-tokens 20 --batch-size 64 --seed 1 --json "$OUT/eval_mcq.json"
-echo "quickstart took $(( $(date +%s) - START )) s (after setup)"
+SECONDS_TAKEN=$(( $(date +%s) - START ))
+echo "quickstart took $SECONDS_TAKEN s (after setup)"
+# the README's CLI-chain table reads this file
+python3 - "$OUT" "$SECONDS_TAKEN" <<'PY'
+import json, os, platform, sys
+import torch, transformers
+from qvlm.fileio import atomic_write_text
+out, seconds = sys.argv[1], int(sys.argv[2])
+machine = (f"{os.cpu_count()}-core {platform.machine()}, torch {torch.__version__}, transformers "
+           f"{transformers.__version__}, {'cuda' if torch.cuda.is_available() else 'no GPU'}")
+result = {"command": "bash scripts/quickstart.sh", "seconds_after_setup": seconds, "machine": machine,
+          "ilql": json.load(open(f"{out}/eval.json")), "mcq": json.load(open(f"{out}/eval_mcq.json"))}
+atomic_write_text("benchmarks/results/quickstart_eval.json", json.dumps(result, indent=2) + "\n")
+print("wrote benchmarks/results/quickstart_eval.json")
+PY

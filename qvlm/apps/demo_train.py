@@ -73,14 +73,18 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
     """ILQL heads and a Monte-Carlo prefix scorer, on the frozen trunk with one shared feature cache."""
     cfg, model, tokenizer, log = ctx.cfg, ctx.model, ctx.tokenizer, ctx.log
     cache = FeatureCache()  # same trunk, same tokens: both learners read one cache of trunk features
-    ilql = QVModel.from_trunk(
-        model,
-        TrunkConfig("frozen"),
-        head_hidden=cfg.head_hidden,
-        base_model=cfg.model,
-        q_head=cfg.q_head,
-        feature_cache=cache,
-    )
+
+    def frozen_heads() -> QVModel:  # fresh heads (drawn from the global RNG where they are built) on the trunk
+        return QVModel.from_trunk(
+            model,
+            TrunkConfig("frozen"),
+            head_hidden=cfg.head_hidden,
+            base_model=cfg.model,
+            q_head=cfg.q_head,
+            feature_cache=cache,
+        )
+
+    ilql = frozen_heads()
     ilql_cfg = ILQLConfig(
         epochs=cfg.ilql_epochs,
         batch_size=8,
@@ -98,14 +102,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
     history = _train_or_load(
         ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
     )
-    scorer = QVModel.from_trunk(
-        model,
-        TrunkConfig("frozen"),
-        head_hidden=cfg.head_hidden,
-        base_model=cfg.model,
-        q_head=cfg.q_head,
-        feature_cache=cache,
-    )
+    scorer = frozen_heads()
     # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
     # epochs and lr were chosen on held-out training prompts, never on the evaluation split
     value_cfg = ValueConfig(
