@@ -7,6 +7,7 @@ tqdm redraws its bar with carriage returns; written to a log file that is thousa
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, Iterable, Iterator
@@ -87,8 +88,9 @@ def progress(
     leave: bool = True,
 ):
     """A progress display over ``iterable`` (or a manual one with ``total``): tqdm on a terminal,
-    :class:`PlainProgress` lines when stderr is redirected, nothing when ``enabled`` is False."""
-    if not enabled:
+    :class:`PlainProgress` lines when stderr is redirected, nothing when ``enabled`` is False or in a
+    process other than rank 0 of a multi-process run (``RANK`` set by the launcher)."""
+    if not enabled or int(os.environ.get("RANK", "0") or 0) != 0:
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, disable=True)

@@ -74,10 +74,13 @@ def load(args):
     from transformers.utils import logging as hf_logging
 
     from qvlm.loading import load_model
+    from qvlm.train.distributed import launcher_device
 
     hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own per phase
-
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    device = args.device
+    if device == "auto" and launcher_device():  # one GPU per process under accelerate launch / torchrun
+        device = launcher_device()
+    return load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
 def parse_floats(text: str, name: str) -> list[float]:

@@ -59,6 +59,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import os
     from pathlib import Path
 
     from qvlm.algos.ilql import train_ilql
@@ -67,9 +68,11 @@ def run(args) -> int:
     from qvlm.errors import QVLMError
     from qvlm.mdp import read_samples
     from qvlm.model import QVModel
+    from qvlm.train.distributed import check_batch_size
     from qvlm.train.loop import set_seed
 
     cfg = config_from_args(args.config_cls, args)
+    check_batch_size(cfg.batch_size)  # under a launcher: before the model loads
     samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:
@@ -88,6 +91,8 @@ def run(args) -> int:
     train = train_ilql if args.algorithm == "ilql" else train_value
     history = train(qv, tokenizer, samples, cfg, run_dir=out, resume=args.resume)
     last = {k: v[-1][1] for k, v in history.items() if k.startswith("losses/")}
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0  # rank 0 reports for the run
     print(
         f"trained {args.algorithm} on {len(samples)} samples; heads in {out}; final "
         + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))

@@ -19,12 +19,15 @@ from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.progress import progress
 from qvlm.train.checkpoint import data_fingerprint, load_checkpoint, save_checkpoint, save_run
+from qvlm.train.distributed import init_distributed, reduce_weighted, shard, token_weight
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import make_optimizer, optimizer_step
 from qvlm.train.rng import set_seed
 
 __all__ = [
+    "batch_indices",
     "batch_schedule",
+    "local_batch",
     "check_finite",
     "set_seed",
     "make_optimizer",
@@ -32,21 +35,46 @@ __all__ = [
 ]
 
 
-def batch_schedule(
-    items: list[EncodedSample], batch_size: int, seed: int, start_step: int, total_steps: int, pad_token_id: int
-) -> Iterator[tuple[int, TokenBatch]]:
-    """``(step, batch)`` for steps ``start_step .. total_steps - 1``.
+def batch_indices(
+    n_items: int, batch_size: int, seed: int, start_step: int, total_steps: int
+) -> Iterator[tuple[int, list[int]]]:
+    """``(step, sample indices of the global batch)`` for steps ``start_step .. total_steps - 1``.
 
     Epoch ``e`` visits the samples in a permutation drawn from ``seed + e``, so the batch of any
     step is known without replaying earlier ones: a resumed run sees the batches an uninterrupted
-    run would.
+    run would, and every rank of a multi-process run sees the same global batch.
     """
-    per_epoch = math.ceil(len(items) / batch_size)
+    per_epoch = math.ceil(n_items / batch_size)
     for step in range(start_step, total_steps):
         epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        idx = order[k * batch_size : (k + 1) * batch_size]
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield step, order[k * batch_size : (k + 1) * batch_size]
+
+
+def batch_schedule(
+    items: list[EncodedSample], batch_size: int, seed: int, start_step: int, total_steps: int, pad_token_id: int
+) -> Iterator[tuple[int, TokenBatch]]:
+    """``(step, batch)`` for steps ``start_step .. total_steps - 1`` (one process: the whole global
+    batch of :func:`batch_indices`)."""
+    for step, idx in batch_indices(len(items), batch_size, seed, start_step, total_steps):
         yield step, collate([items[i] for i in idx], pad_token_id, index=idx)
+
+
+def local_batch(
+    items: list[EncodedSample], idx: list[int], batch_size: int, pad_token_id: int
+) -> tuple[TokenBatch, float]:
+    """This rank's batch of the global batch ``idx`` and its loss weight (:func:`token_weight`).
+
+    One process: the whole batch, weight 1. A rank whose shard is empty (the short last batch of an
+    epoch) takes the batch's first sample with weight 0, so that every rank runs the same
+    collectives.
+    """
+    local = shard(idx, batch_size)
+    tokens = sum(len(items[i].response_ids) for i in local)
+    weight = token_weight(tokens, sum(len(items[i].response_ids) for i in idx))
+    if not local:
+        local, weight = idx[:1], 0.0
+    return collate([items[i] for i in local], pad_token_id, index=local), weight
 
 
 def check_finite(step: int, objective: float, stats: dict[str, float]) -> None:
@@ -87,6 +115,8 @@ def train_loop(
     continues from the latest checkpoint to the state an uninterrupted run reaches, on the same data.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    device = next(model.heads.parameters()).device
+    init_distributed(device)  # a launcher's process group (gloo on CPU, NCCL on CUDA); alone: nothing
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
     fingerprint = data_fingerprint(items)
@@ -95,21 +125,22 @@ def train_loop(
     start = load_checkpoint(run_dir, model, optimizer, cfg, fingerprint=fingerprint).step if resume and run_dir else 0
     saved_at = start if resume else None
     logger = MetricsLogger(run_dir, resume_step=start)
-    device = next(model.heads.parameters()).device
     model.train()
     bar = progress(total=total, initial=start, desc=f"train {name}", enabled=cfg.progress, unit="step")
     try:
-        for step, batch in batch_schedule(items, cfg.batch_size, cfg.seed, start, total, tokenizer.pad_token_id):
-            # batch
+        for step, idx in batch_indices(len(items), cfg.batch_size, cfg.seed, start, total):
+            # batch: this rank's shard of the global batch (all of it in one process)
+            batch, weight = local_batch(items, idx, cfg.batch_size, tokenizer.pad_token_id)
             batch = batch.to(device)
             # loss
             loss, stats = loss_fn(model, batch)
-            # optimise
-            grad_norm = optimizer_step(loss, optimizer, cfg.grad_clip)
+            # optimise (gradients of the token-weighted losses are summed over ranks)
+            grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip)
             if after_step is not None:
                 after_step(step)
-            # log and checkpoint
-            floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm, "_objective": loss.detach()})
+            # log and checkpoint (stats of the global batch)
+            stats = reduce_weighted({**stats, "_objective": loss.detach()}, weight)
+            floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm})
             check_finite(step, floats.pop("_objective"), floats)
             logger.log(step, floats)
             bar.update(1)

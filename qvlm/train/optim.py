@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from qvlm.model import QVModel
+from qvlm.train.distributed import all_reduce_grads
 
 __all__ = ["make_optimizer", "optimizer_step"]
 
@@ -28,11 +29,15 @@ def optimizer_step(
     """One step on ``loss``: zero_grad, backward, clip the global gradient norm to ``grad_clip``
     (0: off), ``optimizer.step()``, then ``scheduler.step()`` when given.
 
-    Returns the global gradient norm before clipping as a detached 0-dim tensor (no device sync).
+    Under a multi-process launcher the gradients are summed over ranks before clipping
+    (:func:`qvlm.train.distributed.all_reduce_grads`): each rank passes its loss already weighted by
+    its share of the global batch. Returns the global gradient norm before clipping as a detached
+    0-dim tensor (no device sync).
     """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    all_reduce_grads(params)
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
