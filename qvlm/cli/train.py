@@ -65,11 +65,15 @@ def run(args) -> int:
     from qvlm.algos.value import train_value
     from qvlm.configs import TrunkConfig
     from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_dir
     from qvlm.mdp import read_samples
     from qvlm.model import QVModel
     from qvlm.train.loop import set_seed
 
     cfg = config_from_args(args.config_cls, args)
+    if args.head_hidden < 0:
+        raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
+    check_output_dir(args.out, "--out")
     samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from qvlm.errors import QVLMError
+from qvlm.loading import context_length
 from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.progress import progress
@@ -25,6 +26,7 @@ from qvlm.train.rng import set_seed
 
 __all__ = [
     "batch_schedule",
+    "check_context",
     "check_finite",
     "set_seed",
     "make_optimizer",
@@ -64,6 +66,15 @@ def check_finite(step: int, objective: float, stats: dict[str, float]) -> None:
     )
 
 
+def check_context(model: QVModel, max_length: int) -> None:
+    """Refuse a ``max_length`` longer than the trunk's context (positions past it do not exist)."""
+    limit = context_length(model.trunk.config)
+    if limit and max_length > limit:
+        raise QVLMError(
+            f"max_length {max_length} exceeds the model's context of {limit} tokens; pass --max-length {limit} or less"
+        )
+
+
 def train_loop(
     model: QVModel,
     tokenizer,
@@ -87,6 +98,7 @@ def train_loop(
     continues from the latest checkpoint to the state an uninterrupted run reaches, on the same data.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    check_context(model, cfg.max_length)
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
     fingerprint = data_fingerprint(items)
