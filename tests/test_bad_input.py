@@ -317,6 +317,11 @@ CASES = [
     ),  # fmt: skip
     ("exact-seed-neg", lambda ws, t: ["exact", "--learners", "none", "--seed", "-1"], "seed"),
     ("demo-train-prompts-neg", lambda ws, t: ["demo", "--out", t / "demo", "--train-prompts", "-1"], "train-prompts"),
+    ("demo-betas-nan", lambda ws, t: ["demo", "--out", t / "demo", "--betas", "1,nan"], "--betas"),
+    ("demo-mc-betas-text", lambda ws, t: ["demo", "--out", t / "demo", "--mc-betas", "x"], "--mc-betas"),
+    ("demo-betas-empty", lambda ws, t: ["demo", "--out", t / "demo", "--betas", ""], "--betas"),
+    ("demo-reward-unknown", lambda ws, t: ["demo", "--out", t / "demo", "--reward", "nope"], "unknown reward"),
+    ("demo-out-is-file", lambda ws, t: ["demo", "--out", _write(t / "f", "x")], "not a directory"),
     ("sample-n-0", lambda ws, t: _sample(ws, t, "--n", "0"), "--n"),
     ("sample-max-prompts-neg", lambda ws, t: _sample(ws, t, "--max-prompts", "-1"), "max-prompts"),
     # context and runaways
@@ -332,7 +337,13 @@ CASES = [
 
 
 @pytest.mark.parametrize("build,expect", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line(build, expect, ws, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_line(build, expect, ws, tmp_path, capsys, monkeypatch):
+    import qvlm.apps.demo
+
+    def demo_started(*a, **k):  # the demo's work (SmolLM2, minutes) must never start on bad input
+        raise AssertionError("the demo started: the bad input was not refused before the work")
+
+    monkeypatch.setattr(qvlm.apps.demo, "run_demo", demo_started)
     argv = build(ws, tmp_path)
     assert_refused(argv, capsys, ws, tmp_path, expect)
 
