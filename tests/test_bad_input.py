@@ -151,6 +151,11 @@ def _nan_weight(f: Path) -> None:
     save_file(state, str(f))
 
 
+def _wider_config(f: Path) -> None:
+    cfg = f.parent / "heads_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "head_hidden": 16}))
+
+
 def _truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
@@ -218,17 +223,11 @@ CASES = [
     ),  # fmt: skip
     ("resume-heads-truncated", _bad_resume(lambda r: _truncate(_latest(r) / "heads.safetensors")), "heads"),
     ("resume-config-binary", _bad_resume(lambda r: _write(_latest(r) / "config.json", b"\xff\x00")), "config"),
+    ("resume-other-shape", lambda ws, t: [*_bad_resume(lambda r: None)(ws, t), "--head-hidden", "16"], "--head-hidden"),
     (
-        "resume-other-shape",
-        lambda ws, t: [
-            *_bad_resume(lambda r: None)(ws, t)[:-5],
-            "--head-hidden",
-            "16",
-            "--checkpoint-every",
-            "1",
-            "--resume",
-        ],
-        "shape",
+        "heads-config-other-shape",
+        lambda ws, t: _gen(ws, "--heads", _heads_with(ws, t, _wider_config), "--beta", "1"),
+        "another shape",
     ),  # fmt: skip
     # text files that are not text
     ("samples-invalid-utf8", lambda ws, t: _train(ws, t, data=_write(t / "s.jsonl", b'{"prompt": "\xff"}\n')), ":1"),
@@ -309,7 +308,23 @@ CASES = [
     ("train-value-lam-2", lambda ws, t: _train(ws, t, "value", "--lam", "2"), "lam"),
     ("train-value-epochs-0", lambda ws, t: _train(ws, t, "value")[:-2] + ["--epochs", "0"], "epochs"),
     ("train-value-steps-neg", lambda ws, t: _train(ws, t, "value")[:-2] + ["--steps", "-5"], "steps"),
-    ("train-max-length-over-context", lambda ws, t: _train(ws, t, "value", "--max-length", "100000"), "context"),
+    (
+        "train-max-length-over-context",
+        lambda ws, t: _train(
+            ws,
+            t,
+            "value",
+            "--max-length",
+            "100000",
+            data=_write(
+                t / "s.jsonl",
+                '{"prompt": "ab", "response": "cd", "reward": 1}\n{"prompt": "ab", "response": "'
+                + "c" * 300
+                + '", "reward": 1}\n',
+            ),
+        ),
+        "s.jsonl:2",
+    ),
     (
         "exact-concentration-neg",
         lambda ws, t: ["exact", "--learners", "none", "--concentration", "-1"],

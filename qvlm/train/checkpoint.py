@@ -236,6 +236,7 @@ def load_checkpoint(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
             "resume with the same settings or start a new run directory"
         )
+    _check_same_model(ckpt, model)
     state = _load_trainer_state(ckpt / "trainer_state.pt")
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise QVLMError(
@@ -259,6 +260,44 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return Resumed(int(state["step"]), state["data_position"], state["extra"], ckpt)
+
+
+# heads_config.json fields that must match on resume, and the flag that sets each
+_HEAD_FLAGS = {
+    "hidden_size": "--model",
+    "vocab_size": "--model",
+    "num_q_heads": "--model",
+    "head_hidden": "--head-hidden",
+    "with_q": "--with-q",
+    "q_head": "--q-head",
+}
+
+
+def _check_same_model(ckpt: Path, model: QVModel) -> None:
+    """Refuse a resume onto heads or a trunk mode other than the checkpoint's, naming what differs."""
+    try:
+        saved = json.loads(read_text(ckpt / "heads_config.json"))
+    except ValueError as err:
+        if isinstance(err, QVLMError):
+            raise
+        raise QVLMError(f"{ckpt / 'heads_config.json'}: damaged ({err}); start a new run directory") from None
+    current = asdict(model.heads.config)
+    diff = [
+        f"{k} {saved.get(k)!r} -> {current[k]!r} ({flag})"
+        for k, flag in _HEAD_FLAGS.items()
+        if saved.get(k) != current[k]
+    ]
+    if diff:
+        raise QVLMError(
+            f"{ckpt}: the run started with other heads ({'; '.join(diff)}); resume with the settings it started with "
+            "or start a new run directory"
+        )
+    saved_trunk, trains_trunk = (ckpt / "trunk.safetensors").is_file(), bool(model.trainable_trunk_state())
+    if saved_trunk != trains_trunk:
+        raise QVLMError(
+            f"{ckpt}: the run started with a {'trained' if saved_trunk else 'frozen'} trunk, this one is "
+            f"{model.trunk_config.mode}; resume with the --trunk it started with or start a new run directory"
+        )
 
 
 _STATE_KEYS = ("step", "data_position", "optimizer", "scheduler", "rng", "fingerprint", "extra")

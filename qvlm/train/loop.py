@@ -66,13 +66,17 @@ def check_finite(step: int, objective: float, stats: dict[str, float]) -> None:
     )
 
 
-def check_context(model: QVModel, max_length: int) -> None:
-    """Refuse a ``max_length`` longer than the trunk's context (positions past it do not exist)."""
+def check_context(model: QVModel, samples: list[Sample], items: list[EncodedSample]) -> None:
+    """Refuse an encoded sample longer than the trunk's context (positions past it do not exist),
+    naming the sample's file and line."""
     limit = context_length(model.trunk.config)
-    if limit and max_length > limit:
-        raise QVLMError(
-            f"max_length {max_length} exceeds the model's context of {limit} tokens; pass --max-length {limit} or less"
-        )
+    for i, (s, e) in enumerate(zip(samples, items)):
+        n = len(e.prompt_ids) + len(e.response_ids)
+        if limit and n > limit:
+            raise QVLMError(
+                f"{s.label(i)}: {n} tokens (prompt + response) exceed the model's context of {limit}; "
+                f"pass --max-length {limit} or less"
+            )
 
 
 def train_loop(
@@ -98,9 +102,9 @@ def train_loop(
     continues from the latest checkpoint to the state an uninterrupted run reaches, on the same data.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
-    check_context(model, cfg.max_length)
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
+    check_context(model, samples, items)
     fingerprint = data_fingerprint(items)
     total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
