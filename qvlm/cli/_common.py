@@ -103,12 +103,14 @@ def parse_floats(text: str, name: str) -> list[float]:
 MAX_RESPONSES = 1_000_000
 
 
-def check_count(n: int, flag: str, prompts: int = 1) -> None:
+def check_count(n: int, flag: str, prompts: int = 1) -> None:  # prompts: 1 before they are read
     """Refuse ``n`` responses per prompt below 1, or ``n * prompts`` above :data:`MAX_RESPONSES`."""
     from qvlm.errors import QVLMError
 
     if n < 1:
         raise QVLMError(f"{flag} is {n}; ask for at least one response per prompt")
+    if n > MAX_RESPONSES:
+        raise QVLMError(f"{flag} is {n:,}, over the limit of {MAX_RESPONSES:,} responses per run; ask for fewer")
     if n * prompts > MAX_RESPONSES:
         raise QVLMError(
             f"{flag} {n} x {prompts} prompt(s) = {n * prompts:,} responses, over the limit of {MAX_RESPONSES:,} "
