@@ -343,6 +343,7 @@ CASES = [
     ("inspect-text-over-context", lambda ws, t: _inspect(ws, "--text", "a" * 400), "context"),
     ("generate-prompt-over-context", lambda ws, t: _gen(ws, src=("--prompt", "a" * 5000)), "context"),
     ("sample-n-billion", lambda ws, t: _sample(ws, t, "--n", "1000000000"), "--n"),
+    ("sample-n-times-prompts", lambda ws, t: _sample(ws, t, "--n", "600000"), "1,200,000 responses"),
     (
         "prompts-line-over-cap",
         lambda ws, t: _gen(ws, src=("--prompts", _write(t / "p.txt", "ab\n" + "a" * 1_100_000))),
