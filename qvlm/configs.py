@@ -58,6 +58,15 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+def _number_list(text: str) -> bool:
+    """Whether ``text`` is comma-separated finite numbers, at least one."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return False
+    return bool(values) and all(math.isfinite(v) for v in values)
+
+
 @dataclass
 class TrunkConfig:
     """How the trunk is trained."""
@@ -261,3 +270,6 @@ class DemoConfig:
             _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0")
         for name in ("candidates", "block_size", "batch_size"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+        for name in ("betas", "mc_betas"):
+            _check(_number_list(getattr(self, name)), "--" + name.replace("_", "-"), repr(getattr(self, name)),
+                   "comma-separated finite numbers, at least one (e.g. 4,8,16)")  # fmt: skip

@@ -20,7 +20,18 @@ from qvlm.configs import option
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
-__all__ = ["HeadsConfig", "Q_HEADS", "MLPHead", "TiedQHead", "QVHeads", "polyak_update", "save_heads", "load_heads"]
+__all__ = [
+    "HeadsConfig",
+    "Q_HEADS",
+    "MLPHead",
+    "TiedQHead",
+    "QVHeads",
+    "polyak_update",
+    "save_heads",
+    "load_heads",
+    "load_tensors",
+    "load_heads_state",
+]
 
 
 @dataclass
@@ -48,6 +59,14 @@ class HeadsConfig:
     def __post_init__(self):
         if self.q_head not in Q_HEADS:
             raise QVLMError(f"unknown q_head {self.q_head!r}; use one of {', '.join(Q_HEADS)}")
+        for name in ("hidden_size", "vocab_size", "num_q_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QVLMError(f"heads {name} is {value!r}; it must be an integer >= 1")
+        if isinstance(self.head_hidden, bool) or not isinstance(self.head_hidden, int) or self.head_hidden < 0:
+            raise QVLMError(
+                f"head_hidden is {self.head_hidden!r}; it must be an integer >= 0 (0: the trunk's hidden size)"
+            )
 
 
 Q_HEADS = ("mlp", "tied")
@@ -237,8 +256,53 @@ def save_heads(heads: QVHeads, path: str | Path) -> None:
     atomic_write_text(path / "heads_config.json", json.dumps(asdict(heads.config), indent=2) + "\n")
 
 
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, every one finite; a damaged, truncated or foreign file, or
+    a NaN/inf weight (a diverged run), raises :class:`QVLMError` naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise QVLMError(
+            f"{path}: not a readable safetensors file ({reason}); it is damaged or truncated: restore it or train again"
+        ) from None
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise QVLMError(
+                f"{path}: tensor {key} is not finite (NaN or inf): these weights come from a diverged run; "
+                "train again with a lower lr"
+            )
+    return state
+
+
+def load_heads_state(heads: QVHeads, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """``heads.load_state_dict(state)``, with a mismatch (missing tensors, another shape) as a
+    :class:`QVLMError` naming ``where`` and the first differing tensor."""
+    own = heads.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise QVLMError(
+            f"{where}: heads of another design (missing {missing[:2]}, unexpected {unexpected[:2]}); "
+            "use the --q-head, --with-q and --trunk settings they were trained with"
+        )
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise QVLMError(
+                f"{where}: tensor {key} has shape {tuple(state[key].shape)}, these heads {tuple(value.shape)}: "
+                "heads of another shape; use the --head-hidden and --model they were trained with"
+            )
+    heads.load_state_dict(state)
+
+
 def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
-    """Load heads saved by :func:`save_heads` (safetensors: no unpickling)."""
+    """Load heads saved by :func:`save_heads` (safetensors: no unpickling).
+
+    Refuses, with a :class:`QVLMError` naming the file, a missing, damaged or non-finite file.
+    """
+    from qvlm.fileio import read_text
+
     path = Path(path)
     cfg_file, weights = path / "heads_config.json", path / "heads.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
@@ -247,9 +311,14 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
             "train some with `qvlm train ilql` or `qvlm train value`"
         )
     try:
-        config = HeadsConfig(**json.loads(cfg_file.read_text()))
-    except (TypeError, json.JSONDecodeError) as err:
-        raise QVLMError(f"{cfg_file}: not a valid heads config ({err})") from None
+        raw = json.loads(read_text(cfg_file))
+        if not isinstance(raw, dict):
+            raise TypeError(f"expected a JSON object, got {type(raw).__name__}")
+        config = HeadsConfig(**raw)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, QVLMError) and str(err).startswith(str(cfg_file)):
+            raise
+        raise QVLMError(f"{cfg_file}: not a valid heads config ({err}); restore it or train again") from None
     heads = QVHeads(config)
-    heads.load_state_dict(load_file(str(weights), device=str(device)))
+    load_heads_state(heads, load_tensors(weights, device), weights)
     return heads.to(device)

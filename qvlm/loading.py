@@ -34,6 +34,7 @@ __all__ = [
     "load_model",
     "ensure_pad_token",
     "hidden_size_of",
+    "context_length",
     "cache_dir",
     "save_model",
 ]
@@ -138,6 +139,16 @@ def hidden_size_of(config) -> int:
         f"cannot read the hidden size of a {type(config).__name__}: it has no hidden_size, n_embd "
         "or d_model; pass hidden_size explicitly when building heads"
     )
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``, ``n_positions``, ...); None when the
+    config does not say."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import MAX_LINE_BYTES, atomic_write_text, read_lines
 
 __all__ = [
     "Sample",
@@ -49,9 +49,14 @@ class Sample:
     meta: dict = field(default_factory=dict)
     terminal: bool = False  # finished=False but the episode ended there anyway (a fixed horizon)
     response_ids: list[int] | None = None  # the exact tokens sampled (EOS excluded), if known
+    where: str = field(default="", compare=False, repr=False)  # "file:line" it was read from, for errors
+
+    def label(self, index: int) -> str:
+        """Where errors about this sample point: its ``file:line``, else ``sample N`` (1-based)."""
+        return self.where or f"sample {index + 1}"
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if v is not None and k != "meta"}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k not in ("meta", "where")}
         if not self.terminal:
             out.pop("terminal")
         out = {k: out[k] for k in sorted(out, key=lambda k: k == "response_ids")}  # the long field last
@@ -59,16 +64,34 @@ class Sample:
         return out
 
 
+# a samples line holds response_ids too: a larger cap than a prompt line's
+MAX_SAMPLE_LINE_BYTES = 16 * MAX_LINE_BYTES
+
+
 def _fail(where: str, what: str) -> QVLMError:
     return QVLMError(f"{where}: {what}")
 
 
+def _json_line(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _fail(where, f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except ValueError as err:  # e.g. an integer of more than 4300 digits
+        raise _fail(where, f"not valid JSON ({err})") from None
+
+
 def _number(value, where: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(where, f'field "{name}" must be a number, got {type(value).__name__} {value!r}')
-    if not math.isfinite(value):
-        raise _fail(where, f'field "{name}" is {value}; rewards must be finite numbers')
-    return float(value)
+        raise _fail(where, f'field "{name}" must be a number, got {type(value).__name__} {str(value)[:40]!r}')
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        shown = value if isinstance(value, float) else f"an integer of {len(str(abs(value)))} digits"
+        raise _fail(where, f'field "{name}" is {shown}; rewards must be finite numbers (within float range)')
+    return number
 
 
 def sample_from_dict(obj: dict, where: str) -> Sample:
@@ -104,7 +127,7 @@ def sample_from_dict(obj: dict, where: str) -> Sample:
         raise _fail(where, 'field "response_ids" must be a list of token ids (non-negative integers)')
     known = {"prompt", "response", "reward", "token_rewards", "finished", "terminal", "response_ids"}
     meta = {k: v for k, v in obj.items() if k not in known}
-    return Sample(obj["prompt"], obj["response"], reward, token_rewards, finished, meta, terminal, response_ids)
+    return Sample(obj["prompt"], obj["response"], reward, token_rewards, finished, meta, terminal, response_ids, where)
 
 
 def read_samples(path: str | Path) -> list[Sample]:
@@ -116,16 +139,12 @@ def read_samples(path: str | Path) -> list[Sample]:
     if not path.is_file():
         raise QVLMError(f"{path}: no such file; create it with `qvlm sample` or write JSONL lines")
     samples = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _fail(where, f"not valid JSON ({err.msg} at column {err.colno})") from None
-            samples.append(sample_from_dict(obj, where))
+    for lineno, line in read_lines(path, MAX_SAMPLE_LINE_BYTES):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        obj = _json_line(line, where)
+        samples.append(sample_from_dict(obj, where))
     if not samples:
         raise QVLMError(f"{path}: no samples; the file is empty")
     return samples
@@ -134,6 +153,29 @@ def read_samples(path: str | Path) -> list[Sample]:
 def write_samples(path: str | Path, samples: Iterable[Sample]) -> None:
     """Write samples as JSONL atomically."""
     atomic_write_text(path, "".join(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in samples))
+
+
+# a token covers at most this many characters in the check below (English BPE: about 4)
+CHARS_PER_TOKEN_BOUND = 8
+
+
+def check_fits(tokenizer: PreTrainedTokenizerBase, text: str, budget: int, what: str, advice: str = "") -> None:
+    """Refuse a text that cannot fit in ``budget`` tokens without tokenising all of it.
+
+    A text longer than ``CHARS_PER_TOKEN_BOUND * budget`` characters is judged by its prefix of that
+    many characters: when the prefix alone has more than ``budget`` tokens, raise :class:`QVLMError`.
+    The cost is bounded by the context, not by the text (a 50 MB line costs a context's worth). A
+    text that passes is tokenised in full by its caller, which checks it exactly.
+    """
+    cap = CHARS_PER_TOKEN_BOUND * max(budget, 1)
+    if len(text) <= cap:
+        return
+    n = len(tokenizer(text[:cap], add_special_tokens=False)["input_ids"])
+    if n > budget:
+        raise QVLMError(
+            f"{what} is too long: its first {cap:,} of {len(text):,} characters alone are {n} tokens, over the "
+            f"{budget} that fit in the model's context; shorten it" + (f" or {advice}" if advice else "")
+        )
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool | None = None) -> list[int]:
@@ -213,12 +255,13 @@ def encode_samples(
     encoded = []
     eos = tokenizer.eos_token_id
     for i, s in enumerate(samples):
+        check_fits(tokenizer, s.prompt, max_length - 1, f"{s.label(i)}: the prompt", "raise max_length")
         prompt_ids = encode_prompt(tokenizer, s.prompt, chat)
         if s.response_ids is not None:
             response_ids = list(s.response_ids)
             if tokenizer.decode(response_ids, skip_special_tokens=True) != s.response:
                 raise QVLMError(
-                    f"sample {i}: response_ids do not decode to the response text under this tokenizer; "
+                    f"{s.label(i)}: response_ids do not decode to the response text under this tokenizer; "
                     "they were sampled with another model's tokenizer, or drop the field to re-tokenise"
                 )
         else:
@@ -226,7 +269,7 @@ def encode_samples(
         n_text = len(response_ids)
         if s.token_rewards is not None and len(s.token_rewards) != n_text:
             raise QVLMError(
-                f"sample {i}: token_rewards has {len(s.token_rewards)} values but the response has "
+                f"{s.label(i)}: token_rewards has {len(s.token_rewards)} values but the response has "
                 f"{n_text} tokens under this tokenizer; give one value per response token"
             )
         step_rewards = list(s.token_rewards) if s.token_rewards is not None else [0.0] * n_text
@@ -237,11 +280,11 @@ def encode_samples(
         elif s.terminal:
             terminated = True  # the horizon ended the episode: done at the last token, no EOS
         if not response_ids:
-            raise QVLMError(f"sample {i}: empty response with finished=false; drop it or mark it finished")
+            raise QVLMError(f"{s.label(i)}: empty response with finished=false; drop it or mark it finished")
         room = max_length - len(prompt_ids)
         if room < 1:
             raise QVLMError(
-                f"sample {i}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a "
+                f"{s.label(i)}: the prompt has {len(prompt_ids)} tokens, which leaves no room for a "
                 f"response within max_length={max_length}; shorten the prompt or raise max_length"
             )
         truncated = not terminated
@@ -298,24 +341,20 @@ def read_prompts(path: str | Path) -> list[str]:
             "or demo:train / demo:eval for the prompts shipped with qvlm"
         )
     prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            if path.suffix == ".jsonl":
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise _fail(where, f"not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise _fail(where, 'expected an object with a string field "prompt"')
-                text = obj["prompt"]
-            else:
-                text = line.rstrip("\n")
-            if not text.strip():
-                raise _fail(where, "empty prompt; remove the line or give it text")
-            prompts.append(text)
+    for lineno, line in read_lines(path, MAX_LINE_BYTES):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if path.suffix == ".jsonl":
+            obj = _json_line(line, where)
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise _fail(where, 'expected an object with a string field "prompt"')
+            text = obj["prompt"]
+        else:
+            text = line
+        if not text.strip():
+            raise _fail(where, "empty prompt; remove the line or give it text")
+        prompts.append(text)
     if not prompts:
         raise QVLMError(f"{path}: no prompts in the file")
     return prompts

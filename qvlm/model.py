@@ -164,7 +164,13 @@ class QVModel(nn.Module):
         missing = set(self.trainable_trunk_state()) - set(state)
         if missing:
             raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
-        self.trunk.load_state_dict(state, strict=False)
+        try:
+            self.trunk.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()[:200]
+            raise QVLMError(
+                f"saved trunk tensors do not fit this model ({first}); use the --model and --trunk they were trained with"
+            ) from None
 
 
 def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:
@@ -172,9 +178,8 @@ def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:
     from ``trunk.safetensors`` when the run trained one. Checks that the shapes match."""
     import json
 
-    from safetensors.torch import load_file
-
-    from qvlm.heads import load_heads
+    from qvlm.fileio import read_text
+    from qvlm.heads import load_heads, load_tensors
 
     heads_dir = Path(heads_dir)
     heads = load_heads(heads_dir)
@@ -189,8 +194,13 @@ def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:
     info_file = heads_dir / "training.json"
     trunk_cfg = TrunkConfig()
     if info_file.is_file():
-        trunk_cfg = TrunkConfig(**json.loads(info_file.read_text()).get("trunk", {}))
+        try:
+            trunk_cfg = TrunkConfig(**json.loads(read_text(info_file)).get("trunk", {}))
+        except (TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, QVLMError) and str(err).startswith(str(info_file)):
+                raise
+            raise QVLMError(f"{info_file}: not a valid training record ({err}); restore it or train again") from None
     model = QVModel(trunk, heads, trunk_cfg)
     if (heads_dir / "trunk.safetensors").is_file():
-        model.load_trunk_state(load_file(str(heads_dir / "trunk.safetensors")))
+        model.load_trunk_state(load_tensors(heads_dir / "trunk.safetensors"))
     return model.eval().requires_grad_(False)

@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module with ``register(subparsers)``; the module's handler
 returns an exit code. User errors raise :class:`qvlm.errors.QVLMError`, which :func:`main` turns
-into a one-line message on stderr and exit code 2 (no traceback).
+into a one-line message on stderr and exit code 2 (no traceback; ``qvlm --debug`` shows it). An
+``OSError`` that escapes (a disk filling up, a file vanishing) is reported the same way. See
+docs/errors.md.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from qvlm.errors import QVLMError
 
@@ -44,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=_Parser, help="the step to run (qvlm COMMAND --help)"
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the full traceback after the one-line message"
+    )
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
@@ -57,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except QVLMError as err:
-        print(f"qvlm {args.command}: error: {err}", file=sys.stderr)
+    except (QVLMError, OSError) as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
+        print(f"qvlm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qvlm {args.command}: interrupted", file=sys.stderr)

@@ -84,9 +84,45 @@ def load(args):
 
 
 def parse_floats(text: str, name: str) -> list[float]:
+    """Comma-separated finite numbers, at least one; anything else is a :class:`QVLMError` naming ``name``."""
+    import math
+
     from qvlm.errors import QVLMError
 
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise QVLMError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise QVLMError(f"{name} is empty; give comma-separated numbers, e.g. 0,1,2")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise QVLMError(f"{name} holds {bad[0]}; every value must be a finite number")
+    return values
+
+
+# responses one command may ask for (prompts x responses per prompt): the lists of prompts, texts and
+# token ids held for them grow with this count, so a typo such as --n 1000000000 is refused up front
+MAX_RESPONSES = 1_000_000
+
+
+def check_count(n: int, flag: str, prompts: int = 1) -> None:  # prompts: 1 before they are read
+    """Refuse ``n`` responses per prompt below 1, or ``n * prompts`` above :data:`MAX_RESPONSES`."""
+    from qvlm.errors import QVLMError
+
+    if n < 1:
+        raise QVLMError(f"{flag} is {n}; ask for at least one response per prompt")
+    if n > MAX_RESPONSES:
+        raise QVLMError(f"{flag} is {n:,}, over the limit of {MAX_RESPONSES:,} responses per run; ask for fewer")
+    if n * prompts > MAX_RESPONSES:
+        raise QVLMError(
+            f"{flag} {n} x {prompts} prompt(s) = {n * prompts:,} responses, over the limit of {MAX_RESPONSES:,} "
+            "per run; split the prompts into several runs"
+        )
+
+
+def check_non_negative(value: int, flag: str, meaning: str = "") -> None:
+    from qvlm.errors import QVLMError
+
+    if value < 0:
+        raise QVLMError(f"{flag} is {value}; it must be >= 0" + (f" ({meaning})" if meaning else ""))

@@ -27,8 +27,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from qvlm.apps.demo import run_demo
+    from qvlm.fileio import check_output_dir
+    from qvlm.rewards import get_reward
 
     cfg = config_from_args(DemoConfig, args)
+    check_output_dir(args.out, "--out")
+    if cfg.reward:
+        get_reward(cfg.reward)  # an unknown name is refused before the model loads
     summary = run_demo(cfg, args.out)
 
     def num(x, width: int, digits: int) -> str:  # None (not finite, or not tracked) prints as a dash

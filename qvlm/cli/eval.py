@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load, parse_floats
+from qvlm.cli._common import (
+    add_config_args,
+    add_model_arg,
+    check_non_negative,
+    config_from_args,
+    load,
+    parse_floats,
+)
 from qvlm.configs import DecodeConfig
 
 
@@ -33,7 +40,7 @@ def run(args) -> int:
 
     from qvlm.errors import QVLMError
     from qvlm.eval.metrics import distinct_n, evaluate_decoding, json_safe
-    from qvlm.fileio import atomic_write_text
+    from qvlm.fileio import atomic_write_text, check_output_file
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
     from qvlm.rewards import get_reward
@@ -41,6 +48,11 @@ def run(args) -> int:
     betas = parse_floats(args.betas, "--betas")
     if any(b != 0 for b in betas) and not args.heads:
         raise QVLMError("--betas other than 0 need --heads DIR (trained with `qvlm train ilql`)")
+    check_non_negative(args.max_prompts, "--max-prompts", "0: all")
+    for beta in betas:  # every config is valid before any work
+        config_from_args(DecodeConfig, args, beta=beta)
+    if args.json:
+        check_output_file(args.json, "--json", inputs=(args.prompts,))
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]

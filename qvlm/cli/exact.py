@@ -111,6 +111,16 @@ def run(args) -> int:
         raise QVLMError(f"--alpha {args.alpha}: the KL temperature must be a positive number (e.g. 0.1)")
     if not 0 < args.gamma <= 1:
         raise QVLMError(f"--gamma {args.gamma}: use a discount in (0, 1]")
+    if not (math.isfinite(args.concentration) and args.concentration > 0):
+        raise QVLMError(f"--concentration {args.concentration}: the Dirichlet concentration must be a number > 0")
+    if args.seed < 0:
+        raise QVLMError(f"--seed {args.seed}: seeds are integers >= 0")
+    if args.max_states < 1:
+        raise QVLMError(f"--max-states {args.max_states}: the state budget must be at least 1")
+    if args.json_path:
+        from qvlm.fileio import check_output_file
+
+        check_output_file(args.json_path, "--json")
     learners = _learner_names(args.learners)
     pattern = tuple(_token_id(t, args.vocab, "--pattern") for t in args.pattern.split(",") if t.strip())
     config = MDPConfig(

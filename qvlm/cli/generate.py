@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.cli._common import add_config_args, add_model_arg, check_count, config_from_args, load
 from qvlm.configs import DecodeConfig
 
 
@@ -31,12 +31,16 @@ def run(args) -> int:
 
     from qvlm.decoding import generate
     from qvlm.errors import QVLMError
-    from qvlm.fileio import atomic_write_text
+    from qvlm.fileio import atomic_write_text, check_output_file
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
 
     cfg = config_from_args(DecodeConfig, args)
+    if args.out:
+        check_output_file(args.out, "--out", inputs=(args.prompts,))
+    check_count(cfg.num_return_sequences, "--num-return-sequences")
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
+    check_count(cfg.num_return_sequences, "--num-return-sequences", len(prompts))
     for i, text in enumerate(prompts):
         if not text.strip():
             raise QVLMError(f"prompt {i + 1} is empty; give every --prompt some text")

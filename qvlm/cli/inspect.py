@@ -27,13 +27,29 @@ def register(sub) -> None:
 def run(args) -> int:
     from qvlm.errors import QVLMError
     from qvlm.eval.valuemap import value_maps
+    from qvlm.fileio import check_output_file
+    from qvlm.loading import context_length
+    from qvlm.mdp import check_fits, encode_prompt
     from qvlm.model import load_qv_model
 
     if not args.prompt.strip():
         raise QVLMError("--prompt is empty; give the prompt the text answers")
+    if args.out:
+        check_output_file(args.out, "--out")
     model, tokenizer = load(args)
     qv = load_qv_model(model, args.heads)
-    maps = value_maps(qv, tokenizer, [args.prompt] * len(args.text), args.text)
+    limit = context_length(model.config) or 1 << 30
+    prompt_len = len(encode_prompt(tokenizer, args.prompt))
+    for i, text in enumerate(args.text):  # the text, its EOS step and the prompt must fit in the context
+        what = f"--text {i + 1}"
+        check_fits(tokenizer, text, limit - prompt_len - 1, what, "shorten --prompt")
+        n = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if prompt_len + n > limit:
+            raise QVLMError(
+                f"{what} has {n} tokens (with its EOS); with the prompt's {prompt_len} that exceeds the model's "
+                f"context of {limit}; shorten it or the prompt"
+            )
+    maps = value_maps(qv, tokenizer, [args.prompt] * len(args.text), args.text, max_length=limit)
     for m in maps:
         print(f"{'token':<16} {'V(s_t)':>8} {'Q-V':>8}")
         for tok, v, a in zip(m["tokens"], m["values"], m["advantages"]):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.cli._common import (
+    add_config_args,
+    add_model_arg,
+    check_count,
+    check_non_negative,
+    config_from_args,
+    load,
+)
 from qvlm.configs import DecodeConfig
 
 
@@ -36,19 +43,21 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from qvlm.decoding import generate
-    from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_file
     from qvlm.mdp import read_prompts, write_samples
     from qvlm.rewards import get_reward, score
     from qvlm.rollout import rollout_to_samples
 
-    if args.n < 1:
-        raise QVLMError(f"--n is {args.n}; ask for at least one response per prompt")
+    check_count(args.n, "--n")
+    check_non_negative(args.max_prompts, "--max-prompts", "0: all")
+    check_output_file(args.out, "--out", inputs=(args.prompts,))
+    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=args.n)
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
+    check_count(args.n, "--n", len(prompts))
     reward = get_reward(args.reward)
     model, tokenizer = load(args)
-    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=args.n)
     repeated = [p for p in prompts for _ in range(args.n)]
     result = generate(model, tokenizer, prompts, cfg=cfg, progress=True)
     rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")

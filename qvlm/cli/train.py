@@ -66,6 +66,7 @@ def run(args) -> int:
     from qvlm.algos.value import train_value
     from qvlm.configs import TrunkConfig
     from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_dir
     from qvlm.mdp import read_samples
     from qvlm.model import QVModel
     from qvlm.train.distributed import check_batch_size
@@ -73,6 +74,9 @@ def run(args) -> int:
 
     cfg = config_from_args(args.config_cls, args)
     check_batch_size(cfg.batch_size)  # under a launcher: before the model loads
+    if args.head_hidden < 0:
+        raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
+    check_output_dir(args.out, "--out")
     samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:

@@ -37,7 +37,8 @@ from qvlm.decoding.guidance import candidate_mass, guided_scores
 from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
-from qvlm.mdp import encode_prompt
+from qvlm.loading import context_length
+from qvlm.mdp import check_fits, encode_prompt
 from qvlm.progress import progress as progress_bar
 from qvlm.rollout import Rollout
 
@@ -136,15 +137,19 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], cfg: DecodeC
     ids, checked: none empty, none that leaves no room for ``max_new_tokens`` in the context."""
     if not prompts:
         raise QVLMError("no prompts to decode")
-    encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
     config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = context_length(config) if config is not None else None
+    if limit:
+        for i, p in enumerate(prompts):
+            if not isinstance(p, list):
+                check_fits(tokenizer, p, limit - cfg.max_new_tokens, f"prompt {i + 1}", "lower max_new_tokens")
+    encoded = [p if isinstance(p, list) else encode_prompt(tokenizer, p, cfg.chat) for p in prompts]
     for i, p in enumerate(encoded):
         if not p:
-            raise QVLMError(f"prompt {i} is empty after tokenisation")
+            raise QVLMError(f"prompt {i + 1} is empty after tokenisation")
         if limit and len(p) + cfg.max_new_tokens > limit:
             raise QVLMError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
+                f"prompt {i + 1} has {len(p)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
                 f"the model's context of {limit}; shorten the prompt or lower max_new_tokens"
             )
     return encoded

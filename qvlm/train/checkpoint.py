@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text
-from qvlm.heads import save_heads
+from qvlm.fileio import atomic_write_text, read_text
+from qvlm.heads import load_heads_state, load_tensors, save_heads
 from qvlm.mdp import EncodedSample
 from qvlm.model import QVModel
 from qvlm.train.distributed import is_main_process
@@ -219,7 +219,16 @@ def load_checkpoint(
                 "start a new run directory"
             )
         raise QVLMError(f"{run_dir}: no checkpoint to resume; run without --resume to start fresh")
-    saved = json.loads((ckpt / "config.json").read_text())
+    try:
+        saved = json.loads(read_text(ckpt / "config.json"))
+    except ValueError as err:  # QVLMError (unreadable, not UTF-8) or JSONDecodeError
+        if isinstance(err, QVLMError):
+            raise
+        raise QVLMError(
+            f"{ckpt / 'config.json'}: damaged ({err}); restore the checkpoint or start a new run directory"
+        ) from None
+    if not isinstance(saved, dict):
+        raise QVLMError(f"{ckpt / 'config.json'}: damaged (not a JSON object); start a new run directory")
     current = json.loads(json.dumps(asdict(config)))
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k not in _RESUMABLE)
     if diff:
@@ -227,23 +236,85 @@ def load_checkpoint(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
             "resume with the same settings or start a new run directory"
         )
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    _check_same_model(ckpt, model)
+    state = _load_trainer_state(ckpt / "trainer_state.pt")
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise QVLMError(
             f"{ckpt}: the run started on other data (fingerprint {str(state['fingerprint'])[:12]}, this data "
             f"{fingerprint[:12]}: the samples, tokenizer or max_length changed); resume with the same "
             "samples file and settings, or start a new run directory"
         )
-    model.heads.load_state_dict(load_file(str(ckpt / "heads.safetensors")))
+    load_heads_state(model.heads, load_tensors(ckpt / "heads.safetensors"), ckpt / "heads.safetensors")
     if (ckpt / "trunk.safetensors").is_file():
-        model.load_trunk_state(load_file(str(ckpt / "trunk.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
+        model.load_trunk_state(load_tensors(ckpt / "trunk.safetensors"))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise QVLMError(
+            f"{ckpt / 'trainer_state.pt'}: the optimiser state does not fit this model ({err}); resume with the "
+            "--trunk, --head-hidden, --q-head and --with-q settings the run started with"
+        ) from None
     if scheduler is not None:
         if state["scheduler"] is None:
             raise QVLMError(f"{ckpt}: saved without an LR schedule; resume with the settings the run started with")
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return Resumed(int(state["step"]), state["data_position"], state["extra"], ckpt)
+
+
+# heads_config.json fields that must match on resume, and the flag that sets each
+_HEAD_FLAGS = {
+    "hidden_size": "--model",
+    "vocab_size": "--model",
+    "num_q_heads": "--model",
+    "head_hidden": "--head-hidden",
+    "with_q": "--with-q",
+    "q_head": "--q-head",
+}
+
+
+def _check_same_model(ckpt: Path, model: QVModel) -> None:
+    """Refuse a resume onto heads or a trunk mode other than the checkpoint's, naming what differs."""
+    try:
+        saved = json.loads(read_text(ckpt / "heads_config.json"))
+    except ValueError as err:
+        if isinstance(err, QVLMError):
+            raise
+        raise QVLMError(f"{ckpt / 'heads_config.json'}: damaged ({err}); start a new run directory") from None
+    current = asdict(model.heads.config)
+    diff = [
+        f"{k} {saved.get(k)!r} -> {current[k]!r} ({flag})"
+        for k, flag in _HEAD_FLAGS.items()
+        if saved.get(k) != current[k]
+    ]
+    if diff:
+        raise QVLMError(
+            f"{ckpt}: the run started with other heads ({'; '.join(diff)}); resume with the settings it started with "
+            "or start a new run directory"
+        )
+    saved_trunk, trains_trunk = (ckpt / "trunk.safetensors").is_file(), bool(model.trainable_trunk_state())
+    if saved_trunk != trains_trunk:
+        raise QVLMError(
+            f"{ckpt}: the run started with a {'trained' if saved_trunk else 'frozen'} trunk, this one is "
+            f"{model.trunk_config.mode}; resume with the --trunk it started with or start a new run directory"
+        )
+
+
+_STATE_KEYS = ("step", "data_position", "optimizer", "scheduler", "rng", "fingerprint", "extra")
+
+
+def _load_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` (weights_only); a damaged or foreign file is a :class:`QVLMError` naming it."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 (unpickling raises many types: EOFError, UnpicklingError, RuntimeError, ...)
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise QVLMError(
+            f"{path}: damaged checkpoint state ({reason}); restore it or start a new run directory"
+        ) from None
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        raise QVLMError(f"{path}: not a qvlm checkpoint state (fields missing); start a new run directory")
+    return state
 
 
 # fields that may change between an interrupted run and its resume

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from qvlm.errors import QVLMError
+from qvlm.loading import context_length
 from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.progress import progress
@@ -28,6 +29,7 @@ __all__ = [
     "batch_indices",
     "batch_schedule",
     "local_batch",
+    "check_context",
     "check_finite",
     "set_seed",
     "make_optimizer",
@@ -92,6 +94,19 @@ def check_finite(step: int, objective: float, stats: dict[str, float]) -> None:
     )
 
 
+def check_context(model: QVModel, samples: list[Sample], items: list[EncodedSample]) -> None:
+    """Refuse an encoded sample longer than the trunk's context (positions past it do not exist),
+    naming the sample's file and line."""
+    limit = context_length(model.trunk.config)
+    for i, (s, e) in enumerate(zip(samples, items)):
+        n = len(e.prompt_ids) + len(e.response_ids)
+        if limit and n > limit:
+            raise QVLMError(
+                f"{s.label(i)}: {n} tokens (prompt + response) exceed the model's context of {limit}; "
+                f"pass --max-length {limit} or less"
+            )
+
+
 def train_loop(
     model: QVModel,
     tokenizer,
@@ -119,6 +134,7 @@ def train_loop(
     init_distributed(device)  # a launcher's process group (gloo on CPU, NCCL on CUDA); alone: nothing
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
+    check_context(model, samples, items)
     fingerprint = data_fingerprint(items)
     total = cfg.steps or cfg.epochs * -(-len(items) // cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
