@@ -24,6 +24,7 @@ __all__ = [
     "Q_TARGETS",
     "ValueConfig",
     "DemoConfig",
+    "RewardModelConfig",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -261,3 +262,32 @@ class DemoConfig:
             _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0")
         for name in ("candidates", "block_size", "batch_size"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+
+
+@dataclass
+class RewardModelConfig:
+    """`qvlm train rm`: a reward model (or classifier) on a local encoder or causal LM backbone."""
+
+    backbone: str = option("", "encoder or causal LM directory (empty: the packaged all-MiniLM-L6-v2)")
+    lr: float = option(5e-5, "AdamW learning rate of every weight")
+    weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    batch_size: int = option(16, "examples (texts or preference pairs) per optimiser step")
+    epochs: int = option(3, "passes over the training part (ignored when steps > 0)")
+    steps: int = option(0, "total optimiser steps (0: epochs * batches per epoch)")
+    max_length: int = option(256, "tokens per input (prompt + response); longer ones are cut")
+    held_out: float = option(0.1, "fraction of the examples held out for accuracy and calibration")
+    seed: int = option(0, "seed of the head's initialisation, the held-out split and the data order")
+    checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "finite, >= 0")
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "finite, >= 0 (0: off)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: epochs * batches per epoch)")
+        _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
+        _check(0 <= self.held_out < 1, "held_out", self.held_out, "in [0, 1)")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
