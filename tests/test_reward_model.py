@@ -58,14 +58,14 @@ def test_read_rm_data(tmp_path):
 
 
 def _save_backbone(path, arch):
-    """A tiny causal LM (llama) or encoder (bert) with the character tokenizer, saved to ``path``."""
+    """A tiny causal LM (llama, gpt2) or encoder (bert) with the character tokenizer, saved to ``path``."""
     from transformers import AutoModel, BertConfig
 
     from qvlm.loading import save_model
     from qvlm.testing import char_tokenizer, tiny_model
 
-    if arch == "llama":
-        model, tok = tiny_model("llama", seed=0)
+    if arch in ("llama", "gpt2"):
+        model, tok = tiny_model(arch, seed=0)
     else:
         tok = char_tokenizer()
         config = BertConfig(
@@ -137,11 +137,12 @@ def test_saved_model_loads_through_hf_with_identical_scores(trained):
     assert got[0] > got[1] and got[2] > got[1]  # chosen-like above rejected-like
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pooling_is_right_under_either_padding_side(tmp_path, arch, side):
     """A batch of different lengths scores each text as it scores alone (no padding), whatever the
-    tokenizer's padding side: the causal LM pools its last real token, the encoder its first."""
+    tokenizer's padding side: a causal LM pools its last real token, the encoder its first. (GPT-2 and BERT
+    have absolute positions, so left padding would shift them; Llama's rotary positions are relative.)"""
     from transformers import AutoTokenizer
 
     backbone = _save_backbone(tmp_path / arch, arch)
