@@ -83,11 +83,14 @@ def _register_rm(algos) -> None:
 def run_rm(args) -> int:
     from pathlib import Path
 
+    from transformers.utils import logging as hf_logging
+
     from qvlm.algos.reward_model import read_rm_data, train_reward_model
     from qvlm.configs import RewardModelConfig
     from qvlm.errors import QVLMError
     from qvlm.train.checkpoint import has_checkpoint
 
+    hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own
     cfg = config_from_args(RewardModelConfig, args)
     data = read_rm_data(args.data)
     out = Path(args.out)
