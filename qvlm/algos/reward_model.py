@@ -325,8 +325,10 @@ def train_reward_model(
     # save
     save_classifier(model, tokenizer, run_dir)
     atomic_write_text(run_dir / "eval.json", json.dumps(json_safe({**result, "config": asdict(cfg)}), indent=2) + "\n")
+    held = (
+        f"held-out accuracy {result['accuracy']:.4f} on {len(held_idx)}, ECE {result['ece']:.4f}; " if held_idx else ""
+    )
     log(
-        f"trained a {data.kind} model on {len(train_idx)} examples ({total} steps); held-out accuracy "
-        f"{result['accuracy']:.4f} on {len(held_idx)}, ECE {result['ece']:.4f}; use it as --reward hf:{run_dir}"
+        f"trained a {data.kind} model on {len(train_idx)} examples ({total} steps); {held}use it as --reward hf:{run_dir}"
     )
     return result
