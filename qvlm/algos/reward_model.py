@@ -198,9 +198,8 @@ def rm_loss(model, tokenizer, data: RMData, idx: list[int], max_length: int):
         logits = _scores(model, tokenizer, None, [data.texts[i] for i in idx], max_length)  # (B, K)
         labels = torch.tensor([data.labels[i] for i in idx], device=logits.device)
         loss, stats = classification_loss(logits, labels)
-    return loss, {f"losses/{'bt' if data.kind == 'preference' else 'ce'}": stats.pop("loss")} | {
-        f"charts/{k}": v for k, v in stats.items()
-    }
+    name = "bt" if data.kind == "preference" else "ce"
+    return loss, {f"losses/{name}": stats.pop("loss"), **{f"charts/{k}": v for k, v in stats.items()}}
 
 
 @torch.no_grad()

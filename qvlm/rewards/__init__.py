@@ -68,13 +68,9 @@ REWARD_HELP = (
 )
 
 
-def _terms(spec: str) -> list[tuple[float, str]]:
-    return split_terms(spec)
-
-
 def needs_reference(spec) -> bool:
     """Whether the reward ``spec`` compares responses with the prompts file's ``reference`` field."""
-    return isinstance(spec, str) and any(name in REFERENCE_REWARDS for _, name in _terms(spec))
+    return isinstance(spec, str) and any(name in REFERENCE_REWARDS for _, name in split_terms(spec))
 
 
 def _one(name: str, references, tokenizer, device) -> RewardFn:
@@ -114,7 +110,7 @@ def get_reward(
     """
     if callable(name):
         return name
-    terms = _terms(name)
+    terms = split_terms(name)
     if len(terms) == 1 and terms[0][0] == 1.0:
         return _one(terms[0][1], references, tokenizer, device)
     return weighted_sum([(w, _one(n, references, tokenizer, device)) for w, n in terms], [n for _, n in terms])
