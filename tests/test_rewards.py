@@ -251,3 +251,7 @@ def test_cli_sample_with_token_reward_and_missing_reference(tmp_path, tiny_dir, 
     assert 'bad.jsonl:2: no "reference" field' in capsys.readouterr().err
     assert main([str(a) for a in args] + ["--reward", f"{tmp_path}/none.py:f"]) == 2
     assert "no such file" in capsys.readouterr().err
+    _tiny_classifier(tmp_path / "clf", 1)
+    (tmp_path / "clf" / "model.safetensors").unlink()
+    assert main([str(a) for a in args] + ["--reward", f"vader+hf:{tmp_path / 'clf'}"]) == 2
+    assert "has no weights (model.safetensors)" in capsys.readouterr().err
