@@ -244,6 +244,12 @@ def test_cli_sample_with_token_reward_and_missing_reference(tmp_path, tiny_dir, 
     for row in rows:
         assert len(row["token_rewards"]) == len(row["response_ids"]) and row["reward"] == 0.0
         assert all(math.isfinite(v) for v in row["token_rewards"])
+    from transformers import AutoTokenizer
+
+    from qvlm.mdp import encode_samples, read_samples
+
+    encoded = encode_samples(read_samples(out), AutoTokenizer.from_pretrained(tiny_dir), 64)  # trainers take them
+    assert len(encoded) == 4
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ab", "reference": "x"}\n{"prompt": "cd"}\n')
     args[args.index(prompts)] = bad

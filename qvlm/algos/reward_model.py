@@ -313,7 +313,7 @@ def train_reward_model(
     result = evaluate_rm(model, tokenizer, data, held_idx, cfg.max_length, cfg.batch_size)
     result["train_examples"], result["steps"] = len(train_idx), total
     if held_idx:
-        what = "pair" if data.kind == "preference" else "label"
+        what = "pair" if data.kind == "preference" else "text"
         write_calibration_svg(
             result["calibration_bins"],
             run_dir / "calibration.svg",

@@ -46,8 +46,8 @@ def write_calibration_svg(bins: Sequence[dict], path: str | Path, title: str, xl
         xs, ys = [b["confidence"] for b in bins], [b["frequency"] for b in bins]
         ax.plot(xs, ys, color="#2563eb", linewidth=1.5)
         ax.scatter(xs, ys, s=[20 + 180 * b["count"] / biggest for b in bins], color="#2563eb", zorder=3, label="bins")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.03, 1.03)  # room for the markers of the end bins
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
