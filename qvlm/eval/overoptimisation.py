@@ -55,7 +55,7 @@ def best_of_n_weights(pool: int, n: int) -> list[float]:
 
 def best_of_n_expectation(select_by: Sequence[float], values: Sequence[float], n: int) -> float:
     """Expected ``values`` of the draw that best-of-``n`` by ``select_by`` keeps, over every
-    ``n``-subset of the pool (the unbiased estimator of Nakano et al. 2021, appendix; Gao et al. 2022).
+    ``n``-subset of the pool: the unbiased estimator Gao et al. (2022) use, after Nakano et al. (2021).
 
     Ties in ``select_by`` are broken by position (a stable sort). Shape: two sequences of one pool.
     """
