@@ -33,25 +33,20 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     twin.spines["top"].set_visible(False)
     top = result["gold_peak"]
     ax.axvline(top["kl_bound"], color=GOLD, linestyle=":", linewidth=1)
-    ax.annotate(
+    ax.annotate(  # above the peak: nothing of the gold curve is higher
         f"gold peaks at N = {top['n']}" + (" (the largest N tried)" if top["at_largest_n"] else ""),
         (top["kl_bound"], top["gold"]),
-        xytext=(8, -16),
+        xytext=(0, 9),
         textcoords="offset points",
+        ha="center",
         color=GOLD,
         fontsize=8,
+        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
     )
-    for r in curve:
-        ax.annotate(
-            f"N={r['n']}",
-            (r["kl_bound"], 0),
-            xycoords=("data", "axes fraction"),
-            xytext=(0, 4),
-            textcoords="offset points",
-            ha="center",
-            fontsize=7,
-            color="#6b7280",
-        )
+    ax.margins(y=0.12)
+    n_axis = ax.secondary_xaxis("top")  # the same x, labelled by N
+    n_axis.set_xticks(kl, labels=[str(r["n"]) for r in curve], fontsize=7)
+    n_axis.set_xlabel("N (best-of-N)", fontsize=8)
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", frameon=False, fontsize=8)
