@@ -261,3 +261,15 @@ def test_cli_sample_with_token_reward_and_missing_reference(tmp_path, tiny_dir, 
     (tmp_path / "clf" / "model.safetensors").unlink()
     assert main([str(a) for a in args] + ["--reward", f"vader+hf:{tmp_path / 'clf'}"]) == 2
     assert "has no weights (model.safetensors)" in capsys.readouterr().err
+
+
+def test_check_reward_fails_early_without_loading(tmp_path, user_file):
+    from qvlm.rewards import check_reward
+
+    check_reward(f"vader+0.5*bleu+count:x+{user_file}:n_words")  # fine: nothing raised
+    with pytest.raises(QVLMError, match="unknown reward 'sentiment'"):
+        check_reward("vader+sentiment")
+    with pytest.raises(QVLMError, match="has no function 'nope'"):
+        check_reward(f"{user_file}:nope")
+    with pytest.raises(QVLMError, match="is not a directory"):
+        check_reward(f"hf:{tmp_path / 'missing'}:pos")

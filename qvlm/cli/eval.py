@@ -6,7 +6,7 @@ import argparse
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load, parse_floats
 from qvlm.configs import DecodeConfig
-from qvlm.rewards import REWARD_HELP
+from qvlm.rewards import REWARD_HELP, check_reward
 
 
 def register(sub) -> None:
@@ -46,6 +46,7 @@ def run(args) -> int:
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     model, tokenizer = load(args)
     reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
     reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response

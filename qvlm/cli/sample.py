@@ -6,7 +6,7 @@ import argparse
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
 from qvlm.configs import DecodeConfig
-from qvlm.rewards import REWARD_HELP
+from qvlm.rewards import REWARD_HELP, check_reward
 
 
 def register(sub) -> None:
@@ -57,6 +57,7 @@ def run(args) -> int:
         prompts = prompts[: args.max_prompts]
     name = f"reward {args.reward}"
     references = read_references(args.prompts, name) if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     model, tokenizer = load(args)
     reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
     cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=args.n)

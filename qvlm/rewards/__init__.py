@@ -42,6 +42,7 @@ __all__ = [
     "response_tokens",
     "as_sequence_reward",
     "needs_reference",
+    "check_reward",
     "read_references",
     "REWARD_NAMES",
 ]
@@ -93,6 +94,25 @@ def _one(name: str, references, tokenizer, device) -> RewardFn:
     raise QVLMError(
         f"unknown reward {name!r}; use one of {', '.join(REWARD_NAMES)} (e.g. vader+0.2*length, my_rewards.py:score)"
     )
+
+
+def check_reward(spec: str) -> None:
+    """Raise :class:`QVLMError` now for a reward ``spec`` that :func:`get_reward` would refuse later:
+    an unknown name, a Python file or module without the function (or of the wrong arity), a classifier
+    directory without config or weights. Cheap: loads no model, so commands call it before theirs."""
+    for _, name in split_terms(spec):
+        if name in ("vader", "vader-positive", "vader-negative", "length") or name in REFERENCE_REWARDS:
+            continue
+        if name.startswith("count:"):
+            builtin.count(name[len("count:") :])
+        elif name.startswith("hf:"):
+            from qvlm.rewards.hf import check_classifier_dir
+
+            check_classifier_dir(name)
+        elif is_python_spec(name):
+            load_python_reward(name)
+        else:
+            _one(name, None, None, "cpu")  # raises: unknown
 
 
 def get_reward(

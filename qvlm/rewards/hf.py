@@ -16,7 +16,7 @@ import torch
 
 from qvlm.errors import QVLMError
 
-__all__ = ["HFClassifierReward", "parse_hf_spec", "encode_texts", "WEIGHT_FILES"]
+__all__ = ["HFClassifierReward", "check_classifier_dir", "parse_hf_spec", "encode_texts", "WEIGHT_FILES"]
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -65,6 +65,11 @@ def _check_dir(path: Path, spec: str) -> None:
         raise QVLMError(
             f"reward {spec}: {path} has no weights (model.safetensors); save the classifier with save_pretrained"
         )
+
+
+def check_classifier_dir(spec: str) -> None:
+    """Raise :class:`QVLMError` when ``hf:PATH...`` names no directory with a config and weights."""
+    _check_dir(Path(parse_hf_spec(spec)[0]), spec)
 
 
 class HFClassifierReward:
