@@ -36,12 +36,13 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     ax.annotate(  # above the peak: nothing of the gold curve is higher
         f"gold peaks at N = {top['n']}" + (" (the largest N tried)" if top["at_largest_n"] else ""),
         (top["kl_bound"], top["gold"]),
-        xytext=(0, 9),
+        xytext=(0, -34) if top["at_largest_n"] else (0, 9),  # clear of the proxy curve at the right end
         textcoords="offset points",
-        ha="center",
+        ha="right" if top["at_largest_n"] else "center",  # inside the axes at the right end
         color=GOLD,
         fontsize=8,
         bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        zorder=5,
     )
     ax.margins(y=0.12)
     n_axis = ax.secondary_xaxis("top")  # the same x, labelled by N
