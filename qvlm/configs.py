@@ -24,6 +24,8 @@ __all__ = [
     "Q_TARGETS",
     "ValueConfig",
     "DemoConfig",
+    "RewardModelConfig",
+    "ProxyConfig",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -273,3 +275,69 @@ class DemoConfig:
         for name in ("betas", "mc_betas"):
             _check(_number_list(getattr(self, name)), "--" + name.replace("_", "-"), repr(getattr(self, name)),
                    "comma-separated finite numbers, at least one (e.g. 4,8,16)")  # fmt: skip
+
+
+@dataclass
+class RewardModelConfig:
+    """`qvlm train rm`: a reward model (or classifier) on a local encoder or causal LM backbone."""
+
+    backbone: str = option("", "encoder or causal LM directory (empty: the packaged all-MiniLM-L6-v2)")
+    lr: float = option(5e-5, "AdamW learning rate of every weight")
+    weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    batch_size: int = option(16, "examples (texts or preference pairs) per optimiser step")
+    epochs: int = option(3, "passes over the training part (ignored when steps > 0)")
+    steps: int = option(0, "total optimiser steps (0: epochs * batches per epoch)")
+    max_length: int = option(256, "tokens per input (prompt + response); longer ones are cut")
+    held_out: float = option(0.1, "fraction of the examples held out for accuracy and calibration")
+    seed: int = option(0, "seed of the head's initialisation, the held-out split and the data order")
+    checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "finite, >= 0")
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "finite, >= 0 (0: off)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
+        _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: epochs * batches per epoch)")
+        _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
+        _check(0 <= self.held_out < 1, "held_out", self.held_out, "in [0, 1)")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
+
+
+@dataclass
+class ProxyConfig:
+    """`qvlm proxy`: reward-model over-optimisation made visible. A gold reward labels pairs of base
+    samples; a proxy reward model learns from them; best-of-N by the proxy is scored by both."""
+
+    model: str = option(DEFAULT_MODEL, "base model")
+    gold: str = option("vader", "the gold reward (any --reward form without a reference)")
+    backbone: str = option("", "the proxy's backbone directory (empty: the packaged all-MiniLM-L6-v2)")
+    train_prompts: int = option(120, "training prompts (demo:train) whose base samples the gold reward labels")
+    held_out: float = option(0.2, "fraction of those prompts whose pairs only measure the proxy's accuracy")
+    samples_per_prompt: int = option(8, "base samples per training prompt (pairs among them)")
+    pairs: int = option(2000, "at most this many gold-labelled pairs to train the proxy on")
+    label_noise: float = option(0.0, "probability that a training pair's label is flipped")
+    eval_prompts: int = option(32, "held-out prompts (demo:eval) for best-of-N")
+    max_n: int = option(32, "base draws per eval prompt; best-of-N for N = 1, 2, 4, ... up to it")
+    max_new_tokens: int = option(20, "response length limit")
+    batch_size: int = option(64, "prompts decoded together")
+    rm_epochs: int = option(2, "the proxy's epochs over its pairs")
+    rm_lr: float = option(5e-5, "the proxy's learning rate")
+    rm_batch_size: int = option(16, "pairs per optimiser step of the proxy")
+    seed: int = option(0, "seed of sampling, pairs and the proxy")
+
+    def __post_init__(self):
+        _check(self.train_prompts >= 2, "train_prompts", self.train_prompts, "at least 2")
+        _check(0 < self.held_out < 1, "held_out", self.held_out, "in (0, 1)")
+        _check(self.samples_per_prompt >= 2, "samples_per_prompt", self.samples_per_prompt, "at least 2 (pairs)")
+        _check(self.pairs >= 2, "pairs", self.pairs, "at least 2")
+        _check(0 <= self.label_noise < 0.5, "label_noise", self.label_noise, "in [0, 0.5)")
+        _check(self.eval_prompts >= 1, "eval_prompts", self.eval_prompts, "at least 1")
+        _check(self.max_n >= 1, "max_n", self.max_n, "at least 1")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "at least 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.rm_epochs >= 1, "rm_epochs", self.rm_epochs, "at least 1")
+        _check(_finite(self.rm_lr) and self.rm_lr > 0, "rm_lr", self.rm_lr, "a finite number > 0")
+        _check(self.rm_batch_size >= 1, "rm_batch_size", self.rm_batch_size, "at least 1")

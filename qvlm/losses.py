@@ -26,6 +26,8 @@ __all__ = [
     "ppo_policy_loss",
     "clipped_value_loss",
     "value_regression_loss",
+    "bradley_terry_loss",
+    "classification_loss",
 ]
 
 Stats = dict[str, torch.Tensor]  # name -> detached 0-dim tensor
@@ -167,3 +169,26 @@ def value_regression_loss(
     """
     loss = masked_mean((values - targets.detach()) ** 2, mask)
     return loss, {"loss": loss.detach(), "v_mean": masked_mean(values.detach(), mask)}
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Bradley-Terry preference loss ``mean(-log sigmoid(r_chosen - r_rejected))``.
+
+    Source: Bradley and Terry (1952); the reward-model objective of Ouyang et al. (2022), eq. 1, with
+    one comparison per pair. Stats: the loss, the pair accuracy (``r_chosen > r_rejected``) and the
+    mean margin. Shape: ``(B,)`` and ``(B,)`` -> scalar.
+    """
+    margin = chosen_rewards - rejected_rewards
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    accuracy = (margin.detach() > 0).to(margin.dtype).mean()
+    return loss, {"loss": loss.detach(), "accuracy": accuracy, "margin": margin.detach().mean()}
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """Cross-entropy of a classifier's logits against integer labels, and its accuracy.
+
+    Shape: logits ``(B, K)``, labels ``(B,)`` (ints in ``[0, K)``) -> scalar.
+    """
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    accuracy = (logits.detach().argmax(-1) == labels).to(logits.dtype).mean()
+    return loss, {"loss": loss.detach(), "accuracy": accuracy}

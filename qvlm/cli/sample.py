@@ -13,6 +13,7 @@ from qvlm.cli._common import (
     load,
 )
 from qvlm.configs import DecodeConfig
+from qvlm.rewards import REWARD_HELP, check_reward
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def register(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
-    p.add_argument("--reward", default="vader", help="reward: vader, vader-negative, count:TEXT, length")
+    p.add_argument("--reward", default="vader", help=REWARD_HELP)
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
     p.add_argument("--out", default="samples.jsonl", help="output JSONL (written atomically)")
@@ -45,7 +46,15 @@ def run(args) -> int:
     from qvlm.decoding import generate
     from qvlm.fileio import check_output_file
     from qvlm.mdp import read_prompts, write_samples
-    from qvlm.rewards import get_reward, score
+    from qvlm.rewards import (
+        get_reward,
+        is_token_level,
+        needs_reference,
+        read_references,
+        response_tokens,
+        score,
+        score_tokens,
+    )
     from qvlm.rollout import rollout_to_samples
 
     check_count(args.n, "--n")
@@ -56,12 +65,23 @@ def run(args) -> int:
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
     check_count(args.n, "--n", len(prompts))
-    reward = get_reward(args.reward)
+    name = f"reward {args.reward}"
+    references = read_references(args.prompts, name) if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     model, tokenizer = load(args)
+    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
     repeated = [p for p in prompts for _ in range(args.n)]
     result = generate(model, tokenizer, prompts, cfg=cfg, progress=True)
-    rewards = score(reward, repeated, result.texts, name=f"reward {args.reward}")
-    samples = rollout_to_samples(result, tokenizer, prompts, rewards, fixed_horizon=args.fixed_horizon)
+    if is_token_level(reward):  # per-token rewards on the sampled tokens (EOS excluded): token_rewards
+        ids = [i[:-1] if f else i for i, f in zip(result.response_ids, result.finished)]
+        token_rewards = score_tokens(reward, repeated, response_tokens(tokenizer, ids), name=name)
+        samples = rollout_to_samples(result, tokenizer, prompts, [0.0] * len(ids), fixed_horizon=args.fixed_horizon)
+        for s, row in zip(samples, token_rewards):
+            s.token_rewards = row
+        rewards = [sum(row) for row in token_rewards]
+    else:
+        rewards = score(reward, repeated, result.texts, name=name)
+        samples = rollout_to_samples(result, tokenizer, prompts, rewards, fixed_horizon=args.fixed_horizon)
     write_samples(args.out, samples)
     mean = sum(rewards) / len(rewards)
     print(f"wrote {len(samples)} samples ({len(prompts)} prompts x {args.n}) to {args.out}; mean reward {mean:.4f}")

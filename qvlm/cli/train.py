@@ -9,8 +9,9 @@ from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train Q/V heads offline (ilql) or a prefix scorer V (value)",
-        description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`).",
+        help="train Q/V heads offline (ilql), a prefix scorer V (value) or a reward model (rm)",
+        description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`), "
+        "or a reward model / classifier from labelled texts or preference pairs (rm).",
     )
     algos = p.add_subparsers(
         dest="algorithm", metavar="ALGORITHM", required=True, help="what to train (qvlm train ALGORITHM --help)"
@@ -56,6 +57,49 @@ def register(sub) -> None:
             )
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
+    _register_rm(algos)
+
+
+def _register_rm(algos) -> None:
+    from qvlm.configs import DEVICES_HELP, RewardModelConfig
+
+    a = algos.add_parser(
+        "rm",
+        help="a reward model (preference pairs, Bradley-Terry) or a classifier (labelled texts)",
+        description="Train a sequence-classification head (and its backbone: an encoder or causal LM "
+        "directory, default the packaged all-MiniLM-L6-v2) on labelled texts {text, label} (cross-entropy) "
+        "or preference pairs {prompt, chosen, rejected} (Bradley-Terry). --out becomes a sequence-"
+        "classification directory usable as --reward hf:OUT, with eval.json (held-out accuracy, "
+        "calibration), calibration.svg, metrics.jsonl, tb/ and checkpoint/.",
+    )
+    a.add_argument("--data", required=True, help="JSONL: {text, label} per line, or {prompt, chosen, rejected}")
+    a.add_argument("--out", required=True, help="run directory: the trained classifier, its evaluation and logs")
+    a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings and data)")
+    a.add_argument("--device", default="auto", help=f"where it trains: {DEVICES_HELP} (default: %(default)s)")
+    add_config_args(a, RewardModelConfig, title="reward model settings")
+    a.set_defaults(handler=run_rm)
+
+
+def run_rm(args) -> int:
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from qvlm.algos.reward_model import read_rm_data, train_reward_model
+    from qvlm.configs import RewardModelConfig
+    from qvlm.errors import QVLMError
+    from qvlm.train.checkpoint import has_checkpoint
+
+    hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own
+    cfg = config_from_args(RewardModelConfig, args)
+    data = read_rm_data(args.data)
+    out = Path(args.out)
+    if (out / "eval.json").exists() and not args.resume:
+        raise QVLMError(f"{out} already holds a reward model; pass --resume to continue it or choose a new --out")
+    if args.resume and not has_checkpoint(out):
+        raise QVLMError(f"{out}: no checkpoint to resume; run without --resume to start fresh")
+    train_reward_model(data, cfg, out, resume=args.resume, device=args.device)
+    return 0
 
 
 def run(args) -> int:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import load_model as load_model_file
 from safetensors.torch import save_file
+from safetensors.torch import save_model as save_model_file
 
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text, read_text
@@ -120,8 +122,14 @@ def _torch_save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_model_tensors(model: QVModel, folder: Path) -> None:
-    """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``)."""
+def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path) -> None:
+    """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``); a
+    model other than a QVModel (e.g. a reward model) is saved whole as ``model.safetensors``."""
+    if not isinstance(model, QVModel):
+        tmp = folder / ".model.safetensors.tmp"
+        save_model_file(model, str(tmp))  # safetensors' save_model: handles tied (shared) tensors
+        os.replace(tmp, folder / "model.safetensors")
+        return
     save_heads(model.heads, folder)
     trunk_state = model.trainable_trunk_state()
     if trunk_state:
@@ -132,7 +140,7 @@ def _save_model_tensors(model: QVModel, folder: Path) -> None:
 
 def save_checkpoint(
     run_dir: str | Path,
-    model: QVModel,
+    model: QVModel | torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     step: int,
     config,
@@ -197,7 +205,7 @@ def _remove_all_but(root: Path, keep: str) -> None:
 
 def load_checkpoint(
     run_dir: str | Path,
-    model: QVModel,
+    model: QVModel | torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     config,
     *,
@@ -236,7 +244,8 @@ def load_checkpoint(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
             "resume with the same settings or start a new run directory"
         )
-    _check_same_model(ckpt, model)
+    if isinstance(model, QVModel):
+        _check_same_model(ckpt, model)
     state = _load_trainer_state(ckpt / "trainer_state.pt")
     if fingerprint is not None and state["fingerprint"] != fingerprint:
         raise QVLMError(
@@ -244,9 +253,12 @@ def load_checkpoint(
             f"{fingerprint[:12]}: the samples, tokenizer or max_length changed); resume with the same "
             "samples file and settings, or start a new run directory"
         )
-    load_heads_state(model.heads, load_tensors(ckpt / "heads.safetensors"), ckpt / "heads.safetensors")
-    if (ckpt / "trunk.safetensors").is_file():
-        model.load_trunk_state(load_tensors(ckpt / "trunk.safetensors"))
+    if not isinstance(model, QVModel):
+        load_model_file(model, str(ckpt / "model.safetensors"))
+    else:
+        load_heads_state(model.heads, load_tensors(ckpt / "heads.safetensors"), ckpt / "heads.safetensors")
+        if (ckpt / "trunk.safetensors").is_file():
+            model.load_trunk_state(load_tensors(ckpt / "trunk.safetensors"))
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as err:

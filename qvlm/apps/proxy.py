@@ -1,0 +1,207 @@
+"""`qvlm proxy`: reward-model over-optimisation, visible (Gao, Schulman and Hilton 2022).
+
+A gold reward (VADER by default) stands for what the user wants. A proxy reward model learns it from
+at most ``pairs`` gold-labelled preference pairs of base samples (optionally with label noise), as a
+learned reward learns from human labels. Best-of-N by the proxy then pushes on the proxy harder and
+harder (KL to the base grows as ``log N - (N - 1) / N``); the report plots the gold and the proxy reward
+of the responses it keeps against that KL, and marks where the gold reward peaks.
+
+Phases, each cached in the output directory so a rerun resumes:
+
+1. ``train_samples.jsonl``: base responses to the training prompts, scored by the gold reward;
+2. ``pairs.jsonl`` / ``heldout_pairs.jsonl``: gold-labelled pairs; the held-out pairs come from
+   prompts the proxy never sees and measure its pair accuracy against the gold reward;
+3. ``proxy/``: the proxy (``qvlm train rm``), used through ``hf:OUT/proxy`` like any classifier reward;
+4. ``eval_samples.jsonl``: ``max_n`` base draws per eval prompt, with gold and proxy scores;
+5. ``proxy.json`` and ``overoptimisation.svg``: best-of-N for N = 1, 2, 4, ..., ``max_n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Callable
+
+from qvlm.algos.reward_model import RMData, train_reward_model
+from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig
+from qvlm.errors import QVLMError
+from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
+from qvlm.fileio import atomic_write_text
+from qvlm.mdp import Sample, read_samples, write_samples
+from qvlm.rewards import get_reward, score
+
+__all__ = ["run_proxy", "pair_accuracy", "best_of_n_curve", "n_values"]
+
+
+def n_values(max_n: int) -> list[int]:
+    """1, 2, 4, ... up to ``max_n`` (``max_n`` itself included)."""
+    ns = [1]
+    while ns[-1] * 2 <= max_n:
+        ns.append(ns[-1] * 2)
+    return ns if ns[-1] == max_n else ns + [max_n]
+
+
+def pair_accuracy(reward, pairs: list[dict]) -> float:
+    """Fraction of pairs whose chosen response ``reward`` scores above the rejected one."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score(reward, prompts, [p["chosen"] for p in pairs], name="proxy")
+    rejected = score(reward, prompts, [p["rejected"] for p in pairs], name="proxy")
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+
+
+def best_of_n_curve(gold: list[list[float]], proxy: list[list[float]], ns: list[int]) -> list[dict]:
+    """Per N: the mean over prompts of the expected gold and proxy reward of best-of-N by the proxy
+    (every N-subset of each prompt's pool, :func:`best_of_n_expectation`) and the KL bound."""
+    from qvlm.decoding.best_of_n import best_of_n_kl_bound
+
+    rows = []
+    for n in ns:
+        g = [best_of_n_expectation(p, v, n) for p, v in zip(proxy, gold)]
+        q = [best_of_n_expectation(p, p, n) for p in proxy]
+        rows.append({"n": n, "kl_bound": best_of_n_kl_bound(n), "gold": sum(g) / len(g), "proxy": sum(q) / len(q)})
+    return rows
+
+
+def _check_config(out: Path, cfg: ProxyConfig) -> None:
+    path = out / "config.json"
+    current = dataclasses.asdict(cfg)
+    if path.is_file() and json.loads(path.read_text()) != current:
+        raise QVLMError(f"{out} holds a proxy run with other settings; use them again or choose a new --out")
+    atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+
+
+def _sample(model, tokenizer, prompts, n, cfg: ProxyConfig, seed: int, gold, path: Path, progress: bool):
+    """``n`` base responses per prompt, scored by the gold reward; cached in ``path``."""
+    from qvlm.decoding import generate
+    from qvlm.rollout import rollout_to_samples
+
+    if path.is_file():
+        return read_samples(path)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=seed, num_return_sequences=n
+    )
+    res = generate(model, tokenizer, prompts, cfg=decode, progress=progress)
+    rewards = score(gold, [p for p in prompts for _ in range(n)], res.texts, name=f"gold reward {cfg.gold}")
+    samples = rollout_to_samples(res, tokenizer, prompts, rewards, fixed_horizon=True)
+    write_samples(path, samples)
+    return samples
+
+
+def _groups(samples: list[Sample], n: int) -> list[list[Sample]]:
+    return [samples[i : i + n] for i in range(0, len(samples), n)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def run_proxy(
+    cfg: ProxyConfig,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) the over-optimisation experiment into ``out``; returns what ``proxy.json`` holds."""
+    from qvlm.apps.demo_prompts import load_demo_prompts
+    from qvlm.loading import load_model, resolve_device
+    from qvlm.report.overoptimisation import write_overoptimisation_svg
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_config(out, cfg)
+    train_prompts = load_demo_prompts("train")[: cfg.train_prompts]
+    eval_prompts = load_demo_prompts("eval")[: cfg.eval_prompts]
+    gold = get_reward(cfg.gold)
+    model, tokenizer = load_model(cfg.model, device=device, dtype=dtype)
+    log(f"qvlm proxy: {cfg.model}, gold reward {cfg.gold}, output in {out}")
+
+    # sample: base responses to the training prompts, gold-labelled
+    log(f"[train samples] {len(train_prompts)} prompts x {cfg.samples_per_prompt}")
+    samples = _sample(
+        model,
+        tokenizer,
+        train_prompts,
+        cfg.samples_per_prompt,
+        cfg,
+        cfg.seed,
+        gold,
+        out / "train_samples.jsonl",
+        progress,
+    )
+    groups = [[(s.response, s.reward) for s in g] for g in _groups(samples, cfg.samples_per_prompt)]
+
+    # pairs: the proxy's training pairs, and held-out pairs from prompts it never sees (no label noise)
+    n_fit = max(1, round(len(train_prompts) * (1 - cfg.held_out)))
+    rng = random.Random(cfg.seed)
+    fit = gold_pairs(groups[:n_fit], train_prompts[:n_fit], cfg.label_noise, rng)[: cfg.pairs]
+    test = gold_pairs(groups[n_fit:], train_prompts[n_fit:], 0.0, rng)
+    if len(fit) < 2 or not test:
+        raise QVLMError(
+            f"the gold reward {cfg.gold} separates too few samples ({len(fit)} training and {len(test)} held-out "
+            "pairs); raise --train-prompts or --samples-per-prompt"
+        )
+    _write_jsonl(out / "pairs.jsonl", fit)
+    _write_jsonl(out / "heldout_pairs.jsonl", test)
+
+    # proxy: a reward model on the gold-labelled pairs, used as the reward hf:OUT/proxy
+    proxy_dir = out / "proxy"
+    if not (proxy_dir / "eval.json").is_file():
+        log(f"[proxy] {len(fit)} pairs from {n_fit} prompts")
+        rm_cfg = RewardModelConfig(
+            backbone=cfg.backbone,
+            lr=cfg.rm_lr,
+            batch_size=cfg.rm_batch_size,
+            epochs=cfg.rm_epochs,
+            held_out=0.0,  # accuracy is measured on held-out prompts' pairs instead
+            seed=cfg.seed,
+            progress=progress,
+        )
+        data = RMData(
+            "preference",
+            prompts=[p["prompt"] for p in fit],
+            chosen=[p["chosen"] for p in fit],
+            rejected=[p["rejected"] for p in fit],
+        )
+        from qvlm.train.checkpoint import has_checkpoint
+
+        train_reward_model(data, rm_cfg, proxy_dir, resume=has_checkpoint(proxy_dir), device=device, log=log)
+    proxy = get_reward(f"hf:{proxy_dir}", device=resolve_device(device))
+    accuracy = pair_accuracy(proxy, test)
+    log(f"  proxy pair accuracy against the gold reward on {len(test)} held-out pairs: {accuracy:.3f}")
+
+    # best-of-N pool: max_n base draws per eval prompt, scored by gold and proxy
+    log(f"[eval samples] {len(eval_prompts)} prompts x {cfg.max_n}")
+    pool_path = out / "eval_samples.jsonl"
+    pool = _sample(model, tokenizer, eval_prompts, cfg.max_n, cfg, cfg.seed + 1, gold, pool_path, progress)
+    if "proxy" not in pool[0].meta:
+        for s, v in zip(pool, score(proxy, [s.prompt for s in pool], [s.response for s in pool], name="proxy")):
+            s.meta["proxy"] = v
+        write_samples(pool_path, pool)
+    gold_pool = [[s.reward for s in g] for g in _groups(pool, cfg.max_n)]
+    proxy_pool = [[float(s.meta["proxy"]) for s in g] for g in _groups(pool, cfg.max_n)]
+
+    # curve and report
+    curve = best_of_n_curve(gold_pool, proxy_pool, n_values(cfg.max_n))
+    kl, gold_best, k = peak([r["kl_bound"] for r in curve], [r["gold"] for r in curve])
+    result = {
+        "gold": cfg.gold,
+        "proxy_pairs": len(fit),
+        "proxy_heldout_pairs": len(test),
+        "proxy_pair_accuracy": accuracy,
+        "kl": "best-of-N's analytic KL, log N - (N-1)/N: exact without reward ties, an upper bound otherwise",
+        "curve": curve,
+        "gold_peak": {"n": curve[k]["n"], "kl_bound": kl, "gold": gold_best, "at_largest_n": k == len(curve) - 1},
+        "config": dataclasses.asdict(cfg),
+    }
+    atomic_write_text(out / "proxy.json", json.dumps(result, indent=2) + "\n")
+    write_overoptimisation_svg(curve, result, out / "overoptimisation.svg")
+    log(
+        f"gold reward peaks at N = {curve[k]['n']} (KL <= {kl:.2f} nats): {gold_best:.3f}; at N = {curve[-1]['n']}: "
+        f"{curve[-1]['gold']:.3f} gold, {curve[-1]['proxy']:.3f} proxy. Chart: {out / 'overoptimisation.svg'}"
+    )
+    return result

@@ -1,0 +1,62 @@
+"""The over-optimisation chart of `qvlm proxy`: gold and proxy reward of best-of-N by the proxy
+against KL to the base model, on one chart (two y-axes: the rewards have different units), with the
+gold reward's peak marked."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from qvlm.fileio import atomic_write_text
+
+__all__ = ["write_overoptimisation_svg"]
+
+GOLD, PROXY = "#b45309", "#2563eb"
+
+
+def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: str | Path) -> None:
+    """Write the chart as SVG atomically. ``curve``: rows ``{n, kl_bound, gold, proxy}``; ``result``:
+    ``gold`` (its name), ``gold_peak``, ``proxy_pairs``, ``proxy_pair_accuracy``."""
+    from qvlm.report.plots import _new_figure
+
+    fig, ax = _new_figure(7.2, 4.4)
+    kl = [r["kl_bound"] for r in curve]
+    ax.plot(kl, [r["gold"] for r in curve], "o-", color=GOLD, label=f"gold reward ({result['gold']})")
+    ax.set_xlabel("KL(best-of-N ‖ base), nats: log N − (N−1)/N")
+    ax.set_ylabel(f"gold reward ({result['gold']})", color=GOLD)
+    ax.tick_params(axis="y", colors=GOLD)
+    twin = ax.twinx()
+    twin.plot(kl, [r["proxy"] for r in curve], "s--", color=PROXY, label="proxy reward (its logit)")
+    twin.set_ylabel("proxy reward (reward-model logit)", color=PROXY)
+    twin.tick_params(axis="y", colors=PROXY)
+    twin.spines["top"].set_visible(False)
+    top = result["gold_peak"]
+    ax.axvline(top["kl_bound"], color=GOLD, linestyle=":", linewidth=1)
+    ax.annotate(  # above the peak: nothing of the gold curve is higher
+        f"gold peaks at N = {top['n']}" + (" (the largest N tried)" if top["at_largest_n"] else ""),
+        (top["kl_bound"], top["gold"]),
+        xytext=(0, -34) if top["at_largest_n"] else (0, 9),  # clear of the proxy curve at the right end
+        textcoords="offset points",
+        ha="right" if top["at_largest_n"] else "center",  # inside the axes at the right end
+        color=GOLD,
+        fontsize=8,
+        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+        zorder=5,
+    )
+    ax.margins(y=0.12)
+    n_axis = ax.secondary_xaxis("top")  # the same x, labelled by N
+    n_axis.set_xticks(kl, labels=[str(r["n"]) for r in curve], fontsize=7)
+    n_axis.set_xlabel("N (best-of-N)", fontsize=8)
+    lines = ax.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", frameon=False, fontsize=8)
+    ax.set_title(
+        f"Best-of-N by a proxy trained on {result['proxy_pairs']} gold-labelled pairs "
+        f"(held-out pair accuracy {result['proxy_pair_accuracy']:.1%})",
+        fontsize=9,
+    )
+    buf = io.StringIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,134 @@
+"""``hf:PATH[:LABEL[:logit]]``: a local ``AutoModelForSequenceClassification`` directory as a reward.
+
+With one output (a reward model, e.g. from ``qvlm train rm``) the reward is that logit (``hf:PATH:0``:
+its sigmoid). With several labels, ``LABEL`` (a name from the config's ``id2label`` or an index)
+chooses one: its probability (softmax over the labels), or its logit with the suffix ``:logit``. The classifier reads the response
+alone, or the pair (prompt, response) when its config says ``"qvlm_input": "pair"`` (reward models
+trained on preferences by ``qvlm train rm``). Scores are computed in batches on the run's device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from qvlm.errors import QVLMError
+
+__all__ = ["HFClassifierReward", "check_classifier_dir", "parse_hf_spec", "encode_texts", "WEIGHT_FILES"]
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:PATH[:LABEL[:logit|prob]]`` -> ``(path, label or None, "logit" | "prob")``."""
+    rest = spec[len("hf:") :]
+    mode = "prob"
+    head, sep, last = rest.rpartition(":")
+    if sep and last in ("logit", "prob") and not Path(rest).exists():
+        rest, mode = head, last
+    label = None
+    head, sep, last = rest.rpartition(":")
+    if sep and not Path(rest).exists():
+        rest, label = head, last
+    if not rest:
+        raise QVLMError(f"reward {spec}: give a classifier directory, e.g. hf:runs/rm or hf:runs/clf:positive")
+    return rest, label, mode
+
+
+def encode_texts(tokenizer, prompts: Sequence[str] | None, texts: Sequence[str], max_length: int, device=None):
+    """Tokenize a batch for a sequence classifier: the texts alone, or (prompt, text) pairs.
+
+    The same function serves training (``qvlm train rm``) and scoring (``hf:``), so both see the same tokens.
+    """
+    args = (list(prompts), list(texts)) if prompts is not None else (list(texts),)
+    # right padding whatever the tokenizer's default: an encoder's CLS stays at position 0, and a causal
+    # LM's positions are those of the unpadded text (its pooling finds the last non-pad token)
+    enc = tokenizer(
+        *args, padding=True, padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
+def _check_dir(path: Path, spec: str) -> None:
+    if not path.is_dir():
+        raise QVLMError(f"reward {spec}: {path} is not a directory; give a sequence-classification model directory")
+    if not (path / "config.json").is_file():
+        raise QVLMError(f"reward {spec}: {path} has no config.json; save the classifier with save_pretrained")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise QVLMError(
+            f"reward {spec}: {path} has no weights (model.safetensors); save the classifier with save_pretrained"
+        )
+
+
+def check_classifier_dir(spec: str) -> None:
+    """Raise :class:`QVLMError` when ``hf:PATH...`` names no directory with a config and weights."""
+    _check_dir(Path(parse_hf_spec(spec)[0]), spec)
+
+
+class HFClassifierReward:
+    """A sequence classifier's logit or label probability as the reward (see the module docstring)."""
+
+    def __init__(self, spec: str, device: str | torch.device = "cpu", batch_size: int = 32, max_length: int = 512):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from qvlm.loading import ensure_pad_token, resolve_device
+
+        path_text, label, mode = parse_hf_spec(spec)
+        path = Path(path_text)
+        _check_dir(path, spec)
+        self.__name__ = spec
+        self.device = resolve_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as err:
+            raise QVLMError(f"reward {spec}: cannot load a sequence classifier from {path}: {err}") from None
+        ensure_pad_token(self.tokenizer, str(path))
+        if self.model.config.pad_token_id is None:  # causal LMs pool at the last non-pad token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(self.device).eval()
+        self.pair = getattr(self.model.config, "qvlm_input", "response") == "pair"
+        self.batch_size, self.max_length, self.mode = batch_size, max_length, mode
+        self.index = self._label_index(label, spec)
+
+    def _label_index(self, label: str | None, spec: str) -> int:
+        n = self.model.config.num_labels
+        names = {str(v): int(k) for k, v in (self.model.config.id2label or {}).items()}
+        if label is None:
+            if n == 1:
+                self.mode = "logit"
+                return 0
+            raise QVLMError(
+                f"reward {spec}: the classifier has {n} labels ({', '.join(names)}); choose one, e.g. "
+                f"hf:{parse_hf_spec(spec)[0]}:{next(iter(names), 0)}"
+            )
+        if label in names:
+            return names[label]
+        if label.isdigit() and int(label) < n:
+            return int(label)
+        raise QVLMError(f"reward {spec}: no label {label!r}; the classifier's labels are {', '.join(names)}")
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        out = []
+        for i in range(0, len(responses), self.batch_size):
+            batch_prompts = list(prompts[i : i + self.batch_size]) if self.pair else None
+            enc = encode_texts(
+                self.tokenizer, batch_prompts, responses[i : i + self.batch_size], self.max_length, self.device
+            )
+            logits = self.model(**enc).logits.float()  # (B, num_labels)
+            if self.mode == "logit":
+                values = logits[:, self.index]
+            elif logits.shape[-1] == 1:  # one logit: the probability is its sigmoid
+                values = logits[:, 0].sigmoid()
+            else:
+                values = logits.softmax(-1)[:, self.index]
+            out.extend(values.tolist())
+        return out

@@ -1,0 +1,83 @@
+"""`qvlm proxy`: the best-of-N estimator and pairs by hand, and the experiment end to end on a tiny model."""
+
+import json
+import random
+
+import pytest
+
+from qvlm.apps.proxy import best_of_n_curve, n_values, run_proxy
+from qvlm.configs import ProxyConfig
+from qvlm.errors import QVLMError
+from qvlm.eval.overoptimisation import best_of_n_expectation, best_of_n_weights, gold_pairs, peak
+
+
+def test_best_of_n_weights_and_expectation_by_hand():
+    assert best_of_n_weights(3, 2) == pytest.approx([0, 1 / 3, 2 / 3])
+    assert best_of_n_weights(4, 1) == pytest.approx([0.25] * 4)
+    assert best_of_n_weights(4, 4) == pytest.approx([0, 0, 0, 1])
+    # proxy (0.1, 0.9, 0.5), gold (1, 2, 3): ascending by proxy the golds are (1, 3, 2);
+    # best-of-2 keeps rank 2 (gold 3) with prob 1/3 and rank 3 (gold 2) with prob 2/3 -> 7/3
+    proxy, gold = [0.1, 0.9, 0.5], [1.0, 2.0, 3.0]
+    assert best_of_n_expectation(proxy, gold, 1) == pytest.approx(2.0)
+    assert best_of_n_expectation(proxy, gold, 2) == pytest.approx(7 / 3)
+    assert best_of_n_expectation(proxy, gold, 3) == pytest.approx(2.0)
+    with pytest.raises(QVLMError, match="need 1 <= n <= pool"):
+        best_of_n_weights(2, 3)
+
+
+def test_best_of_n_matches_enumeration():
+    rng = random.Random(0)
+    proxy, gold = [rng.random() for _ in range(6)], [rng.random() for _ in range(6)]
+    from itertools import combinations
+
+    subsets = list(combinations(range(6), 3))
+    brute = sum(gold[max(s, key=lambda i: proxy[i])] for s in subsets) / len(subsets)
+    assert best_of_n_expectation(proxy, gold, 3) == pytest.approx(brute)
+
+
+def test_gold_pairs_and_peak():
+    pairs = gold_pairs([[("a", 1.0), ("b", 0.0), ("c", 1.0)]], ["p"], 0.0, random.Random(0))
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == [("a", "b"), ("c", "b")]  # the tie a-c is skipped
+    flipped = gold_pairs([[("a", 1.0), ("b", 0.0)]] * 200, ["p"] * 200, 0.25, random.Random(0))
+    assert 0.15 < sum(p["gold_margin"] < 0 for p in flipped) / 200 < 0.35
+    with pytest.raises(QVLMError, match="label noise"):
+        gold_pairs([], [], 0.5, random.Random(0))
+    assert peak([0, 1, 2], [0.1, 0.3, 0.2]) == (1, 0.3, 1)
+    assert n_values(32) == [1, 2, 4, 8, 16, 32] and n_values(6) == [1, 2, 4, 6]
+
+
+GOLD = "def gold(prompts, responses):\n    return [sum(map(ord, r)) % 97 / 97 for r in responses]\n"
+
+
+def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
+    (tmp_path / "gold.py").write_text(GOLD)
+    cfg = ProxyConfig(
+        model=str(tiny_dir),
+        gold=f"{tmp_path / 'gold.py'}:gold",
+        backbone=str(tiny_dir),
+        train_prompts=6,
+        samples_per_prompt=4,
+        eval_prompts=2,
+        max_n=4,
+        max_new_tokens=6,
+        batch_size=8,
+        rm_epochs=1,
+        rm_lr=1e-2,
+    )
+    result = run_proxy(cfg, tmp_path / "out", device="cpu", log=lambda s: None, progress=False)
+    assert [r["n"] for r in result["curve"]] == [1, 2, 4]
+    pool = [json.loads(line) for line in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(pool) == 8 and all("proxy" in row for row in pool)
+    # best-of-1 is the base: the pool's mean gold reward
+    assert result["curve"][0]["gold"] == pytest.approx(sum(r["reward"] for r in pool) / 8)
+    assert result["proxy_pairs"] <= cfg.pairs and 0 <= result["proxy_pair_accuracy"] <= 1
+    assert (tmp_path / "out" / "overoptimisation.svg").read_text().lstrip().startswith("<?xml")
+    again = run_proxy(cfg, tmp_path / "out", device="cpu", log=lambda s: None, progress=False)  # all cached
+    assert again["curve"] == result["curve"]
+    with pytest.raises(QVLMError, match="other settings"):
+        run_proxy(ProxyConfig(**{**cfg.__dict__, "max_n": 2}), tmp_path / "out", device="cpu", log=lambda s: None)
+
+
+def test_best_of_n_curve_rows():
+    rows = best_of_n_curve([[0.0, 1.0]], [[0.0, 1.0]], [1, 2])
+    assert rows[0]["gold"] == 0.5 and rows[1]["gold"] == 1.0 and rows[1]["kl_bound"] == pytest.approx(0.1931472)
