@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from qvlm.apps.demo_context import DemoContext, save_json
 from qvlm.apps.demo_train import Learners
-from qvlm.decoding import GenerationResult, best_of_n_kl_bound, blockwise_generate, generate, select_best_of_n
+from qvlm.decoding import GenerationResult, best_of_n_kl_estimate, blockwise_generate, generate, select_best_of_n
 from qvlm.eval.metrics import json_safe, summarize
 from qvlm.model import QVModel
 
@@ -43,7 +43,7 @@ class GuidedMethod:
     name: str  # e.g. ilql_beta_16, mcq_beta_8, cd_blockwise_k4
     decode: Callable[[list[str]], GenerationResult]
     cost: float  # compute per generated token relative to plain sampling
-    kl_kind: str  # exact (token-level guidance) or bound (blockwise: best-of-K per block)
+    kl_kind: str  # exact (token-level guidance) or estimate (blockwise: best-of-K per block, from the K values)
     learner: QVModel  # the heads it decodes with (value maps of the method shown use them)
 
 
@@ -90,7 +90,9 @@ def guided_methods(ctx: DemoContext, learners: Learners) -> list[GuidedMethod]:
         GuidedMethod(f"mcq_beta_{b:g}", token_guided(scorer.heads, b), mc_cost, "exact", scorer)
         for b in _betas(cfg.mc_betas)
     ]
-    methods.append(GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "bound", scorer))
+    methods.append(
+        GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "estimate", scorer)
+    )
     return methods
 
 
@@ -226,7 +228,8 @@ def _best_of_phase(ctx: DemoContext) -> tuple[dict[str, dict], dict[str, dict]]:
         picks = select_best_of_n(draws["rewards"], N, k)  # (n,) indices into the draws
         sel_texts = [draws["texts"][j] for j in picks]
         sel_rewards = [draws["rewards"][j] for j in picks]
-        kl = [best_of_n_kl_bound(k) if k > 1 else 0.0] * n
+        # best-of-k's KL per prompt, estimated from all N draws of that prompt (its reward CDF, ties included)
+        kl = [best_of_n_kl_estimate(draws["rewards"][i * N : (i + 1) * N], k) for i in range(n)]
         tokens = sum(draws["tokens"][j] for j in picks)
         # best-of-k decodes k responses for each one it returns
         seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
@@ -235,7 +238,7 @@ def _best_of_phase(ctx: DemoContext) -> tuple[dict[str, dict], dict[str, dict]]:
         # a draw's top-k mass is the base model's; a selection among draws has no per-step distribution
         topk = [draws["topk_mass"][j] for j in picks] if k == 1 and draws.get("topk_mass") else None
         base_logprobs = [draws["base_logprobs"][j] for j in picks]
-        kind = "bound" if k > 1 else "exact"
+        kind = "estimate" if k > 1 else "exact"
         m = method_metrics(sel_texts, sel_rewards, kl, base_logprobs, float(k), seconds, tokens, topk, kind)
         metrics[name] = m
         responses[name] = {

@@ -46,14 +46,17 @@ _COLUMNS = (
 )
 _KL_TIP = (
     "KL to the base model summed over a response: exact (per-token KL of the sampling distribution, summed), "
+    "≈ an estimate (best-of-N selection, from the base samples' reward CDF, ties included), "
     "or ≤ an upper bound (best-of-N selection: log N − (N−1)/N per selection)"
 )
 
 
 def _kl_cell(m: Mapping[str, Any]) -> str:
-    """KL to base, with ≤ where it is an upper bound (``kl_kind == "bound"``)."""
+    """KL to base, with ≤ where it is an upper bound (``kl_kind == "bound"``), ≈ where an estimate."""
     if m.get("kl_kind") == "bound" and finite(m.get("kl_to_base")) is not None:
         return f'<span title="upper bound (best-of-N selection)">≤ {fmt(m.get("kl_to_base"))}</span>'
+    if m.get("kl_kind") == "estimate" and finite(m.get("kl_to_base")) is not None:
+        return f'<span title="estimate (best-of-N selection, base reward CDF)">≈ {fmt(m.get("kl_to_base"))}</span>'
     return fmt(m.get("kl_to_base"))
 
 
