@@ -9,7 +9,7 @@ from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train Q/V heads offline (ilql) or a prefix scorer V (value)",
+        help="train Q/V heads offline (ilql), a prefix scorer V (value), or online soft Q (softq)",
         description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`).",
     )
     algos = p.add_subparsers(
@@ -56,6 +56,9 @@ def register(sub) -> None:
             )
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
+    from qvlm.cli.train_softq import register as register_softq  # online: prompts and a reward, not --data
+
+    register_softq(algos)
 
 
 def run(args) -> int:
