@@ -99,3 +99,30 @@ def test_estimate_tolerance_groups_nearly_equal_values():
     assert best_of_n_kl_estimate([1.0, 1.0 + 1e-9, 2.0], 2, tol=1e-6) == pytest.approx(
         best_of_n_kl_estimate([1.0, 1.0, 2.0], 2)
     )
+
+
+def test_frontier_block_groups_rows_into_curves():
+    from qvlm.eval.frontier import build_frontier
+
+    def row(reward, kl, cost=1.0, kind="exact"):
+        return {"reward_mean": reward, "reward_ci95": 0.1, "kl_to_base": kl, "kl_kind": kind, "cost": cost, "n": 8}
+
+    methods = {
+        "base": row(0.2, 0.0),
+        "best_of_4": row(0.5, 0.6, 4.0, "estimate"),
+        "ilql_beta_16": row(0.3, 5.0, 1.4),
+        "ilql_beta_4": row(0.25, 1.0, 1.4),
+        "mcq_beta_8": row(0.4, 3.0, 1.4),
+        "cd_blockwise_k4": row(0.45, 2.0, 4.1, "estimate"),
+        "shown_elsewhere": row(9.0, 9.0),
+    }
+    frontier = build_frontier(methods, best_of={2: row(0.35, 0.19, 2.0, "estimate"), 4: row(0.0, 0.0)})
+    assert set(frontier) == {"best_of_n", "ilql", "mcq", "cd_blockwise"}
+    assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4]
+    assert frontier["best_of_n"][2]["reward_mean"] == 0.5  # the table's row wins over the extra one
+    assert [p["beta"] for p in frontier["ilql"]] == [0.0, 4.0, 16.0]  # base starts every guided curve
+    assert frontier["ilql"][0]["kl_to_base"] == 0.0 and frontier["mcq"][1]["kl_to_base"] == 3.0
+    assert frontier["cd_blockwise"] == [
+        {"n": 4, **{k: methods["cd_blockwise_k4"][k] for k in frontier["cd_blockwise"][0] if k != "n"}}
+    ]
+    assert set(frontier["ilql"][1]) == {"beta", "reward_mean", "reward_ci95", "kl_to_base", "kl_kind", "cost"}

@@ -71,11 +71,19 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert methods["cd_blockwise_k4"]["kl_kind"] == "estimate" and methods["ilql_beta_1"]["kl_kind"] == "exact"
     # best-of-N's KL is estimated from each prompt's draws: never above the bound log N - (N-1)/N
     assert 0.0 <= methods["best_of_4"]["kl_to_base"] <= best_of_n_kl_bound(4) + 1e-9
+    # the frontier: every family over its setting, best-of-N for N in 1, 2, 4 (up to --best-of 4)
+    frontier = metrics["frontier"]
+    assert set(frontier) == {"best_of_n", "ilql", "mcq", "cd_blockwise"}
+    assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4]
+    assert [p["beta"] for p in frontier["ilql"]] == [0.0, 1.0, 4.0] and frontier["ilql"][0]["kl_to_base"] == 0.0
+    assert frontier["best_of_n"][2]["reward_mean"] == methods["best_of_4"]["reward_mean"]
+    assert frontier["best_of_n"][1]["kl_kind"] == "estimate" and frontier["best_of_n"][1]["cost"] == 2.0
     assert "topk_mass" in methods["ilql_beta_1"]
     html = (out / "report.html").read_text()
     assert "ilql_beta_4" in html and "data:image/png;base64," in html
     assert "{cfg" not in html and "Infinity" not in (out / "metrics.json").read_text()
     assert "Chosen on validation (reward" in html and 'id="validation"' in html
+    assert 'id="frontier"' in html and 'alt="frontier: reward vs cost"' in html
 
     # a rerun resumes from every cached phase: same numbers, no new training
     mtime = (out / "ilql" / "heads.safetensors").stat().st_mtime

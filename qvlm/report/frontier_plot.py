@@ -24,6 +24,7 @@ _STYLE = {  # method -> (colour, line style); others cycle through the default c
     "best_of_n": ("#d97706", "--"),
     "controlled_decoding": ("#2563eb", ":"),
 }
+_OTHERS = ("#16a34a", "#dc2626", "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#92400e", "#4b5563")
 
 
 def _reward(p: Mapping[str, Any]) -> float | None:
@@ -35,12 +36,13 @@ def frontier_figure(frontier: Mapping[str, Sequence[Mapping[str, Any]]], x: str 
 
     Points whose ``kl_kind`` is not exact get open markers (an estimate or a bound on the KL)."""
     fig, ax = _new_figure(6.4, 4.2)
-    for i, (name, points) in enumerate(frontier.items()):
+    others = iter(_OTHERS * 4)
+    for name, points in frontier.items():
         pts = [p for p in points if finite(p.get(x)) is not None and _reward(p) is not None]
         if not pts:
             continue
         pts = sorted(pts, key=lambda p: p[x])
-        colour, style = _STYLE.get(name, (f"C{i % 10}", "-"))
+        colour, style = _STYLE.get(name) or (next(others), "-")
         xs, ys = [p[x] for p in pts], [_reward(p) for p in pts]
         err = [finite(p.get("reward_ci95")) or 0.0 for p in pts]
         hollow = any(p.get("kl_kind", "exact") != "exact" for p in pts) and x == "kl_to_base"
@@ -58,7 +60,11 @@ def frontier_figure(frontier: Mapping[str, Sequence[Mapping[str, Any]]], x: str 
             linewidth=1.4,
             label=name + (" (KL estimated)" if hollow else ""),
         )
-    ax.set_xlabel("KL to the base policy (nats per response)" if x == "kl_to_base" else "cost (samples per response)")
+    ax.set_xlabel(
+        "KL to the base policy (nats per response)"
+        if x == "kl_to_base"
+        else "cost (compute per response, plain sampling = 1)"
+    )
     ax.set_ylabel("reward")
     if x == "cost":
         ax.set_xscale("log", base=2)
