@@ -183,3 +183,18 @@ def test_cli_trains_resumes_and_refuses_bad_input(tmp_path, tiny_dir, capsys):
     assert main(argv[:-1] + ["--alpha", "0", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert "alpha" in err and err.count("\n") == 1
+
+    # the heads decode with `qvlm eval`, beside best-of-N with its estimated KL and the frontier block
+    import json
+
+    metrics = tmp_path / "metrics.json"
+    evaluate = ["eval", "--model", str(tiny_dir), "--heads", str(out), "--prompts", str(prompts)]
+    evaluate += ["--reward", "count:e", "--betas", "0,10", "--best-of", "1,2,4", "--max-new-tokens", "6"]
+    assert main(evaluate + ["--seed", "0", "--json", str(metrics)]) == 0
+    result = json.loads(metrics.read_text())
+    assert set(result["methods"]) == {"base", "guided_beta_10", "best_of_2", "best_of_4"}
+    assert result["methods"]["best_of_4"]["kl_kind"] == "estimate" and result["methods"]["best_of_4"]["cost"] == 4.0
+    assert result["methods"]["best_of_4"]["kl_to_base"] <= math.log(4) - 0.75 + 1e-9
+    frontier = result["frontier"]
+    assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4] and [p["beta"] for p in frontier["guided"]] == [0, 10]
+    assert main(evaluate[:-2] + ["--best-of", "0,2"]) == 2 and "--best-of" in capsys.readouterr().err

@@ -11,9 +11,9 @@ Each point keeps ``reward_mean``, ``reward_ci95``, ``kl_to_base``, ``kl_kind`` a
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-__all__ = ["FRONTIER_KEYS", "frontier_point", "build_frontier"]
+__all__ = ["FRONTIER_KEYS", "frontier_point", "build_frontier", "evaluate_best_of_n"]
 
 FRONTIER_KEYS = ("reward_mean", "reward_ci95", "kl_to_base", "kl_kind", "cost")
 _BETA = re.compile(r"^(?P<family>.+)_beta_(?P<value>[0-9]+(?:\.[0-9]+)?)$")
@@ -54,3 +54,39 @@ def build_frontier(
             elif any("beta" in p for p in points.values()):
                 points.setdefault(0.0, frontier_point(base, "beta", 0.0))
     return {family: [points[k] for k in sorted(points)] for family, points in curves.items()}
+
+
+def evaluate_best_of_n(
+    model, tokenizer, prompts: list[str], reward, ns: Sequence[int], cfg=None, progress: bool = False
+):
+    """Best-of-N for each N in ``ns`` from one set of ``max(ns)`` base draws per prompt (best-of-N uses
+    the first N of them): ``{N: metrics row}`` with the KL per prompt estimated from all the prompt's
+    draws (:func:`qvlm.decoding.best_of_n.best_of_n_kl_estimate`, ``kl_kind`` "estimate"; N = 1 is
+    plain sampling, KL 0, "exact"). The cost of best-of-N is N samples."""
+    import dataclasses
+
+    from qvlm.configs import DecodeConfig
+    from qvlm.decoding import best_of_n_kl_estimate, generate, select_best_of_n
+    from qvlm.errors import QVLMError
+    from qvlm.eval.metrics import summarize
+    from qvlm.rewards import score
+
+    if not ns or any(n < 1 for n in ns):
+        raise QVLMError(f"--best-of {list(ns)}: give whole numbers >= 1, e.g. 1,2,4,8,16,32")
+    group = max(ns)
+    draw_cfg = dataclasses.replace(cfg or DecodeConfig(), beta=0.0, num_return_sequences=group)
+    res = generate(model, tokenizer, prompts, cfg=draw_cfg, track_kl=True, progress=progress)
+    rewards = score(reward, [p for p in prompts for _ in range(group)], res.texts)
+    rows = {}
+    for n in sorted(set(ns)):
+        picks = select_best_of_n(rewards, group, n)
+        kl = [best_of_n_kl_estimate(rewards[i * group : (i + 1) * group], n) for i in range(len(prompts))]
+        rows[n] = summarize(
+            [res.texts[j] for j in picks],
+            [rewards[j] for j in picks],
+            kl,
+            [res.base_logprobs[j] for j in picks],
+            cost=float(n),
+            kl_kind="estimate" if n > 1 else "exact",
+        ).as_dict()
+    return rows
