@@ -276,6 +276,9 @@ class SoftQConfig:
     prompts_per_round: int = option(16, "prompts decoded per round (taken in turn from the prompt file)")
     samples_per_prompt: int = option(4, "responses per prompt per round")
     max_new_tokens: int = option(32, "response length limit when sampling (a cut response is truncated)")
+    guidance_top_k: int = option(
+        0, "guide only the base model's k likeliest tokens when sampling (0: the full vocabulary, the exact tilt)"
+    )
     steps_per_round: int = option(32, "gradient steps per round, each on a minibatch drawn from the whole replay set")
     batch_size: int = option(16, "samples per gradient step")
     lr: float = option(1e-3, "AdamW learning rate of the heads")
@@ -305,3 +308,4 @@ class SoftQConfig:
         _check(_finite(self.v_scale) and self.v_scale >= 0, "v_scale", self.v_scale, "finite, >= 0")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
+        _check(self.guidance_top_k >= 0, "guidance_top_k", self.guidance_top_k, ">= 0 (0: the full vocabulary)")

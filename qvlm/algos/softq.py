@@ -101,6 +101,7 @@ def sample_round(
         num_return_sequences=cfg.samples_per_prompt,
         batch_size=cfg.decode_batch_size,
         seed=cfg.seed * 1_000_003 + round_idx,
+        guidance_top_k=cfg.guidance_top_k,
     )
     model.eval()
     rollout = sample_rollout(model.trunk, tokenizer, prompts, model.heads, decode, track_kl=True, logprobs=False)
