@@ -26,6 +26,7 @@ __all__ = [
     "DemoConfig",
     "RewardModelConfig",
     "ProxyConfig",
+    "SoftQConfig",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -341,3 +342,50 @@ class ProxyConfig:
         _check(self.rm_epochs >= 1, "rm_epochs", self.rm_epochs, "at least 1")
         _check(_finite(self.rm_lr) and self.rm_lr > 0, "rm_lr", self.rm_lr, "a finite number > 0")
         _check(self.rm_batch_size >= 1, "rm_batch_size", self.rm_batch_size, "at least 1")
+
+
+@dataclass
+class SoftQConfig:
+    """Online soft Q-learning for a language model (``qvlm train softq``, issue 10): rounds of
+    sampling with the current guided policy, scoring, a replay set that keeps every round, and
+    soft Bellman regression of the heads on all of it."""
+
+    alpha: float = option(0.1, "KL temperature: the guided policy is pi_ref exp((Q - V) / alpha), beta = 1/alpha")
+    gamma: float = option(1.0, "discount per token (1: Q predicts the undiscounted final score)")
+    rounds: int = option(8, "rounds of (sample with the guided policy, score, fit)")
+    prompts_per_round: int = option(16, "prompts decoded per round (taken in turn from the prompt file)")
+    samples_per_prompt: int = option(4, "responses per prompt per round")
+    max_new_tokens: int = option(32, "response length limit when sampling (a cut response is truncated)")
+    guidance_top_k: int = option(
+        0, "guide only the base model's k likeliest tokens when sampling (0: the full vocabulary, the exact tilt)"
+    )
+    steps_per_round: int = option(32, "gradient steps per round, each on a minibatch drawn from the whole replay set")
+    batch_size: int = option(16, "samples per gradient step")
+    lr: float = option(1e-3, "AdamW learning rate of the heads")
+    trunk_lr: float = option(1e-5, "AdamW learning rate of the trunk (lora: adapters)")
+    weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    polyak: float = option(0.1, "target heads <- (1 - polyak) target + polyak online, after every step")
+    v_scale: float = option(1.0, "weight of V's regression onto the soft value of the target Q at s_t")
+    decode_batch_size: int = option(64, "responses decoded together")
+    max_length: int = option(256, "prompt + response tokens when training (longer responses are cut)")
+    seed: int = option(0, "seed of the heads' initialisation, the sampling and the minibatches")
+    checkpoint_every: int = option(1, "rounds between resumable checkpoints (0: only at the end)")
+    progress: bool = option(True, "show progress")
+
+    def __post_init__(self):
+        _check(_finite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "a finite number > 0")
+        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "in [0, 1]")
+        for name in ("rounds", "prompts_per_round", "samples_per_prompt", "max_new_tokens", "steps_per_round"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        for name in ("batch_size", "decode_batch_size"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "at least 1")
+        _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(_finite(self.trunk_lr) and self.trunk_lr > 0, "trunk_lr", self.trunk_lr, "a finite number > 0")
+        _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "finite, >= 0")
+        _check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "finite, >= 0 (0: off)")
+        _check(0 < self.polyak <= 1, "polyak", self.polyak, "in (0, 1]")
+        _check(_finite(self.v_scale) and self.v_scale >= 0, "v_scale", self.v_scale, "finite, >= 0")
+        _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
+        _check(self.guidance_top_k >= 0, "guidance_top_k", self.guidance_top_k, ">= 0 (0: the full vocabulary)")

@@ -14,6 +14,7 @@ from qvlm.errors import QVLMError
 __all__ = [
     "MAX_LINE_BYTES",
     "atomic_write_text",
+    "atomic_write_bytes",
     "check_output_file",
     "check_output_dir",
     "os_error",
@@ -151,3 +152,21 @@ def _check_writable_folder(folder: Path, what: str) -> None:
         raise QVLMError(f"{what}: cannot write in {probe} ({reason}); choose a writable location") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """:func:`atomic_write_text` for bytes (an image, a binary file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

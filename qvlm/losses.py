@@ -192,3 +192,58 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     loss = torch.nn.functional.cross_entropy(logits, labels)
     accuracy = (logits.detach().argmax(-1) == labels).to(logits.dtype).mean()
     return loss, {"loss": loss.detach(), "accuracy": accuracy}
+
+
+# ---------------------------------------------------------------- soft Q-learning (issue 10)
+
+__all__ += ["soft_bellman_targets", "soft_q_loss"]
+
+
+def soft_bellman_targets(
+    rewards: torch.Tensor,
+    next_target_q: torch.Tensor,
+    next_ref_logprobs: torch.Tensor,
+    done: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Soft Bellman targets ``y_t = r_t + gamma (1 - done_t) alpha log sum_a pi_ref(a|s_{t+1})
+    exp(Qbar(s_{t+1}, a) / alpha)``, over the full vocabulary, from target heads ``Qbar``.
+
+    Soft Q-learning with a reference prior (Haarnoja et al. 2017, eq. 3-4; the KL-regularised form of
+    DESIGN.md: the next state's value is :func:`soft_value` of the target Q). As alpha -> 0 the value
+    becomes the max over actions (Q-learning); as alpha -> inf the mean under pi_ref (SARSA on pi_ref).
+    Where the episode ended (done) nothing is bootstrapped; where it was cut (truncated) it is.
+    One step, ``pi_ref(.|s') = (0.5, 0.5)``, ``Qbar(s', .) = (1, 0)``, alpha 1, r 0, gamma 0.9:
+    ``0.9 log(0.5 e + 0.5) = 0.5581031``.
+
+    Shape: ``rewards, done (B, T)``, ``next_target_q, next_ref_logprobs (B, T, V)`` -> ``(B, T)``.
+    """
+    next_v = soft_value(next_target_q.detach().to(torch.float32), next_ref_logprobs.to(torch.float32), alpha)
+    return rewards + gamma * (1.0 - done) * next_v
+
+
+def soft_q_loss(
+    q_taken: torch.Tensor,
+    next_target_q: torch.Tensor,
+    next_ref_logprobs: torch.Tensor,
+    rewards: torch.Tensor,
+    done: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    alpha: float,
+) -> tuple[torch.Tensor, Stats]:
+    """Soft Q-learning loss: ``mean_t (Q(s_t, a_t) - y_t)^2`` toward :func:`soft_bellman_targets`.
+
+    The targets come from the target heads and are detached (Mnih et al. 2015's target network;
+    Haarnoja et al. 2017, eq. 11 with a reference prior). Masked mean over real steps.
+    Shape: ``q_taken, rewards, done, mask (B, T)``, ``next_target_q, next_ref_logprobs (B, T, V)``
+    -> scalar; ``stats`` hold the loss, mean Q of the taken actions and mean target.
+    """
+    target = soft_bellman_targets(rewards, next_target_q, next_ref_logprobs, done, gamma, alpha).detach()
+    loss = masked_mean((q_taken.to(target.dtype) - target) ** 2, mask)
+    return loss, {
+        "loss": loss.detach(),
+        "q_mean": masked_mean(q_taken.detach().to(target.dtype), mask),
+        "target_mean": masked_mean(target, mask),
+    }

@@ -49,9 +49,20 @@ def test_blockwise_with_a_trained_prefix_scorer_raises_the_reward():
     plain = generate(model, tok, prompts, cfg=cfg)
     mean = lambda res: sum(score(get_reward(REWARD), prompts, res.texts)) / len(prompts)  # noqa: E731
     assert mean(guided) > mean(plain) + 0.3, (mean(plain), mean(guided))
-    # each response records the best-of-K KL bound once per block it used
+    # each response records a best-of-K KL estimate per block: the bound where the K values differ,
+    # less where they tie, so never above the bound times the blocks it used
     for kl, ids in zip(guided.kl, guided.response_ids):
-        assert kl == pytest.approx(best_of_n_kl_bound(8) * len(ids))
+        assert 0.0 <= kl <= best_of_n_kl_bound(8) * len(ids) + 1e-9
+    assert max(guided.kl) > 0
+
+
+def test_blockwise_kl_is_zero_when_the_candidates_are_equal(tiny):
+    # greedy decoding makes the K candidates of a block identical: their values tie, selection is a no-op
+    model, tok = tiny
+    heads = QVModel.from_trunk(model, with_q=False).heads
+    cfg = DecodeConfig(max_new_tokens=8, seed=0, do_sample=False)
+    res = blockwise_generate(model, tok, PROMPTS, heads, candidates=4, block_size=2, cfg=cfg)
+    assert res.kl == [0.0] * len(PROMPTS)
 
 
 def test_value_maps_align_tokens_values_advantages(tiny):

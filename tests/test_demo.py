@@ -9,6 +9,7 @@ import pytest
 from qvlm.apps.demo import VAL_START, check_splits, choose_shown, compute_cost, resolve, run_demo
 from qvlm.cli import main
 from qvlm.configs import DemoConfig
+from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
 
 KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", "cost"}
@@ -66,13 +67,23 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert shown["chosen_on"] == "validation" and shown["validation_prompts"] == 4
     assert shown["method"] == choose_shown(validation)
     assert shown["eval_reward"] == methods[shown["method"]]["reward_mean"]
-    assert methods["base"]["kl_kind"] == "exact" and methods["best_of_4"]["kl_kind"] == "bound"
-    assert methods["cd_blockwise_k4"]["kl_kind"] == "bound" and methods["ilql_beta_1"]["kl_kind"] == "exact"
+    assert methods["base"]["kl_kind"] == "exact" and methods["best_of_4"]["kl_kind"] == "estimate"
+    assert methods["cd_blockwise_k4"]["kl_kind"] == "estimate" and methods["ilql_beta_1"]["kl_kind"] == "exact"
+    # best-of-N's KL is estimated from each prompt's draws: never above the bound log N - (N-1)/N
+    assert 0.0 <= methods["best_of_4"]["kl_to_base"] <= best_of_n_kl_bound(4) + 1e-9
+    # the frontier: every family over its setting, best-of-N for N in 1, 2, 4 (up to --best-of 4)
+    frontier = metrics["frontier"]
+    assert set(frontier) == {"best_of_n", "ilql", "mcq", "cd_blockwise"}
+    assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4]
+    assert [p["beta"] for p in frontier["ilql"]] == [0.0, 1.0, 4.0] and frontier["ilql"][0]["kl_to_base"] == 0.0
+    assert frontier["best_of_n"][2]["reward_mean"] == methods["best_of_4"]["reward_mean"]
+    assert frontier["best_of_n"][1]["kl_kind"] == "estimate" and frontier["best_of_n"][1]["cost"] == 2.0
     assert "topk_mass" in methods["ilql_beta_1"]
     html = (out / "report.html").read_text()
     assert "ilql_beta_4" in html and "data:image/png;base64," in html
     assert "{cfg" not in html and "Infinity" not in (out / "metrics.json").read_text()
     assert "Chosen on validation (reward" in html and 'id="validation"' in html
+    assert 'id="frontier"' in html and 'alt="frontier: reward vs cost"' in html
 
     # a rerun resumes from every cached phase: same numbers, no new training
     mtime = (out / "ilql" / "heads.safetensors").stat().st_mtime

@@ -76,5 +76,6 @@ def test_summarize_reports_topk_mass_and_kl_kind():
     assert math.isnan(summarize(["a"], [1.0], [0.0], [[-1.0]], topk_mass=[]).topk_mass)
     bound = summarize(["a"], [1.0], [0.636], [[-1.0]], kl_kind="bound")
     assert bound.as_dict()["kl_kind"] == "bound"
-    with pytest.raises(ValueError, match="exact or bound"):
-        summarize(["a"], [1.0], [0.0], [[-1.0]], kl_kind="estimate")
+    assert summarize(["a"], [1.0], [0.5], [[-1.0]], kl_kind="estimate").kl_kind == "estimate"
+    with pytest.raises(ValueError, match="exact, estimate or bound"):
+        summarize(["a"], [1.0], [0.0], [[-1.0]], kl_kind="guess")

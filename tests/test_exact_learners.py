@@ -82,32 +82,30 @@ def test_open_pairs_close_from_the_leaves():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_soft_q_learning_reaches_the_soft_optimum(seed):
+def test_on_policy_soft_q_learning_reaches_the_soft_optimum(seed):
+    # issue 10's acceptance: plain Boltzmann exploration (the guided policy's own samples) reaches
+    # ratio >= 0.99 and V within 0.02 on the states the optimal policy reaches with prob >= 1%
     tree = default_tree(seed)
     opt = solve(tree, ALPHA)
-    reference = evaluate_policy(tree, tree.ref_probs)
     heads = train_learner("softq", tree, TabularSoftQConfig(seed=seed), ALPHA)
-    report = measure(tree, opt, reference, heads)
-    assert report.v_rmse <= 0.02
+    report = measure(tree, opt, evaluate_policy(tree, tree.ref_probs), heads)
+    assert report.objective_ratio >= 0.99
+    assert report.v_rmse_reach <= 0.02
+    # ... while on the fringe it never visits enough, V is honestly off: the metric is not vacuous
+    assert report.visited_pairs < tree.num_states * tree.vocab_size
+    assert math.isfinite(report.v_rmse) and report.v_rmse > 0.02
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_q_learning_with_a_systematic_sweep_learns_every_state(seed):
+    tree = default_tree(seed)
+    opt = solve(tree, ALPHA)
+    heads = train_learner("softq_sweep", tree, TabularSoftQConfig(seed=seed, explore="open_first"), ALPHA)
+    report = measure(tree, opt, evaluate_policy(tree, tree.ref_probs), heads)
+    assert report.v_rmse <= 0.02 and report.v_rmse_reach <= 0.02
     assert report.q_rmse <= 0.02
     assert report.objective_ratio >= 0.99
     assert report.visited_states == tree.num_states  # systematic exploration covers this small tree
-
-
-def test_soft_q_without_systematic_exploration_is_reported_honestly():
-    # pure Boltzmann sampling leaves rarely reached states with untried actions at their
-    # optimistic initial Q: the guided policy is still near-optimal, V on the fringe is not
-    tree = default_tree(0)
-    opt = solve(tree, ALPHA)
-    report = measure(
-        tree,
-        opt,
-        evaluate_policy(tree, tree.ref_probs),
-        train_learner("softq_boltzmann", tree, TabularSoftQConfig(explore="boltzmann"), ALPHA),
-    )
-    assert report.visited_pairs < tree.num_states * tree.vocab_size
-    assert report.objective_ratio >= 0.95
-    assert math.isfinite(report.v_rmse) and report.v_rmse > 0.02
 
 
 # ---------------------------------------------------------------- MC and ILQL (sanity)

@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 
 from qvlm.apps.demo_context import DemoContext, save_json
-from qvlm.apps.demo_eval import choose_shown, compute_cost, eval_phase, guided_methods, validation_phase
+from qvlm.apps.demo_eval import (
+    choose_shown,
+    compute_cost,
+    eval_phase,
+    frontier_phase,
+    guided_methods,
+    validation_phase,
+)
 from qvlm.apps.demo_prompts import load_demo_prompts
 from qvlm.apps.demo_train import Learners, sample_phase, train_phase
 from qvlm.configs import DecodeConfig, DemoConfig
@@ -135,6 +142,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
             "eval_reward": metrics[shown]["reward_mean"],
             "eval_argmax": choose_shown({k: {"reward_mean": r} for k, r in guided_eval.items()}),
         },
+        "frontier": frontier_phase(ctx, metrics),
         "reward": reward_name,
         "config": dataclasses.asdict(cfg),
     }
@@ -193,6 +201,7 @@ def report_phase(
         config=config,
         validation=summary["validation"],
         shown=summary["shown"],
+        frontier=summary.get("frontier"),
     )
 
 

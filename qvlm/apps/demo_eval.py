@@ -21,7 +21,8 @@ from typing import Callable, Mapping
 
 from qvlm.apps.demo_context import DemoContext, save_json
 from qvlm.apps.demo_train import Learners
-from qvlm.decoding import GenerationResult, best_of_n_kl_bound, blockwise_generate, generate, select_best_of_n
+from qvlm.decoding import GenerationResult, best_of_n_kl_estimate, blockwise_generate, generate, select_best_of_n
+from qvlm.eval.frontier import build_frontier
 from qvlm.eval.metrics import json_safe, summarize
 from qvlm.model import QVModel
 
@@ -33,6 +34,7 @@ __all__ = [
     "validation_phase",
     "eval_phase",
     "choose_shown",
+    "frontier_phase",
 ]
 
 
@@ -43,7 +45,7 @@ class GuidedMethod:
     name: str  # e.g. ilql_beta_16, mcq_beta_8, cd_blockwise_k4
     decode: Callable[[list[str]], GenerationResult]
     cost: float  # compute per generated token relative to plain sampling
-    kl_kind: str  # exact (token-level guidance) or bound (blockwise: best-of-K per block)
+    kl_kind: str  # exact (token-level guidance) or estimate (blockwise: best-of-K per block, from the K values)
     learner: QVModel  # the heads it decodes with (value maps of the method shown use them)
 
 
@@ -90,7 +92,9 @@ def guided_methods(ctx: DemoContext, learners: Learners) -> list[GuidedMethod]:
         GuidedMethod(f"mcq_beta_{b:g}", token_guided(scorer.heads, b), mc_cost, "exact", scorer)
         for b in _betas(cfg.mc_betas)
     ]
-    methods.append(GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "bound", scorer))
+    methods.append(
+        GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "estimate", scorer)
+    )
     return methods
 
 
@@ -223,25 +227,40 @@ def _best_of_phase(ctx: DemoContext) -> tuple[dict[str, dict], dict[str, dict]]:
     per_token = draws["seconds"] / max(sum(draws["tokens"]), 1)
     metrics, responses = {}, {}
     for name, k in (("base", 1), ("best_of_4", 4), (f"best_of_{N}", N)):
-        picks = select_best_of_n(draws["rewards"], N, k)  # (n,) indices into the draws
-        sel_texts = [draws["texts"][j] for j in picks]
-        sel_rewards = [draws["rewards"][j] for j in picks]
-        kl = [best_of_n_kl_bound(k) if k > 1 else 0.0] * n
-        tokens = sum(draws["tokens"][j] for j in picks)
-        # best-of-k decodes k responses for each one it returns
-        seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
-        if k == 1:
-            seconds, tokens = timing["seconds"], timing["tokens"]
-        # a draw's top-k mass is the base model's; a selection among draws has no per-step distribution
-        topk = [draws["topk_mass"][j] for j in picks] if k == 1 and draws.get("topk_mass") else None
-        base_logprobs = [draws["base_logprobs"][j] for j in picks]
-        kind = "bound" if k > 1 else "exact"
-        m = method_metrics(sel_texts, sel_rewards, kl, base_logprobs, float(k), seconds, tokens, topk, kind)
-        metrics[name] = m
-        responses[name] = {
-            "texts": sel_texts,
-            "rewards": sel_rewards,
-            "finished": [draws["finished"][j] for j in picks],
-        }
-        ctx.log(f"  {name}: reward {_fmt(m['reward_mean'])} +- {_fmt(m['reward_ci95'])}")
+        metrics[name], responses[name] = _best_of_row(draws, n, N, k, per_token, timing)
+        ctx.log(f"  {name}: reward {_fmt(metrics[name]['reward_mean'])} +- {_fmt(metrics[name]['reward_ci95'])}")
     return metrics, responses
+
+
+def _best_of_row(draws: dict, n: int, N: int, k: int, per_token: float, timing: dict) -> tuple[dict, dict]:
+    """Best-of-``k`` among the first ``k`` of each prompt's ``N`` draws: its metrics row and responses."""
+    picks = select_best_of_n(draws["rewards"], N, k)  # (n,) indices into the draws
+    sel_texts = [draws["texts"][j] for j in picks]
+    sel_rewards = [draws["rewards"][j] for j in picks]
+    # best-of-k's KL per prompt, estimated from all N draws of that prompt (its reward CDF, ties included)
+    kl = [best_of_n_kl_estimate(draws["rewards"][i * N : (i + 1) * N], k) for i in range(n)]
+    tokens = sum(draws["tokens"][j] for j in picks)
+    # best-of-k decodes k responses for each one it returns
+    seconds = per_token * sum(draws["tokens"][j] for i in range(n) for j in range(i * N, i * N + k))
+    if k == 1:
+        seconds, tokens = timing["seconds"], timing["tokens"]
+    # a draw's top-k mass is the base model's; a selection among draws has no per-step distribution
+    topk = [draws["topk_mass"][j] for j in picks] if k == 1 and draws.get("topk_mass") else None
+    base_logprobs = [draws["base_logprobs"][j] for j in picks]
+    kind = "estimate" if k > 1 else "exact"
+    m = method_metrics(sel_texts, sel_rewards, kl, base_logprobs, float(k), seconds, tokens, topk, kind)
+    return m, {"texts": sel_texts, "rewards": sel_rewards, "finished": [draws["finished"][j] for j in picks]}
+
+
+FRONTIER_NS = (1, 2, 4, 8, 16, 32)  # best-of-N points of the frontier (those <= --best-of)
+
+
+def frontier_phase(ctx: DemoContext, metrics: Mapping[str, dict]) -> dict[str, list[dict]]:
+    """metrics.json's ``"frontier"``: every guided family over its betas, blockwise, and best-of-N for
+    N in 1, 2, 4, 8, 16, 32 up to ``--best-of``, all from decodes already made (the eval draws)."""
+    draws = _base_draws(ctx, ctx.out / "eval" / "draws.json")
+    timing = _base_timing(ctx, ctx.out / "eval" / "base_timing.json")
+    n, N = len(ctx.eval_prompts), ctx.cfg.best_of
+    per_token = draws["seconds"] / max(sum(draws["tokens"]), 1)
+    extra = {k: _best_of_row(draws, n, N, k, per_token, timing)[0] for k in FRONTIER_NS if k <= N}
+    return build_frontier(metrics, best_of=extra)

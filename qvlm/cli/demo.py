@@ -44,7 +44,7 @@ def run(args) -> int:
         f"{'cost':>6} {'time':>6}"
     )
     for name, m in summary["methods"].items():
-        kl = ("<=" if m.get("kl_kind") == "bound" else "  ") + num(m["kl_to_base"], 6, 2)
+        kl = {"bound": "<=", "estimate": "~ "}.get(m.get("kl_kind"), "  ") + num(m["kl_to_base"], 6, 2)
         print(
             f"{name:<20} {num(m['reward_mean'], 8, 3)} {num(m['reward_ci95'], 7, 3)} {kl} "
             f"{num(m['distinct_2'], 7, 3)} {num(m['perplexity'], 7, 2)} {num(m.get('topk_mass'), 6, 2)} "

@@ -22,7 +22,8 @@ def register(sub) -> None:
         help="evaluate base vs guided decoding: reward with 95%% CI, KL to base, distinct-n",
         description="Decode the prompts at each --betas value (0 = the base model) and report the mean "
         "reward with a 95%% CI (Student t), the exact KL of the sampling distribution to the base "
-        "model summed per response, distinct-1/2, and perplexity under the base model.",
+        "model summed per response, distinct-1/2, and perplexity under the base model. With --best-of, "
+        "also best-of-N by the reward, its KL estimated from each prompt's draws (marked ~).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arg(p)
@@ -31,6 +32,12 @@ def register(sub) -> None:
     p.add_argument("--reward", default="vader", help=REWARD_HELP + "; a per-token reward is summed")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--betas", default="0,1,2", help="comma-separated guidance strengths; 0 is the base model")
+    p.add_argument(
+        "--best-of",
+        default="",
+        help="also best-of-N by the reward for these N (e.g. 1,2,4,8,16,32), from max(N) base draws per prompt; "
+        "its KL is estimated from each prompt's draws (kl_kind estimate); the JSON gains a 'frontier' block",
+    )
     p.add_argument("--json", help="write the metrics here as JSON (atomically)")
     add_config_args(p, DecodeConfig, exclude=("beta", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
@@ -40,13 +47,17 @@ def run(args) -> int:
     import json
 
     from qvlm.errors import QVLMError
-    from qvlm.eval.metrics import distinct_n, evaluate_decoding, json_safe
+    from qvlm.eval.metrics import evaluate_decoding, json_safe
     from qvlm.fileio import atomic_write_text, check_output_file
     from qvlm.mdp import read_prompts
     from qvlm.model import load_qv_model
     from qvlm.rewards import as_sequence_reward, get_reward, needs_reference, read_references
 
     betas = parse_floats(args.betas, "--betas")
+    raw_ns = parse_floats(args.best_of, "--best-of") if args.best_of else []
+    if any(n < 1 or n != int(n) for n in raw_ns):
+        raise QVLMError(f"--best-of {args.best_of}: give whole numbers >= 1, e.g. 1,2,4,8,16,32")
+    ns = [int(n) for n in raw_ns]
     if any(b != 0 for b in betas) and not args.heads:
         raise QVLMError("--betas other than 0 need --heads DIR (trained with `qvlm train ilql`)")
     check_non_negative(args.max_prompts, "--max-prompts", "0: all")
@@ -72,18 +83,38 @@ def run(args) -> int:
         cfg = config_from_args(DecodeConfig, args, beta=beta)
         metrics, result, _ = evaluate_decoding(model, tokenizer, prompts, reward, heads, cfg)
         name = "base" if beta == 0 else f"guided_beta_{beta:g}"
-        row = metrics.as_dict()
-        row["distinct_1"] = distinct_n(result.texts, 1)
-        methods[name] = row
-        lo, hi = row["reward_mean"] - row["reward_ci95"], row["reward_mean"] + row["reward_ci95"]
-        print(
-            f"{name:<12} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {row['kl_to_base']:>8.3f} "
-            f"{row['distinct_1']:>7.3f} {row['distinct_2']:>7.3f} {row['perplexity']:>8.2f}"
-        )
+        _print_row(name, methods.setdefault(name, _row(metrics, result)))
+    if ns:
+        from qvlm.eval.frontier import evaluate_best_of_n
+
+        for n, row in evaluate_best_of_n(
+            model, tokenizer, prompts, reward, ns, config_from_args(DecodeConfig, args)
+        ).items():
+            if n > 1:
+                methods[f"best_of_{n}"] = row
+                _print_row(f"best_of_{n}", row)
+    payload = {"reward": args.reward, "n_prompts": len(prompts), "methods": methods}
+    if ns:
+        from qvlm.eval.frontier import build_frontier
+
+        payload["frontier"] = build_frontier(methods)
     if args.json:
-        atomic_write_text(
-            args.json,
-            json.dumps(json_safe({"reward": args.reward, "n_prompts": len(prompts), "methods": methods}), indent=2)
-            + "\n",
-        )
+        atomic_write_text(args.json, json.dumps(json_safe(payload), indent=2) + "\n")
     return 0
+
+
+def _row(metrics, result) -> dict:
+    from qvlm.eval.metrics import distinct_n
+
+    row = metrics.as_dict()
+    row["distinct_1"] = distinct_n(result.texts, 1)
+    return row
+
+
+def _print_row(name: str, row: dict) -> None:
+    lo, hi = row["reward_mean"] - row["reward_ci95"], row["reward_mean"] + row["reward_ci95"]
+    kl = {"estimate": "~", "bound": "<="}.get(row.get("kl_kind"), "")
+    print(
+        f"{name:<12} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {kl + format(row['kl_to_base'], '.3f'):>8} "
+        f"{row.get('distinct_1', float('nan')):>7.3f} {row['distinct_2']:>7.3f} {row['perplexity']:>8.2f}"
+    )

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-DEFAULT_LEARNERS = "ilql,mc,softq"
+DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep"
 
 
 def register(sub) -> None:
@@ -50,8 +50,19 @@ def register(sub) -> None:
     p.add_argument(
         "--learners",
         default=DEFAULT_LEARNERS,
-        help="comma-separated learners: ilql, mc, softq, softq_boltzmann (soft Q without systematic "
-        "exploration); 'none' only solves",
+        help="comma-separated learners: ilql, mc, softq (online soft Q-learning from the guided policy's own "
+        "samples, plain Boltzmann exploration), softq_sweep (soft Q with systematic exploration of every "
+        "untried pair); 'none' only solves",
+    )
+    p.add_argument(
+        "--frontier",
+        action="store_true",
+        help="also report the exact reward-KL frontier: best-of-N (N = 1..32), guidance with pi_ref's own Q "
+        "(controlled decoding) and with each learner's heads over beta, and the soft optimum over alpha; "
+        "each point with the soft optimum's reward at the same KL",
+    )
+    p.add_argument(
+        "--plot", metavar="FILE", help="write the reward-KL frontier plot here (.png or .svg; implies --frontier)"
     )
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (atomically)")
     p.add_argument(
@@ -137,7 +148,12 @@ def run(args) -> int:
     )
     mdp = build_mdp(config)
     tree = build_tree(mdp, max_states=config.max_states)
-    result = compare_learners(tree, args.alpha, learners, seed=args.seed, progress=not args.no_progress)
+    frontier = args.frontier or bool(args.plot)
+    if args.plot and not args.plot.lower().endswith((".png", ".svg")):
+        raise QVLMError(f"--plot {args.plot}: use a file name ending in .png or .svg")
+    result = compare_learners(
+        tree, args.alpha, learners, seed=args.seed, progress=not args.no_progress, frontier=frontier
+    )
     result["mdp"] = {
         "vocab": token_names(args.vocab),
         "horizon": args.horizon,
@@ -149,6 +165,14 @@ def run(args) -> int:
         "states": tree.num_states,
     }
     print(format_table(result))
+    if frontier:
+        print(format_frontier(result["frontier"]))
+    if args.plot:
+        from qvlm.report.frontier_plot import write_frontier_plot
+
+        title = f"exact frontier: {mdp.reward.name}, vocab {args.vocab}, horizon {args.horizon}, seed {args.seed}"
+        write_frontier_plot(result["frontier"], args.plot, title=title)
+        print(f"wrote {args.plot}")
     if args.json_path:
         _write_json_atomic(Path(args.json_path), result)
         print(f"wrote {args.json_path}")
@@ -162,7 +186,7 @@ def format_table(result: dict) -> str:
         f"token MDP: vocab {' '.join(m['vocab'])}, horizon {m['horizon']}, gamma {m['gamma']:g}, "
         f"alpha {m['alpha']:g}, reward {m['reward']}, pi_ref {m['reference']} (seed {m['seed']}), "
         f"{m['states']} states",
-        f"{'policy':<16}{'objective':>10}{'ratio':>8}{'reward':>9}{'KL':>8}{'V rmse':>9}{'Q rmse':>9}"
+        f"{'policy':<16}{'objective':>10}{'ratio':>8}{'reward':>9}{'KL':>8}{'V rmse':>9}{'V@pi*':>9}{'Q rmse':>9}"
         f"{'V-Vref rmse':>12}{'states':>8}{'pairs':>7}",
     ]
     opt, ref = result["optimal"], result["reference"]
@@ -174,14 +198,35 @@ def format_table(result: dict) -> str:
     for name, r in result["learners"].items():
         lines.append(
             f"{name:<16}{r['objective']:>10.4f}{r['objective_ratio']:>8.4f}{r['reward']:>9.4f}"
-            f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
+            f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['v_rmse_reach']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
             f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}"
         )
     lines.append(
         "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
-        "(Q: state-action pairs) each learner's data visited, uniformly weighted; V-Vref: RMSE against "
-        "V^pi_ref"
+        "(Q: state-action pairs) each learner's data visited, uniformly weighted; V@pi*: V RMSE over the states "
+        "pi* reaches with probability >= 1%; V-Vref: RMSE against V^pi_ref"
     )
+    return "\n".join(lines)
+
+
+def format_frontier(frontier: dict, ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) -> str:
+    """The frontier, one line per point (best-of-N at ``ns`` only; the JSON has every N): reward, exact
+    KL, cost, and the soft optimum's reward at the same KL (the gap is what the method leaves)."""
+    lines = [
+        "exact reward-KL frontier (every KL exact, nats per response)",
+        f"{'method':<22}{'setting':>12}{'reward':>9}{'KL':>9}{'cost':>6}{'soft opt. at KL':>17}{'gap':>9}",
+    ]
+    for name, points in frontier.items():
+        for p in points:
+            key = next(k for k in ("n", "beta", "alpha") if k in p)
+            if (key == "n" and p["n"] not in ns) or (key == "alpha" and round(8 * math.log10(p["alpha"])) % 4):
+                continue  # best-of-N at ns, the soft optimum at half decades of alpha: the JSON has all
+            soft = p.get("soft_optimum_reward")
+            tail = f"{soft:>17.4f}{soft - p['reward']:>9.4f}" if soft is not None else ""
+            lines.append(
+                f"{name:<22}{key + ' ' + format(p[key], '.3g'):>12}{p['reward']:>9.4f}{p['kl_to_base']:>9.4f}"
+                f"{p['cost']:>6g}{tail}"
+            )
     return "\n".join(lines)
 
 

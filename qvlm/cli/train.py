@@ -9,8 +9,9 @@ from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train Q/V heads offline (ilql), a prefix scorer V (value) or a reward model (rm)",
+        help="train Q/V heads offline (ilql), a prefix scorer V (value), online soft Q (softq) or a reward model (rm)",
         description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`), "
+        "online soft Q heads from prompts and a reward (softq), "
         "or a reward model / classifier from labelled texts or preference pairs (rm).",
     )
     algos = p.add_subparsers(
@@ -58,6 +59,9 @@ def register(sub) -> None:
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
     _register_rm(algos)
+    from qvlm.cli.train_softq import register as register_softq  # online: prompts and a reward, not --data
+
+    register_softq(algos)
 
 
 def _register_rm(algos) -> None:

@@ -9,7 +9,13 @@
 """
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding.best_of_n import best_of_n_kl_bound, select_best_of_n
+from qvlm.decoding.best_of_n import (
+    best_of_n_kl_bound,
+    best_of_n_kl_estimate,
+    best_of_n_kl_exact,
+    best_of_n_policy,
+    select_best_of_n,
+)
 from qvlm.decoding.blockwise import blockwise_generate
 from qvlm.decoding.guidance import (
     ValueGuidanceLogitsProcessor,
@@ -49,5 +55,8 @@ __all__ = [
     "ValueGuidanceLogitsProcessor",
     "blockwise_generate",
     "best_of_n_kl_bound",
+    "best_of_n_kl_estimate",
+    "best_of_n_kl_exact",
+    "best_of_n_policy",
     "select_best_of_n",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.best_of_n import best_of_n_kl_estimate
 from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
 from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
@@ -37,8 +37,11 @@ def blockwise_generate(
 ) -> GenerationResult:
     """Decode each prompt block by block, keeping the best of ``candidates`` blocks by ``V``.
 
-    ``result.kl`` holds, per response, the number of blocks times the best-of-K bound (the exact
-    KL of the selection has no closed form); ``result.base_logprobs`` the base log-probabilities.
+    ``result.kl`` holds, per response, the sum over its blocks of the best-of-K KL estimated from
+    that block's K candidate values (:func:`qvlm.decoding.best_of_n.best_of_n_kl_estimate`: the
+    bound ``log K - (K-1)/K`` when the K values differ, less where they tie, 0 once the response has
+    ended and its K copies are equal); its kind is ``"estimate"``. ``result.base_logprobs`` holds
+    the base log-probabilities.
     """
     cfg = cfg or DecodeConfig()
     if candidates < 1 or block_size < 1:
@@ -67,6 +70,7 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     base_lp = torch.zeros((B * K, 0), device=device)
     score_h = None  # (B*K, H): hidden state of each candidate's last non-EOS token
     winners = None  # (B,): set once the winners are known
+    block_kl = [0.0] * B  # per prompt: the summed best-of-K KL estimates of its blocks
     next_tokens = None  # (B*K,): the tokens written last
     for step in range(cfg.max_new_tokens):
         # the prompt's K candidates share its prefilled cache rows
@@ -78,6 +82,7 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
         if step > 0 and step % block_size == 0:
             # keep the best candidate of each prompt by V of its end state; repeat it K times
             v = heads.values(score_h).view(B, K)  # (B, K)
+            _add_block_kl(block_kl, v, K)
             keep = (torch.arange(B, device=device) * K + v.argmax(1)).repeat_interleave(K)  # (B*K,)
             decoder.select(keep)
             generated, unfinished = generated[keep], unfinished[keep]
@@ -100,17 +105,29 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     if winners is None and K > 1:
         # the final (possibly partial) block: choose among candidates as at every boundary
         score_h = torch.where(live[:, None], decoder.step(next_tokens, logits=False).hidden, score_h)
-        winners = torch.arange(B, device=device) * K + heads.values(score_h).view(B, K).argmax(1)
+        v = heads.values(score_h).view(B, K)  # (B, K)
+        _add_block_kl(block_kl, v, K)
+        winners = torch.arange(B, device=device) * K + v.argmax(1)
     elif winners is None:
         winners = torch.arange(B, device=device) * K
     new = generated[winners, ids.shape[1] :].tolist()
     lps = base_lp[winners].tolist()
     eos_ids = set(eos.tolist())
-    kl_per_block = best_of_n_kl_bound(K)
     for b in range(B):
         out, done = cut_at_eos(new[b], eos_ids)
         result.response_ids.append(out)
         result.finished.append(done)
         result.texts.append(tokenizer.decode(out[:-1] if done else out, skip_special_tokens=True))
-        result.kl.append(kl_per_block * -(-len(out) // block_size))
+        result.kl.append(block_kl[b])
         result.base_logprobs.append(lps[b][: len(out)])
+
+
+def _add_block_kl(block_kl: list[float], v, K: int) -> None:
+    """Add each prompt's best-of-K KL estimate for one block, from its K candidates' values ``v (B, K)``.
+
+    Finished candidates are copies of one winner, so their values tie and the block adds 0. Equal
+    candidates can differ in the last bits of V (batched matmuls), so values within 1e-4 of each
+    other (relative to the largest, at least 1) count as tied."""
+    for b, values in enumerate(v.float().tolist()):
+        tol = 1e-4 * max(1.0, max(abs(x) for x in values))
+        block_kl[b] += best_of_n_kl_estimate(values, K, tol=tol)

@@ -143,7 +143,7 @@ class MethodMetrics:
     cost: float = 1.0
     n: int = 0
     topk_mass: float = math.nan  # mean mass on the base model's guidance_top_k tokens; nan: not tracked
-    kl_kind: str = "exact"  # exact (per-token KL summed) or bound (best-of-N's log N - (N-1)/N)
+    kl_kind: str = "exact"  # exact (per-token KL summed), estimate (best-of-N from the base reward CDF) or bound
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -159,10 +159,10 @@ def summarize(
     kl_kind: str = "exact",
 ) -> MethodMetrics:
     """Metrics of one method's responses: reward mean and 95% CI, mean summed KL (``kl_kind`` says
-    whether it is exact or a bound), distinct-2, perplexity under the base model, the mean top-k
+    whether it is exact, an estimate or a bound), distinct-2, perplexity under the base model, the mean top-k
     mass (``topk_mass``: one value per response; None or empty: not tracked, nan), and the cost."""
-    if kl_kind not in ("exact", "bound"):
-        raise ValueError(f"kl_kind is {kl_kind!r}; use exact or bound")
+    if kl_kind not in ("exact", "estimate", "bound"):
+        raise ValueError(f"kl_kind is {kl_kind!r}; use exact, estimate or bound")
     mean, ci = mean_ci95(rewards)
     return MethodMetrics(
         reward_mean=mean,

@@ -14,9 +14,10 @@ leaves ``pi_ref`` unchanged).
 - :func:`train_tabular_mc`: Monte-Carlo value regression from offline samples of pi_ref: a prefix scorer
   V(s) and Q(s, a) on the taken action, both regressed on the Monte-Carlo return.
 - :func:`train_tabular_softq`: soft Q-learning (Haarnoja et al. 2017, with a pi_ref prior) from online
-  interaction: it samples episodes from its own policy ``pi ~ pi_ref exp(Q / alpha)`` (plus
-  systematic exploration of what it has not tried, by default), keeps a replay buffer of observed
-  transitions, and regresses Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
+  interaction: it samples episodes from its own guided policy ``pi ~ pi_ref exp((Q - V) / alpha)``
+  (plain Boltzmann exploration: learner ``softq``; with systematic exploration of every pair it has
+  not tried: learner ``softq_sweep``), keeps a replay buffer of observed transitions, and regresses
+  Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
 
 ILQL and MC train on the episodes of their dataset (full batch: a masked mean over every real
 step). Soft Q-learning keeps a replay buffer of distinct observed transitions
@@ -24,7 +25,9 @@ step). Soft Q-learning keeps a replay buffer of distinct observed transitions
 regresses on all of them at each update.
 
 :func:`measure` scores a learner: RMSE of V and Q against ``V*, Q*`` over the states (and taken
-(state, action) pairs) its data visited, each weighted uniformly, and the exact objective and KL of
+(state, action) pairs) its data visited, each weighted uniformly, RMSE of V over the states the
+optimal policy ``pi*`` reaches with probability >= 1% (the states that matter for acting well; an
+on-policy learner need not know the rest), and the exact objective and KL of
 the guided policy ``pi(a|s) ~ pi_ref(a|s) exp(beta (Q(s,a) - V(s)))``, ``beta = 1/alpha``.
 """
 
@@ -41,6 +44,7 @@ from torch import nn
 
 from qvlm.errors import QVLMError
 from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
+from qvlm.exact.frontier import DEFAULT_BETAS, exact_frontier, reach_probs
 from qvlm.heads import polyak_update
 from qvlm.losses import cql_loss, expectile_loss, ilql_q_loss, soft_value, value_regression_loss
 from qvlm.progress import progress
@@ -288,9 +292,10 @@ class TabularSoftQConfig:
     polyak: float = 0.2  # target-Q Polyak rate per step
     q_init: float = 1.0  # initial Q: an upper bound on returns (rewards in [0, 1]); optimism pulls
     #                      the Boltzmann policy toward what it has not tried
-    explore: str = "open_first"  # "open_first": in a state with open actions (untried, or leading to
-    #                              a state that still holds untried ones) take one of them uniformly,
-    #                              else sample pi ~ pi_ref exp(Q / alpha); "boltzmann": always sample pi
+    explore: str = "boltzmann"  # "boltzmann": always sample the guided policy pi ~ pi_ref exp((Q - V) / alpha)
+    #                             (on-policy; learner softq); "open_first": in a state with open actions
+    #                             (untried, or leading to a state that still holds untried ones) take one
+    #                             of them uniformly, else sample pi (systematic sweep; learner softq_sweep)
     seed: int = 0  # seed of the episode sampling
     progress: bool = False  # show progress (a bar on a terminal, plain lines in a log)
 
@@ -373,6 +378,7 @@ class LearnerReport:
     v_rmse: float  # RMSE of V against V* over visited states
     q_rmse: float  # RMSE of Q against Q* over visited (state, taken action) pairs
     v_rmse_ref: float  # RMSE of V against V^pi_ref (reward only) over visited states
+    v_rmse_reach: float  # RMSE of V against V* over the states pi* reaches with probability >= 1%
     objective: float  # exact J(pi) = reward - alpha * KL of the guided policy
     objective_ratio: float  # J(pi) / J*; NaN when J* <= 0
     reward: float  # exact expected reward of the guided policy
@@ -391,15 +397,20 @@ def objective_ratio(objective: float, optimum: float) -> float:
     return objective / optimum if optimum > 0 else math.nan
 
 
+REACH_MIN = 0.01  # v_rmse_reach: states the optimal policy reaches with at least this probability
+
+
 def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, heads: TabularHeads) -> LearnerReport:
     """Score learned tables against the exact soft optimum (and V^pi_ref) and evaluate guidance."""
     policy = guided_policy(tree.ref_probs, heads.q, heads.v, 1.0 / optimum.alpha)
+    reached = reach_probs(tree, optimum.pi) >= REACH_MIN  # (N,)
     ev = evaluate_policy(tree, policy)
     obj = ev.objective(optimum.alpha)
     return LearnerReport(
         v_rmse=_rmse(heads.v, optimum.v, heads.visited_states),
         q_rmse=_rmse(heads.q, optimum.q, heads.visited_pairs),
         v_rmse_ref=_rmse(heads.v, reference.reward_v, heads.visited_states),
+        v_rmse_reach=_rmse(heads.v, optimum.v, reached),
         objective=obj,
         objective_ratio=objective_ratio(obj, optimum.objective),
         reward=ev.reward,
@@ -414,7 +425,7 @@ LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], 
     "ilql": (TabularILQLConfig, lambda tree, config, alpha: train_tabular_ilql(tree, config)),
     "mc": (TabularMCConfig, lambda tree, config, alpha: train_tabular_mc(tree, config)),
     "softq": (TabularSoftQConfig, train_tabular_softq),
-    "softq_boltzmann": (partial(TabularSoftQConfig, explore="boltzmann"), train_tabular_softq),
+    "softq_sweep": (partial(TabularSoftQConfig, explore="open_first"), train_tabular_softq),
 }
 
 
@@ -433,10 +444,13 @@ def compare_learners(
     seed: int = 0,
     progress: bool = False,
     configs: dict[str, Any] | None = None,
+    frontier: bool = False,
 ) -> dict[str, Any]:
     """Solve exactly, train each learner, and report ``{"optimal", "reference", "learners"}``.
 
     ``configs`` maps a learner name to its config; missing ones use the defaults with ``seed``.
+    ``frontier``: also report the exact reward-KL frontier (:func:`qvlm.exact.frontier.exact_frontier`,
+    each learner's heads guiding over beta, 1/alpha included) as ``"frontier"``.
     """
     unknown = [n for n in learners if n not in LEARNERS]
     if unknown:
@@ -455,8 +469,13 @@ def compare_learners(
         },
         "learners": {},
     }
+    trained = {}
     for name in learners:
         config = (configs or {}).get(name) or LEARNERS[name][0](seed=seed, progress=progress)
         heads = train_learner(name, tree, config, alpha)
         out["learners"][name] = vars(measure(tree, optimum, reference, heads))
+        trained[name] = (heads.q, heads.v)
+    if frontier:
+        with single_thread():
+            out["frontier"] = exact_frontier(tree, betas=sorted({*DEFAULT_BETAS, 1.0 / alpha}), heads=trained)
     return out

@@ -14,8 +14,8 @@ __all__ = ["demo_intro_html"]
 
 
 def _kl_phrase(m: Mapping[str, Any]) -> str:
-    """'a KL of 1.2 nats' (exact) or 'a KL of at most 1.2 nats' (a bound)."""
-    bound = "at most " if m.get("kl_kind") == "bound" else ""
+    """'a KL of 1.2 nats' (exact), 'a KL of at most 1.2 nats' (a bound), 'about 1.2' (an estimate)."""
+    bound = {"bound": "at most ", "estimate": "about "}.get(m.get("kl_kind"), "")
     return f"a KL of {bound}{fmt(m.get('kl_to_base'), 2)} nats per response"
 
 

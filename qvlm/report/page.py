@@ -46,14 +46,17 @@ _COLUMNS = (
 )
 _KL_TIP = (
     "KL to the base model summed over a response: exact (per-token KL of the sampling distribution, summed), "
+    "≈ an estimate (best-of-N selection, from the base samples' reward CDF, ties included), "
     "or ≤ an upper bound (best-of-N selection: log N − (N−1)/N per selection)"
 )
 
 
 def _kl_cell(m: Mapping[str, Any]) -> str:
-    """KL to base, with ≤ where it is an upper bound (``kl_kind == "bound"``)."""
+    """KL to base, with ≤ where it is an upper bound (``kl_kind == "bound"``), ≈ where an estimate."""
     if m.get("kl_kind") == "bound" and finite(m.get("kl_to_base")) is not None:
         return f'<span title="upper bound (best-of-N selection)">≤ {fmt(m.get("kl_to_base"))}</span>'
+    if m.get("kl_kind") == "estimate" and finite(m.get("kl_to_base")) is not None:
+        return f'<span title="estimate (best-of-N selection, base reward CDF)">≈ {fmt(m.get("kl_to_base"))}</span>'
     return fmt(m.get("kl_to_base"))
 
 
@@ -202,6 +205,7 @@ def render_report(
     config: Mapping[str, Any],
     validation: Mapping[str, Mapping[str, Any]] | None = None,
     shown: Mapping[str, Any] | None = None,
+    frontier: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> None:
     """Write the full self-contained HTML report to `path` (atomically).
 
@@ -219,6 +223,8 @@ def render_report(
         validation: optional, the guided methods' metrics on validation prompts (metrics.json format).
         shown: optional, {"method", "chosen_on", "validation_prompts"}: the method chosen on validation;
             its eval row is tagged, and with ``validation`` a section explains the choice.
+        frontier: optional, metrics.json's "frontier" block ({FAMILY: [points]}): reward against KL
+            and against cost as one curve per method family, with 95% CIs.
     """
     config_json = json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False)
     sections = [
@@ -242,6 +248,23 @@ def render_report(
             f'<pre class="config">{esc(config_json)}</pre></details>',
         ),
     ]
+    if frontier:
+        from qvlm.report.frontier_plot import plot_frontier
+
+        sections.insert(
+            3,
+            (
+                "frontier",
+                "Frontier: each method over its setting",
+                '<p class="note">One curve per method: guided decoding over beta (beta 0 is the base model), '
+                "best-of-N over N, blockwise over its candidates; error bars are 95% CIs of the mean reward. "
+                "Open markers: the KL is an estimate (best-of-N selection from the base draws' reward CDF).</p>"
+                '<div class="plots">'
+                f'<figure><img alt="frontier: reward vs KL" src="{plot_frontier(frontier, "kl_to_base")}"></figure>'
+                f'<figure><img alt="frontier: reward vs cost" src="{plot_frontier(frontier, "cost")}"></figure>'
+                "</div>",
+            ),
+        )
     if validation and shown:
         sections.insert(
             2,

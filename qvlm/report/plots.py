@@ -212,11 +212,12 @@ def plot_reward_vs_kl(methods: Mapping[str, Mapping[str, Any]], kl_label: str = 
     """PNG data URI: one point per method, reward mean (95% CI error bar) against its `kl_to_base`.
 
     `kl_label` names the x axis (say the unit: nats per token or per response). A method whose
-    `kl_kind` is "bound" (best-of-N's ``log N - (N-1)/N``) gets an open marker, and the axis says so.
+    `kl_kind` is "bound" (best-of-N's ``log N - (N-1)/N``) or "estimate" (best-of-N's KL from the base
+    reward CDF) gets an open marker, and the axis says so.
     """
-    bound = [name for name, m in methods.items() if m.get("kl_kind") == "bound"]
+    bound = [name for name, m in methods.items() if m.get("kl_kind") in ("bound", "estimate")]
     if bound:
-        kl_label += "\n(open marker: upper bound, best-of-N selection)"
+        kl_label += "\n(open marker: best-of-N selection, KL estimated or bounded)"
     return _plot_reward_against(methods, "kl_to_base", kl_label, "Reward vs. KL to base", hollow=bound)
 
 

@@ -1,0 +1,84 @@
+"""``qvlm train softq``: online soft Q-learning for a language model (issue 10): sample with the
+current guided policy, score, keep every round, fit Q/V toward the soft Bellman target."""
+
+from __future__ import annotations
+
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.configs import SoftQConfig
+
+DESCRIPTION = (
+    "Online soft Q-learning: rounds of (decode prompts with the current guided policy "
+    "log pi_ref + (Q - V)/alpha; score each response with --reward; add them to a replay set that keeps "
+    "every round; fit Q toward r + gamma (1 - done) alpha log sum_a pi_ref(a|s') exp(Qbar(s', a)/alpha) "
+    "over the full vocabulary, Qbar the Polyak target heads, and V toward the soft value of Qbar). The "
+    "trunk stays frozen by default and each sample's features are computed once. Writes "
+    "heads.safetensors, heads_config.json, training.json, replay.jsonl, metrics.jsonl, tb/ and "
+    "checkpoint/ to --out; decode with the heads at --beta 1/alpha. See docs/softq.md."
+)
+
+
+def register(algos) -> None:
+    a = algos.add_parser(
+        "softq", help="online soft Q-learning from the guided policy's own samples", description=DESCRIPTION
+    )
+    add_model_arg(a)
+    a.add_argument(
+        "--prompts", required=True, help="prompt file: .txt (one per line), .jsonl (field 'prompt') or demo:train"
+    )
+    a.add_argument("--reward", default="vader", help="reward: vader, vader-negative, count:TEXT, length")
+    a.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    a.add_argument("--out", required=True, help="run directory for heads, checkpoints, replay set and logs")
+    a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings and prompts)")
+    a.add_argument(
+        "--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)"
+    )
+    a.add_argument(
+        "--q-head",
+        choices=["tied", "mlp"],
+        default="tied",
+        help="tied: Q(s,a) = e_a . g(h) + b_a on the LM's frozen output embedding (the full-vocabulary soft "
+        "value is one matrix product); mlp: own vocabulary-sized output layer",
+    )
+    add_config_args(a, SoftQConfig, title="softq settings")
+    a.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from qvlm.algos.softq import train_softq
+    from qvlm.configs import TrunkConfig
+    from qvlm.errors import QVLMError
+    from qvlm.mdp import read_prompts
+    from qvlm.model import QVModel
+    from qvlm.rewards import get_reward
+    from qvlm.train.checkpoint import has_checkpoint
+    from qvlm.train.rng import set_seed
+
+    cfg = config_from_args(SoftQConfig, args)
+    prompts = read_prompts(args.prompts)
+    if args.max_prompts > 0:
+        prompts = prompts[: args.max_prompts]
+    reward = get_reward(args.reward)
+    out = Path(args.out)
+    if has_checkpoint(out) and not args.resume:
+        raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    model, tokenizer = load(args)
+    set_seed(cfg.seed)  # the heads' random initialisation: same seed, same heads
+    qv = QVModel.from_trunk(
+        model,
+        TrunkConfig(mode="frozen"),  # pi_ref is the trunk itself: it must not move (LoRA: not yet)
+        num_q_heads=1,
+        head_hidden=args.head_hidden,
+        base_model=args.model,
+        q_head=args.q_head,
+    )
+    history = train_softq(qv, tokenizer, prompts, reward, cfg, run_dir=out, resume=args.resume)
+    rewards = [v for _, v in history.get("charts/guided_reward", [])]
+    if rewards:
+        print(
+            f"trained softq for {cfg.rounds} rounds on {len(prompts)} prompts; guided reward per round "
+            + " ".join(f"{r:.3f}" for r in rewards)
+            + f"; heads in {out} (decode with --beta {1 / cfg.alpha:g})"
+        )
+    return 0
