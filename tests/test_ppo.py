@@ -14,6 +14,16 @@ from qvlm.decoding.sampling import sample_rollout
 from qvlm.errors import QVLMError
 from qvlm.testing import tiny_model
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]
 
 
