@@ -1,4 +1,4 @@
-"""``qvlm train ilql|value``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl."""
+"""``qvlm train ilql|value|ppo``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl; ppo: online."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train Q/V heads offline (ilql) or a prefix scorer V (value)",
+        help="train Q/V heads offline (ilql), a prefix scorer V (value) or a policy online (ppo)",
         description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`).",
     )
     algos = p.add_subparsers(
@@ -56,6 +56,9 @@ def register(sub) -> None:
             )
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
+    from qvlm.cli.train_ppo import register as register_ppo
+
+    register_ppo(algos)  # online: qvlm train ppo (issue 9)
 
 
 def run(args) -> int:
