@@ -47,6 +47,15 @@ def test_train_ppo_then_generate_with_the_policy(tmp_path, tiny_dir, capsys):
     )
     assert code == 0, io.err
     assert json.loads(rows.read_text().splitlines()[0])["prompt"] == "hi"
+    report = tmp_path / "eval.json"
+    code, io = _run(
+        ["eval", "--model", tiny_dir, "--policy", out, "--prompts", tmp_path / "p.txt", "--reward", "count:e",
+         "--betas", "0", "--max-new-tokens", "5", "--no-chat", "--json", report],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, io.err
+    methods = json.loads(report.read_text())["methods"]
+    assert set(methods) == {"base", "policy"} and methods["policy"]["kl_to_base"] > 0
 
 
 @pytest.mark.parametrize(

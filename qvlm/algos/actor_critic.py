@@ -42,7 +42,7 @@ from qvlm.rollout import Rollout
 from qvlm.train.distributed import is_main_process
 from qvlm.trunk import trunk_hidden_states
 
-__all__ = ["PolicyOutput", "ActorCritic", "save_policy_run", "load_policy"]
+__all__ = ["PolicyOutput", "response_hidden", "ActorCritic", "save_policy_run", "load_policy"]
 
 
 @dataclass
@@ -62,6 +62,16 @@ def _lora(model: PreTrainedModel, r: int, alpha: int):
         raise QVLMError("--trunk lora needs the package peft: pip install peft (or use --trunk full)") from None
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def response_hidden(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """Teacher-forced hidden states of ``model`` at the states ``s_1 .. s_{T+1}`` of a rollout's
+    prompt + response: ``(B, T + 1, H)`` (``s_{T+1}`` of a short row is read past its end, never used
+    there). Position ``P - 1 + (t - 1)`` holds ``s_t``: prompts are left-padded."""
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)
+    h, _ = trunk_hidden_states(model, ids, mask, position_ids=position_ids(mask))  # (B, P + T, H)
+    return h[:, rollout.prompt_ids.shape[1] - 1 :]
 
 
 class ActorCritic(nn.Module):
@@ -165,13 +175,7 @@ class ActorCritic(nn.Module):
             yield
 
     def _hidden(self, model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-        """Hidden states at ``s_1 .. s_{T+1}`` positions of prompt + response: ``(B, T + 1, H)``
-        (``s_{T+1}`` of a short row is read past its end, never used there)."""
-        ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
-        mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)
-        h, _ = trunk_hidden_states(model, ids, mask, position_ids=position_ids(mask))  # (B, P + T, H)
-        P = rollout.prompt_ids.shape[1]
-        return h[:, P - 1 :]  # position P - 1 + (t - 1) holds s_t (prompts are left-padded)
+        return response_hidden(model, rollout)
 
     def _values(self, h: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         v = self.heads.values(h).to(torch.float32)  # (B, T + 1)
