@@ -290,6 +290,7 @@ class PPOConfig:
     minibatch_size: int = option(8, "responses per optimiser step")
     lr: float = option(1e-5, "AdamW learning rate of the policy (LoRA adapters, or every weight with --trunk full)")
     critic_lr: float = option(1e-3, "AdamW learning rate of the V head (and a separate critic's trunk)")
+    anneal_lr: bool = option(False, "decay both learning rates linearly to 0 over the iterations (CleanRL)")
     weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
     grad_clip: float = option(1.0, "max global gradient norm (0: off)")
     trunk: str = option(

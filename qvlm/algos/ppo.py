@@ -243,6 +243,9 @@ def train_ppo(
             kl_coef = ctl.value
             batch = make_targets(ac, rollout, kl_coef, cfg)
             # optimise
+            if cfg.anneal_lr:  # a function of the iteration alone: nothing to checkpoint
+                for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.critic_lr)):
+                    group["lr"] = lr * (1.0 - it / cfg.iterations)
             stats = optimise(ac, optimizer, batch, cfg, kl_coef, it, critic_only=it < cfg.critic_warmup)
             kl_mean = float(batch.kl.mean())
             ctl.update(kl_mean, len(rollout))

@@ -27,7 +27,14 @@ import torch
 
 from qvlm.errors import QVLMError
 
-__all__ = ["ExactPPOConfig", "mdp_tokenizer", "distill_reference", "reach_probabilities", "train_exact_ppo"]
+__all__ = [
+    "ExactPPOConfig",
+    "mdp_tokenizer",
+    "mdp_reward",
+    "distill_reference",
+    "reach_probabilities",
+    "train_exact_ppo",
+]
 
 
 @dataclass
@@ -40,6 +47,7 @@ class ExactPPOConfig:
     minibatch_size: int = 32  # responses per optimiser step
     lr: float = 3e-3  # the policy's AdamW learning rate
     critic_lr: float = 3e-3  # the V head's
+    anneal_lr: bool = True  # both decayed linearly to 0: the last iterate settles
     lam: float = 0.95  # GAE lambda
     trunk: str = "full"  # lora or full (every weight of the tiny LM)
     critic: str = "shared"  # shared or separate
@@ -148,7 +156,7 @@ def reach_probabilities(tree, policy: torch.Tensor) -> torch.Tensor:
     return reach
 
 
-def _reward_fn(tree):
+def mdp_reward(tree):
     """Batch reward on texts: a response's letters are its tokens, and a response shorter than the
     horizon ended with EOS (one character per ordinary token makes this unambiguous)."""
     from qvlm.exact import token_names
@@ -198,6 +206,7 @@ def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
         minibatch_size=config.minibatch_size,
         lr=config.lr,
         critic_lr=config.critic_lr,
+        anneal_lr=config.anneal_lr,
         trunk=config.trunk,
         critic=config.critic,
         gamma=tree.gamma,
@@ -209,7 +218,7 @@ def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
         seed=config.seed,
         progress=config.progress,
     )
-    train_ppo(ac, mdp_tokenizer(tree.vocab_size), [[tree.eos_id]], _reward_fn(tree), cfg)
+    train_ppo(ac, mdp_tokenizer(tree.vocab_size), [[tree.eos_id]], mdp_reward(tree), cfg)
     policy = policy_table(tree, CausalLMPolicy(ac.policy, tree.vocab_size))
     inputs = _level_inputs(tree)
     v = torch.cat([ac.state_values(x, torch.ones_like(x)) for x in inputs]).double()
