@@ -51,7 +51,7 @@ def register(sub) -> None:
         "--learners",
         default=DEFAULT_LEARNERS,
         help="comma-separated learners: ilql, mc, softq, softq_boltzmann (soft Q without systematic "
-        "exploration); 'none' only solves",
+        "exploration), ppo (train_ppo on a tiny causal LM distilled to pi_ref; see docs/ppo.md); 'none' only solves",
     )
     p.add_argument("--json", dest="json_path", metavar="FILE", help="write the results as JSON (atomically)")
     p.add_argument(

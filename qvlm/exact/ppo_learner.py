@@ -10,7 +10,7 @@ exactly ``J = reward - alpha KL``), ``fixed_horizon`` (the MDP terminates at its
 The reference must be the MDP's ``pi_ref``. The LM's frozen base plays that role (LoRA: adapters
 off; full: a frozen copy), so the base is first distilled to the tree's ``pi_ref`` table, full
 batch over every decision state (cross-entropy to the table's rows). The distillation is not exact:
-:attr:`ExactPPOResult.distill_kl` reports its KL, and the objective is scored exactly against the
+the report's ``extra['distill_kl']`` is its mean KL over the states, and the objective is scored exactly against the
 tree's own ``pi_ref`` (the distillation error counts against PPO).
 
 Scoring (:func:`qvlm.exact.learners.measure`): the policy's next-token table at every state
@@ -41,11 +41,11 @@ __all__ = [
 class ExactPPOConfig:
     """PPO on the exact MDP: the LM, its distillation to pi_ref, and train_ppo's settings."""
 
-    iterations: int = 40  # rollout + update rounds of train_ppo
-    episodes_per_iter: int = 64  # responses per rollout (one prompt: the start token)
-    ppo_epochs: int = 4  # passes over each rollout
-    minibatch_size: int = 32  # responses per optimiser step
-    lr: float = 3e-3  # the policy's AdamW learning rate
+    iterations: int = 60  # rollout + update rounds of train_ppo
+    episodes_per_iter: int = 256  # responses per rollout (one prompt: the start token)
+    ppo_epochs: int = 2  # passes over each rollout
+    minibatch_size: int = 256  # responses per optimiser step
+    lr: float = 2e-3  # the policy's AdamW learning rate
     critic_lr: float = 3e-3  # the V head's
     anneal_lr: bool = True  # both decayed linearly to 0: the last iterate settles
     lam: float = 0.95  # GAE lambda
