@@ -168,7 +168,7 @@ def format_table(result: dict) -> str:
             f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}"
         )
     lines.append(
-        "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
+        "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy; ppo: its own); RMSEs over the states "
         "(Q: state-action pairs) each learner's data visited, uniformly weighted; V-Vref: RMSE against "
         "V^pi_ref"
     )
