@@ -194,3 +194,29 @@ def test_iteration_prompts_cover_each_epoch_once():
     seen = iteration_prompts(PROMPTS, 3, 0, 0) + iteration_prompts(PROMPTS, 3, 0, 1)
     assert sorted(seen) == sorted(PROMPTS)
     assert iteration_prompts(PROMPTS, 3, 0, 1) == iteration_prompts(PROMPTS, 3, 0, 1)
+
+
+def test_k3_loss_mode_and_entropy_bonus():
+    ac, tok = build()
+    history = train_ppo(
+        ac, tok, PROMPTS, "count:e", small_cfg(iterations=2, kl_mode="loss", kl_coef=0.5, ent_coef=0.01)
+    )
+    k3 = [v for _, v in history["losses/k3"]]
+    assert len(k3) == 2 and all(v >= 0 for v in k3)
+    assert max(k3) > 0  # the policy moved from the reference (k3 is 0 only where they agree)
+    assert "charts/entropy" in history
+
+
+def test_critic_init_from_a_value_run(tmp_path):
+    from qvlm.heads import HeadsConfig, QVHeads, save_heads
+
+    ac, _ = build()
+    torch.manual_seed(5)
+    value_heads = QVHeads(HeadsConfig(hidden_size=32, vocab_size=36, with_q=True, num_q_heads=1))
+    save_heads(value_heads, tmp_path / "value")
+    ac.init_critic_from(tmp_path / "value")
+    for k, v in value_heads.v_head.state_dict().items():
+        assert torch.equal(ac.heads.v_head.state_dict()[k], v)
+    save_heads(QVHeads(HeadsConfig(hidden_size=32, vocab_size=36, head_hidden=8, with_q=False)), tmp_path / "narrow")
+    with pytest.raises(QVLMError, match="pass the --model and --head-hidden"):
+        ac.init_critic_from(tmp_path / "narrow")
