@@ -17,6 +17,8 @@ leaves ``pi_ref`` unchanged).
   interaction: it samples episodes from its own policy ``pi ~ pi_ref exp(Q / alpha)`` (plus
   systematic exploration of what it has not tried, by default), keeps a replay buffer of observed
   transitions, and regresses Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
+- ``ppo`` (:mod:`qvlm.exact.ppo_learner`): not tabular; the LM trainer ``train_ppo`` on a tiny causal
+  LM distilled to pi_ref, scored on its own policy table (it has no Q).
 
 ILQL and MC train on the episodes of their dataset (full batch: a masked mean over every real
 step). Soft Q-learning keeps a replay buffer of distinct observed transitions
