@@ -27,6 +27,7 @@ __all__ = [
     "RewardModelConfig",
     "ProxyConfig",
     "SoftQConfig",
+    "PPOConfig",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -389,3 +390,94 @@ class SoftQConfig:
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
         _check(self.guidance_top_k >= 0, "guidance_top_k", self.guidance_top_k, ">= 0 (0: the full vocabulary)")
+
+
+# ---------------------------------------------------------------- online actor-critic (issue 9)
+
+PPO_ALGOS = ("ppo", "a2c")
+PPO_TRUNKS = ("lora", "full")
+PPO_CRITICS = ("shared", "separate")
+KL_MODES = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig:
+    """PPO with a V critic on a causal LM (``qvlm train ppo``). Defaults follow Ziegler et al. 2019 /
+    TRL's PPO where one applies; ``algo = a2c`` is plain actor-critic (one epoch, one minibatch,
+    no clipping: it overrides ppo_epochs, minibatch_size, clip_eps and value_clip)."""
+
+    algo: str = option(
+        "ppo", "ppo: clipped surrogate, several epochs; a2c: plain actor-critic preset", choices=PPO_ALGOS
+    )
+    iterations: int = option(20, "rollout + update rounds")
+    prompts_per_iter: int = option(8, "prompts per rollout (drawn in a seeded order, epoch by epoch)")
+    responses_per_prompt: int = option(4, "responses sampled per prompt")
+    max_new_tokens: int = option(24, "response length limit (a cut response bootstraps from V unless fixed_horizon)")
+    fixed_horizon: bool = option(False, "the length limit ends the episode (done) instead of cutting it")
+    ppo_epochs: int = option(4, "passes over each rollout")
+    minibatch_size: int = option(8, "responses per optimiser step")
+    lr: float = option(1e-5, "AdamW learning rate of the policy (LoRA adapters, or every weight with --trunk full)")
+    critic_lr: float = option(1e-3, "AdamW learning rate of the V head (and a separate critic's trunk)")
+    anneal_lr: bool = option(False, "decay both learning rates linearly to 0 over the iterations (CleanRL)")
+    weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
+    grad_clip: float = option(1.0, "max global gradient norm (0: off)")
+    trunk: str = option(
+        "lora", "policy weights that train: lora adapters (reference = adapters off) or full", choices=PPO_TRUNKS
+    )
+    lora_r: int = option(8, "LoRA rank (trunk = lora)")
+    lora_alpha: int = option(16, "LoRA scaling numerator (trunk = lora)")
+    critic: str = option(
+        "shared", "V head on the policy's trunk (shared) or on its own copy of the base (separate)", choices=PPO_CRITICS
+    )
+    critic_init: str = option("", "a `qvlm train value` run directory whose V head starts the critic ('': fresh)")
+    critic_warmup: int = option(0, "first iterations that train the critic only")
+    head_hidden: int = option(0, "width of the V head's hidden layer (0: the trunk's hidden size)")
+    gamma: float = option(1.0, "discount per token")
+    lam: float = option(0.95, "GAE lambda")
+    clip_eps: float = option(0.2, "PPO ratio clip epsilon")
+    value_clip: float = option(0.2, "value clip around V_old (0: off)")
+    vf_coef: float = option(1.0, "weight of the value loss")
+    ent_coef: float = option(0.0, "weight of the entropy bonus (0: off)")
+    kl_coef: float = option(0.05, "KL coefficient beta_kl to the reference (initial value when adaptive)")
+    kl_mode: str = option(
+        "reward", "reward: k1 penalty in the per-token reward; loss: k3 KL loss term", choices=KL_MODES
+    )
+    kl_target: float = option(0.0, "adaptive KL controller's target KL per response in nats (0: fixed coefficient)")
+    kl_horizon: float = option(10000.0, "adaptive KL controller's horizon (Ziegler et al. 2019)")
+    whiten: bool = option(True, "whiten advantages over the batch's real tokens")
+    decode_batch_size: int = option(64, "responses decoded together")
+    chat: bool | None = option(None, "wrap prompts in the chat template (None: when the tokenizer has one)", type=bool)
+    seed: int = option(0, "seed of the V head, the prompt order, the sampling and the minibatches")
+    checkpoint_every: int = option(5, "iterations between resumable checkpoints (0: only at the end)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.algo not in PPO_ALGOS:
+            raise QVLMError(f"unknown algo {self.algo!r}; use one of {', '.join(PPO_ALGOS)}")
+        if self.trunk not in PPO_TRUNKS:
+            raise QVLMError(f"--trunk is {self.trunk!r}; use one of {', '.join(PPO_TRUNKS)}")
+        if self.critic not in PPO_CRITICS:
+            raise QVLMError(f"--critic is {self.critic!r}; use one of {', '.join(PPO_CRITICS)}")
+        if self.kl_mode not in KL_MODES:
+            raise QVLMError(f"--kl-mode is {self.kl_mode!r}; use one of {', '.join(KL_MODES)}")
+        for name in ("iterations", "prompts_per_iter", "responses_per_prompt", "max_new_tokens", "ppo_epochs"):
+            _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+        for name in ("minibatch_size", "lora_r", "decode_batch_size"):
+            _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+        for name in ("lr", "critic_lr", "kl_horizon"):
+            v = getattr(self, name)
+            _check(_finite(v) and v > 0, "--" + name.replace("_", "-"), v, "a finite number > 0")
+        for name in ("weight_decay", "grad_clip", "value_clip", "vf_coef", "ent_coef", "kl_coef", "kl_target"):
+            v = getattr(self, name)
+            _check(_finite(v) and v >= 0, "--" + name.replace("_", "-"), v, "a finite number >= 0")
+        _check(_finite(self.clip_eps) and self.clip_eps > 0, "--clip-eps", self.clip_eps, "a finite number > 0")
+        _check(0 <= self.gamma <= 1, "--gamma", self.gamma, "in [0, 1]")
+        _check(0 <= self.lam <= 1, "--lam", self.lam, "in [0, 1]")
+        _check(self.critic_warmup >= 0, "--critic-warmup", self.critic_warmup, ">= 0")
+        _check(self.head_hidden >= 0, "--head-hidden", self.head_hidden, ">= 0 (0: the trunk's hidden size)")
+        _check(self.checkpoint_every >= 0, "--checkpoint-every", self.checkpoint_every, ">= 0 (0: only at the end)")
+        if self.algo == "a2c":  # the plain actor-critic of the source documents, as a preset
+            self.ppo_epochs = 1
+            self.minibatch_size = self.prompts_per_iter * self.responses_per_prompt
+            self.clip_eps = 1e9
+            self.value_clip = 0.0

@@ -191,7 +191,7 @@ def test_compare_learners_shape_and_unknown_learner():
     from qvlm.errors import QVLMError
 
     with pytest.raises(QVLMError, match="unknown learner"):
-        compare_learners(tree, 1.0, ["ppo"])
+        compare_learners(tree, 1.0, ["a3c"])  # ppo is a learner since issue 9
 
 
 # ---------------------------------------------------------------- CLI

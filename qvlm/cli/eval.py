@@ -28,6 +28,11 @@ def register(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument("--heads", help="run directory of `qvlm train ilql` (needed for betas other than 0)")
+    p.add_argument(
+        "--policy",
+        help="run directory of `qvlm train ppo`: add its policy (beta 0) and, with --heads, the policy guided "
+        "(other betas); KL and perplexity stay under the base model",
+    )
     p.add_argument("--prompts", required=True, help="prompt file: .txt or .jsonl (field 'prompt')")
     p.add_argument("--reward", default="vader", help=REWARD_HELP + "; a per-token reward is summed")
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
@@ -77,13 +82,30 @@ def run(args) -> int:
     if args.heads:
         qv = load_qv_model(model, args.heads)
         model, heads = qv.trunk, qv.heads
+    policy = None
+    if args.policy:
+        from qvlm.algos.actor_critic import load_policy
+
+        policy = load_policy(load(args)[0], args.policy)  # a second copy: the base stays the reference
     methods = {}
-    print(f"{'method':<12} {'reward':>8} {'95% CI':>16} {'KL':>8} {'dist-1':>7} {'dist-2':>7} {'ppl':>8}")
-    for beta in betas:
+    print(f"{'method':<14} {'reward':>8} {'95% CI':>16} {'KL':>8} {'dist-1':>7} {'dist-2':>7} {'ppl':>8}")
+    runs = [(beta, False) for beta in betas if policy is None or beta == 0] + [(b, True) for b in betas if policy]
+    for beta, with_policy in runs:
         cfg = config_from_args(DecodeConfig, args, beta=beta)
-        metrics, result, _ = evaluate_decoding(model, tokenizer, prompts, reward, heads, cfg)
-        name = "base" if beta == 0 else f"guided_beta_{beta:g}"
-        _print_row(name, methods.setdefault(name, _row(metrics, result)))
+        if with_policy:
+            from qvlm.eval.policy import evaluate_policy_decoding
+
+            metrics, texts, _ = evaluate_policy_decoding(policy, model, tokenizer, prompts, reward, heads, cfg)
+            name = "policy" if beta == 0 else f"policy_beta_{beta:g}"
+        else:
+            metrics, result, _ = evaluate_decoding(model, tokenizer, prompts, reward, heads, cfg)
+            texts = result.texts
+            name = "base" if beta == 0 else f"guided_beta_{beta:g}"
+        from qvlm.eval.metrics import distinct_n
+
+        row = metrics.as_dict()
+        row["distinct_1"] = distinct_n(texts, 1)
+        _print_row(name, methods.setdefault(name, row))
     if ns:
         from qvlm.eval.frontier import evaluate_best_of_n
 
@@ -115,6 +137,6 @@ def _print_row(name: str, row: dict) -> None:
     lo, hi = row["reward_mean"] - row["reward_ci95"], row["reward_mean"] + row["reward_ci95"]
     kl = {"estimate": "~", "bound": "<="}.get(row.get("kl_kind"), "")
     print(
-        f"{name:<12} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {kl + format(row['kl_to_base'], '.3f'):>8} "
+        f"{name:<14} {row['reward_mean']:>8.4f} [{lo:>6.3f}, {hi:>6.3f}] {kl + format(row['kl_to_base'], '.3f'):>8} "
         f"{row.get('distinct_1', float('nan')):>7.3f} {row['distinct_2']:>7.3f} {row['perplexity']:>8.2f}"
     )

@@ -52,7 +52,8 @@ def register(sub) -> None:
         default=DEFAULT_LEARNERS,
         help="comma-separated learners: ilql, mc, softq (online soft Q-learning from the guided policy's own "
         "samples, plain Boltzmann exploration), softq_sweep (soft Q with systematic exploration of every "
-        "untried pair); 'none' only solves",
+        "untried pair), ppo (train_ppo on a tiny causal LM distilled to pi_ref; docs/ppo.md); "
+        "'none' only solves",
     )
     p.add_argument(
         "--frontier",
@@ -202,7 +203,7 @@ def format_table(result: dict) -> str:
             f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}"
         )
     lines.append(
-        "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy); RMSEs over the states "
+        "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy; ppo: its own); RMSEs over the states "
         "(Q: state-action pairs) each learner's data visited, uniformly weighted; V@pi*: V RMSE over the states "
         "pi* reaches with probability >= 1%; V-Vref: RMSE against V^pi_ref"
     )

@@ -18,6 +18,9 @@ def register(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument("--heads", help="run directory of `qvlm train ilql` (heads.safetensors)")
+    p.add_argument(
+        "--policy", help="run directory of `qvlm train ppo`: decode with the trained policy (guided too with --heads)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
@@ -47,6 +50,10 @@ def run(args) -> int:
     if cfg.beta != 0 and not args.heads:
         raise QVLMError(f"--beta {cfg.beta} needs --heads DIR (trained with `qvlm train ilql`)")
     model, tokenizer = load(args)
+    if args.policy:
+        from qvlm.algos.actor_critic import load_policy
+
+        model = load_policy(model, args.policy)
     heads = None
     if args.heads:
         qv = load_qv_model(model, args.heads)

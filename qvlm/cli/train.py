@@ -1,4 +1,4 @@
-"""``qvlm train ilql|value``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl."""
+"""``qvlm train ilql|value|ppo``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl; ppo: online."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
 def register(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train Q/V heads offline (ilql), a prefix scorer V (value), online soft Q (softq) or a reward model (rm)",
+        help="train Q/V heads offline (ilql), a prefix scorer V (value), a policy online (ppo), online soft Q "
+        "(softq) or a reward model (rm)",
         description="Train heads on a causal LM from scored samples (samples.jsonl from `qvlm sample`), "
-        "online soft Q heads from prompts and a reward (softq), "
+        "a policy online with PPO / A2C (ppo), online soft Q heads from prompts and a reward (softq), "
         "or a reward model / classifier from labelled texts or preference pairs (rm).",
     )
     algos = p.add_subparsers(
@@ -62,6 +63,9 @@ def register(sub) -> None:
     from qvlm.cli.train_softq import register as register_softq  # online: prompts and a reward, not --data
 
     register_softq(algos)
+    from qvlm.cli.train_ppo import register as register_ppo
+
+    register_ppo(algos)  # online: qvlm train ppo (issue 9)
 
 
 def _register_rm(algos) -> None:

@@ -18,6 +18,8 @@ leaves ``pi_ref`` unchanged).
   (plain Boltzmann exploration: learner ``softq``; with systematic exploration of every pair it has
   not tried: learner ``softq_sweep``), keeps a replay buffer of observed transitions, and regresses
   Q on ``r + gamma (1-done) soft_value(Q_target(s'), log pi_ref(s'), alpha)``.
+- ``ppo`` (:mod:`qvlm.exact.ppo_learner`): not tabular; the LM trainer ``train_ppo`` on a tiny causal
+  LM distilled to pi_ref, scored on its own policy table (it has no Q).
 
 ILQL and MC train on the episodes of their dataset (full batch: a masked mean over every real
 step). Soft Q-learning keeps a replay buffer of distinct observed transitions
@@ -159,6 +161,9 @@ class TabularHeads:
     v: torch.Tensor
     visited_pairs: torch.Tensor
     visited_states: torch.Tensor = field(init=False)
+    # a policy learner (ppo) hands back its own policy table (N, V), scored instead of guidance
+    policy: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)  # learner-specific numbers, reported as they are
 
     def __post_init__(self) -> None:
         self.visited_states = self.visited_pairs.any(-1)
@@ -385,6 +390,7 @@ class LearnerReport:
     kl: float  # exact KL of the guided policy to pi_ref (sum over the trajectory)
     visited_states: int
     visited_pairs: int
+    extra: dict = field(default_factory=dict)  # learner-specific numbers (ppo: distill_kl)
 
 
 def _rmse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> float:
@@ -402,7 +408,10 @@ REACH_MIN = 0.01  # v_rmse_reach: states the optimal policy reaches with at leas
 
 def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, heads: TabularHeads) -> LearnerReport:
     """Score learned tables against the exact soft optimum (and V^pi_ref) and evaluate guidance."""
-    policy = guided_policy(tree.ref_probs, heads.q, heads.v, 1.0 / optimum.alpha)
+    if heads.policy is not None:  # a policy learner: its own policy
+        policy = heads.policy
+    else:
+        policy = guided_policy(tree.ref_probs, heads.q, heads.v, 1.0 / optimum.alpha)
     reached = reach_probs(tree, optimum.pi) >= REACH_MIN  # (N,)
     ev = evaluate_policy(tree, policy)
     obj = ev.objective(optimum.alpha)
@@ -417,6 +426,7 @@ def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, 
         kl=ev.kl,
         visited_states=int(heads.visited_states.sum()),
         visited_pairs=int(heads.visited_pairs.sum()),
+        extra=dict(heads.extra),
     )
 
 
@@ -426,7 +436,18 @@ LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], 
     "mc": (TabularMCConfig, lambda tree, config, alpha: train_tabular_mc(tree, config)),
     "softq": (TabularSoftQConfig, train_tabular_softq),
     "softq_sweep": (partial(TabularSoftQConfig, explore="open_first"), train_tabular_softq),
+    # PPO with the LM trainer itself on a tiny causal LM (qvlm.exact.ppo_learner; imports transformers)
+    "ppo": (
+        lambda **kw: _ppo_module().ExactPPOConfig(**kw),
+        lambda tree, config, alpha: _ppo_module().train_exact_ppo(tree, config, alpha),
+    ),
 }
+
+
+def _ppo_module():
+    from qvlm.exact import ppo_learner
+
+    return ppo_learner
 
 
 def train_learner(name: str, tree: TokenTree, config: Any, alpha: float) -> TabularHeads:

@@ -1,0 +1,275 @@
+"""The policy, its reference and its V critic for online training (:mod:`qvlm.algos.ppo`).
+
+- policy: the causal LM, with LoRA adapters (peft; the reference is the same trunk with the
+  adapters disabled, not a second copy: DESIGN.md) or every weight training (the reference is then
+  a frozen copy of the base);
+- critic: a V head (:class:`qvlm.heads.QVHeads` without Q heads) on the policy's trunk
+  (``shared``: it reads the policy's hidden states, detached, so only the policy loss moves the
+  policy) or on its own copy of the base model (``separate``: LoRA or full like the policy),
+  optionally initialised from a ``qvlm train value`` run's V head.
+
+:meth:`ActorCritic.evaluate` is the teacher-forced pass over a :class:`qvlm.rollout.Rollout` that
+the optimiser needs (log-probs of the sampled tokens, entropy, ``V(s_t)`` and ``V(s_{T+1})``);
+decoding itself runs through :class:`qvlm.decoding.step.DecodeStep` on :attr:`ActorCritic.policy`.
+
+Run directory written by :func:`save_policy_run`: ``adapter/`` (peft format) or ``policy.safetensors``
+(the full model's weights), ``heads.safetensors`` + ``heads_config.json`` (the V head),
+``critic.safetensors`` (a separate critic's trainable trunk tensors) and ``training.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from qvlm.decoding.step import position_ids
+from qvlm.errors import QVLMError
+from qvlm.fileio import atomic_write_text
+from qvlm.heads import HeadsConfig, QVHeads, load_heads, save_heads
+from qvlm.loading import hidden_size_of
+from qvlm.rollout import Rollout
+from qvlm.train.distributed import is_main_process
+from qvlm.trunk import trunk_hidden_states
+
+__all__ = ["PolicyOutput", "response_hidden", "ActorCritic", "save_policy_run", "load_policy"]
+
+
+@dataclass
+class PolicyOutput:
+    """Teacher-forced outputs on a rollout, all ``(B, T)`` except ``last_values (B,)``."""
+
+    logprobs: torch.Tensor  # log pi(y_t | s_t)
+    entropy: torch.Tensor  # H(pi(. | s_t))
+    values: torch.Tensor  # V(s_t)
+    last_values: torch.Tensor  # V(s_{T_b + 1}) after each row's last real token
+
+
+def _lora(model: PreTrainedModel, r: int, alpha: int):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise QVLMError("--trunk lora needs the package peft: pip install peft (or use --trunk full)") from None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def response_hidden(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+    """Teacher-forced hidden states of ``model`` at the states ``s_1 .. s_{T+1}`` of a rollout's
+    prompt + response: ``(B, T + 1, H)`` (``s_{T+1}`` of a short row is read past its end, never used
+    there). Position ``P - 1 + (t - 1)`` holds ``s_t``: prompts are left-padded."""
+    ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
+    mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)
+    h, _ = trunk_hidden_states(model, ids, mask, position_ids=position_ids(mask))  # (B, P + T, H)
+    return h[:, rollout.prompt_ids.shape[1] - 1 :]
+
+
+class ActorCritic(nn.Module):
+    """Policy LM + reference + V critic. ``heads`` is the V head; the checkpoint helpers of
+    :mod:`qvlm.train.checkpoint` read ``heads`` and :meth:`trainable_trunk_state` (policy adapters or
+    weights, and a separate critic's)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        trunk: str = "lora",
+        critic: str = "shared",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        head_hidden: int = 0,
+        base_model: str = "",
+    ):
+        super().__init__()
+        self.mode, self.critic_mode = trunk, critic
+        base = model.requires_grad_(False)
+        critic_base = copy.deepcopy(base) if critic == "separate" else None
+        self.peft = None
+        if trunk == "lora":
+            self.peft = _lora(base, lora_r, lora_alpha)
+            self.policy = self.peft.base_model.model  # the Hugging Face model, adapters injected
+            self.reference = None
+        elif trunk == "full":
+            self.reference = copy.deepcopy(base).eval()  # frozen copy of the base
+            self.policy = base.requires_grad_(True)
+        else:
+            raise QVLMError(f"unknown trunk {trunk!r}; use lora or full")
+        self.critic_trunk = self.critic_peft = None
+        if critic == "separate":
+            self.critic_peft = _lora(critic_base, lora_r, lora_alpha) if trunk == "lora" else None
+            self.critic_trunk = (
+                self.critic_peft.base_model.model if trunk == "lora" else critic_base.requires_grad_(True)
+            )
+        elif critic != "shared":
+            raise QVLMError(f"unknown critic {critic!r}; use shared or separate")
+        weight = self.policy.get_output_embeddings().weight
+        config = HeadsConfig(
+            hidden_size=hidden_size_of(self.policy.config),
+            vocab_size=weight.shape[0],
+            head_hidden=head_hidden,
+            with_q=False,
+            base_model=base_model,
+        )
+        self.heads = QVHeads(config).to(device=weight.device, dtype=weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.get_output_embeddings().weight.device
+
+    # ------------------------------------------------------------ parameters and state
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        params = list(self.heads.parameters())
+        if self.critic_trunk is not None:
+            params += [p for p in self.critic_trunk.parameters() if p.requires_grad]
+        return params
+
+    def trainable_trunk_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors of the policy (``policy.*``) and of a separate critic (``critic.*``)."""
+        state = {"policy." + n: p.detach() for n, p in self.policy.named_parameters() if p.requires_grad}
+        if self.critic_trunk is not None:
+            state.update(
+                {"critic." + n: p.detach() for n, p in self.critic_trunk.named_parameters() if p.requires_grad}
+            )
+        return state
+
+    def load_trunk_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.trainable_trunk_state()) - set(state)
+        if missing:
+            raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
+        for prefix, module in (("policy.", self.policy), ("critic.", self.critic_trunk)):
+            if module is not None:
+                part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                module.load_state_dict(part, strict=False)
+
+    def init_critic_from(self, run_dir: str | Path) -> None:
+        """Start the V head from a ``qvlm train value`` run's V head (shapes checked)."""
+        loaded = load_heads(run_dir)
+        mine = self.heads.config
+        if (loaded.config.hidden_size, loaded.config.width) != (mine.hidden_size, mine.width):
+            raise QVLMError(
+                f"--critic-init {run_dir}: its V head has hidden size {loaded.config.hidden_size} and width "
+                f"{loaded.config.width}; this critic has {mine.hidden_size} and {mine.width}: pass the --model and "
+                "--head-hidden the value run used"
+            )
+        self.heads.v_head.load_state_dict(loaded.v_head.state_dict())
+
+    # ------------------------------------------------------------ forward passes
+
+    @contextmanager
+    def reference_mode(self):
+        """Inside, :attr:`policy` computes the reference: LoRA adapters disabled (a no-op for full)."""
+        with self.peft.disable_adapter() if self.peft is not None else nullcontext():
+            yield
+
+    def _hidden(self, model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+        return response_hidden(model, rollout)
+
+    def _values(self, h: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.heads.values(h).to(torch.float32)  # (B, T + 1)
+        T = rollout.response_ids.shape[1]
+        return v[:, :T], v[torch.arange(v.shape[0], device=v.device), rollout.lengths.to(v.device)]
+
+    def evaluate(self, rollout: Rollout, with_policy: bool = True) -> PolicyOutput:
+        """Log-probs, entropy (zeros when ``with_policy`` is False) and values on a rollout."""
+        T = rollout.response_ids.shape[1]
+        h = None
+        if with_policy or self.critic_trunk is None:
+            with torch.set_grad_enabled(with_policy and torch.is_grad_enabled()):
+                h = self._hidden(self.policy, rollout)
+        if with_policy:
+            logits = self.policy.get_output_embeddings()(h[:, :T]).to(torch.float32)  # (B, T, V)
+            logp_all = torch.log_softmax(logits, dim=-1)
+            logprobs = logp_all.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        else:
+            logprobs = entropy = torch.zeros_like(rollout.response_mask)
+        # a shared critic reads the policy's features detached: only the policy loss moves the policy
+        critic_h = self._hidden(self.critic_trunk, rollout) if self.critic_trunk is not None else h.detach()
+        values, last_values = self._values(critic_h, rollout)
+        mask = rollout.response_mask
+        return PolicyOutput(logprobs * mask, entropy * mask, values * mask, last_values)
+
+    @torch.no_grad()
+    def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``log pi_ref(y_t | s_t)`` ``(B, T)``, 0 on padding."""
+        T = rollout.response_ids.shape[1]
+        model = self.reference if self.reference is not None else self.policy
+        with self.reference_mode():
+            h = self._hidden(model, rollout)[:, :T]
+            logits = model.get_output_embeddings()(h).to(torch.float32)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+        return logp * rollout.response_mask
+
+    @torch.no_grad()
+    def state_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``V`` of each (left-padded) sequence's last position: ``(B, L) -> (B,)``."""
+        model = self.critic_trunk if self.critic_trunk is not None else self.policy
+        h, _ = trunk_hidden_states(model, input_ids, attention_mask, position_ids=position_ids(attention_mask))
+        return self.heads.values(h[:, -1]).to(torch.float32)
+
+
+def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
+    """The trained policy (peft adapter folder or ``policy.safetensors``), the V head, a separate
+    critic's tensors and ``training.json``; every file written atomically (main process only)."""
+    if not is_main_process():
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ac.peft is not None:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=run_dir))
+        ac.peft.save_pretrained(str(tmp))
+        old = run_dir / "adapter"
+        if old.exists():
+            trash = run_dir / f".trash-adapter-{os.getpid()}"
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, old)
+    else:
+        _save_tensors(run_dir / "policy.safetensors", ac.policy.state_dict())
+    if ac.critic_trunk is not None:
+        state = {n: p for n, p in ac.critic_trunk.named_parameters() if p.requires_grad}
+        _save_tensors(run_dir / "critic.safetensors", state)
+    save_heads(ac.heads, run_dir)
+    info = {**info, "trunk": ac.mode, "critic": ac.critic_mode}
+    atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
+
+
+def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    # tied weights share storage: save each tensor once, as a contiguous clone
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
+    """The policy a ``qvlm train ppo`` run trained, on ``model`` (its base): the LoRA adapter merged
+    into the weights, or the full weights loaded. Eval mode, no gradients."""
+    run_dir = Path(run_dir)
+    info_file = run_dir / "training.json"
+    if not info_file.is_file() or json.loads(info_file.read_text()).get("algorithm") not in ("ppo", "a2c"):
+        raise QVLMError(f"--policy {run_dir}: not a `qvlm train ppo` run directory (no training.json of ppo)")
+    if (run_dir / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
+    elif (run_dir / "policy.safetensors").is_file():
+        state = load_file(str(run_dir / "policy.safetensors"), device=str(next(model.parameters()).device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise QVLMError(f"--policy {run_dir}: its weights do not fit this --model (pass the base the run used)")
+    else:
+        raise QVLMError(f"--policy {run_dir}: holds neither adapter/ nor policy.safetensors; is the run finished?")
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,287 @@
+"""PPO (and A2C) with a V critic on a causal LM: sample with the current policy, score, update the
+critic by its TD(lambda) error and the actor by the clipped surrogate on GAE advantages, repeat.
+
+Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 2019 (KL penalty
+per token in the reward, adaptive KL controller), Mnih et al. 2016 (A2C: the ``a2c`` preset).
+Conventions and formulas: shared/DESIGN.md, "Online learning and evaluation".
+
+One iteration::
+
+    # rollout   prompts -> responses (DecodeStep via sample_rollout; log pi_old recorded there)
+    # reward    the batch reward (prompts, responses) -> floats, checked finite
+    # targets   log pi_ref (adapters off), V_old, k1 penalty in the reward, GAE, whitening
+    # optimise  ppo_epochs x minibatches of clipped policy + clipped value (+ k3, entropy) losses
+    # log and checkpoint
+
+A run directory holds the policy (``adapter/`` or ``policy.safetensors``), the V head,
+``training.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoint/`` (resumable bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from qvlm.algos.actor_critic import ActorCritic, save_policy_run
+from qvlm.configs import DecodeConfig, PPOConfig
+from qvlm.decoding.sampling import sample_rollout
+from qvlm.errors import QVLMError
+from qvlm.losses import Stats, clipped_value_loss, ppo_policy_loss
+from qvlm.online import explained_variance, k1_kl, k3_kl, kl_controller, kl_penalised_rewards, ppo_advantages
+from qvlm.progress import progress
+from qvlm.returns import masked_mean
+from qvlm.rewards import RewardFn, get_reward, score
+from qvlm.rollout import Rollout
+from qvlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qvlm.train.loop import check_finite
+from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.optim import optimizer_step
+from qvlm.train.rng import set_seed
+
+__all__ = ["PPOConfig", "PPOBatch", "iteration_prompts", "make_targets", "ppo_loss", "optimise", "train_ppo"]
+
+
+@dataclass
+class PPOBatch:
+    """A scored rollout with its PPO targets; tensors ``(B, T)`` unless noted."""
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor  # log pi_old, recorded by the decoding step that sampled
+    ref_logprobs: torch.Tensor  # log pi_ref (adapters disabled / frozen copy)
+    old_values: torch.Tensor  # V_old(s_t)
+    advantages: torch.Tensor  # whitened GAE
+    returns: torch.Tensor  # value targets A + V_old
+    kl: torch.Tensor  # (B,) sum over steps of k1 (log pi_old - log pi_ref)
+
+    def select(self, rows: torch.Tensor) -> PPOBatch:
+        r = self.rollout
+        sub = Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.response_ids[rows], r.response_mask[rows],
+                      r.finished[rows], pad_id=r.pad_id)  # fmt: skip
+        fields = ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns", "kl")
+        return PPOBatch(sub, *(getattr(self, f)[rows] for f in fields))
+
+
+def iteration_prompts(prompts: Sequence, per_iter: int, seed: int, iteration: int) -> list:
+    """The prompts of ``iteration``: epoch ``e`` visits all prompts in a permutation drawn from
+    ``seed + e``, so any iteration's prompts are known without replaying earlier ones (resume)."""
+    n = len(prompts)
+    out = []
+    for k in range(iteration * per_iter, (iteration + 1) * per_iter):
+        epoch, i = divmod(k, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.append(prompts[order[i]])
+    return out
+
+
+def prompts_fingerprint(prompts: Sequence) -> str:
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
+
+
+@torch.no_grad()
+def make_targets(ac: ActorCritic, rollout: Rollout, kl_coef: float, cfg: PPOConfig) -> PPOBatch:
+    """Reference log-probs, ``V_old``, the KL-penalised rewards (k1 in the reward when
+    ``cfg.kl_mode == 'reward'``), GAE advantages (whitened) and value targets."""
+    mask = rollout.response_mask
+    ref_logprobs = ac.ref_logprobs(rollout)
+    old = ac.evaluate(rollout, with_policy=False)
+    in_reward = kl_coef if cfg.kl_mode == "reward" else 0.0
+    token_rewards = kl_penalised_rewards(rollout.rewards, rollout.logprobs, ref_logprobs, mask, in_reward)
+    done = rollout.done(cfg.fixed_horizon)
+    advantages, returns = ppo_advantages(
+        token_rewards, old.values, old.last_values, done, mask, cfg.gamma, cfg.lam, cfg.whiten
+    )
+    kl = (k1_kl(rollout.logprobs, ref_logprobs) * mask).sum(-1)
+    return PPOBatch(rollout, rollout.logprobs, ref_logprobs, old.values, advantages, returns, kl)
+
+
+def ppo_loss(ac: ActorCritic, batch: PPOBatch, cfg: PPOConfig, kl_coef: float, critic_only: bool):
+    """Clipped policy loss + ``vf_coef`` x clipped value loss (+ ``kl_coef`` x k3, - ``ent_coef`` x
+    entropy) on one minibatch. Critic-only (warm-up): the value loss alone."""
+    mask = batch.rollout.response_mask
+    out = ac.evaluate(batch.rollout, with_policy=not critic_only)
+    if cfg.value_clip > 0:
+        v_loss, v_stats = clipped_value_loss(out.values, batch.old_values, batch.returns, mask, cfg.value_clip)
+    else:
+        v_loss = 0.5 * masked_mean((out.values - batch.returns) ** 2, mask)
+        v_stats = {"loss": v_loss.detach()}
+    stats: Stats = {"losses/value": v_stats["loss"]}
+    loss = cfg.vf_coef * v_loss
+    if critic_only:
+        return loss, stats
+    pg_loss, pg_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.advantages, mask, cfg.clip_eps)
+    entropy = masked_mean(out.entropy, mask)
+    loss = loss + pg_loss - cfg.ent_coef * entropy
+    stats.update(
+        {
+            "losses/policy": pg_stats["loss"],
+            "charts/clipfrac": pg_stats["clipfrac"],
+            "charts/approx_kl": pg_stats["approx_kl"],
+            "charts/entropy": entropy.detach(),
+        }
+    )
+    if cfg.kl_mode == "loss":
+        k3 = masked_mean(k3_kl(out.logprobs, batch.ref_logprobs), mask)
+        loss = loss + kl_coef * k3
+        stats["losses/k3"] = k3.detach()
+    return loss, stats
+
+
+def optimise(
+    ac: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: PPOBatch,
+    cfg: PPOConfig,
+    kl_coef: float,
+    iteration: int,
+    critic_only: bool,
+) -> dict[str, float]:
+    """``ppo_epochs`` passes of shuffled minibatches (order seeded by ``seed`` and ``iteration``);
+    returns the mean of every stat over the steps."""
+    B = len(batch.rollout)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    ac.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen).to(batch.rollout.response_ids.device)
+        for start in range(0, B, cfg.minibatch_size):
+            loss, stats = ppo_loss(
+                ac, batch.select(order[start : start + cfg.minibatch_size]), cfg, kl_coef, critic_only
+            )
+            stats["charts/grad_norm"] = optimizer_step(loss, optimizer, cfg.grad_clip)
+            stats["_objective"] = loss.detach()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().to(torch.float64)
+            steps += 1
+    ac.eval()
+    floats = stats_to_floats({k: v / steps for k, v in sums.items()})
+    check_finite(iteration, floats.pop("_objective"), floats)
+    return floats
+
+
+def make_optimizer(ac: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
+    """AdamW: the policy's trainable tensors at ``lr``, the critic's at ``critic_lr``."""
+    groups = [{"params": ac.policy_parameters(), "lr": cfg.lr}, {"params": ac.critic_parameters(), "lr": cfg.critic_lr}]
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def score_rollout(
+    reward: RewardFn, rollout: Rollout, tokenizer, prompts: list, iteration: int, run_dir
+) -> torch.Tensor:
+    """``(B,)`` rewards of a rollout's responses; a non-finite or malformed reward stops the run,
+    naming the iteration and the checkpoint left intact."""
+    repeated = [p for p in prompts for _ in range(len(rollout) // len(prompts))]
+    try:
+        values = score(reward, repeated, rollout.texts(tokenizer))
+    except QVLMError as err:
+        ckpt = latest_checkpoint(run_dir) if run_dir else None
+        kept = (
+            f"the last checkpoint ({ckpt}) is intact: fix the reward and rerun with --resume"
+            if ckpt
+            else "no checkpoint was written yet"
+        )
+        raise QVLMError(f"iteration {iteration}: {err}; stopped before updating, {kept}") from None
+    return torch.tensor(values, dtype=torch.float32, device=rollout.response_ids.device)
+
+
+def train_ppo(
+    ac: ActorCritic,
+    tokenizer,
+    prompts: Sequence,
+    reward: str | RewardFn,
+    cfg: PPOConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
+) -> dict[str, list[tuple[int, float]]]:
+    """Train ``ac``'s policy and critic online on ``prompts`` (texts, or token-id lists) toward
+    ``reward`` (a name of :func:`qvlm.rewards.get_reward` or a batch callable
+    ``(prompts, responses) -> floats``). Returns the metrics history ``{name: [(iteration, value)]}``.
+
+    ``resume`` continues from ``run_dir``'s latest checkpoint bit for bit on CPU: policy, critic,
+    optimiser, KL controller, every RNG, and the prompt order (a function of seed and iteration).
+    """
+    cfg = cfg or PPOConfig()
+    prompts = list(prompts)
+    if not prompts:
+        raise QVLMError("no training prompts; give a prompt file with at least one prompt")
+    reward_fn = get_reward(reward)
+    run_dir = Path(run_dir) if run_dir else None
+    optimizer = make_optimizer(ac, cfg)
+    ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    fingerprint, start = prompts_fingerprint(prompts), 0
+    if resume:
+        resumed = load_checkpoint(run_dir, ac, optimizer, cfg, fingerprint=fingerprint)
+        start = resumed.step
+        ctl.load_state_dict(resumed.extra["kl_controller"])
+    else:
+        set_seed(cfg.seed)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=cfg.responses_per_prompt,
+        batch_size=cfg.decode_batch_size,
+        chat=cfg.chat,
+    )
+    logger = MetricsLogger(run_dir, resume_step=start)
+    bar = progress(total=cfg.iterations, initial=start, desc=cfg.algo, enabled=cfg.progress, unit="it")
+    saved_at = start
+    try:
+        for it in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            # rollout
+            batch_prompts = iteration_prompts(prompts, cfg.prompts_per_iter, cfg.seed, it)
+            rollout = sample_rollout(ac.policy, tokenizer, batch_prompts, cfg=decode, ref_logprobs=False)
+            # reward
+            rollout.rewards = score_rollout(reward_fn, rollout, tokenizer, batch_prompts, it, run_dir)
+            # targets
+            kl_coef = ctl.value
+            batch = make_targets(ac, rollout, kl_coef, cfg)
+            # optimise
+            if cfg.anneal_lr:  # a function of the iteration alone: nothing to checkpoint
+                for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.critic_lr)):
+                    group["lr"] = lr * (1.0 - it / cfg.iterations)
+            stats = optimise(ac, optimizer, batch, cfg, kl_coef, it, critic_only=it < cfg.critic_warmup)
+            kl_mean = float(batch.kl.mean())
+            ctl.update(kl_mean, len(rollout))
+            # log and checkpoint
+            n_tokens = float(rollout.response_mask.sum())
+            floats = {
+                "charts/reward": float(rollout.rewards.mean()),
+                "charts/kl": kl_mean,
+                "charts/kl_coef": kl_coef,
+                "charts/explained_variance": float(
+                    explained_variance(batch.old_values, batch.returns, rollout.response_mask)
+                ),
+                "charts/response_length": n_tokens / len(rollout),
+                **stats,
+                "charts/tokens_per_s": n_tokens / (time.perf_counter() - t0),
+            }
+            logger.log(it, floats)
+            bar.update(1)
+            bar.set_postfix(
+                {k.split("/")[-1]: f"{floats[k]:.3g}" for k in ("charts/reward", "charts/kl", "losses/value")}
+            )
+            if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(run_dir, ac, optimizer, it + 1, cfg, fingerprint=fingerprint,
+                                extra={"kl_controller": ctl.state_dict()})  # fmt: skip
+                saved_at = it + 1
+            for cb in callbacks:
+                cb(it, floats)
+    finally:
+        bar.close()
+        logger.close()
+        ac.eval()
+    if run_dir:
+        if saved_at != cfg.iterations:
+            save_checkpoint(run_dir, ac, optimizer, cfg.iterations, cfg, fingerprint=fingerprint,
+                            extra={"kl_controller": ctl.state_dict()})  # fmt: skip
+        info = {"algorithm": cfg.algo, "config": asdict(cfg), "base_model": ac.heads.config.base_model,
+                "prompts": len(prompts), "iterations": cfg.iterations, "kl_coef_final": ctl.value}  # fmt: skip
+        save_policy_run(run_dir, ac, info)
+    return logger.history

@@ -1,0 +1,60 @@
+"""``qvlm train ppo``: online actor-critic (PPO or A2C) on a causal LM toward a reward."""
+
+from __future__ import annotations
+
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.configs import PPOConfig
+
+
+def register(algos) -> None:
+    text = "PPO (or --algo a2c) with a V critic: sample, score, update the policy and critic online"
+    a = algos.add_parser(
+        "ppo",
+        help=text,
+        description=text + ". Writes adapter/ (peft) or policy.safetensors, heads.safetensors (the V head), "
+        "training.json, metrics.jsonl, tb/ and checkpoint/ to --out. See docs/ppo.md.",
+    )
+    add_model_arg(a)
+    a.add_argument(
+        "--prompts", required=True, help="training prompts: .txt (one per line), .jsonl (field 'prompt') or demo:train"
+    )
+    a.add_argument(
+        "--reward", required=True, help="reward name: vader, vader-negative, count:TEXT or length (see qvlm.rewards)"
+    )
+    a.add_argument("--out", required=True, help="run directory for the policy, critic, checkpoints and logs")
+    a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
+    add_config_args(a, PPOConfig, title="ppo settings")
+    a.set_defaults(handler=run, config_cls=PPOConfig)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from qvlm.algos.actor_critic import ActorCritic
+    from qvlm.algos.ppo import train_ppo
+    from qvlm.errors import QVLMError
+    from qvlm.mdp import read_prompts
+    from qvlm.rewards import get_reward
+    from qvlm.train.checkpoint import has_checkpoint
+    from qvlm.train.rng import set_seed
+
+    cfg = config_from_args(PPOConfig, args)
+    prompts = read_prompts(args.prompts)
+    if not prompts:
+        raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")
+    reward = get_reward(args.reward)  # an unknown name fails before the model loads
+    out = Path(args.out)
+    if has_checkpoint(out) and not args.resume:
+        raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    model, tokenizer = load(args)
+    set_seed(cfg.seed)  # the V head's initialisation
+    ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.lora_r, cfg.lora_alpha, cfg.head_hidden, base_model=args.model)
+    if cfg.critic_init:
+        ac.init_critic_from(cfg.critic_init)
+    history = train_ppo(ac, tokenizer, prompts, reward, cfg, run_dir=out, resume=args.resume)
+    last = {k.split("/")[-1]: v[-1][1] for k, v in history.items() if k in ("charts/reward", "charts/kl")}
+    print(
+        f"trained {cfg.algo} for {cfg.iterations} iterations on {len(prompts)} prompts; policy in {out}; last "
+        + ", ".join(f"{k}={v:.4f}" for k, v in last.items())
+    )
+    return 0

@@ -1,0 +1,84 @@
+"""``qvlm train ppo`` end to end on a tiny local model, ``generate --policy``, and its bad input:
+exit code 2, one line, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qvlm.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def test_train_ppo_then_generate_with_the_policy(tmp_path, tiny_dir, capsys):
+    (tmp_path / "p.txt").write_text("hello\nthe cat\nabc\n")
+    out = tmp_path / "run"
+    common = ["--model", tiny_dir, "--prompts", tmp_path / "p.txt", "--reward", "count:e", "--out", out]
+    flags = ["--iterations", "2", "--prompts-per-iter", "2", "--responses-per-prompt", "2", "--max-new-tokens", "6"]
+    code, io = _run(["train", "ppo", *common, *flags, "--no-chat", "--no-progress"], capsys)
+    assert code == 0, io.err
+    assert "trained ppo for 2 iterations" in io.out
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "heads.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # a finished run is not overwritten; --resume continues it (nothing left to do at 2 of 2)
+    code, io = _run(["train", "ppo", *common, *flags, "--no-chat"], capsys)
+    assert code == 2 and "already holds a run" in io.err
+    rows = tmp_path / "gen.jsonl"
+    code, io = _run(
+        ["generate", "--model", tiny_dir, "--policy", out, "--prompt", "hi", "--max-new-tokens", "5", "--out", rows],
+        capsys,
+    )
+    assert code == 0, io.err
+    assert json.loads(rows.read_text().splitlines()[0])["prompt"] == "hi"
+    report = tmp_path / "eval.json"
+    code, io = _run(
+        ["eval", "--model", tiny_dir, "--policy", out, "--prompts", tmp_path / "p.txt", "--reward", "count:e",
+         "--betas", "0", "--max-new-tokens", "5", "--no-chat", "--json", report],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, io.err
+    methods = json.loads(report.read_text())["methods"]
+    assert set(methods) == {"base", "policy"} and methods["policy"]["kl_to_base"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--kl-coef", "-1"], "--kl-coef is -1.0; it must be a finite number >= 0"),
+        (["--ppo-epochs", "0"], "--ppo-epochs is 0; it must be at least 1"),
+        (["--prompts", "{tmp}/empty.txt"], "no prompts in the file"),
+        (["--reward", "bleu"], "unknown reward"),
+        (["--trunk", "frozen"], "invalid choice: 'frozen'"),
+    ],
+)
+def test_bad_input_exits_2_without_traceback(tmp_path, tiny_dir, capsys, extra, needle):
+    (tmp_path / "p.txt").write_text("hello\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = ["train", "ppo", "--model", tiny_dir, "--prompts", tmp_path / "p.txt", "--reward", "count:e"]
+    args += ["--out", tmp_path / "r"] + [a.format(tmp=tmp_path) for a in extra]
+    code, io = _run(args, capsys)
+    assert code == 2, io.err
+    assert needle in io.err
+    assert "Traceback" not in io.err
+
+
+def test_generate_policy_that_is_not_a_ppo_run(tmp_path, tiny_dir, capsys):
+    code, io = _run(["generate", "--model", tiny_dir, "--policy", tmp_path, "--prompt", "hi"], capsys)
+    assert code == 2 and "not a `qvlm train ppo` run" in io.err
