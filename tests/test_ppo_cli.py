@@ -64,7 +64,7 @@ def test_train_ppo_then_generate_with_the_policy(tmp_path, tiny_dir, capsys):
         (["--kl-coef", "-1"], "--kl-coef is -1.0; it must be a finite number >= 0"),
         (["--ppo-epochs", "0"], "--ppo-epochs is 0; it must be at least 1"),
         (["--prompts", "{tmp}/empty.txt"], "no prompts in the file"),
-        (["--reward", "bleu"], "unknown reward"),
+        (["--reward", "no-such-reward"], "unknown reward"),
         (["--trunk", "frozen"], "invalid choice: 'frozen'"),
     ],
 )
