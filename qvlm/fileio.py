@@ -32,20 +32,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     Readers see the old file or the new one, never half of one. The file gets mode 0644 (mkstemp
     makes 0600; outputs are meant to be shared).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def os_error(path: str | os.PathLike, err: OSError, doing: str = "read") -> QVLMError:
