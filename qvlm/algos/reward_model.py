@@ -38,7 +38,7 @@ from qvlm.progress import progress
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
 from qvlm.rewards.hf import encode_texts
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
-from qvlm.train.loop import check_finite
+from qvlm.train.loop import batch_indices, check_finite
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import optimizer_step
 from qvlm.train.rng import set_seed
@@ -252,17 +252,6 @@ def save_classifier(model, tokenizer, run_dir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _batches(n_train: int, batch_size: int, seed: int, start: int, total: int):
-    """``(step, positions)`` with a fresh permutation per epoch drawn from ``seed + epoch``: the batch of
-    any step is known without replaying earlier ones, so a resumed run sees the same batches."""
-    per_epoch = math.ceil(n_train / batch_size)
-    for step in range(start, total):
-        epoch, k = divmod(step, per_epoch)
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        yield step, order[k * batch_size : (k + 1) * batch_size]
-
-
 def train_reward_model(
     data: RMData,
     cfg: RewardModelConfig,
@@ -291,7 +280,7 @@ def train_reward_model(
     bar = progress(total=total, initial=start, desc=f"train rm ({data.kind})", enabled=cfg.progress, unit="step")
     model.train()
     try:
-        for step, positions in _batches(len(train_idx), cfg.batch_size, cfg.seed, start, total):
+        for step, positions in batch_indices(len(train_idx), cfg.batch_size, cfg.seed, start, total):
             # loss
             loss, stats = rm_loss(model, tokenizer, data, [train_idx[p] for p in positions], cfg.max_length)
             # optimise
