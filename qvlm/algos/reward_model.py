@@ -252,6 +252,7 @@ def save_classifier(model, tokenizer, run_dir: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
 def train_reward_model(
     data: RMData,
     cfg: RewardModelConfig,
