@@ -134,6 +134,23 @@ def test_sample_train_generate_eval(tmp_path, tiny_dir):
     assert set(methods) == {"base", "guided_beta_2"}
     assert methods["base"]["kl_to_base"] == pytest.approx(0.0, abs=1e-5)
     assert methods["guided_beta_2"]["kl_to_base"] > 0
+    args = ["eval", "--model", str(tiny_dir), "--heads", str(run), "--prompts", str(prompts), "--reward", "count:e"]
+    args += [
+        "--betas",
+        "0,2",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "0",
+        "--samples-per-prompt",
+        "3",
+        "--json",
+        str(metrics),
+    ]
+    assert main(args) == 0
+    payload = json.loads(metrics.read_text())
+    assert payload["samples_per_prompt"] == 3 and payload["n_prompts"] == 3
+    assert all(row["n"] == 9 for row in payload["methods"].values())
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from qvlm.eval.metrics import betainc, json_safe, mean_ci95, student_t_quantile, summarize
+from qvlm.eval.metrics import betainc, grouped_mean_ci95, json_safe, mean_ci95, student_t_quantile, summarize
 
 
 @pytest.mark.parametrize(
@@ -79,3 +79,15 @@ def test_summarize_reports_topk_mass_and_kl_kind():
     assert summarize(["a"], [1.0], [0.5], [[-1.0]], kl_kind="estimate").kl_kind == "estimate"
     with pytest.raises(ValueError, match="exact, estimate or bound"):
         summarize(["a"], [1.0], [0.0], [[-1.0]], kl_kind="guess")
+
+
+def test_grouped_ci_is_over_prompt_means():
+    # two draws per prompt: prompt means 2, 3, 4 -> mean 3, half-width t(0.975, 2) * 1 / sqrt(3)
+    mean, half = grouped_mean_ci95([1.0, 3.0, 2.0, 4.0, 3.0, 5.0], 2)
+    assert mean == pytest.approx(3.0) and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert grouped_mean_ci95([1.0, 2.0, 3.0], 1) == mean_ci95([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="groups of 2"):
+        grouped_mean_ci95([1.0, 2.0, 3.0], 2)
+    row = summarize(["a b", "c d", "e f", "g h"], [0.0, 1.0, 1.0, 2.0], [0.0] * 4, [[-1.0]] * 4, group_size=2)
+    assert row.n == 4 and row.reward_mean == pytest.approx(1.0)
+    assert row.reward_ci95 == pytest.approx(12.7062047 * math.sqrt(0.5) / math.sqrt(2), rel=1e-6)

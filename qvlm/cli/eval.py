@@ -43,6 +43,12 @@ def register(sub) -> None:
         help="also best-of-N by the reward for these N (e.g. 1,2,4,8,16,32), from max(N) base draws per prompt; "
         "its KL is estimated from each prompt's draws (kl_kind estimate); the JSON gains a 'frontier' block",
     )
+    p.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="responses decoded per prompt for each method; the 95%% CI is then over the prompts' mean rewards",
+    )
     p.add_argument("--json", help="write the metrics here as JSON (atomically)")
     add_config_args(p, DecodeConfig, exclude=("beta", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
@@ -66,8 +72,11 @@ def run(args) -> int:
     if any(b != 0 for b in betas) and not args.heads:
         raise QVLMError("--betas other than 0 need --heads DIR (trained with `qvlm train ilql`)")
     check_non_negative(args.max_prompts, "--max-prompts", "0: all")
+    if args.samples_per_prompt < 1:
+        raise QVLMError(f"--samples-per-prompt is {args.samples_per_prompt}; it must be at least 1")
+    k = args.samples_per_prompt
     for beta in betas:  # every config is valid before any work
-        config_from_args(DecodeConfig, args, beta=beta)
+        config_from_args(DecodeConfig, args, beta=beta, num_return_sequences=k)
     if args.json:
         check_output_file(args.json, "--json", inputs=(args.prompts,))
     prompts = read_prompts(args.prompts)
@@ -91,7 +100,7 @@ def run(args) -> int:
     print(f"{'method':<14} {'reward':>8} {'95% CI':>16} {'KL':>8} {'dist-1':>7} {'dist-2':>7} {'ppl':>8}")
     runs = [(beta, False) for beta in betas if policy is None or beta == 0] + [(b, True) for b in betas if policy]
     for beta, with_policy in runs:
-        cfg = config_from_args(DecodeConfig, args, beta=beta)
+        cfg = config_from_args(DecodeConfig, args, beta=beta, num_return_sequences=k)
         if with_policy:
             from qvlm.eval.policy import evaluate_policy_decoding
 
@@ -115,7 +124,7 @@ def run(args) -> int:
             if n > 1:
                 methods[f"best_of_{n}"] = row
                 _print_row(f"best_of_{n}", row)
-    payload = {"reward": args.reward, "n_prompts": len(prompts), "methods": methods}
+    payload = {"reward": args.reward, "n_prompts": len(prompts), "samples_per_prompt": k, "methods": methods}
     if ns:
         from qvlm.eval.frontier import build_frontier
 

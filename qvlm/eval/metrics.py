@@ -17,6 +17,7 @@ __all__ = [
     "betainc",
     "student_t_quantile",
     "mean_ci95",
+    "grouped_mean_ci95",
     "distinct_n",
     "perplexity",
     "json_safe",
@@ -105,6 +106,20 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return mean, student_t_quantile(0.975, n - 1) * std / math.sqrt(n)
 
 
+def grouped_mean_ci95(values: Sequence[float], group_size: int) -> tuple[float, float]:
+    """Mean and 95% CI half-width when ``values`` come in consecutive groups of ``group_size`` draws
+    for the same prompt: the draws of one prompt are not independent, so the CI is taken over the
+    prompts' means (Student's t with ``prompts - 1`` df). The mean is the plain mean either way.
+
+    ``grouped_mean_ci95([1, 3, 2, 4, 3, 5], 2) == mean_ci95([2, 3, 4])``; ``group_size = 1`` is
+    :func:`mean_ci95`.
+    """
+    if group_size < 1 or len(values) % group_size:
+        raise ValueError(f"{len(values)} values do not split into groups of {group_size}")
+    means = [sum(values[i : i + group_size]) / group_size for i in range(0, len(values), group_size)]
+    return mean_ci95(means)
+
+
 def json_safe(obj: Any) -> Any:
     """``obj`` with every non-finite float (inf, nan) replaced by None, through dicts, lists and tuples.
 
@@ -157,13 +172,16 @@ def summarize(
     cost: float = 1.0,
     topk_mass: Sequence[float] | None = None,
     kl_kind: str = "exact",
+    group_size: int = 1,
 ) -> MethodMetrics:
     """Metrics of one method's responses: reward mean and 95% CI, mean summed KL (``kl_kind`` says
     whether it is exact, an estimate or a bound), distinct-2, perplexity under the base model, the mean top-k
-    mass (``topk_mass``: one value per response; None or empty: not tracked, nan), and the cost."""
+    mass (``topk_mass``: one value per response; None or empty: not tracked, nan), and the cost.
+    ``group_size`` > 1: the responses come ``group_size`` per prompt, consecutively, and the CI is
+    over the prompts' mean rewards (:func:`grouped_mean_ci95`)."""
     if kl_kind not in ("exact", "estimate", "bound"):
         raise ValueError(f"kl_kind is {kl_kind!r}; use exact, estimate or bound")
-    mean, ci = mean_ci95(rewards)
+    mean, ci = grouped_mean_ci95(rewards, group_size)
     return MethodMetrics(
         reward_mean=mean,
         reward_ci95=ci,
@@ -187,10 +205,12 @@ def evaluate_decoding(
     cost: float = 1.0,
     progress: bool = False,
 ) -> tuple[MethodMetrics, GenerationResult, list[float]]:
-    """Decode ``prompts`` with ``cfg`` (guided when ``cfg.beta != 0``) and measure the result."""
+    """Decode ``prompts`` with ``cfg`` (guided when ``cfg.beta != 0``; ``cfg.num_return_sequences``
+    responses per prompt, the CI then over the prompts' means) and measure the result."""
     cfg = cfg or DecodeConfig()
     result = generate(model, tokenizer, prompts, heads=heads, cfg=cfg, track_kl=True, progress=progress)
-    rewards = score(reward, prompts, result.texts)
-    topk_mass = getattr(result, "topk_mass", [])  # GenerationResult.topk_mass is being added
-    metrics = summarize(result.texts, rewards, result.kl, result.base_logprobs, cost, topk_mass)
+    k = cfg.num_return_sequences
+    rewards = score(reward, [p for p in prompts for _ in range(k)], result.texts)
+    topk_mass = getattr(result, "topk_mass", [])
+    metrics = summarize(result.texts, rewards, result.kl, result.base_logprobs, cost, topk_mass, group_size=k)
     return metrics, result, rewards

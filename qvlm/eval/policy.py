@@ -77,4 +77,4 @@ def evaluate_policy_decoding(
     kl = kl_to_base(sampling_logprobs(policy, rollout, heads, cfg), base_logp, rollout, cfg.do_sample)
     taken = base_logp.gather(-1, rollout.response_ids[..., None]).squeeze(-1)  # (B, T)
     base_lists = [row[:n] for row, n in zip(taken.tolist(), rollout.lengths.tolist())]
-    return summarize(texts, rewards, kl.tolist(), base_lists), texts, rewards
+    return summarize(texts, rewards, kl.tolist(), base_lists, group_size=cfg.num_return_sequences), texts, rewards
