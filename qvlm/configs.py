@@ -220,7 +220,11 @@ class DemoConfig:
     the full or --quick preset (see qvlm.apps.demo.PRESETS)."""
 
     target: str = option("positive", "sentiment to steer toward: positive or negative (VADER compound)")
-    reward: str = option("", "reward name overriding --target (e.g. count:e for tests)")
+    reward: str = option(
+        "",
+        "reward overriding --target: any --reward of qvlm.rewards that needs no reference text (vader, count:TEXT, "
+        "length, hf:PATH[:LABEL], FILE.py:FUNCTION, MODULE:FUNCTION, weighted sums; docs/rewards.md)",
+    )
     model: str = option(DEFAULT_MODEL, "base model")
     quick: bool = option(False, "smaller preset: fewer prompts and shorter responses")
     train_prompts: int = option(0, "training prompts to sample from (0: preset)")

@@ -124,3 +124,56 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, tiny_dir, capsys,
     # the config training.json records differs by the seed alone
     first_info, other_info = json.loads(first["training.json"]), json.loads(other["training.json"])
     assert other_info == {**first_info, "config": {**first_info["config"], "seed": 1}}
+
+
+def test_reward_help_names_every_form_and_a_reference_reward_trains(tmp_path, tiny_dir, capsys):
+    """`--reward` of train ppo and train softq documents every form qvlm.rewards takes (one constant),
+    and the forms work: bleu against the prompts file's references, a per-token Python reward summed."""
+    from qvlm.rewards import REWARD_HELP
+
+    for command in (["train", "ppo"], ["train", "softq"]):
+        code, io = _run([*command, "--help"], capsys)
+        assert code == 0
+        text = " ".join(io.out.split())
+        for form in ("vader-negative", "count:TEXT", "bleu", "chrf", "rougeL", "hf:PATH[:LABEL]", "FILE.py:FUNCTION",
+                     "MODULE:FUNCTION", "vader+0.2*length"):  # fmt: skip
+            assert form in text, (command, form)
+        assert " ".join(REWARD_HELP.split()) in text
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello", "reference": "hello there"}\n{"prompt": "abc", "reference": "abc d"}\n')
+    (tmp_path / "r.py").write_text(
+        "from qvlm.rewards import token_level\n\n"
+        "@token_level\ndef es(prompts, tokens):\n    return [[float('e' in t) for t in row] for row in tokens]\n"
+    )
+    flags = ["--iterations", "1", "--prompts-per-iter", "2", "--responses-per-prompt", "2", "--max-new-tokens", "5"]
+    for i, reward in enumerate(("bleu+0.5*length", f"{tmp_path / 'r.py'}:es")):
+        args = [
+            "train",
+            "ppo",
+            "--model",
+            tiny_dir,
+            "--prompts",
+            prompts,
+            "--reward",
+            reward,
+            "--out",
+            tmp_path / str(i),
+        ]
+        code, io = _run([*args, *flags, "--no-chat", "--no-progress"], capsys)
+        assert code == 0, io.err
+    # bleu needs references: a .txt prompts file has none, refused before the model loads
+    (tmp_path / "p.txt").write_text("hello\n")
+    args = [
+        "train",
+        "ppo",
+        "--model",
+        tiny_dir,
+        "--prompts",
+        tmp_path / "p.txt",
+        "--reward",
+        "bleu",
+        "--out",
+        tmp_path / "x",
+    ]
+    code, io = _run(args, capsys)
+    assert code == 2 and "reference" in io.err and "Traceback" not in io.err

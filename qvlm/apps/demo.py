@@ -36,7 +36,7 @@ from qvlm.configs import DecodeConfig, DemoConfig
 from qvlm.errors import QVLMError
 from qvlm.eval.valuemap import value_maps
 from qvlm.loading import load_model
-from qvlm.rewards import get_reward
+from qvlm.rewards import as_sequence_reward, get_reward
 
 __all__ = ["PRESETS", "VAL_START", "run_demo", "resolve", "check_splits", "compute_cost", "choose_shown"]
 
@@ -114,7 +114,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         out=out,
         model=model,
         tokenizer=tokenizer,
-        reward=get_reward(reward_name),
+        reward=as_sequence_reward(get_reward(reward_name), tokenizer),  # a per-token reward: its sum
         reward_name=reward_name,
         train_prompts=train_prompts,
         val_prompts=val_prompts,
