@@ -71,6 +71,15 @@ def _number_list(text: str) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
+def _ascending_counts(text: str) -> bool:
+    """Whether ``text`` is strictly ascending whole numbers >= 1, comma-separated, at least one."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return False
+    return bool(values) and values[0] >= 1 and all(a < b for a, b in zip(values, values[1:]))
+
+
 @dataclass
 class TrunkConfig:
     """How the trunk is trained."""
@@ -250,6 +259,14 @@ class DemoConfig:
     block_size: int = option(4, "V-guided blockwise: tokens per block")
     ilql_epochs: int = option(0, "ILQL epochs over the samples (0: preset)")
     value_epochs: int = option(0, "prefix-scorer epochs (0: preset)")
+    ppo_iterations: str = option(
+        "",
+        "the ppo method: PPO iteration counts to choose from on validation, ascending, comma-separated (one run "
+        "with a policy snapshot at each); 0: no ppo method ('': preset: the full demo trains it, --quick does not)",
+    )
+    ppo_kl_coef: float = option(0.05, "the ppo method: KL coefficient of the per-token penalty to the base model")
+    ppo_lr: float = option(1e-4, "the ppo method: AdamW learning rate of the LoRA adapters (the V head: 1e-3)")
+    ppo_prompts_per_iter: int = option(8, "the ppo method: training prompts per iteration (4 responses each)")
     head_hidden: int = option(128, "width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)")
     q_head: str = option(
         "tied", "Q head design: tied (to the LM's output embedding) or mlp (trlx's)", choices=("tied", "mlp")
@@ -278,6 +295,15 @@ class DemoConfig:
             _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0")
         for name in ("candidates", "block_size", "batch_size"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+        _check(_finite(self.ppo_kl_coef) and self.ppo_kl_coef >= 0, "--ppo-kl-coef", self.ppo_kl_coef, "finite, >= 0")
+        _check(_finite(self.ppo_lr) and self.ppo_lr > 0, "--ppo-lr", self.ppo_lr, "a finite number > 0")
+        _check(self.ppo_prompts_per_iter >= 1, "--ppo-prompts-per-iter", self.ppo_prompts_per_iter, "at least 1")
+        _check(
+            self.ppo_iterations in ("", "0") or _ascending_counts(self.ppo_iterations),
+            "--ppo-iterations",
+            repr(self.ppo_iterations),
+            "0 (no ppo method) or ascending whole numbers >= 1, comma-separated (e.g. 10,20)",
+        )
         for name in ("betas", "mc_betas"):
             _check(_number_list(getattr(self, name)), "--" + name.replace("_", "-"), repr(getattr(self, name)),
                    "comma-separated finite numbers, at least one (e.g. 4,8,16)")  # fmt: skip
