@@ -266,7 +266,8 @@ class DemoConfig:
     )
     ppo_kl_coef: float = option(0.05, "the ppo method: KL coefficient of the per-token penalty to the base model")
     ppo_lr: float = option(1e-4, "the ppo method: AdamW learning rate of the LoRA adapters (the V head: 1e-3)")
-    ppo_prompts_per_iter: int = option(8, "the ppo method: training prompts per iteration (4 responses each)")
+    ppo_prompts_per_iter: int = option(4, "the ppo method: training prompts per iteration (4 responses each)")
+    ppo_epochs: int = option(2, "the ppo method: passes over each iteration's responses (minibatches of 8)")
     head_hidden: int = option(128, "width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)")
     q_head: str = option(
         "tied", "Q head design: tied (to the LM's output embedding) or mlp (trlx's)", choices=("tied", "mlp")
@@ -298,6 +299,7 @@ class DemoConfig:
         _check(_finite(self.ppo_kl_coef) and self.ppo_kl_coef >= 0, "--ppo-kl-coef", self.ppo_kl_coef, "finite, >= 0")
         _check(_finite(self.ppo_lr) and self.ppo_lr > 0, "--ppo-lr", self.ppo_lr, "a finite number > 0")
         _check(self.ppo_prompts_per_iter >= 1, "--ppo-prompts-per-iter", self.ppo_prompts_per_iter, "at least 1")
+        _check(self.ppo_epochs >= 1, "--ppo-epochs", self.ppo_epochs, "at least 1")
         _check(
             self.ppo_iterations in ("", "0") or _ascending_counts(self.ppo_iterations),
             "--ppo-iterations",

@@ -12,6 +12,7 @@ from qvlm.configs import DemoConfig
 from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
@@ -233,9 +234,16 @@ def test_demo_ppo_method_on_the_same_protocol(tmp_path, tiny_dir):
     policy_dir = out / "ppo" / ("it_1" if ppo["iterations"] == 1 else "")
     decode = DecodeConfig(max_new_tokens=6, batch_size=64, seed=0, guidance_top_k=20)
     again, _, _ = evaluate_policy_decoding(
-        load_policy(copy.deepcopy(base), policy_dir), base, tok, summary_eval_prompts(cfg), get_reward("count:e"), cfg=decode
+        load_policy(copy.deepcopy(base), policy_dir),
+        base,
+        tok,
+        summary_eval_prompts(cfg),
+        get_reward("count:e"),
+        cfg=decode,
     )
-    assert again.reward_mean == pytest.approx(row["reward_mean"]) and again.kl_to_base == pytest.approx(row["kl_to_base"])
+    assert again.reward_mean == pytest.approx(row["reward_mean"]) and again.kl_to_base == pytest.approx(
+        row["kl_to_base"]
+    )
     html = (out / "report.html").read_text()
     assert 'id="ppo"' in html and '<svg class="ppo-curves"' in html and "ppo_it_2" in html
     assert "<code>ppo</code> changes the model" in html  # the introduction names it
@@ -297,3 +305,21 @@ def test_demo_ppo_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
     assert any("[train ppo]" in line and "resuming from checkpoint" in line for line in logs)
     for name in ("it_5/adapter/adapter_model.safetensors", "adapter/adapter_model.safetensors", "heads.safetensors"):
         assert (out / "ppo" / name).read_bytes() == (whole / "ppo" / name).read_bytes(), name
+
+
+def test_ppo_presets_and_bad_ppo_settings(capsys):
+    from qvlm.apps.demo_ppo import ppo_stages
+
+    assert ppo_stages(resolve(DemoConfig())) == [4, 8]  # the full preset trains PPO
+    assert ppo_stages(resolve(DemoConfig(quick=True))) == []  # --quick does not...
+    assert ppo_stages(resolve(DemoConfig(quick=True, ppo_iterations="2, 3"))) == [2, 3]  # ...unless asked
+    assert ppo_stages(resolve(DemoConfig(ppo_iterations="0"))) == []  # and the full demo can leave it out
+    for flags, needle in (
+        (["--ppo-iterations", "8,4"], "--ppo-iterations is '8,4'; it must be 0 (no ppo method) or ascending"),
+        (["--ppo-iterations", "0,4"], "--ppo-iterations is '0,4'"),
+        (["--ppo-lr", "0"], "--ppo-lr is 0.0; it must be a finite number > 0"),
+        (["--ppo-epochs", "0"], "--ppo-epochs is 0; it must be at least 1"),
+    ):
+        assert main(["demo", *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err

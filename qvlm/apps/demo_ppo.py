@@ -48,13 +48,15 @@ def ppo_stages(cfg: DemoConfig) -> list[int]:
 
 def ppo_config(cfg: DemoConfig, progress: bool = True) -> PPOConfig:
     """The demo's PPO settings: LoRA policy, shared V critic, k1 KL penalty in the reward at
-    ``--ppo-kl-coef`` (fixed), the demo's length, fixed horizon and seed; the rest PPOConfig's defaults."""
+    ``--ppo-kl-coef`` (fixed), ``--ppo-prompts-per-iter`` x 4 responses and ``--ppo-epochs`` per
+    iteration, the demo's length, fixed horizon and seed; the rest PPOConfig's defaults."""
     return PPOConfig(
         iterations=ppo_stages(cfg)[-1],
         prompts_per_iter=cfg.ppo_prompts_per_iter,
         responses_per_prompt=RESPONSES_PER_PROMPT,
         max_new_tokens=cfg.max_new_tokens,
         fixed_horizon=True,
+        ppo_epochs=cfg.ppo_epochs,
         lr=cfg.ppo_lr,
         kl_coef=cfg.ppo_kl_coef,
         head_hidden=cfg.head_hidden,
