@@ -36,7 +36,7 @@ from qvlm.train.rng import set_seed
 
 __all__ = ["ppo_stages", "ppo_config", "train_phase", "training_cost", "ppo_phase"]
 
-RESPONSES_PER_PROMPT = 4  # PPOConfig's default: 4 responses per prompt give each prompt a baseline
+RESPONSES_PER_PROMPT = 4  # PPOConfig's default
 
 
 def ppo_stages(cfg: DemoConfig) -> list[int]:
