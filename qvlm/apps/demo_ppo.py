@@ -34,7 +34,7 @@ from qvlm.train.checkpoint import has_checkpoint, latest_checkpoint, load_checkp
 from qvlm.train.metrics import read_history
 from qvlm.train.rng import set_seed
 
-__all__ = ["ppo_stages", "ppo_config", "train_phase", "training_cost", "ppo_phase"]
+__all__ = ["ppo_stages", "ppo_config", "train_ppo_phase", "training_cost", "ppo_phase"]
 
 RESPONSES_PER_PROMPT = 4  # PPOConfig's default
 
@@ -74,7 +74,7 @@ def _trained(run_dir: Path, stages: list[int]) -> bool:
     return all((_snapshot_dir(run_dir, n, stages[-1]) / "training.json").is_file() for n in stages)
 
 
-def train_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
+def train_ppo_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
     """Train (or resume, or find cached) the PPO run in ``OUT/ppo`` with its snapshots; returns the run
     directory and the iteration counts. The base model is copied: LoRA adapters go into the copy."""
     stages, run_dir = ppo_stages(ctx.cfg), ctx.out / "ppo"
@@ -163,7 +163,7 @@ def ppo_phase(ctx: DemoContext, base_seconds_per_token: float | None = None) -> 
     iteration ``i + 1``'s rollout, sampled before that iteration's update)."""
     if not ppo_stages(ctx.cfg):
         return None
-    run_dir, stages = train_phase(ctx)
+    run_dir, stages = train_ppo_phase(ctx)
     pcfg = ppo_config(ctx.cfg, ctx.progress)
     (ctx.out / "val").mkdir(exist_ok=True)
     validation = {}
