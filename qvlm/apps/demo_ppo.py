@@ -179,7 +179,7 @@ def ppo_phase(ctx: DemoContext, base_seconds_per_token: float | None = None) -> 
     if base_seconds_per_token:
         row["time_ratio"] = row["seconds_per_token"] / base_seconds_per_token
     ctx.log(
-        f"  ppo after {iterations} iterations (chosen on validation): reward {row['reward_mean']:.3f}, "
+        f"  ppo, iteration count {iterations} (chosen on validation): reward {row['reward_mean']:.3f}, "
         f"exact KL {row['kl_to_base']:.3f}, {row['reward_calls']} reward calls, {row['train_seconds']:.0f} s training"
     )
     settings = asdict(pcfg)

@@ -61,7 +61,7 @@ def run(args) -> int:
     if "ppo" in summary:
         ppo = summary["ppo"]
         print(
-            f"ppo: {ppo['iterations']} iterations, chosen among {','.join(map(str, ppo['stages']))} on "
+            f"ppo: iteration count {ppo['iterations']}, chosen among {','.join(map(str, ppo['stages']))} on "
             f"{ppo['validation_prompts']} validation prompts; {summary['methods']['ppo']['reward_calls']} reward calls"
         )
     print(f"report: {args.out}/report.html   metrics: {args.out}/metrics.json")

@@ -64,8 +64,8 @@ def demo_intro_html(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
         html += (
             "<p>Unlike the heads above, which steer a frozen model, <code>ppo</code> changes the model: LoRA "
             "adapters trained online by PPO with a V critic on the same training prompts and reward, "
-            f"{esc(ppo_row.get('reward_calls'))} reward calls for the {esc(ppo.get('iterations'))} iterations "
-            "chosen on validation. It scores "
+            f"{esc(ppo_row.get('reward_calls'))} reward calls up to the iteration count chosen on validation "
+            f"({esc(ppo.get('iterations'))}). It scores "
             f"{_reward_phrase(ppo_row)} on the eval prompts at {_kl_phrase(ppo_row)} (exact) and plain "
             "sampling's cost per token; its training curves are in the PPO section.</p>"
         )
