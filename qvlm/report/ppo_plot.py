@@ -46,87 +46,80 @@ def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _panel(
-    x0: float,
-    points: list[tuple[int, float | None]],
-    title: str,
-    label: str,
-    colour: str,
-    snapshots: Sequence[int],
-    chosen: int | None,
-    last: int,
-) -> str:
-    """One panel at horizontal offset ``x0``: axes, ticks, the line (broken at missing values), a
-    tooltip per point, and a dashed vertical line per snapshot."""
-    w, h = _PANEL_W - _LEFT - _RIGHT, _PANEL_H - _TOP - _BOTTOM
-    present = [v for _, v in points if v is not None]
-    y_ticks = nice_ticks(min(present), max(present)) if present else [0.0, 1.0]
-    lo, hi = y_ticks[0], y_ticks[-1]
-    x_ticks = nice_ticks(1, max(last, 2), 5, min_step=1)
-    x_lo, x_hi = x_ticks[0], x_ticks[-1]
+class _Frame:
+    """Data to pixel coordinates of one panel at horizontal offset ``x0``: iterations on x (whole-number
+    ticks), values on y (round ticks covering the values; SVG's y grows downward)."""
 
-    def sx(it: float) -> float:
-        return x0 + _LEFT + w * (it - x_lo) / (x_hi - x_lo)
+    def __init__(self, x0: float, values: list[float], last: int):
+        self.x0, self.w, self.h = x0 + _LEFT, _PANEL_W - _LEFT - _RIGHT, _PANEL_H - _TOP - _BOTTOM
+        self.y_ticks = nice_ticks(min(values), max(values)) if values else [0.0, 1.0]
+        self.x_ticks = nice_ticks(1, max(last, 2), 5, min_step=1)
 
-    def sy(v: float) -> float:
-        return _TOP + h * (hi - v) / (hi - lo)
+    def x(self, it: float) -> float:
+        lo, hi = self.x_ticks[0], self.x_ticks[-1]
+        return self.x0 + self.w * (it - lo) / (hi - lo)
 
-    parts = [f'<text x="{x0 + _LEFT}" y="16" class="ppo-title" font-size="13" font-weight="600">{esc(title)}</text>']
-    for v in y_ticks:
-        y = sy(v)
-        parts.append(f'<line x1="{x0 + _LEFT}" y1="{y:.1f}" x2="{x0 + _LEFT + w}" y2="{y:.1f}" stroke="#e4e7eb"/>')
-        parts.append(
-            f'<text x="{x0 + _LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#4b5563">'
-            f"{_label(v)}</text>"
-        )
-    for it in x_ticks:
-        x = sx(it)
-        parts.append(
-            f'<text x="{x:.1f}" y="{_TOP + h + 16}" text-anchor="middle" font-size="11" fill="#4b5563">{it:g}</text>'
-        )
-    parts.append(
-        f'<text x="{x0 + _LEFT + w / 2:.1f}" y="{_PANEL_H - 6}" text-anchor="middle" font-size="11" '
-        'fill="#4b5563">iteration</text>'
-    )
-    parts.append(
-        f'<polyline points="{x0 + _LEFT},{_TOP} {x0 + _LEFT},{_TOP + h} {x0 + _LEFT + w},{_TOP + h}" '
-        'fill="none" stroke="#9ca3af"/>'
-    )
+    def y(self, v: float) -> float:
+        lo, hi = self.y_ticks[0], self.y_ticks[-1]
+        return _TOP + self.h * (hi - v) / (hi - lo)
+
+
+def _axes(f: _Frame, title: str) -> list[str]:
+    """Title, horizontal grid lines with their values, iteration ticks, the axis lines."""
+    grey = 'font-size="11" fill="#4b5563"'
+    parts = [f'<text x="{f.x0}" y="16" class="ppo-title" font-size="13" font-weight="600">{esc(title)}</text>']
+    for v in f.y_ticks:
+        y = f.y(v)
+        parts.append(f'<line x1="{f.x0}" y1="{y:.1f}" x2="{f.x0 + f.w}" y2="{y:.1f}" stroke="#e4e7eb"/>')
+        parts.append(f'<text x="{f.x0 - 6}" y="{y + 4:.1f}" text-anchor="end" {grey}>{_label(v)}</text>')
+    for it in f.x_ticks:
+        parts.append(f'<text x="{f.x(it):.1f}" y="{_TOP + f.h + 16}" text-anchor="middle" {grey}>{it:g}</text>')
+    parts.append(f'<text x="{f.x0 + f.w / 2:.1f}" y="{_PANEL_H - 6}" text-anchor="middle" {grey}>iteration</text>')
+    corner = f"{f.x0},{_TOP} {f.x0},{_TOP + f.h} {f.x0 + f.w},{_TOP + f.h}"
+    parts.append(f'<polyline points="{corner}" fill="none" stroke="#9ca3af"/>')
+    return parts
+
+
+def _snapshot_marks(f: _Frame, snapshots: Sequence[int], chosen: int | None) -> list[str]:
+    """A dashed vertical line at the end of each iteration whose policy was kept; the chosen one dark
+    and labelled (on the side with room: right of the line in the panel's left half)."""
+    parts = []
     for n in snapshots:
-        x = sx(n)
-        strong = n == chosen
+        x, strong = f.x(n), n == chosen
         parts.append(
-            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_TOP + h}" stroke="{"#111827" if strong else "#9ca3af"}" '
+            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_TOP + f.h}" stroke="{"#111827" if strong else "#9ca3af"}" '
             f'stroke-dasharray="4 3" class="ppo-snapshot{" chosen" if strong else ""}">'
-            f"<title>policy after {n} iterations{' (chosen on validation)' if strong else ''}</title></line>"
+            f"<title>policy kept after iteration {n}{' (chosen on validation)' if strong else ''}</title></line>"
         )
-        if strong:  # the label on the side with room: right of the line in the left half
-            left_half = x < x0 + _LEFT + w / 2
+        if strong:
+            left_half = x < f.x0 + f.w / 2
             parts.append(
                 f'<text x="{x + (4 if left_half else -4):.1f}" y="{_TOP + 11}" '
                 f'text-anchor="{"start" if left_half else "end"}" font-size="10" fill="#111827">chosen</text>'
             )
-    segment: list[str] = []
-    segments = []
+    return parts
+
+
+def _series(f: _Frame, points: list[tuple[int, float | None]], label: str, colour: str) -> list[str]:
+    """The line (broken where a value is missing) and a point with a tooltip per value."""
+    segments: list[list[str]] = [[]]
     for it, v in points:
         if v is None:
-            segments.append(segment)
-            segment = []
+            segments.append([])
         else:
-            segment.append(f"{sx(it):.1f},{sy(v):.1f}")
-    segments.append(segment)
-    for seg in segments:
-        if len(seg) > 1:
-            parts.append(
-                f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2" class="ppo-line"/>'
-            )
+            segments[-1].append(f"{f.x(it):.1f},{f.y(v):.1f}")
+    parts = [
+        f'<polyline points="{" ".join(seg)}" fill="none" stroke="{colour}" stroke-width="2" class="ppo-line"/>'
+        for seg in segments
+        if len(seg) > 1
+    ]
     for it, v in points:
         if v is not None:
             parts.append(
-                f'<circle cx="{sx(it):.1f}" cy="{sy(v):.1f}" r="2.6" fill="{colour}" class="ppo-point">'
+                f'<circle cx="{f.x(it):.1f}" cy="{f.y(v):.1f}" r="2.6" fill="{colour}" class="ppo-point">'
                 f"<title>iteration {it}: {esc(label)} {v:.4f}</title></circle>"
             )
-    return "".join(parts)
+    return parts
 
 
 def ppo_curves_svg(
@@ -161,8 +154,10 @@ def ppo_curves_svg(
         "reward": ("Reward (mean per response)", "reward"),
         "kl": ("KL to the reference (nats per response)", "KL"),
     }
-    panels = [
-        _panel(k * (_PANEL_W + _GAP), series[name], *titles[name], _COLOURS[name], snapshots, chosen, last)
-        for k, name in enumerate(("reward", "kl"))
-    ]
-    return head + "".join(panels) + "</svg>"
+    parts = []
+    for k, name in enumerate(("reward", "kl")):
+        title, label = titles[name]
+        frame = _Frame(k * (_PANEL_W + _GAP), [v for _, v in series[name] if v is not None], last)
+        parts += _axes(frame, title) + _snapshot_marks(frame, snapshots, chosen)
+        parts += _series(frame, series[name], label, _COLOURS[name])
+    return head + "".join(parts) + "</svg>"
