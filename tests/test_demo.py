@@ -237,7 +237,7 @@ def test_demo_ppo_method_on_the_same_protocol(tmp_path, tiny_dir):
         load_policy(copy.deepcopy(base), policy_dir),
         base,
         tok,
-        summary_eval_prompts(cfg),
+        _eval_prompts(cfg),
         get_reward("count:e"),
         cfg=decode,
     )
@@ -255,7 +255,7 @@ def test_demo_ppo_method_on_the_same_protocol(tmp_path, tiny_dir):
     assert "[train ppo] cached" in logs
 
 
-def summary_eval_prompts(cfg):
+def _eval_prompts(cfg):
     from qvlm.apps.demo_prompts import load_demo_prompts
 
     return load_demo_prompts("eval")[: cfg.eval_prompts]
