@@ -71,6 +71,15 @@ def _number_list(text: str) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
+def _ascending_counts(text: str) -> bool:
+    """Whether ``text`` is strictly ascending whole numbers >= 1, comma-separated, at least one."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return False
+    return bool(values) and values[0] >= 1 and all(a < b for a, b in zip(values, values[1:]))
+
+
 @dataclass
 class TrunkConfig:
     """How the trunk is trained."""
@@ -220,7 +229,11 @@ class DemoConfig:
     the full or --quick preset (see qvlm.apps.demo.PRESETS)."""
 
     target: str = option("positive", "sentiment to steer toward: positive or negative (VADER compound)")
-    reward: str = option("", "reward name overriding --target (e.g. count:e for tests)")
+    reward: str = option(
+        "",
+        "reward overriding --target: any --reward of qvlm.rewards that needs no reference text (vader, count:TEXT, "
+        "length, hf:PATH[:LABEL], FILE.py:FUNCTION, MODULE:FUNCTION, weighted sums; docs/rewards.md)",
+    )
     model: str = option(DEFAULT_MODEL, "base model")
     quick: bool = option(False, "smaller preset: fewer prompts and shorter responses")
     train_prompts: int = option(0, "training prompts to sample from (0: preset)")
@@ -246,6 +259,15 @@ class DemoConfig:
     block_size: int = option(4, "V-guided blockwise: tokens per block")
     ilql_epochs: int = option(0, "ILQL epochs over the samples (0: preset)")
     value_epochs: int = option(0, "prefix-scorer epochs (0: preset)")
+    ppo_iterations: str = option(
+        "",
+        "the ppo method: PPO iteration counts to choose from on validation, ascending, comma-separated (one run "
+        "with a policy snapshot at each); 0: no ppo method ('': preset: the full demo trains it, --quick does not)",
+    )
+    ppo_kl_coef: float = option(0.05, "the ppo method: KL coefficient of the per-token penalty to the base model")
+    ppo_lr: float = option(1e-4, "the ppo method: AdamW learning rate of the LoRA adapters (the V head: 1e-3)")
+    ppo_prompts_per_iter: int = option(4, "the ppo method: training prompts per iteration (4 responses each)")
+    ppo_epochs: int = option(2, "the ppo method: passes over each iteration's responses (minibatches of 8)")
     head_hidden: int = option(128, "width of the Q/V heads' hidden layer (narrow: cheap to train and to decode with)")
     q_head: str = option(
         "tied", "Q head design: tied (to the LM's output embedding) or mlp (trlx's)", choices=("tied", "mlp")
@@ -274,6 +296,16 @@ class DemoConfig:
             _check(getattr(self, name) >= 0, "--" + name.replace("_", "-"), getattr(self, name), ">= 0")
         for name in ("candidates", "block_size", "batch_size"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
+        _check(_finite(self.ppo_kl_coef) and self.ppo_kl_coef >= 0, "--ppo-kl-coef", self.ppo_kl_coef, "finite, >= 0")
+        _check(_finite(self.ppo_lr) and self.ppo_lr > 0, "--ppo-lr", self.ppo_lr, "a finite number > 0")
+        _check(self.ppo_prompts_per_iter >= 1, "--ppo-prompts-per-iter", self.ppo_prompts_per_iter, "at least 1")
+        _check(self.ppo_epochs >= 1, "--ppo-epochs", self.ppo_epochs, "at least 1")
+        _check(
+            self.ppo_iterations in ("", "0") or _ascending_counts(self.ppo_iterations),
+            "--ppo-iterations",
+            repr(self.ppo_iterations),
+            "0 (no ppo method) or ascending whole numbers >= 1, comma-separated (e.g. 10,20)",
+        )
         for name in ("betas", "mc_betas"):
             _check(_number_list(getattr(self, name)), "--" + name.replace("_", "-"), repr(getattr(self, name)),
                    "comma-separated finite numbers, at least one (e.g. 4,8,16)")  # fmt: skip

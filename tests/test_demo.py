@@ -12,6 +12,18 @@ from qvlm.configs import DemoConfig
 from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", "cost"}
 
 
@@ -189,3 +201,125 @@ def test_demo_refuses_overlapping_splits_before_writing(tmp_path):
     with pytest.raises(QVLMError, match="validation prompts start at training prompt 160"):
         run_demo(DemoConfig(train_prompts=200), tmp_path / "demo", log=lambda *_: None, progress=False)
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_ppo_method_on_the_same_protocol(tmp_path, tiny_dir):
+    """--ppo-iterations 1,2: one PPO run with a snapshot after 1 iteration; the count is chosen on
+    validation; the chosen policy decodes the eval prompts once (the ppo row, exact KL); a rerun is cached."""
+    import copy
+
+    from qvlm.algos.actor_critic import load_policy
+    from qvlm.configs import DecodeConfig
+    from qvlm.eval.policy import evaluate_policy_decoding
+    from qvlm.loading import load_model
+    from qvlm.rewards import get_reward
+
+    out = tmp_path / "demo"
+    cfg = small(tiny_dir, ppo_iterations="1,2", ppo_prompts_per_iter=2)
+    summary = run_demo(cfg, out, log=lambda *_: None, progress=False)
+    for name in ("ppo/adapter/adapter_model.safetensors", "ppo/metrics.jsonl", "ppo/it_1/adapter/adapter_model.safetensors",
+                 "val/ppo_it_1.json", "val/ppo_it_2.json", "eval/ppo.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    ppo, row = metrics["ppo"], metrics["methods"]["ppo"]
+    assert KEYS <= set(row) and row["kl_kind"] == "exact" and row["cost"] == 1.0 and row["n"] == 5
+    assert set(ppo["validation"]) == {"ppo_it_1", "ppo_it_2"} and ppo["stages"] == [1, 2]
+    assert ppo["chosen"] == choose_shown(ppo["validation"]) and ppo["chosen_on"] == "validation"
+    assert ppo["chosen"] == f"ppo_it_{ppo['iterations']}"
+    assert row["reward_calls"] == ppo["iterations"] * 2 * 4 and row["train_seconds"] > 0  # 2 prompts x 4 responses
+    assert [len(ppo["history"][k]) for k in ("reward", "kl")] == [2, 2]
+    assert "ppo" not in metrics["validation"] and metrics["shown"]["method"] != "ppo"  # guided methods only
+    # the row is the chosen snapshot's decode of the eval prompts: the same numbers from scratch
+    base, tok = load_model(str(tiny_dir), device="cpu")
+    policy_dir = out / "ppo" / ("it_1" if ppo["iterations"] == 1 else "")
+    decode = DecodeConfig(max_new_tokens=6, batch_size=64, seed=0, guidance_top_k=20)
+    again, _, _ = evaluate_policy_decoding(
+        load_policy(copy.deepcopy(base), policy_dir),
+        base,
+        tok,
+        _eval_prompts(cfg),
+        get_reward("count:e"),
+        cfg=decode,
+    )
+    assert again.reward_mean == pytest.approx(row["reward_mean"]) and again.kl_to_base == pytest.approx(
+        row["kl_to_base"]
+    )
+    html = (out / "report.html").read_text()
+    assert 'id="ppo"' in html and '<svg class="ppo-curves"' in html and "ppo_it_2" in html
+    assert "<code>ppo</code> changes the model" in html  # the introduction names it
+    # a rerun is cached: no training, same numbers
+    mtime = (out / "ppo" / "adapter" / "adapter_model.safetensors").stat().st_mtime
+    logs = []
+    assert run_demo(cfg, out, log=logs.append, progress=False)["methods"] == summary["methods"]
+    assert (out / "ppo" / "adapter" / "adapter_model.safetensors").stat().st_mtime == mtime
+    assert "[train ppo] cached" in logs
+
+
+def _eval_prompts(cfg):
+    from qvlm.apps.demo_prompts import load_demo_prompts
+
+    return load_demo_prompts("eval")[: cfg.eval_prompts]
+
+
+def test_demo_ppo_takes_the_validation_choice(tmp_path, tiny_dir, monkeypatch):
+    """Validation favours 2 iterations: the eval row is the final policy's, with 2 iterations' cost."""
+    import qvlm.apps.demo_ppo as demo_ppo
+
+    real = demo_ppo._decode
+
+    def decode(ctx, split, prompts, policy_dir, name):
+        saved = real(ctx, split, prompts, policy_dir, name)
+        if split == "val":
+            saved["metrics"]["reward_mean"] = 1.0 if name == "ppo_it_2" else 0.0
+        return saved
+
+    monkeypatch.setattr(demo_ppo, "_decode", decode)
+    summary = run_demo(small(tiny_dir, ppo_iterations="1,2", ppo_prompts_per_iter=2), tmp_path, log=lambda *_: None,
+                       progress=False)  # fmt: skip
+    assert summary["ppo"]["chosen"] == "ppo_it_2" and summary["ppo"]["iterations"] == 2
+    assert summary["methods"]["ppo"]["reward_calls"] == 16
+    assert summary["methods"]["ppo"]["train_seconds"] == pytest.approx(summary["ppo"]["train_seconds_total"])
+
+
+def test_demo_ppo_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
+    """Killed right after the checkpoint at iteration 5, before the snapshot of 5 iterations was kept:
+    the rerun writes the snapshot from the checkpoint and trains on; the policies equal an uninterrupted run's."""
+    import qvlm.apps.demo_ppo as demo_ppo
+
+    cfg = small(tiny_dir, ppo_iterations="5,6", ppo_prompts_per_iter=1)
+    whole = tmp_path / "whole"
+    run_demo(cfg, whole, log=lambda *_: None, progress=False)
+    real = demo_ppo.save_policy_run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(demo_ppo, "save_policy_run", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(cfg, out, log=lambda *_: None, progress=False)
+    assert (out / "ppo" / "checkpoint" / "step-00000005").is_dir() and not (out / "ppo" / "it_5").exists()
+    monkeypatch.setattr(demo_ppo, "save_policy_run", real)
+    logs = []
+    run_demo(cfg, out, log=logs.append, progress=False)
+    assert any("[train ppo]" in line and "resuming from checkpoint" in line for line in logs)
+    for name in ("it_5/adapter/adapter_model.safetensors", "adapter/adapter_model.safetensors", "heads.safetensors"):
+        assert (out / "ppo" / name).read_bytes() == (whole / "ppo" / name).read_bytes(), name
+
+
+def test_ppo_presets_and_bad_ppo_settings(capsys):
+    from qvlm.apps.demo_ppo import ppo_stages
+
+    assert ppo_stages(resolve(DemoConfig())) == [4, 8]  # the full preset trains PPO
+    assert ppo_stages(resolve(DemoConfig(quick=True))) == []  # --quick does not...
+    assert ppo_stages(resolve(DemoConfig(quick=True, ppo_iterations="2, 3"))) == [2, 3]  # ...unless asked
+    assert ppo_stages(resolve(DemoConfig(ppo_iterations="0"))) == []  # and the full demo can leave it out
+    for flags, needle in (
+        (["--ppo-iterations", "8,4"], "--ppo-iterations is '8,4'; it must be 0 (no ppo method) or ascending"),
+        (["--ppo-iterations", "0,4"], "--ppo-iterations is '0,4'"),
+        (["--ppo-lr", "0"], "--ppo-lr is 0.0; it must be a finite number > 0"),
+        (["--ppo-epochs", "0"], "--ppo-epochs is 0; it must be at least 1"),
+    ):
+        assert main(["demo", *flags]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err

@@ -10,6 +10,8 @@ output directory, so a rerun after an interruption resumes:
 3. validation: every guided method on validation prompts from the training side that no learner
    trained on; the method shown is the validation argmax (:mod:`qvlm.apps.demo_eval`);
 4. eval: base, best-of-4/N, every guided method on the held-out eval prompts, once, for the table;
+   then, in the full preset, the ``ppo`` method: a PPO policy trained online, its iteration count
+   chosen on the validation prompts, evaluated once (:mod:`qvlm.apps.demo_ppo`);
 5. report: value maps of the method shown, and the HTML page (:mod:`qvlm.report`).
 """
 
@@ -30,13 +32,14 @@ from qvlm.apps.demo_eval import (
     guided_methods,
     validation_phase,
 )
+from qvlm.apps.demo_ppo import ppo_phase
 from qvlm.apps.demo_prompts import load_demo_prompts
 from qvlm.apps.demo_train import Learners, sample_phase, train_phase
 from qvlm.configs import DecodeConfig, DemoConfig
 from qvlm.errors import QVLMError
 from qvlm.eval.valuemap import value_maps
 from qvlm.loading import load_model
-from qvlm.rewards import get_reward
+from qvlm.rewards import as_sequence_reward, get_reward
 
 __all__ = ["PRESETS", "VAL_START", "run_demo", "resolve", "check_splits", "compute_cost", "choose_shown"]
 
@@ -49,6 +52,9 @@ PRESETS = {
         max_new_tokens=20,
         ilql_epochs=8,
         value_epochs=6,
+        # PPO is the costliest phase: about 30 s per iteration of 16 responses on 2 CPU cores (an estimate
+        # from the sampling phase's throughput, not a measurement); 4 or 8 iterations, chosen on validation
+        ppo_iterations="4,8",
     ),
     "quick": dict(
         train_prompts=32,
@@ -58,6 +64,7 @@ PRESETS = {
         max_new_tokens=16,
         ilql_epochs=8,
         value_epochs=6,
+        ppo_iterations="0",  # no ppo method: PPO is the most expensive phase
     ),
 }
 
@@ -114,7 +121,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         out=out,
         model=model,
         tokenizer=tokenizer,
-        reward=get_reward(reward_name),
+        reward=as_sequence_reward(get_reward(reward_name), tokenizer),  # a per-token reward: its sum
         reward_name=reward_name,
         train_prompts=train_prompts,
         val_prompts=val_prompts,
@@ -130,6 +137,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     validation = validation_phase(ctx, methods)
     shown = choose_shown(validation)
     metrics, responses = eval_phase(ctx, methods)
+    ppo = ppo_phase(ctx, metrics["base"]["seconds_per_token"])
+    if ppo is not None:
+        metrics["ppo"] = ppo.pop("row")
     guided_eval = {m.name: metrics[m.name]["reward_mean"] for m in methods}
     summary = {
         "methods": metrics,
@@ -143,6 +153,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
             "eval_argmax": choose_shown({k: {"reward_mean": r} for k, r in guided_eval.items()}),
         },
         "frontier": frontier_phase(ctx, metrics),
+        **({"ppo": ppo} if ppo is not None else {}),
         "reward": reward_name,
         "config": dataclasses.asdict(cfg),
     }
@@ -202,6 +213,7 @@ def report_phase(
         validation=summary["validation"],
         shown=summary["shown"],
         frontier=summary.get("frontier"),
+        ppo=summary.get("ppo"),
     )
 
 

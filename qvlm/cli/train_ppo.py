@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
 from qvlm.configs import PPOConfig
+from qvlm.rewards import REWARD_HELP
 
 
 def register(algos) -> None:
@@ -18,9 +19,7 @@ def register(algos) -> None:
     a.add_argument(
         "--prompts", required=True, help="training prompts: .txt (one per line), .jsonl (field 'prompt') or demo:train"
     )
-    a.add_argument(
-        "--reward", required=True, help="reward name: vader, vader-negative, count:TEXT or length (see qvlm.rewards)"
-    )
+    a.add_argument("--reward", required=True, help=REWARD_HELP + "; a per-token reward is summed over the response")
     a.add_argument("--out", required=True, help="run directory for the policy, critic, checkpoints and logs")
     a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     add_config_args(a, PPOConfig, title="ppo settings")
@@ -34,7 +33,7 @@ def run(args) -> int:
     from qvlm.algos.ppo import train_ppo
     from qvlm.errors import QVLMError
     from qvlm.mdp import read_prompts
-    from qvlm.rewards import get_reward
+    from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.rng import set_seed
 
@@ -42,11 +41,14 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")
-    reward = get_reward(args.reward)  # an unknown name fails before the model loads
+    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     out = Path(args.out)
     if has_checkpoint(out) and not args.resume:
         raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
+    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
+    reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response
     set_seed(cfg.seed)  # the V head's initialisation
     ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.lora_r, cfg.lora_alpha, cfg.head_hidden, base_model=args.model)
     if cfg.critic_init:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
 from qvlm.configs import SoftQConfig
+from qvlm.rewards import REWARD_HELP
 
 DESCRIPTION = (
     "Online soft Q-learning: rounds of (decode prompts with the current guided policy "
@@ -25,7 +26,7 @@ def register(algos) -> None:
     a.add_argument(
         "--prompts", required=True, help="prompt file: .txt (one per line), .jsonl (field 'prompt') or demo:train"
     )
-    a.add_argument("--reward", default="vader", help="reward: vader, vader-negative, count:TEXT, length")
+    a.add_argument("--reward", default="vader", help=REWARD_HELP + "; a per-token reward is summed over the response")
     a.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     a.add_argument("--out", required=True, help="run directory for heads, checkpoints, replay set and logs")
     a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings and prompts)")
@@ -51,7 +52,7 @@ def run(args) -> int:
     from qvlm.errors import QVLMError
     from qvlm.mdp import read_prompts
     from qvlm.model import QVModel
-    from qvlm.rewards import get_reward
+    from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.rng import set_seed
 
@@ -59,11 +60,14 @@ def run(args) -> int:
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
-    reward = get_reward(args.reward)
+    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
     out = Path(args.out)
     if has_checkpoint(out) and not args.resume:
         raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
+    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
+    reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response
     set_seed(cfg.seed)  # the heads' random initialisation: same seed, same heads
     qv = QVModel.from_trunk(
         model,

@@ -19,7 +19,7 @@ from qvlm.eval.metrics import MethodMetrics, summarize
 from qvlm.rewards import RewardFn, score
 from qvlm.rollout import Rollout
 
-__all__ = ["sampling_logprobs", "kl_to_base", "evaluate_policy_decoding"]
+__all__ = ["sampling_logprobs", "kl_to_base", "evaluate_policy_decoding", "rollout_metrics"]
 
 
 @torch.no_grad()
@@ -69,6 +69,23 @@ def evaluate_policy_decoding(
     rollout = sample_rollout(
         policy, tokenizer, prompts, heads, cfg, progress=progress, logprobs=False, ref_logprobs=False
     )
+    return rollout_metrics(policy, base, tokenizer, prompts, rollout, reward, heads, cfg)
+
+
+@torch.no_grad()
+def rollout_metrics(
+    policy,
+    base,
+    tokenizer,
+    prompts: list[str],
+    rollout: Rollout,
+    reward: RewardFn,
+    heads=None,
+    cfg: DecodeConfig | None = None,
+) -> tuple[MethodMetrics, list[str], list[float]]:
+    """The metrics of :func:`evaluate_policy_decoding` for a rollout ``policy`` already sampled with
+    ``cfg`` (so a caller can time the decoding alone)."""
+    cfg = cfg or DecodeConfig()
     texts = rollout.texts(tokenizer)
     repeated = [p for p in prompts for _ in range(cfg.num_return_sequences)]
     rewards = score(reward, repeated, texts)

@@ -59,6 +59,16 @@ def demo_intro_html(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
         "exact for token-level guidance (the per-token KL of the sampling distribution, summed), an upper "
         "bound (≤) for best-of-N (log N − (N−1)/N) and for blockwise selection (that bound per block).</p>"
     )
+    ppo, ppo_row = metrics.get("ppo"), methods.get("ppo")
+    if ppo and ppo_row:
+        html += (
+            "<p>Unlike the heads above, which steer a frozen model, <code>ppo</code> changes the model: LoRA "
+            "adapters trained online by PPO with a V critic on the same training prompts and reward, "
+            f"{esc(ppo_row.get('reward_calls'))} reward calls up to the iteration count chosen on validation "
+            f"({esc(ppo.get('iterations'))}). It scores "
+            f"{_reward_phrase(ppo_row)} on the eval prompts at {_kl_phrase(ppo_row)} (exact) and plain "
+            "sampling's cost per token; its training curves are in the PPO section.</p>"
+        )
     shown = metrics.get("shown")
     if not shown or shown.get("method") not in methods or "best_of_4" not in methods or "base" not in methods:
         return html

@@ -22,9 +22,17 @@ from typing import Any, Mapping, Sequence
 from qvlm.fileio import atomic_write_text
 from qvlm.report.fmt import esc, finite, fmt, max_abs, signed
 from qvlm.report.plots import plot_losses, plot_reward_vs_cost, plot_reward_vs_kl
+from qvlm.report.ppo_plot import ppo_curves_svg
 from qvlm.report.svg import value_map_html, value_map_legend_html
 
-__all__ = ["report_css", "metrics_table_html", "validation_html", "render_report", "render_value_map_page"]
+__all__ = [
+    "report_css",
+    "metrics_table_html",
+    "validation_html",
+    "ppo_html",
+    "render_report",
+    "render_value_map_page",
+]
 
 
 @functools.cache
@@ -124,6 +132,45 @@ def validation_html(
     return f'<div class="note">{note}</div>{metrics_table_html(validation, shown=name, split="validation")}'
 
 
+def ppo_html(ppo: Mapping[str, Any], row: Mapping[str, Any] | None = None) -> str:
+    """The PPO section: what was trained, the reward and KL curves over iterations (inline SVG), and the
+    validation table from which the iteration count was chosen.
+
+    Args:
+        ppo: metrics.json's "ppo" block: {"history": {"reward", "kl": [(step, value)]}, "stages",
+            "chosen", "iterations", "validation": {NAME: row}, "validation_prompts", "settings"}.
+        row: the ``ppo`` row of the eval table (reward calls and training seconds), if any.
+    """
+    s = ppo.get("settings", {})
+    per_iter = (s.get("prompts_per_iter") or 0) * (s.get("responses_per_prompt") or 0)
+    stages = ", ".join(str(n) for n in ppo.get("stages", []))
+    cost = ""
+    if row and finite(row.get("train_seconds")) is not None:
+        cost = (
+            f" Training to the chosen count took {finite(row['train_seconds']):.0f} s and "
+            f"{esc(row.get('reward_calls'))} reward calls."
+        )
+    note = (
+        f"<p>The <code>ppo</code> row is the language model itself trained online: PPO with LoRA adapters "
+        f"(rank {esc(s.get('lora_r'))}) on the base model and a V head on its trunk as the critic. Each iteration "
+        f"samples {esc(s.get('responses_per_prompt'))} responses to each of {esc(s.get('prompts_per_iter'))} "
+        f"training prompts ({per_iter} reward calls), scores them with the reward, subtracts a per-token KL "
+        f"penalty to the base model (coefficient {esc(s.get('kl_coef'))}), and takes "
+        f"{esc(s.get('ppo_epochs'))} epochs of clipped policy and value updates (learning rate "
+        f"{esc(s.get('lr'))}). One run kept the policy after {esc(stages)} iterations; the count with the best "
+        f"mean reward on {esc(ppo.get('validation_prompts', 'the'))} validation prompts, "
+        f"<b>{esc(ppo.get('iterations'))}</b>, decoded the eval prompts once for the table, where its KL to the "
+        f"base model is exact (the policy's per-token KL, summed over each response).{cost}</p>"
+        "<p>The curves are the run's own log (metrics.jsonl): each point is one iteration's rollout, sampled "
+        "before that iteration's update; the KL there is the sampled estimate to the reference (the base "
+        "model), not the exact eval KL. Dashed lines: the snapshots; dark: the one chosen.</p>"
+    )
+    history = ppo.get("history", {})
+    svg = ppo_curves_svg(history.get("reward", []), history.get("kl", []), ppo.get("stages", []), ppo.get("iterations"))
+    table = metrics_table_html(ppo.get("validation", {}), shown=ppo.get("chosen"), split="validation")
+    return f'<div class="note">{note}</div><figure class="wide">{svg}</figure>{table}'
+
+
 def _reward_badge(reward: Any) -> str:
     f = finite(reward)
     cls = "pos" if f is not None and f > 0 else "neg" if f is not None and f < 0 else "zero"
@@ -206,6 +253,7 @@ def render_report(
     validation: Mapping[str, Mapping[str, Any]] | None = None,
     shown: Mapping[str, Any] | None = None,
     frontier: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    ppo: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the full self-contained HTML report to `path` (atomically).
 
@@ -225,6 +273,8 @@ def render_report(
             its eval row is tagged, and with ``validation`` a section explains the choice.
         frontier: optional, metrics.json's "frontier" block ({FAMILY: [points]}): reward against KL
             and against cost as one curve per method family, with 95% CIs.
+        ppo: optional, metrics.json's "ppo" block (:func:`ppo_html`): a section with the PPO run's reward
+            and KL over iterations (inline SVG) and the validation table of its iteration counts.
     """
     config_json = json.dumps(config, indent=2, sort_keys=True, default=str, ensure_ascii=False)
     sections = [
@@ -265,6 +315,9 @@ def render_report(
                 "</div>",
             ),
         )
+    if ppo:
+        index = next(i for i, (sid, _, _) in enumerate(sections) if sid == "samples")
+        sections.insert(index, ("ppo", "PPO: the policy trained online", ppo_html(ppo, methods.get("ppo"))))
     if validation and shown:
         sections.insert(
             2,
