@@ -6,7 +6,8 @@ once on the eval prompts and measured against the base model.
     python benchmarks/peer_trl.py --steps 10 --methods grpo,ppo      # shorter
     python benchmarks/peer_trl.py --model DIR --reward count:e       # any local model, any qvlm reward
 
-Per method the JSON holds: the eval-prompt reward (mean and 95% CI, Student t), the exact KL to the
+Per method the JSON holds: the eval-prompt reward (mean and 95% CI, Student t over the eval prompts'
+mean rewards, ``--eval-samples`` responses each), the exact KL to the
 base model (per step, summed along each response: qvlm.eval.policy), perplexity under the base,
 distinct-2, wall-clock of training, and the reward calls (responses scored). TRL 1.16.0 ships no PPO
 trainer; its GRPO and RLOO are the peers. Equal budgets: a TRL step scores ``--prompts-per-step`` x
@@ -99,6 +100,7 @@ def train_qvlm_ppo(model, tokenizer, prompts: list[str], reward: CountingReward,
         max_new_tokens=args.max_new_tokens,
         lr=args.ppo_lr or args.lr,
         kl_coef=args.kl_coef,
+        ppo_epochs=args.ppo_epochs,
         seed=args.seed,
         checkpoint_every=0,
     )
@@ -122,7 +124,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5, help="learning rate (TRL; and PPO unless --ppo-lr)")
     ap.add_argument("--ppo-lr", type=float, default=0.0, help="qvlm PPO's learning rate (0: --lr)")
     ap.add_argument("--ppo-trunk", default="full", choices=("full", "lora"), help="qvlm PPO's trained weights")
+    ap.add_argument("--ppo-epochs", type=int, default=4, help="qvlm PPO's passes over each rollout")
     ap.add_argument("--kl-coef", type=float, default=0.05, help="KL coefficient (TRL beta; PPO kl_coef)")
+    ap.add_argument(
+        "--eval-samples",
+        type=int,
+        default=4,
+        help="responses per eval prompt for every method; the 95%% CI is over the prompts' means",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of every method and of the eval decoding")
     ap.add_argument("--json", default="benchmarks/results/peer_trl.json", help="where to write results")
     args = ap.parse_args()
@@ -148,7 +157,7 @@ def main() -> None:
     if args.max_eval_prompts:
         eval_prompts = eval_prompts[: args.max_eval_prompts]
     base, tokenizer = load_model(args.model, device=args.device)
-    eval_cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    eval_cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, seed=args.seed, num_return_sequences=args.eval_samples)
     eval_reward = CountingReward(args.reward)
     results = {}
     metrics, _, _ = evaluate_policy_decoding(base, base, tokenizer, eval_prompts, eval_reward, cfg=eval_cfg)

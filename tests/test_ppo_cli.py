@@ -95,6 +95,9 @@ def _run_files(run, trunk: str, critic: str) -> dict[str, bytes]:
     names = ["adapter/adapter_model.safetensors" if trunk == "lora" else "policy.safetensors", "heads.safetensors"]
     names += ["critic.safetensors"] if critic == "separate" else []
     files = {name: (run / name).read_bytes() for name in names + ["training.json"]}
+    (ckpt,) = (run / "checkpoint").glob("step-*")  # only the trainable tensors, the frozen base left out
+    files["checkpoint/trainable.safetensors"] = (ckpt / "trainable.safetensors").read_bytes()
+    assert not (ckpt / "model.safetensors").exists()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(set(TIMING_KEYS) <= set(r) for r in rows)  # the fields dropped are there to drop
     files["metrics.jsonl"] = json.dumps([{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]).encode()

@@ -29,7 +29,6 @@ from typing import Any, Sequence
 import torch
 from safetensors.torch import load_model as load_model_file
 from safetensors.torch import save_file
-from safetensors.torch import save_model as save_model_file
 
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text, read_text
@@ -124,11 +123,13 @@ def _torch_save_atomic(obj, path: Path) -> None:
 
 def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path) -> None:
     """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``); a
-    model other than a QVModel (e.g. a reward model) is saved whole as ``model.safetensors``."""
+    model other than a QVModel (a reward model, PPO's actor-critic) keeps its trainable parameters in
+    ``trainable.safetensors``: frozen weights (a LoRA policy's base, a frozen reference) never change,
+    so they are not copied into every checkpoint."""
     if not isinstance(model, QVModel):
-        tmp = folder / ".model.safetensors.tmp"
-        save_model_file(model, str(tmp))  # safetensors' save_model: handles tied (shared) tensors
-        os.replace(tmp, folder / "model.safetensors")
+        tmp = folder / ".trainable.safetensors.tmp"
+        save_file(_trainable_state(model), str(tmp))
+        os.replace(tmp, folder / "trainable.safetensors")
         return
     save_heads(model.heads, folder)
     trunk_state = model.trainable_trunk_state()
@@ -136,6 +137,28 @@ def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path) -> None:
         tmp = folder / ".trunk.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp))
         os.replace(tmp, folder / "trunk.safetensors")
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that trains, by name (a tied parameter once, under its first name)."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable_state(model: torch.nn.Module, path: Path) -> None:
+    saved = load_tensors(path)
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise QVLMError(
+            f"{path}: its tensors do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); resume "
+            "with the settings the run started with"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            if params[name].shape != tensor.shape:
+                raise QVLMError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
 
 
 def save_checkpoint(
@@ -254,7 +277,10 @@ def load_checkpoint(
             "samples file and settings, or start a new run directory"
         )
     if not isinstance(model, QVModel):
-        load_model_file(model, str(ckpt / "model.safetensors"))
+        if (ckpt / "trainable.safetensors").is_file():
+            _load_trainable_state(model, ckpt / "trainable.safetensors")
+        else:  # checkpoints written before trainable.safetensors held the whole model
+            load_model_file(model, str(ckpt / "model.safetensors"))
     else:
         load_heads_state(model.heads, load_tensors(ckpt / "heads.safetensors"), ckpt / "heads.safetensors")
         if (ckpt / "trunk.safetensors").is_file():
