@@ -310,8 +310,8 @@ def train_ppo(
     of their number. Only the main process writes files.
     """
     cfg = cfg or PPOConfig()
+    check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # before joining a group
     init_distributed(ac.device)  # a launcher's process group; alone: nothing
-    check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")
     prompts = list(prompts)
     if not prompts:
         raise QVLMError("no training prompts; give a prompt file with at least one prompt")
