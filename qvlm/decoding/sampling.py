@@ -226,13 +226,12 @@ def sample_rollout(
     per_batch = max(1, cfg.batch_size // cfg.num_return_sequences)  # batch_size counts responses decoded together
     starts = range(0, len(encoded), per_batch)
     n = cfg.num_return_sequences
-    batches = [
-        _sample_batch(
-            model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record,
-            row_seeds=None if row_seeds is None else row_seeds[start * n : (start + per_batch) * n],
-        )  # fmt: skip
-        for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch")
-    ]
+    batches = []
+    for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch"):
+        seeds = None if row_seeds is None else row_seeds[start * n : (start + per_batch) * n]
+        batches.append(
+            _sample_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record, row_seeds=seeds)
+        )
     return Rollout.cat(batches)
 
 
