@@ -16,10 +16,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.actor_critic import ActorCritic
-from qvlm.algos.ppo import PPOConfig, sampling_seeds, train_ppo
+from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.cli import main
 from qvlm.configs import DecodeConfig
-from qvlm.decoding.sampling import sample_rollout, sample_rows
+from qvlm.decoding.sampling import sample_rollout, sample_rows, sampling_seeds
 from qvlm.errors import QVLMError
 from qvlm.testing import tiny_model
 

@@ -37,7 +37,7 @@ import torch
 
 from qvlm.algos.actor_critic import ActorCritic, save_policy_run
 from qvlm.configs import DecodeConfig, PPOConfig
-from qvlm.decoding.sampling import encode_prompts, sample_rollout
+from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seeds
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, clipped_value_loss, ppo_policy_loss
 from qvlm.online import explained_variance, k1_kl, k3_kl, kl_controller, kl_penalised_rewards, ppo_advantages
@@ -66,7 +66,6 @@ __all__ = [
     "PPOConfig",
     "PPOBatch",
     "iteration_prompts",
-    "sampling_seeds",
     "sample_shard",
     "gather_batch",
     "make_targets",
@@ -110,14 +109,6 @@ def iteration_prompts(prompts: Sequence, per_iter: int, seed: int, iteration: in
 
 def prompts_fingerprint(prompts: Sequence) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
-
-
-def sampling_seeds(seed: int, iteration: int, rows: range) -> list[int]:
-    """The seed of each response row's random stream in an iteration: a hash of (seed, iteration,
-    row), so that a row samples the same tokens whichever process decodes it, and a resumed run
-    samples what an uninterrupted one does."""
-    keys = (hashlib.blake2b(f"{seed}:{iteration}:{row}".encode(), digest_size=8).digest() for row in rows)
-    return [int.from_bytes(k, "little") >> 1 for k in keys]  # 63 bits: any generator takes them
 
 
 def sample_shard(

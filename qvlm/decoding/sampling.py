@@ -20,6 +20,7 @@ warpers are transformers' own, applied in its order: temperature, top-k, top-p).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ __all__ = [
     "encode_prompts",
     "batch_inputs",
     "sample_rows",
+    "sampling_seeds",
 ]
 
 
@@ -265,6 +267,15 @@ def generate(
         ref_logprobs=track_kl,
     )
     return GenerationResult.from_rollout(rollout, tokenizer)
+
+
+def sampling_seeds(seed: int, step: int, rows: range) -> list[int]:
+    """The seed of each response row's random stream (``row_seeds`` of :func:`sample_rollout`) in
+    a training step (a PPO iteration, a soft-Q round): a hash of (seed, step, row), so that a row
+    samples the same tokens whichever process decodes it, and a resumed run samples what an
+    uninterrupted one does."""
+    keys = (hashlib.blake2b(f"{seed}:{step}:{row}".encode(), digest_size=8).digest() for row in rows)
+    return [int.from_bytes(k, "little") >> 1 for k in keys]  # 63 bits: any generator takes them
 
 
 def sample_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

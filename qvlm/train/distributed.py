@@ -35,6 +35,7 @@ __all__ = [
     "all_reduce_sum",
     "reduce_weighted",
     "gather_rows",
+    "gather_objects",
     "raise_if_any_failed",
     "barrier",
 ]
@@ -96,6 +97,8 @@ def init_distributed(device: torch.device | str = "cpu") -> int:
             "`accelerate launch` or `torchrun`, which set them"
         )
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl" and torch.device(device).index is not None:  # all_gather_object uses the current device
+        torch.cuda.set_device(torch.device(device))
     torch.distributed.init_process_group(backend=backend)
     return torch.distributed.get_world_size()
 
@@ -237,6 +240,17 @@ def gather_rows(x: torch.Tensor, pad_value: float | int = 0) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     torch.distributed.all_gather(parts, x)
     return torch.cat(parts, dim=0).to(dtype)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list of picklable ``items``, concatenated in rank order, on every rank (``items``
+    itself in one process)."""
+    world = world_size()
+    if world == 1:
+        return items
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def raise_if_any_failed(error: Exception | None, what: str) -> None:
