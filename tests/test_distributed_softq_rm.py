@@ -8,7 +8,6 @@ import json
 import os
 import random
 import socket
-from pathlib import Path
 
 import pytest
 import torch
