@@ -38,6 +38,8 @@ __all__ = [
     "gather_objects",
     "raise_if_any_failed",
     "barrier",
+    "is_dtensor",
+    "fully_shard_trunk",
 ]
 
 
@@ -51,6 +53,11 @@ def _collective_device() -> torch.device:
     if torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
     return torch.device("cpu")
+
+
+def is_dtensor(x: torch.Tensor) -> bool:
+    """True for a sharded tensor of FSDP2 (``torch.distributed.tensor.DTensor``)."""
+    return type(x).__name__ == "DTensor"
 
 
 def is_main_process() -> bool:
@@ -185,7 +192,8 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     in one process."""
     if world_size() == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    # FSDP-sharded parameters (DTensors) have their gradients reduced by FSDP itself
+    params = [p for p in params if p.requires_grad and not is_dtensor(p)]
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_collective_device())
     torch.distributed.all_reduce(has_grad, op=torch.distributed.ReduceOp.MAX)
     params = [p for p, flag in zip(params, has_grad.tolist()) if flag]
@@ -271,3 +279,35 @@ def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def fully_shard_trunk(trunk: torch.nn.Module) -> None:
+    """Shard a Hugging Face trunk's weights over the processes with FSDP2 (``fully_shard``): each
+    decoder layer (the classes in ``trunk._no_split_modules``), then ``trunk.base_model`` (the
+    embeddings and the final norm; :func:`qvlm.trunk.trunk_hidden_states` calls it).
+
+    Gradients are summed over the processes, not averaged, as :func:`all_reduce_grads` sums the
+    replicated heads' (each process weights its loss by its share of the batch: :func:`token_weight`).
+    An LM head tied to the input embedding is tied again to the sharded embedding, so that the two
+    stay one tensor; it is gathered only inside ``base_model``'s forward, so a loss that reads the
+    LM logits (ILQL's AWAC term, soft Q's ``pi_ref``, a PPO policy) cannot run on a sharded trunk yet;
+    value regression can. Checkpoints and the saved run do not gather sharded weights yet either:
+    this is the building block, exercised by tests/test_distributed_fsdp.py.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    blocks = set(getattr(trunk, "_no_split_modules", None) or [])
+    layers = [m for m in trunk.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise QVLMError(f"{type(trunk).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    output = trunk.get_output_embeddings()
+    tied = output is not None and output.weight is trunk.get_input_embeddings().weight
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(trunk.base_model)
+    if tied:  # the embedding is a new (sharded) parameter now: keep the LM head on it
+        output.weight = trunk.get_input_embeddings().weight
+    for module in trunk.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
