@@ -15,6 +15,13 @@ One iteration::
 
 A run directory holds the policy (``adapter/`` or ``policy.safetensors``), the V head,
 ``training.json``, ``metrics.jsonl``, ``tb/`` and ``checkpoint/`` (resumable bit for bit on CPU).
+
+Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md): each samples, scores
+and computes the targets of its block of the iteration's prompts; the targets are gathered on every
+process (advantages whitened over the global batch), each minibatch is split over the processes with
+token-weighted losses and summed gradients, so N processes take the steps one process takes. Every
+response draws from its own random stream keyed by (seed, iteration, row), so the tokens sampled do
+not depend on the number of processes either.
 """
 
 from __future__ import annotations
@@ -30,21 +37,42 @@ import torch
 
 from qvlm.algos.actor_critic import ActorCritic, save_policy_run
 from qvlm.configs import DecodeConfig, PPOConfig
-from qvlm.decoding.sampling import sample_rollout
+from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seeds
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, clipped_value_loss, ppo_policy_loss
 from qvlm.online import explained_variance, k1_kl, k3_kl, kl_controller, kl_penalised_rewards, ppo_advantages
 from qvlm.progress import progress
-from qvlm.returns import masked_mean
+from qvlm.returns import masked_mean, masked_whiten
 from qvlm.rewards import RewardFn, get_reward, score
 from qvlm.rollout import Rollout
 from qvlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qvlm.train.distributed import (
+    all_reduce_sum,
+    barrier,
+    block,
+    check_divides,
+    gather_rows,
+    init_distributed,
+    raise_if_any_failed,
+    shard_rows,
+    world_size,
+)
 from qvlm.train.loop import check_finite
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import optimizer_step
 from qvlm.train.rng import set_seed
 
-__all__ = ["PPOConfig", "PPOBatch", "iteration_prompts", "make_targets", "ppo_loss", "optimise", "train_ppo"]
+__all__ = [
+    "PPOConfig",
+    "PPOBatch",
+    "iteration_prompts",
+    "sample_shard",
+    "gather_batch",
+    "make_targets",
+    "ppo_loss",
+    "optimise",
+    "train_ppo",
+]
 
 
 @dataclass
@@ -83,10 +111,54 @@ def prompts_fingerprint(prompts: Sequence) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
+def sample_shard(
+    ac: ActorCritic, tokenizer, batch_prompts: list, decode: DecodeConfig, seed: int, iteration: int
+) -> tuple[Rollout, list]:
+    """This process's rollout of an iteration and its prompts: its block of ``batch_prompts`` (all
+    of them in one process), left-padded to the iteration's longest prompt, each response drawn from
+    its own stream (:func:`sampling_seeds`) keyed by its row in the iteration."""
+    encoded = encode_prompts(tokenizer, batch_prompts, decode, ac.policy)
+    mine, n = block(len(batch_prompts)), decode.num_return_sequences
+    rollout = sample_rollout(
+        ac.policy,
+        tokenizer,
+        encoded[mine.start : mine.stop],
+        cfg=decode,
+        ref_logprobs=False,
+        row_seeds=sampling_seeds(seed, iteration, range(mine.start * n, mine.stop * n)),
+        pad_to=max(len(p) for p in encoded),
+    )
+    return rollout, batch_prompts[mine.start : mine.stop]
+
+
+def gather_batch(batch: PPOBatch) -> PPOBatch:
+    """Every process's rows of ``batch`` on every process, in rank order (the one-process order);
+    responses right-padded to the longest. The prompts of every process have the same padded
+    length (:func:`sample_shard`). ``batch`` itself in one process."""
+    if world_size() == 1:
+        return batch
+    r, pad = batch.rollout, batch.rollout.pad_id
+    rollout = Rollout(
+        gather_rows(r.prompt_ids, pad),
+        gather_rows(r.prompt_mask),
+        gather_rows(r.response_ids, pad),
+        gather_rows(r.response_mask),
+        gather_rows(r.finished),
+        logprobs=gather_rows(batch.old_logprobs),
+        rewards=gather_rows(r.rewards),
+        pad_id=pad,
+    )
+    fields = ("ref_logprobs", "old_values", "advantages", "returns", "kl")
+    return PPOBatch(rollout, rollout.logprobs, *(gather_rows(getattr(batch, f)) for f in fields))
+
+
 @torch.no_grad()
 def make_targets(ac: ActorCritic, rollout: Rollout, kl_coef: float, cfg: PPOConfig) -> PPOBatch:
     """Reference log-probs, ``V_old``, the KL-penalised rewards (k1 in the reward when
-    ``cfg.kl_mode == 'reward'``), GAE advantages (whitened) and value targets."""
+    ``cfg.kl_mode == 'reward'``), GAE advantages (whitened) and value targets.
+
+    Each process computes them on its own rows; the batch returned is the global one
+    (:func:`gather_batch`), its advantages whitened over all its real tokens, as in one process."""
     mask = rollout.response_mask
     ref_logprobs = ac.ref_logprobs(rollout)
     old = ac.evaluate(rollout, with_policy=False)
@@ -94,10 +166,13 @@ def make_targets(ac: ActorCritic, rollout: Rollout, kl_coef: float, cfg: PPOConf
     token_rewards = kl_penalised_rewards(rollout.rewards, rollout.logprobs, ref_logprobs, mask, in_reward)
     done = rollout.done(cfg.fixed_horizon)
     advantages, returns = ppo_advantages(
-        token_rewards, old.values, old.last_values, done, mask, cfg.gamma, cfg.lam, cfg.whiten
+        token_rewards, old.values, old.last_values, done, mask, cfg.gamma, cfg.lam, whiten=False
     )
     kl = (k1_kl(rollout.logprobs, ref_logprobs) * mask).sum(-1)
-    return PPOBatch(rollout, rollout.logprobs, ref_logprobs, old.values, advantages, returns, kl)
+    batch = gather_batch(PPOBatch(rollout, rollout.logprobs, ref_logprobs, old.values, advantages, returns, kl))
+    if cfg.whiten:  # over the global batch's real tokens (DESIGN.md)
+        batch.advantages = masked_whiten(batch.advantages, batch.rollout.response_mask)
+    return batch
 
 
 def ppo_loss(ac: ActorCritic, batch: PPOBatch, cfg: PPOConfig, kl_coef: float, critic_only: bool):
@@ -142,8 +217,14 @@ def optimise(
     critic_only: bool,
 ) -> dict[str, float]:
     """``ppo_epochs`` passes of shuffled minibatches (order seeded by ``seed`` and ``iteration``);
-    returns the mean of every stat over the steps."""
+    returns the mean of every stat over the steps.
+
+    Several processes: each takes every ``world``-th row of a minibatch, its loss weighted by its
+    share of the minibatch's response tokens (every loss term is a masked mean over them), and the
+    gradients are summed over the processes (:func:`qvlm.train.distributed.shard_rows`); the stats
+    are the global minibatches' (token-weighted sums over the processes)."""
     B = len(batch.rollout)
+    tokens = batch.rollout.response_mask.sum(-1)  # (B,) response tokens per row
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
@@ -151,15 +232,20 @@ def optimise(
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=gen).to(batch.rollout.response_ids.device)
         for start in range(0, B, cfg.minibatch_size):
-            loss, stats = ppo_loss(
-                ac, batch.select(order[start : start + cfg.minibatch_size]), cfg, kl_coef, critic_only
-            )
-            stats["charts/grad_norm"] = optimizer_step(loss, optimizer, cfg.grad_clip)
+            rows, weight = shard_rows(order[start : start + cfg.minibatch_size], tokens)
+            loss, stats = ppo_loss(ac, batch.select(rows), cfg, kl_coef, critic_only)
+            grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip)
             stats["_objective"] = loss.detach()
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().to(torch.float64)
+                sums[k] = sums.get(k, 0.0) + weight * v.detach().to(torch.float64)
+            # the norm of the summed gradient: the same on every process, not reduced
+            sums["charts/grad_norm"] = sums.get("charts/grad_norm", 0.0) + grad_norm.to(torch.float64)
             steps += 1
     ac.eval()
+    if world_size() > 1:
+        reduced = all_reduce_sum(torch.stack([v for k, v in sums.items() if k != "charts/grad_norm"]))
+        keys = [k for k in sums if k != "charts/grad_norm"]
+        sums = {**dict(zip(keys, reduced.unbind())), "charts/grad_norm": sums["charts/grad_norm"]}
     floats = stats_to_floats({k: v / steps for k, v in sums.items()})
     check_finite(iteration, floats.pop("_objective"), floats)
     return floats
@@ -175,8 +261,10 @@ def score_rollout(
     reward: RewardFn, rollout: Rollout, tokenizer, prompts: list, iteration: int, run_dir
 ) -> torch.Tensor:
     """``(B,)`` rewards of a rollout's responses; a non-finite or malformed reward stops the run,
-    naming the iteration and the checkpoint left intact."""
+    naming the iteration and the checkpoint left intact (on every process when one process's
+    reward failed)."""
     repeated = [p for p in prompts for _ in range(len(rollout) // len(prompts))]
+    values, error = None, None
     try:
         values = score(reward, repeated, rollout.texts(tokenizer))
     except QVLMError as err:
@@ -186,7 +274,8 @@ def score_rollout(
             if ckpt
             else "no checkpoint was written yet"
         )
-        raise QVLMError(f"iteration {iteration}: {err}; stopped before updating, {kept}") from None
+        error = QVLMError(f"iteration {iteration}: {err}; stopped before updating, {kept}")
+    raise_if_any_failed(error, f"iteration {iteration}: the reward")
     return torch.tensor(values, dtype=torch.float32, device=rollout.response_ids.device)
 
 
@@ -206,8 +295,14 @@ def train_ppo(
 
     ``resume`` continues from ``run_dir``'s latest checkpoint bit for bit on CPU: policy, critic,
     optimiser, KL controller, every RNG, and the prompt order (a function of seed and iteration).
+
+    Under ``torchrun`` / ``accelerate launch`` the processes join one group (gloo on CPU, NCCL on
+    CUDA) and share each iteration (module docstring); ``cfg.prompts_per_iter`` must be a multiple
+    of their number. Only the main process writes files.
     """
     cfg = cfg or PPOConfig()
+    check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # before joining a group
+    init_distributed(ac.device)  # a launcher's process group; alone: nothing
     prompts = list(prompts)
     if not prompts:
         raise QVLMError("no training prompts; give a prompt file with at least one prompt")
@@ -234,14 +329,15 @@ def train_ppo(
     try:
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
-            # rollout
+            # rollout (this process's block of the iteration's prompts)
             batch_prompts = iteration_prompts(prompts, cfg.prompts_per_iter, cfg.seed, it)
-            rollout = sample_rollout(ac.policy, tokenizer, batch_prompts, cfg=decode, ref_logprobs=False)
+            rollout, local_prompts = sample_shard(ac, tokenizer, batch_prompts, decode, cfg.seed, it)
             # reward
-            rollout.rewards = score_rollout(reward_fn, rollout, tokenizer, batch_prompts, it, run_dir)
-            # targets
+            rollout.rewards = score_rollout(reward_fn, rollout, tokenizer, local_prompts, it, run_dir)
+            # targets (of the global batch, on every process)
             kl_coef = ctl.value
             batch = make_targets(ac, rollout, kl_coef, cfg)
+            rollout = batch.rollout
             # optimise
             if cfg.anneal_lr:  # a function of the iteration alone: nothing to checkpoint
                 for group, lr in zip(optimizer.param_groups, (cfg.lr, cfg.critic_lr)):
@@ -284,4 +380,5 @@ def train_ppo(
         info = {"algorithm": cfg.algo, "config": asdict(cfg), "base_model": ac.heads.config.base_model,
                 "prompts": len(prompts), "iterations": cfg.iterations, "kl_coef_final": ctl.value}  # fmt: skip
         save_policy_run(run_dir, ac, info)
+    barrier()  # every process returns once the main one has written the run
     return logger.history

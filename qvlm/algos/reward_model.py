@@ -14,6 +14,12 @@ The run directory is itself a sequence-classification directory (``config.json``
 ``model.safetensors``, tokenizer), so ``--reward hf:RUN_DIR`` scores with it; beside it lie
 ``eval.json`` (held-out accuracy, calibration), ``calibration.svg``, ``metrics.jsonl``, ``tb/`` and
 ``checkpoint/`` (resumable).
+
+Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md): every process draws the
+same global batch and takes every ``world``-th example of it, its loss (a mean over examples) weighted
+by its share of the batch's examples, the gradients summed over the processes; only the main process
+writes. Dropout draws differ from one process's (their random streams depend on the shard), so the
+steps equal one process's only where the backbone has no dropout.
 """
 
 from __future__ import annotations
@@ -38,6 +44,16 @@ from qvlm.progress import progress
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
 from qvlm.rewards.hf import encode_texts
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
+from qvlm.train.distributed import (
+    barrier,
+    check_batch_size,
+    init_distributed,
+    is_main_process,
+    launcher_device,
+    reduce_weighted,
+    shard,
+    world_size,
+)
 from qvlm.train.loop import batch_indices, check_finite
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import optimizer_step
@@ -268,8 +284,11 @@ def train_reward_model(
     from qvlm.loading import resolve_device
 
     run_dir = Path(run_dir)
+    check_batch_size(cfg.batch_size)  # before joining a group
+    device = resolve_device((launcher_device() or device) if device == "auto" else device)  # a GPU per process
+    init_distributed(device)  # a launcher's process group; alone: nothing
     set_seed(cfg.seed)  # the new head's initialisation
-    model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, resolve_device(device))
+    model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, device)
     train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
     total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     optimizer = torch.optim.AdamW(
@@ -282,12 +301,15 @@ def train_reward_model(
     model.train()
     try:
         for step, positions in batch_indices(len(train_idx), cfg.batch_size, cfg.seed, start, total):
-            # loss
-            loss, stats = rm_loss(model, tokenizer, data, [train_idx[p] for p in positions], cfg.max_length)
-            # optimise
-            grad_norm = optimizer_step(loss, optimizer, cfg.grad_clip)
-            # log and checkpoint
-            floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm})
+            # loss (this process's share of the global batch; all of it in one process)
+            local, weight = shard(positions, cfg.batch_size), 1.0
+            if world_size() > 1:  # a mean over examples: weighted by the share; an empty share runs one at 0
+                local, weight = (local, len(local) / len(positions)) if local else (positions[:1], 0.0)
+            loss, stats = rm_loss(model, tokenizer, data, [train_idx[p] for p in local], cfg.max_length)
+            # optimise (the gradients of the weighted losses are summed over the processes)
+            grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip)
+            # log and checkpoint (the global batch's stats)
+            floats = stats_to_floats({**reduce_weighted(stats, weight), "charts/grad_norm": grad_norm})
             check_finite(step, floats[next(iter(stats))], floats)
             logger.log(step, floats)
             bar.update(1)
@@ -302,6 +324,9 @@ def train_reward_model(
     # evaluate
     result = evaluate_rm(model, tokenizer, data, held_idx, cfg.max_length, cfg.batch_size)
     result["train_examples"], result["steps"] = len(train_idx), total
+    if not is_main_process():  # every process evaluated (the same model); the main one writes
+        barrier()
+        return result
     if held_idx:
         what = "pair" if data.kind == "preference" else "text"
         write_calibration_svg(
@@ -320,4 +345,5 @@ def train_reward_model(
     log(
         f"trained a {data.kind} model on {len(train_idx)} examples ({total} steps); {held}use it as --reward hf:{run_dir}"
     )
+    barrier()  # every process returns once the main one has written the run
     return result

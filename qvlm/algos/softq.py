@@ -22,6 +22,13 @@ them. A checkpoint after each round holds the heads (target heads included), the
 RNG state and the replay set; decoding and minibatches are seeded per round, and a resumed run
 recomputes the cached features round by round in the same batches, so it ends with the heads an
 uninterrupted run ends with.
+
+Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md): each decodes and scores
+its block of the round's prompts, every response from its own random stream keyed by (seed, round,
+row), and the scored samples are gathered, so every process holds the replay set one process holds.
+A process caches the features of the samples it decoded only, and takes those of each minibatch
+(its loss weighted by their share of the minibatch's response tokens, gradients summed over the
+processes), so N processes take the steps one process takes.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from qvlm.configs import DecodeConfig, SoftQConfig
-from qvlm.decoding.sampling import sample_rollout
+from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seeds
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, soft_q_loss, soft_value, value_regression_loss
 from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples, sample_from_dict, write_samples
@@ -44,12 +51,35 @@ from qvlm.returns import masked_mean
 from qvlm.rewards import RewardFn, score
 from qvlm.rollout import rollout_to_samples
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint, save_run
+from qvlm.train.distributed import (
+    barrier,
+    block,
+    check_divides,
+    gather_objects,
+    gather_rows,
+    init_distributed,
+    is_main_process,
+    raise_if_any_failed,
+    rank,
+    reduce_weighted,
+    token_weight,
+    world_size,
+)
 from qvlm.train.loop import check_finite
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import make_optimizer, optimizer_step
 from qvlm.train.rng import set_seed
 
-__all__ = ["SoftQConfig", "softq_loss", "round_prompts", "sample_round", "cache_features", "fit_round", "train_softq"]
+__all__ = [
+    "SoftQConfig",
+    "softq_loss",
+    "round_prompts",
+    "sample_round",
+    "owned_items",
+    "cache_features",
+    "fit_round",
+    "train_softq",
+]
 
 
 def softq_loss(model: QVModel, batch: TokenBatch, cfg: SoftQConfig) -> tuple[torch.Tensor, Stats]:
@@ -94,35 +124,66 @@ def sample_round(
     model: QVModel, tokenizer, prompts: list[str], reward: RewardFn, cfg: SoftQConfig, round_idx: int
 ) -> tuple[list[Sample], dict[str, float]]:
     """Decode ``prompts`` with the current guided policy (``beta = 1/alpha``), ``samples_per_prompt``
-    each, seeded by round; score them. Returns the scored samples and the round's charts."""
+    each, every response from its own stream keyed by (seed, round, row); score them. Returns the
+    scored samples and the round's charts.
+
+    Several processes: each decodes and scores its block of ``prompts`` (left-padded to the round's
+    longest), and every process gets the whole round's samples, in the one-process order."""
+    n = cfg.samples_per_prompt
     decode = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens,
         beta=1.0 / cfg.alpha,
-        num_return_sequences=cfg.samples_per_prompt,
+        num_return_sequences=n,
         batch_size=cfg.decode_batch_size,
-        seed=cfg.seed * 1_000_003 + round_idx,
         guidance_top_k=cfg.guidance_top_k,
     )
     model.eval()
-    rollout = sample_rollout(model.trunk, tokenizer, prompts, model.heads, decode, track_kl=True, logprobs=False)
-    repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    rewards = score(reward, repeated, rollout.texts(tokenizer))
+    encoded = encode_prompts(tokenizer, prompts, decode, model.trunk)
+    mine = block(len(prompts))
+    rollout = sample_rollout(
+        model.trunk, tokenizer, encoded[mine.start : mine.stop], model.heads, decode, track_kl=True, logprobs=False,
+        row_seeds=sampling_seeds(cfg.seed, round_idx, range(mine.start * n, mine.stop * n)),
+        pad_to=max(len(p) for p in encoded),
+    )  # fmt: skip
+    local_prompts = prompts[mine.start : mine.stop]
+    repeated = [p for p in local_prompts for _ in range(n)]
+    rewards, error = None, None
+    try:
+        rewards = score(reward, repeated, rollout.texts(tokenizer))
+    except QVLMError as err:
+        error = err
+    raise_if_any_failed(error, f"round {round_idx}: the reward")
+    samples = gather_objects(rollout_to_samples(rollout, tokenizer, local_prompts, rewards))
+    kl, lengths = gather_rows(rollout.kl), gather_rows(rollout.lengths)
     charts = {
-        "charts/guided_reward": sum(rewards) / len(rewards),
-        "charts/kl": float(rollout.kl.mean()),  # summed per response, exact for the sampling distribution
-        "charts/response_length": float(rollout.lengths.float().mean()),
+        "charts/guided_reward": sum(s.reward for s in samples) / len(samples),
+        "charts/kl": float(kl.mean()),  # summed per response, exact for the sampling distribution
+        "charts/response_length": float(lengths.float().mean()),
     }
-    return rollout_to_samples(rollout, tokenizer, prompts, rewards), charts
+    return samples, charts
+
+
+def owned_items(indices: range, per_round: int) -> list[int]:
+    """This process's replay indices among ``indices``: the samples it decoded (its block of each
+    round of ``per_round`` samples); all of them in one process."""
+    world = world_size()
+    if world == 1:
+        return list(indices)
+    per = per_round // world
+    return [i for i in indices if (i % per_round) // per == rank()]
 
 
 @torch.no_grad()
-def cache_features(model: QVModel, items: list[EncodedSample], start: int, batch_size: int, pad_id: int) -> None:
-    """Compute the trunk features of ``items[start:]`` in fixed batches and keep them in the model's
-    cache (a frozen trunk; a training trunk has no cache and computes features every step)."""
+def cache_features(
+    model: QVModel, items: list[EncodedSample], indices: list[int], batch_size: int, pad_id: int
+) -> None:
+    """Compute the trunk features of ``items[i]`` for ``i`` in ``indices``, in fixed batches, and keep
+    them in the model's cache (a frozen trunk; a training trunk has no cache and computes features
+    every step)."""
     if model.feature_cache is None:
         return
-    for lo in range(start, len(items), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(items))))
+    for lo in range(0, len(indices), batch_size):
+        idx = indices[lo : lo + batch_size]
         model.features(collate([items[i] for i in idx], pad_id, index=idx))
 
 
@@ -136,18 +197,31 @@ def fit_round(
     pad_id: int,
 ) -> list[dict[str, float]]:
     """``steps_per_round`` optimiser steps on minibatches drawn uniformly from the whole replay set
-    (seeded by round), each followed by a Polyak update of the target heads; per step, its stats."""
+    (seeded by round), each followed by a Polyak update of the target heads; per step, its stats.
+
+    Several processes: each takes the samples of the minibatch that it decoded
+    (:func:`owned_items`, whose features it cached), its loss weighted by their share of the
+    minibatch's response tokens (an empty share: one of its samples, weight 0); the gradients are
+    summed over the processes and the stats are the minibatch's."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + round_idx)
     device = next(model.heads.parameters()).device
+    per_round = cfg.prompts_per_round * cfg.samples_per_prompt
+    mine = set(owned_items(range(len(items)), per_round))
     model.train()
     out = []
     for k in range(cfg.steps_per_round):
         idx = torch.randint(len(items), (cfg.batch_size,), generator=gen).tolist()
-        batch = collate([items[i] for i in idx], pad_id, index=idx).to(device)
+        local = [i for i in idx if i in mine]
+        tokens = [len(items[i].response_ids) for i in idx]
+        weight = token_weight(sum(t for i, t in zip(idx, tokens) if i in mine), sum(tokens))
+        if not local:
+            local, weight = [min(mine)], 0.0
+        batch = collate([items[i] for i in local], pad_id, index=local).to(device)
         loss, stats = softq_loss(model, batch, cfg)
-        grad_norm = optimizer_step(loss, optimizer, cfg.grad_clip)
+        grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip)
         model.heads.sync_targets(cfg.polyak)
-        floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm, "_objective": loss.detach()})
+        stats = reduce_weighted({**stats, "_objective": loss.detach()}, weight)
+        floats = stats_to_floats({**stats, "charts/grad_norm": grad_norm})
         check_finite(first_step + k, floats.pop("_objective"), floats)
         out.append(floats)
     model.eval()
@@ -170,7 +244,8 @@ def _resume(run_dir: Path, model, tokenizer, optimizer, cfg: SoftQConfig, prompt
     items = encode_samples(replay, tokenizer, cfg.max_length)
     per_round = cfg.prompts_per_round * cfg.samples_per_prompt
     for r in range(int(resumed.extra["round"])):  # the features, in the batches the first run used
-        cache_features(model, items[: (r + 1) * per_round], r * per_round, cfg.batch_size, tokenizer.pad_token_id)
+        own = owned_items(range(r * per_round, (r + 1) * per_round), per_round)
+        cache_features(model, items, own, cfg.batch_size, tokenizer.pad_token_id)
     return int(resumed.extra["round"]), resumed.step, replay, items
 
 
@@ -196,8 +271,11 @@ def train_softq(
         raise QVLMError("soft Q-learning needs Q heads; build the model with with_q=True")
     if not prompts:
         raise QVLMError("soft Q-learning needs prompts to sample from; give a prompt file with at least one")
+    check_divides(cfg.prompts_per_round, "--prompts-per-round", "prompts")  # before joining a group
+    init_distributed(model.device)  # a launcher's process group; alone: nothing
     run_dir = Path(run_dir) if run_dir is not None else None
     pad_id = tokenizer.pad_token_id
+    per_round = cfg.prompts_per_round * cfg.samples_per_prompt
     set_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
     start, step, replay, items = 0, 0, [], []
@@ -214,7 +292,8 @@ def train_softq(
             # replay: every round is kept; a frozen trunk's features are computed once, here
             replay += new
             items += encode_samples(new, tokenizer, cfg.max_length)
-            cache_features(model, items, len(items) - len(new), cfg.batch_size, pad_id)
+            cache_features(model, items, owned_items(range(len(items) - len(new), len(items)), per_round),
+                           cfg.batch_size, pad_id)  # fmt: skip
             # optimise: soft Bellman regression on minibatches of the whole replay set
             per_step = fit_round(model, optimizer, items, cfg, r, step, pad_id)
             # log and checkpoint
@@ -235,6 +314,8 @@ def train_softq(
         logger.close()
         model.eval()
     if run_dir:
-        write_samples(run_dir / "replay.jsonl", replay)
+        if is_main_process():
+            write_samples(run_dir / "replay.jsonl", replay)
         save_run(run_dir, model, cfg, {"algorithm": "softq", "samples": len(replay), "steps": step})
+    barrier()  # every process returns once the main one has written the run
     return logger.history

@@ -35,9 +35,11 @@ def run(args) -> int:
     from qvlm.mdp import read_prompts
     from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
+    from qvlm.train.distributed import check_divides, is_main_process
     from qvlm.train.rng import set_seed
 
     cfg = config_from_args(PPOConfig, args)
+    check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")
@@ -54,6 +56,8 @@ def run(args) -> int:
     if cfg.critic_init:
         ac.init_critic_from(cfg.critic_init)
     history = train_ppo(ac, tokenizer, prompts, reward, cfg, run_dir=out, resume=args.resume)
+    if not is_main_process():
+        return 0  # rank 0 reports for the run
     last = {k.split("/")[-1]: v[-1][1] for k, v in history.items() if k in ("charts/reward", "charts/kl")}
     print(
         f"trained {cfg.algo} for {cfg.iterations} iterations on {len(prompts)} prompts; policy in {out}; last "

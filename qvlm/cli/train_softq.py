@@ -54,9 +54,11 @@ def run(args) -> int:
     from qvlm.model import QVModel
     from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
+    from qvlm.train.distributed import check_divides, is_main_process
     from qvlm.train.rng import set_seed
 
     cfg = config_from_args(SoftQConfig, args)
+    check_divides(cfg.prompts_per_round, "--prompts-per-round", "prompts")  # under a launcher: before the model loads
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
@@ -79,7 +81,7 @@ def run(args) -> int:
     )
     history = train_softq(qv, tokenizer, prompts, reward, cfg, run_dir=out, resume=args.resume)
     rewards = [v for _, v in history.get("charts/guided_reward", [])]
-    if rewards:
+    if rewards and is_main_process():  # rank 0 reports for the run
         print(
             f"trained softq for {cfg.rounds} rounds on {len(prompts)} prompts; guided reward per round "
             + " ".join(f"{r:.3f}" for r in rewards)

@@ -20,6 +20,7 @@ warpers are transformers' own, applied in its order: temperature, top-k, top-p).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,8 @@ __all__ = [
     "warpers",
     "encode_prompts",
     "batch_inputs",
+    "sample_rows",
+    "sampling_seeds",
 ]
 
 
@@ -112,9 +115,10 @@ def cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists: -> ``input_ids, attention_mask`` (B, L)."""
-    L = max(len(s) for s in seqs)
+def left_pad(seqs: list[list[int]], pad_id: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest, or to ``length`` when that is longer: ->
+    ``input_ids, attention_mask`` (B, L)."""
+    L = max(length, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for b, s in enumerate(seqs):
@@ -155,11 +159,12 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], cfg: DecodeC
     return encoded
 
 
-def batch_inputs(model, tokenizer, prompt_ids: list[list[int]]):
-    """One decoding batch's set-up: ``pad_id``, EOS ids and the left-padded prompts, on the model's device."""
+def batch_inputs(model, tokenizer, prompt_ids: list[list[int]], pad_to: int = 0):
+    """One decoding batch's set-up: ``pad_id``, EOS ids and the prompts left-padded (to at least
+    ``pad_to`` tokens), on the model's device."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids, attention_mask = left_pad(prompt_ids, pad_id)
+    input_ids, attention_mask = left_pad(prompt_ids, pad_id, pad_to)
     return pad_id, _eos_ids(model, tokenizer).to(device), input_ids.to(device), attention_mask.to(device)
 
 
@@ -177,6 +182,8 @@ def sample_rollout(
     ref_logprobs: bool = True,
     values: bool = False,
     use_cache: bool = True,
+    row_seeds: list[int] | None = None,
+    pad_to: int = 0,
 ) -> Rollout:
     """Decode ``cfg.num_return_sequences`` responses for each of ``prompts`` (strings, encoded with
     the chat template, or token ids) into a :class:`qvlm.rollout.Rollout` on the model's device.
@@ -190,6 +197,13 @@ def sample_rollout(
     the base model's top k); ``return_hidden``: the hidden states of ``s_1 .. s_{T+1}`` (one extra
     decoder step for the last), so a frozen-trunk learner needs no second pass over the data.
     ``use_cache=False`` re-runs the whole sequence every step (the benchmark's reference).
+
+    ``row_seeds`` (one per response, prompt-major) gives every response its own random stream
+    (:func:`sample_rows`): its tokens then depend on its prompt and its seed alone, not on which
+    other rows share its batch or its process, so data-parallel rollouts sample what one process
+    samples (:mod:`qvlm.algos.ppo`). Without it, sampling draws from torch's global generator, as
+    Hugging Face ``generate`` does. ``pad_to`` left-pads every prompt to at least that many tokens
+    (processes that pad alike compute alike).
     """
     cfg = cfg or DecodeConfig()
     if cfg.beta != 0 and heads is None:
@@ -197,6 +211,9 @@ def sample_rollout(
     if values and heads is None:
         raise QVLMError("values=True needs heads (V(s_t) comes from their V head); pass heads or values=False")
     encoded = encode_prompts(tokenizer, prompts, cfg, model)
+    n_rows = len(encoded) * cfg.num_return_sequences
+    if row_seeds is not None and len(row_seeds) != n_rows:
+        raise QVLMError(f"row_seeds has {len(row_seeds)} seeds for {n_rows} responses; give one per response")
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     record = dict(
@@ -206,13 +223,17 @@ def sample_rollout(
         ref_logprobs=ref_logprobs,
         values=values,
         use_cache=use_cache,
+        pad_to=pad_to,
     )
     per_batch = max(1, cfg.batch_size // cfg.num_return_sequences)  # batch_size counts responses decoded together
     starts = range(0, len(encoded), per_batch)
-    batches = [
-        _sample_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record)
-        for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch")
-    ]
+    n = cfg.num_return_sequences
+    batches = []
+    for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch"):
+        seeds = None if row_seeds is None else row_seeds[start * n : (start + per_batch) * n]
+        batches.append(
+            _sample_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record, row_seeds=seeds)
+        )
     return Rollout.cat(batches)
 
 
@@ -248,16 +269,43 @@ def generate(
     return GenerationResult.from_rollout(rollout, tokenizer)
 
 
+def sampling_seeds(seed: int, step: int, rows: range) -> list[int]:
+    """The seed of each response row's random stream (``row_seeds`` of :func:`sample_rollout`) in
+    a training step (a PPO iteration, a soft-Q round): a hash of (seed, step, row), so that a row
+    samples the same tokens whichever process decodes it, and a resumed run samples what an
+    uninterrupted one does."""
+    keys = (hashlib.blake2b(f"{seed}:{step}:{row}".encode(), digest_size=8).digest() for row in rows)
+    return [int.from_bytes(k, "little") >> 1 for k in keys]  # 63 bits: any generator takes them
+
+
+def sample_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` (B, V), row ``b`` drawn with ``generators[b]`` alone.
+
+    Exponential race: with ``E_v ~ Exp(1)`` independent, ``argmin_v E_v / p_v`` is distributed as
+    ``p`` (the Gumbel-max trick in another form); tokens of probability 0 never win. Each call takes
+    V uniforms from every generator, so a row's t-th token depends on its probabilities and its
+    stream alone. Shape: ``(B, V) -> (B,)``.
+    """
+    V = probs.shape[-1]
+    uniform = torch.stack([torch.rand(V, generator=g, device=probs.device) for g in generators])  # (B, V)
+    exponential = -torch.log(uniform)  # Exp(1); u = 0 gives +inf, a token that cannot win
+    return torch.argmax(probs.float() / exponential, dim=-1)
+
+
 def _sample_batch(
-    model, tokenizer, prompt_ids, heads, cfg, *, track_kl, return_hidden, logprobs, ref_logprobs, values, use_cache
-) -> Rollout:
-    pad_id, eos, input_ids, attention_mask = batch_inputs(model, tokenizer, prompt_ids)
+    model, tokenizer, prompt_ids, heads, cfg, *, track_kl, return_hidden, logprobs, ref_logprobs, values, use_cache,
+    pad_to, row_seeds,
+) -> Rollout:  # fmt: skip
+    pad_id, eos, input_ids, attention_mask = batch_inputs(model, tokenizer, prompt_ids, pad_to)
     device = input_ids.device
     n = cfg.num_return_sequences
     B = input_ids.shape[0] * n
     warp = warpers(cfg)
     topk = cfg.guidance_top_k if track_kl else 0
     decoder = DecodeStep(model, use_cache=use_cache)
+    generators = None
+    if row_seeds is not None and cfg.do_sample:
+        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     generated = input_ids.repeat_interleave(n, 0)
     kl = torch.zeros(B, device=device)
@@ -286,7 +334,10 @@ def _sample_batch(
         probs = None
         if cfg.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            if generators is None:
+                next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                next_tokens = sample_rows(probs, generators)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         # log-softmaxes only where something reads them; the sampling one is the base one when

@@ -26,16 +26,38 @@ __all__ = [
     "init_distributed",
     "launcher_device",
     "check_batch_size",
+    "check_divides",
     "shard",
+    "block",
+    "shard_rows",
     "token_weight",
     "all_reduce_grads",
+    "all_reduce_sum",
     "reduce_weighted",
+    "gather_rows",
+    "gather_objects",
+    "raise_if_any_failed",
     "barrier",
+    "is_dtensor",
+    "fully_shard_trunk",
 ]
 
 
 def _initialised() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    """Where a small bookkeeping tensor must live for a collective: this process's GPU under NCCL
+    (which takes CUDA tensors only), else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return torch.device("cpu")
+
+
+def is_dtensor(x: torch.Tensor) -> bool:
+    """True for a sharded tensor of FSDP2 (``torch.distributed.tensor.DTensor``)."""
+    return type(x).__name__ == "DTensor"
 
 
 def is_main_process() -> bool:
@@ -82,18 +104,36 @@ def init_distributed(device: torch.device | str = "cpu") -> int:
             "`accelerate launch` or `torchrun`, which set them"
         )
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl" and torch.device(device).index is not None:  # all_gather_object uses the current device
+        torch.cuda.set_device(torch.device(device))
     torch.distributed.init_process_group(backend=backend)
     return torch.distributed.get_world_size()
+
+
+def _launch_world() -> int:
+    """The group's size, or the launcher's ``WORLD_SIZE`` before the group exists."""
+    return world_size() if _initialised() else int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def check_batch_size(batch_size: int) -> None:
     """Refuse, before any work, a global batch size that the launcher's world size does not divide
     (read from ``WORLD_SIZE`` when no group exists yet)."""
-    world = world_size() if _initialised() else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = _launch_world()
     if world > 1 and batch_size % world:
         raise QVLMError(
             f"batch size {batch_size} does not divide over {world} processes; use a --batch-size that is a "
             f"multiple of {world} (the batch size is global: each process takes batch_size / {world})"
+        )
+
+
+def check_divides(count: int, flag: str, what: str) -> None:
+    """Refuse, before any work, a global per-step count (``flag``'s value: ``what`` per step) that the
+    launcher's world size does not divide, e.g. PPO's ``--prompts-per-iter``."""
+    world = _launch_world()
+    if world > 1 and count % world:
+        raise QVLMError(
+            f"{flag} {count} does not divide over {world} processes; use a {flag} that is a multiple of {world} "
+            f"(it is global: each process takes {flag} / {world} {what})"
         )
 
 
@@ -110,6 +150,29 @@ def shard(indices: Sequence[int], batch_size: int) -> list[int]:
     return list(indices)[rank() :: world]
 
 
+def block(n: int) -> range:
+    """This rank's contiguous block of ``n`` items (``n`` divisible by the world size): gathered in
+    rank order (:func:`gather_rows`), the blocks give back the one-process order."""
+    per = n // world_size()
+    return range(rank() * per, (rank() + 1) * per)
+
+
+def shard_rows(rows: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """This rank's part of a global minibatch ``rows`` (every ``world``-th, from its rank) of a batch
+    every rank holds, and its loss weight (:func:`token_weight`); ``tokens`` (B,) counts each row's
+    response tokens. An empty part takes the minibatch's first row with weight 0, so that every rank
+    runs the same collectives. One process: ``rows``, weight 1.
+    """
+    world = world_size()
+    if world == 1:
+        return rows, 1.0
+    local = rows[rank() :: world]
+    weight = token_weight(int(tokens[local].sum()), int(tokens[rows].sum()))
+    if len(local) == 0:
+        return rows[:1], 0.0
+    return local, weight
+
+
 def token_weight(local_tokens: int, global_tokens: int) -> float:
     """This rank's share of the global batch's response tokens, the weight of its masked-mean loss.
 
@@ -124,10 +187,18 @@ def token_weight(local_tokens: int, global_tokens: int) -> float:
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum every gradient over the ranks, in one flattened collective (no-op in one process).
 
-    A parameter without a gradient on this rank (e.g. an empty shard) contributes zeros."""
+    A parameter without a gradient on this rank contributes zeros; one without a gradient on every
+    rank (e.g. a policy during critic warm-up) keeps none, so that the optimiser skips it as it would
+    in one process."""
     if world_size() == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    # FSDP-sharded parameters (DTensors) have their gradients reduced by FSDP itself
+    params = [p for p in params if p.requires_grad and not is_dtensor(p)]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_collective_device())
+    torch.distributed.all_reduce(has_grad, op=torch.distributed.ReduceOp.MAX)
+    params = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    if not params:
+        return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
@@ -136,6 +207,15 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
         n = p.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks (a new tensor; ``x`` itself in one process)."""
+    if world_size() == 1:
+        return x
+    out = x.detach().clone()
+    torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+    return out
 
 
 def reduce_weighted(stats: Mapping[str, torch.Tensor], weight: float) -> dict[str, torch.Tensor]:
@@ -149,7 +229,85 @@ def reduce_weighted(stats: Mapping[str, torch.Tensor], weight: float) -> dict[st
     return {k: flat[i] for i, k in enumerate(keys)}
 
 
+def gather_rows(x: torch.Tensor, pad_value: float | int = 0) -> torch.Tensor:
+    """Every rank's ``x`` (B, ...) concatenated along dim 0 in rank order, on every rank; a 2-D or
+    deeper ``x`` is first right-padded along dim 1 with ``pad_value`` to the longest over the ranks
+    (every rank's B must be equal). One process: ``x`` itself.
+    """
+    world = world_size()
+    if world == 1:
+        return x
+    if x.dim() >= 2:
+        length = torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device)
+        torch.distributed.all_reduce(length, op=torch.distributed.ReduceOp.MAX)
+        extra = int(length) - x.shape[1]
+        if extra:
+            x = torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), pad_value)], dim=1)
+    dtype = x.dtype
+    x = x.to(torch.uint8) if dtype == torch.bool else x.contiguous()  # gloo has no bool all_gather
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts, dim=0).to(dtype)
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list of picklable ``items``, concatenated in rank order, on every rank (``items``
+    itself in one process)."""
+    world = world_size()
+    if world == 1:
+        return items
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def raise_if_any_failed(error: Exception | None, what: str) -> None:
+    """Make every rank stop together when one failed (instead of waiting in the next collective
+    for a rank that is gone): re-raise ``error`` on the rank that has it, and on the others a
+    :class:`QVLMError` that names ``what``. One process: re-raise ``error`` if any."""
+    failed = torch.tensor([error is not None], dtype=torch.int32)
+    if world_size() > 1:
+        failed = failed.to(_collective_device())
+        torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed):
+        raise QVLMError(f"{what} failed in another process (its message is in that process's output)")
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def fully_shard_trunk(trunk: torch.nn.Module) -> None:
+    """Shard a Hugging Face trunk's weights over the processes with FSDP2 (``fully_shard``): each
+    decoder layer (the classes in ``trunk._no_split_modules``), then ``trunk.base_model`` (the
+    embeddings and the final norm; :func:`qvlm.trunk.trunk_hidden_states` calls it).
+
+    Gradients are summed over the processes, not averaged, as :func:`all_reduce_grads` sums the
+    replicated heads' (each process weights its loss by its share of the batch: :func:`token_weight`).
+    An LM head tied to the input embedding is tied again to the sharded embedding, so that the two
+    stay one tensor; it is gathered only inside ``base_model``'s forward, so a loss that reads the
+    LM logits (ILQL's AWAC term, soft Q's ``pi_ref``, a PPO policy) cannot run on a sharded trunk yet;
+    value regression can. Checkpoints and the saved run do not gather sharded weights yet either:
+    this is the building block, exercised by tests/test_distributed_fsdp.py.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    blocks = set(getattr(trunk, "_no_split_modules", None) or [])
+    layers = [m for m in trunk.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise QVLMError(f"{type(trunk).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
+    output = trunk.get_output_embeddings()
+    tied = output is not None and output.weight is trunk.get_input_embeddings().weight
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(trunk.base_model)
+    if tied:  # the embedding is a new (sharded) parameter now: keep the LM head on it
+        output.weight = trunk.get_input_embeddings().weight
+    for module in trunk.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from qvlm.model import QVModel
-from qvlm.train.distributed import all_reduce_grads
+from qvlm.train.distributed import all_reduce_grads, is_dtensor
 
 __all__ = ["make_optimizer", "optimizer_step"]
 
@@ -38,7 +38,9 @@ def optimizer_step(
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     all_reduce_grads(params)
-    if grad_clip > 0:
+    if any(p.grad is not None and is_dtensor(p.grad) for p in params):
+        grad_norm = _clip_sharded(params, grad_clip)
+    elif grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -46,3 +48,21 @@ def optimizer_step(
     if scheduler is not None:
         scheduler.step()
     return grad_norm.detach()
+
+
+def _clip_sharded(params: list[torch.nn.Parameter], grad_clip: float) -> torch.Tensor:
+    """The global gradient norm, and clipping, when some gradients are FSDP shards (DTensors) and
+    others plain tensors (replicated heads), which torch's clipping cannot mix: the norms of the two
+    kinds are combined (the shards' through a collective), and every gradient is scaled by
+    ``min(1, grad_clip / (norm + 1e-6))`` as :func:`torch.nn.utils.clip_grad_norm_` does."""
+    sharded = [p.grad for p in params if p.grad is not None and is_dtensor(p.grad)]
+    plain = [p.grad for p in params if p.grad is not None and not is_dtensor(p.grad)]
+    squared = torch.nn.utils.get_total_norm(sharded).full_tensor() ** 2
+    if plain:
+        squared = squared + torch.nn.utils.get_total_norm(plain).to(squared.device) ** 2
+    norm = squared.sqrt()
+    if grad_clip > 0:
+        coef = min(1.0, grad_clip / (float(norm) + 1e-6))
+        for g in sharded + plain:
+            g.mul_(coef)
+    return norm
