@@ -157,7 +157,9 @@ def _load_trainable_state(model: torch.nn.Module, path: Path) -> None:
     with torch.no_grad():
         for name, tensor in saved.items():
             if params[name].shape != tensor.shape:
-                raise QVLMError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+                raise QVLMError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
+                )
             params[name].copy_(tensor)
 
 
