@@ -120,6 +120,10 @@ class DecodeConfig:
     )
     batch_size: int = option(16, "responses decoded together")
     chat: bool | None = option(None, "wrap prompts in the chat template (None: when the tokenizer has one)", type=bool)
+    # issue 12: a static KV cache and a hand-written Llama step (qvlm.decoding.fast); off until it
+    # is the default everywhere, since its logits equal the standard step's to rounding, not bit for bit
+    fast: bool = option(False, "fast decoding path: static KV cache, fused Llama step (Llama-style models only)")
+    fast_compile: bool = option(False, "with fast: torch.compile the one-token step (compiles once per batch shape)")
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

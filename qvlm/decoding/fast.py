@@ -32,8 +32,9 @@ from transformers import PreTrainedModel
 
 from qvlm.decoding.step import StepOutput
 from qvlm.errors import QVLMError
+from qvlm.heads import MLPHead, QVHeads
 
-__all__ = ["FastDecodeStep", "Matmul", "check_supported", "rms_norm", "apply_rope"]
+__all__ = ["FastDecodeStep", "FastHeads", "Matmul", "check_supported", "rms_norm", "apply_rope"]
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -176,7 +177,7 @@ class FastDecodeStep:
         """The LM head on last hidden states, in float32: (B, H) -> (B, V)."""
         return self.unembed(hidden).to(torch.float32)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1, logits: bool = True
     ) -> StepOutput:
@@ -192,7 +193,8 @@ class FastDecodeStep:
         causal = torch.ones((L, L), dtype=torch.bool, device=input_ids.device).tril()
         mask = causal & self.valid[:, None, :L]  # (B, L, L)
         mask |= torch.eye(L, dtype=torch.bool, device=input_ids.device)
-        h = self._forward(input_ids, positions, mask[:, None], 0)[:, -1]  # (B, H)
+        slots = torch.arange(L, device=input_ids.device)
+        h = self._forward(input_ids, positions, mask[:, None], slots)[:, -1]  # (B, H)
         self.length = L
         self.positions = attention_mask.sum(-1)
         if repeat > 1:  # one prefill per prompt; its responses share (copies of) its cache rows
@@ -200,17 +202,18 @@ class FastDecodeStep:
             h = h.repeat_interleave(repeat, 0)
         return StepOutput(h, self.logits(h) if logits else None, None)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, logits: bool = True) -> StepOutput:
         """Append one token per row (B,) and run it: the next state's hidden state and logits."""
         if self.length == self.kv.shape[-2]:
             self._grow()
         t = self.length
         self.valid[:, t] = True
-        if self._step_fn is not None:
-            h = self._step_fn(tokens[:, None], self.positions[:, None], self.valid[:, None, None, :], t)
+        slot = torch.tensor([t], device=tokens.device)
+        if self._step_fn is not None:  # fixed shapes: attend over the whole capacity, masked
+            h = self._step_fn(tokens[:, None], self.positions[:, None], self.valid[:, None, None, :], slot)
         else:
-            h = self._forward(tokens[:, None], self.positions[:, None], self.valid[:, None, None, : t + 1], t)
+            h = self._forward(tokens[:, None], self.positions[:, None], self.valid[:, None, None, : t + 1], slot)
         h = h[:, -1]  # (B, H)
         self.length += 1
         self.positions = self.positions + 1
@@ -229,13 +232,13 @@ class FastDecodeStep:
         self.kv = torch.cat([self.kv, self.kv.new_zeros((*self.kv.shape[:-2], extra, self.head_dim))], dim=-2)
         self.valid = torch.cat([self.valid, self.valid.new_zeros((self.valid.shape[0], extra))], dim=-1)
 
-    def _forward_static(self, ids, positions, mask, start: int) -> torch.Tensor:
-        return self._forward(ids, positions, mask, start)
+    def _forward_static(self, ids, positions, mask, slots) -> torch.Tensor:
+        return self._forward(ids, positions, mask, slots)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-        """The decoder on ``ids`` (B, T) at ``positions`` (B, T), writing cache slots ``start ..
-        start + T - 1`` and attending over slots ``0 .. mask.shape[-1] - 1`` where ``mask``
-        (B, 1, T, S) allows: (B, T) -> final-norm hidden states (B, T, H)."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor):
+        """The decoder on ``ids`` (B, T) at ``positions`` (B, T), writing cache slots ``slots`` (T,)
+        in place and attending over slots ``0 .. mask.shape[-1] - 1`` where ``mask`` (B, 1, T, S)
+        allows: (B, T) -> final-norm hidden states (B, T, H)."""
         B, T = ids.shape
         x = F.embedding(ids, self.embed)  # (B, T, H)
         cos, sin = self.rotary(x, positions)  # (B, T, d)
@@ -247,8 +250,8 @@ class FastDecodeStep:
             q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, h, T, d)
             k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)  # (B, kv, T, d)
             cache = self.kv[i]  # (2, B, kv, capacity, d)
-            cache[0, :, :, start : start + T] = k
-            cache[1, :, :, start : start + T] = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2))
             attn = F.scaled_dot_product_attention(
                 q,
                 cache[0, :, :, :S],
@@ -261,3 +264,51 @@ class FastDecodeStep:
             gate, up = w.gate_up(rms_norm(x, w.mlp_norm, eps_mlp)).chunk(2, dim=-1)  # (B, T, I) each
             x = x + w.down(F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
+
+
+class FastHeads:
+    """Q/V heads for decoding on the fast path: the same ``advantages`` and ``values`` as
+    :class:`qvlm.heads.QVHeads` (to float32 rounding), for :func:`qvlm.decoding.guidance.guided_scores`.
+
+    For MLP heads the first layers of the V head and every online Q head run as one matmul
+    (``(1 + n_q) * width`` outputs) and the vocabulary-sized output layers on oneDNN-packed
+    weights (:class:`Matmul`): full-vocabulary guidance then costs two packed LM-head-sized
+    matmuls instead of two ``F.linear`` ones. Tied Q heads (and V-only heads) use ``heads`` as they are.
+    Built once per decoding batch, from the heads' current weights.
+    """
+
+    def __init__(self, heads: QVHeads):
+        self.heads = heads
+        self.has_q = heads.has_q
+        self.mlp = heads.has_q and all(isinstance(q, MLPHead) for q in heads.q_heads)
+        if not self.mlp:
+            return
+        mlps = [heads.v_head, *heads.q_heads]
+        self.width = heads.config.width
+        self.first = Matmul(torch.cat([m.net[0].weight for m in mlps]), torch.cat([m.net[0].bias for m in mlps]))
+        self.v_out = heads.v_head.net[2]
+        self.q_out = [Matmul(q.net[2].weight, q.net[2].bias) for q in heads.q_heads]
+
+    def _hidden(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """ReLU of every head's first layer: (B, H) -> [(B, width)] * (1 + n_q), V first."""
+        return list(torch.relu(self.first(h)).split(self.width, dim=-1))
+
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """``V(s)``: (B, H) -> (B,)."""
+        return self.heads.values(h)
+
+    @torch.no_grad()
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``min_i Q_i(s, a) - V(s)``: (B, H) -> (B, V), or (B, k) for ``tokens`` (B, k)."""
+        if not self.mlp:
+            return self.heads.advantages(h, tokens)
+        z_v, *z_q = self._hidden(h)
+        v = F.linear(z_v, self.v_out.weight, self.v_out.bias)  # (B, 1)
+        if tokens is None:
+            q = torch.stack([out(z) for out, z in zip(self.q_out, z_q)]).min(0).values  # (B, V)
+        else:  # the rows of the output layers that the tokens pick (MLPHead.select)
+            picked = [
+                (out.weight[tokens] @ z[..., None]).squeeze(-1) + out.bias[tokens] for out, z in zip(self.q_out, z_q)
+            ]
+            q = torch.stack(picked).min(0).values  # (B, k)
+        return q - v

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from qvlm.configs import DecodeConfig
+from qvlm.decoding.fast import FastDecodeStep, FastHeads
 from qvlm.decoding.guidance import candidate_mass, guided_scores
 from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
@@ -302,7 +303,11 @@ def _sample_batch(
     B = input_ids.shape[0] * n
     warp = warpers(cfg)
     topk = cfg.guidance_top_k if track_kl else 0
-    decoder = DecodeStep(model, use_cache=use_cache)
+    if cfg.fast and use_cache:  # the fast path keeps a cache by construction
+        decoder = FastDecodeStep(model, max_new_tokens=cfg.max_new_tokens, compile=cfg.fast_compile)
+        heads = FastHeads(heads) if heads is not None else None
+    else:
+        decoder = DecodeStep(model, use_cache=use_cache)
     generators = None
     if row_seeds is not None and cfg.do_sample:
         generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
