@@ -7,7 +7,14 @@ Rows (each at every batch size, same prompts, same number of new tokens per row)
 3. ``qvlm beta=1``            :func:`qvlm.decoding.generate` with Q/V heads (random weights; speed
                               does not depend on them).
 4. ``hf-generate + processor`` HF ``generate`` with :class:`ValueGuidanceLogitsProcessor`, beta=1.
-5. ``naive no-cache loop``    the guided loop on the decoding step's no-cache mode
+5. ``qvlm fast beta=0``       the same on the fast path (``DecodeConfig.fast``: static KV cache,
+                              hand-written Llama step, :mod:`qvlm.decoding.fast`).
+6. ``qvlm fast beta=1``       the fast path with guidance on the whole vocabulary (twin Q heads:
+                              two vocabulary-sized matmuls more per step, ~43% more FLOPs).
+7. ``qvlm fast beta=1 top-k`` the fast path guiding the base model's ``--guidance-top-k``
+                              likeliest tokens only (Q on k candidates: the practical setting).
+   ``... compiled``           with ``--compile``: rows 5 and 7 with the step under ``torch.compile``.
+8. ``naive no-cache loop``    the guided loop on the decoding step's no-cache mode
                               (``sample_rollout(..., use_cache=False)``): it re-runs the whole model
                               on the whole sequence every step (no KV cache, logits at every
                               position) and applies the heads to the last hidden state. This is
@@ -77,6 +84,9 @@ HF_PLAIN = "hf-generate (plain sampling)"
 QV_B0 = "qvlm.generate beta=0"
 QV_B1 = "qvlm.generate beta=1"
 HF_PROC = "hf-generate + ValueGuidanceLogitsProcessor beta=1"
+FAST_B0 = "qvlm fast beta=0"
+FAST_B1 = "qvlm fast beta=1"
+FAST_B1_TOPK = "qvlm fast beta=1 guidance_top_k={k}"
 NAIVE = "naive no-cache guided loop beta=1 (trlx-style hand loop)"
 
 
@@ -108,9 +118,11 @@ def hf_generate(model, pad_id, eos_id, processor=None):
     return run
 
 
-def qvlm_generate(model, tokenizer, heads, beta: float):
+def qvlm_generate(model, tokenizer, heads, beta: float, **decode):
+    """:func:`qvlm.decoding.generate`; ``decode``: more DecodeConfig fields (fast, guidance_top_k, ...)."""
+
     def run(prompts: list[list[int]], n: int) -> int:
-        cfg = DecodeConfig(max_new_tokens=n, do_sample=True, top_k=0, beta=beta, batch_size=len(prompts))
+        cfg = DecodeConfig(max_new_tokens=n, do_sample=True, top_k=0, beta=beta, batch_size=len(prompts), **decode)
         res = generate(model, tokenizer, prompts, heads=heads if beta else None, cfg=cfg)
         return sum(len(r) for r in res.response_ids)
 
@@ -167,7 +179,7 @@ def time_interleaved(methods, prompts, ns, repeats: int, seed: int):
     return times, counts
 
 
-def param_counts(model, heads) -> dict[str, int]:
+def param_counts(model, heads, guidance_top_k: int) -> dict[str, int]:
     lm_head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     lm = lm_head.weight.numel()
@@ -181,6 +193,7 @@ def param_counts(model, heads) -> dict[str, int]:
         "lm_head": lm,
         "trunk_touched_per_token": trunk_nonembed + lm,
         "heads_touched_per_token": touched_heads,  # V head + online Q heads (targets unused)
+        "heads_topk_per_token": heads.decode_macs_per_token(guidance_top_k),  # Q on k candidates
         "heads_total": sum(p.numel() for p in heads.parameters()),
     }
 
@@ -193,7 +206,7 @@ def analytic_flops(kind: str, L: int, n: int, pc: dict[str, int]) -> tuple[float
     computes logits for all of them). The whole call adds the prefill of the cached methods.
     """
     tn, lm, hd = pc["trunk_nonembedding"], pc["lm_head"], pc["heads_touched_per_token"]
-    extra = hd if kind in ("guided", "naive") else 0
+    extra = {"guided": hd, "naive": hd, "guided_topk": pc["heads_topk_per_token"]}.get(kind, 0)
     if kind == "naive":
         total = 2.0 * (sum((L + t) * (tn + lm) for t in range(n)) + n * hd)
         return total / n, total
@@ -201,6 +214,13 @@ def analytic_flops(kind: str, L: int, n: int, pc: dict[str, int]) -> tuple[float
     # prefill L positions + n - 1 one-token steps; logits (and heads) at n positions
     total = 2.0 * ((L + n - 1) * tn + n * (lm + extra))
     return step, total
+
+
+def fast_ratio(name: str, median_s: float, medians: dict[str, float]) -> float | None:
+    """A fast row's time over the fast plain row's (compiled rows: over the compiled plain row's)."""
+    if not name.startswith("qvlm fast"):
+        return None
+    return median_s / medians[FAST_B0 + (" compiled" if name.endswith(" compiled") else "")]
 
 
 def machine_info() -> dict:
@@ -225,14 +245,15 @@ def atomic_write_json(path: Path, data: dict) -> None:
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| method | batch | new tokens/row | median s | tokens/s | ms/step | vs HF plain "
-        "| analytic cost vs plain | analytic, whole call |"
+        "| analytic cost vs plain | analytic, whole call | time vs fast plain |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['new_tokens']} | {r['median_s']:.3f} "
             f"| {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['speed_vs_hf_plain']:.2f}x "
-            f"| {r['analytic_cost_vs_plain']:.2f}x | {r['analytic_cost_vs_plain_whole_call']:.2f}x |"
+            f"| {r['analytic_cost_vs_plain']:.2f}x | {r['analytic_cost_vs_plain_whole_call']:.2f}x "
+            f"| {'' if r['time_vs_fast_plain'] is None else format(r['time_vs_fast_plain'], '.2f') + 'x'} |"
         )
     return "\n".join(lines)
 
@@ -262,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         "processes, fewer threads than cores avoids oversubscription stalls",
     )
     ap.add_argument("--skip-naive", action="store_true", help="leave out the no-cache loop")
+    ap.add_argument(
+        "--guidance-top-k", type=int, default=20, help="candidates guided in the fast top-k row (default 20)"
+    )
+    ap.add_argument("--compile", action="store_true", help="add the fast rows with the step under torch.compile")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output JSON (default {DEFAULT_JSON})")
     args = ap.parse_args(argv)
     if args.new_tokens < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
@@ -284,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     unreachable_eos = vocab  # no logit exists for this id, so it is never sampled
-    pc = param_counts(model, heads)
+    pc = param_counts(model, heads, args.guidance_top_k)
     encoded = [encode_prompt(tokenizer, p) for p in PROMPTS]
 
     methods = [
@@ -293,6 +318,22 @@ def main(argv: list[str] | None = None) -> int:
         (QV_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0)),
         (HF_PROC, "guided", hf_generate(model, pad_id, unreachable_eos, ValueGuidanceLogitsProcessor(heads, 1.0))),
     ]
+    k = args.guidance_top_k
+    fast_topk = FAST_B1_TOPK.format(k=k)
+    methods += [
+        (FAST_B0, "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True)),
+        (FAST_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0, fast=True)),
+        (fast_topk, "guided_topk", qvlm_generate(model, tokenizer, heads, 1.0, fast=True, guidance_top_k=k)),
+    ]
+    if args.compile:
+        methods += [
+            (FAST_B0 + " compiled", "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True, fast_compile=True)),
+            (
+                fast_topk + " compiled",
+                "guided_topk",
+                qvlm_generate(model, tokenizer, heads, 1.0, fast=True, fast_compile=True, guidance_top_k=k),
+            ),
+        ]
     if not args.skip_naive:
         methods.append((NAIVE, "naive", naive_loop(model, tokenizer, heads, 1.0)))
 
@@ -307,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch size {bs} (padded prompt length {L})", file=sys.stderr, flush=True)
             times, counts = time_interleaved(methods, prompts, ns, args.repeats, args.seed)
             hf_tps = None
+            fast_s = {name: statistics.median(ts) for (name, _k, _f), ts in zip(methods, times)}
             for (name, kind, _fn), n, ts, cs in zip(methods, ns, times, counts):
                 med = statistics.median(ts)
                 if len(set(cs)) != 1 or cs[0] != bs * n:
@@ -329,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                         "ms_per_step": 1000 * med / n,
                         "ms_per_token": 1000 * med / cs[0],
                         "speed_vs_hf_plain": tps / hf_tps if hf_tps else float("nan"),
+                        # the fast rows: time over the fast plain row's (guidance overhead: this - 1)
+                        "time_vs_fast_plain": fast_ratio(name, med, fast_s),
                         "analytic_cost_vs_plain": step / plain_step,
                         "analytic_cost_vs_plain_whole_call": total / plain_total,
                         "analytic_gflops_per_row_step": step / 1e9,
@@ -357,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "sampling": "do_sample=True, top_k=0, top_p=1, temperature=1",
             "beta_guided": 1.0,
+            "guidance_top_k": args.guidance_top_k,
+            "compile": args.compile,
             "eos": "unreachable for every method (each row writes exactly new_tokens per prompt)",
             "heads": "random QVModel.from_trunk(model, num_q_heads=q_heads).heads; decoding runs the "
             "V head and the online Q heads (min over Q heads)",

@@ -149,3 +149,18 @@ def test_generate_cli_fast(tiny_dir, tmp_path):
     fast = tmp_path / "fast.jsonl"
     assert main([*args, "--seed", "0", "--fast", "--out", str(fast)]) == 0
     assert fast.read_text() == out.read_text()
+
+
+def test_fused_weights_are_reused_and_rebuilt_when_the_weights_change():
+    model, _ = tiny_model("llama", seed=1)
+    ids, mask = left_pad(SEQS, 0)
+    first = FastDecodeStep(model)
+    assert FastDecodeStep(model).layers is first.layers  # built once per model
+    with torch.no_grad():  # an optimiser step changes weights in place
+        model.base_model.layers[0].mlp.up_proj.weight.mul_(2.0)
+    fast = FastDecodeStep(model)
+    assert fast.layers is not first.layers
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast.prefill(ids, mask).logits, DecodeStep(model).prefill(ids, mask).logits, atol=1e-5, rtol=0
+        )

@@ -23,6 +23,7 @@ built per decoding batch in :mod:`qvlm.decoding.sampling`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,16 @@ from qvlm.decoding.step import StepOutput
 from qvlm.errors import QVLMError
 from qvlm.heads import MLPHead, QVHeads
 
-__all__ = ["FastDecodeStep", "FastHeads", "Matmul", "check_supported", "rms_norm", "apply_rope"]
+__all__ = [
+    "FastDecodeStep",
+    "FastHeads",
+    "Matmul",
+    "built_for",
+    "check_supported",
+    "fast_heads",
+    "rms_norm",
+    "apply_rope",
+]
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -136,6 +146,30 @@ def _fuse(layer: nn.Module) -> _Layer:
     )
 
 
+_BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def built_for(module: nn.Module, build):
+    """``build(module)``, kept while ``module`` lives and its parameters are unchanged.
+
+    Fused and packed copies of a model's weights take about a second to build for SmolLM2-135M,
+    as long as eight decoding steps, and a decoding loop builds a step per batch. They are rebuilt
+    when any parameter is replaced or changed in place (its storage or version counter moves), as
+    an optimiser step or ``load_state_dict`` does between the rollouts of a trainer.
+    """
+    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    hit = _BUILT.get(module)
+    if hit is None or hit[0] != key:
+        hit = (key, build(module))
+        _BUILT[module] = hit
+    return hit[1]
+
+
+def _fuse_model(model: PreTrainedModel) -> tuple[list[_Layer], Matmul]:
+    lm_head = model.get_output_embeddings()
+    return [_fuse(layer) for layer in model.base_model.layers], Matmul(lm_head.weight, lm_head.bias)
+
+
 class FastDecodeStep:
     """Prefill, then one token per row per step, on a static KV cache: :class:`DecodeStep`'s
     interface and logits (to rounding) for Llama-family models.
@@ -150,8 +184,7 @@ class FastDecodeStep:
         base = model.base_model
         config = model.config
         self.model = model
-        lm_head = model.get_output_embeddings()
-        self.unembed = Matmul(lm_head.weight, lm_head.bias)
+        self.layers, self.unembed = built_for(model, _fuse_model)
         self.max_new_tokens = max_new_tokens
         self.embed = base.embed_tokens.weight.detach()
         self.rotary = base.rotary_emb
@@ -164,7 +197,6 @@ class FastDecodeStep:
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
         self.scale = base.layers[0].self_attn.scaling
-        self.layers = [_fuse(layer) for layer in base.layers]
         self.kv: torch.Tensor | None = None  # (layers, 2, B, kv_heads, capacity, head_dim)
         self.valid: torch.Tensor | None = None  # (B, capacity): slot holds a real token
         self.positions: torch.Tensor | None = None  # (B,): the next token's position id
@@ -264,6 +296,11 @@ class FastDecodeStep:
             gate, up = w.gate_up(rms_norm(x, w.mlp_norm, eps_mlp)).chunk(2, dim=-1)  # (B, T, I) each
             x = x + w.down(F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
+
+
+def fast_heads(heads: QVHeads) -> FastHeads:
+    """:class:`FastHeads` for ``heads``, built once while their weights stay the same (:func:`built_for`)."""
+    return built_for(heads, FastHeads)
 
 
 class FastHeads:

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from qvlm.configs import DecodeConfig
-from qvlm.decoding.fast import FastDecodeStep, FastHeads
+from qvlm.decoding.fast import FastDecodeStep, fast_heads
 from qvlm.decoding.guidance import candidate_mass, guided_scores
 from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
@@ -305,7 +305,7 @@ def _sample_batch(
     topk = cfg.guidance_top_k if track_kl else 0
     if cfg.fast and use_cache:  # the fast path keeps a cache by construction
         decoder = FastDecodeStep(model, max_new_tokens=cfg.max_new_tokens, compile=cfg.fast_compile)
-        heads = FastHeads(heads) if heads is not None else None
+        heads = fast_heads(heads) if heads is not None else None
     else:
         decoder = DecodeStep(model, use_cache=use_cache)
     generators = None
