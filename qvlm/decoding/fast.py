@@ -79,8 +79,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (Su et al. 2021, rotate-half form as in Llama): x (B, heads, T, d), cos/sin (B, T, d)."""
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+    """Rotary embedding (Su et al. 2021, rotate-half form as in Llama): x (N, heads, d), cos/sin (N, d)."""
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, d)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -201,7 +201,7 @@ class FastDecodeStep:
         self.valid: torch.Tensor | None = None  # (B, capacity): slot holds a real token
         self.positions: torch.Tensor | None = None  # (B,): the next token's position id
         self.length = 0  # slots written
-        self._step_fn = torch.compile(self._forward_static, dynamic=False) if compile else None
+        self._step_fn = torch.compile(self._step_forward, dynamic=False) if compile else None
 
     # ---- the interface of DecodeStep ------------------------------------------------------------
 
@@ -214,19 +214,32 @@ class FastDecodeStep:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1, logits: bool = True
     ) -> StepOutput:
         """Run the prompts (B, L) once into a fresh cache; with ``repeat = n`` each row then stands
-        for its ``n`` responses (rows ``b * n .. b * n + n - 1``)."""
+        for its ``n`` responses (rows ``b * n .. b * n + n - 1``).
+
+        The matmuls run on the prompts' real tokens only, packed into one (N, H) block (left padding
+        costs them nothing; ``generate`` runs every padded position); attention runs per prompt in
+        the padded layout of the cache."""
         B, L = input_ids.shape
         capacity = L + self.max_new_tokens + 1
         self.kv = self.final_norm.new_zeros((len(self.layers), 2, B, self.n_kv, capacity, self.head_dim))
         self.valid = torch.zeros((B, capacity), dtype=torch.bool, device=input_ids.device)
         self.valid[:, :L] = attention_mask.bool()
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L), as DecodeStep
+        rows, cols = attention_mask.nonzero(as_tuple=True)  # (N,) each: the real tokens, row by row
+        positions = (attention_mask.cumsum(-1) - 1)[rows, cols]  # (N,): each row counts from 0, as DecodeStep
         # causal and not padding; a padding query sees itself, so no row of the softmax is empty
         causal = torch.ones((L, L), dtype=torch.bool, device=input_ids.device).tril()
-        mask = causal & self.valid[:, None, :L]  # (B, L, L)
-        mask |= torch.eye(L, dtype=torch.bool, device=input_ids.device)
-        slots = torch.arange(L, device=input_ids.device)
-        h = self._forward(input_ids, positions, mask[:, None], slots)[:, -1]  # (B, H)
+        mask = (causal & self.valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=input_ids.device)
+
+        def attend(cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache[0][rows, :, cols] = k  # (N, kv, d) into (B, kv, capacity, d)
+            cache[1][rows, :, cols] = v
+            q_pad = q.new_zeros((B, L, *q.shape[1:]))  # (B, L, h, d)
+            q_pad[rows, cols] = q
+            out = self._sdpa(q_pad.transpose(1, 2), cache[:, :, :, :L], mask[:, None])  # (B, h, L, d)
+            return out.transpose(1, 2)[rows, cols]  # (N, h, d)
+
+        h = self._forward(input_ids[rows, cols], positions, attend)  # (N, H)
+        h = h[attention_mask.sum(-1).cumsum(0) - 1]  # (B, H): each prompt's last token (left padding)
         self.length = L
         self.positions = attention_mask.sum(-1)
         if repeat > 1:  # one prefill per prompt; its responses share (copies of) its cache rows
@@ -243,10 +256,9 @@ class FastDecodeStep:
         self.valid[:, t] = True
         slot = torch.tensor([t], device=tokens.device)
         if self._step_fn is not None:  # fixed shapes: attend over the whole capacity, masked
-            h = self._step_fn(tokens[:, None], self.positions[:, None], self.valid[:, None, None, :], slot)
+            h = self._step_fn(tokens, self.positions, self.valid[:, None, None, :], slot)
         else:
-            h = self._forward(tokens[:, None], self.positions[:, None], self.valid[:, None, None, : t + 1], slot)
-        h = h[:, -1]  # (B, H)
+            h = self._step_forward(tokens, self.positions, self.valid[:, None, None, : t + 1], slot)
         self.length += 1
         self.positions = self.positions + 1
         return StepOutput(h, self.logits(h) if logits else None, None)
@@ -264,36 +276,39 @@ class FastDecodeStep:
         self.kv = torch.cat([self.kv, self.kv.new_zeros((*self.kv.shape[:-2], extra, self.head_dim))], dim=-2)
         self.valid = torch.cat([self.valid, self.valid.new_zeros((self.valid.shape[0], extra))], dim=-1)
 
-    def _forward_static(self, ids, positions, mask, slots) -> torch.Tensor:
-        return self._forward(ids, positions, mask, slots)
+    def _sdpa(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Grouped-query attention of q (B, h, T, d) over kv (2, B, kv_heads, S, d) where mask
+        (B, 1, T, S) allows: (B, h, T, d)."""
+        gqa = self.n_kv != self.n_heads
+        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=self.scale, enable_gqa=gqa)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor):
-        """The decoder on ``ids`` (B, T) at ``positions`` (B, T), writing cache slots ``slots`` (T,)
-        in place and attending over slots ``0 .. mask.shape[-1] - 1`` where ``mask`` (B, 1, T, S)
-        allows: (B, T) -> final-norm hidden states (B, T, H)."""
-        B, T = ids.shape
-        x = F.embedding(ids, self.embed)  # (B, T, H)
-        cos, sin = self.rotary(x, positions)  # (B, T, d)
-        S = mask.shape[-1]
+    def _step_forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor):
+        """One token per row: tokens and positions (B,), mask (B, 1, 1, S), cache slot ``slot`` (1,)."""
+
+        def attend(cache: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache[0].index_copy_(2, slot, k[:, :, None])  # (B, kv, 1, d) into (B, kv, capacity, d)
+            cache[1].index_copy_(2, slot, v[:, :, None])
+            return self._sdpa(q[:, :, None], cache[:, :, :, : mask.shape[-1]], mask)[:, :, 0]  # (B, h, d)
+
+        return self._forward(tokens, positions, attend)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder on tokens ``ids`` (N,) at ``positions`` (N,): -> final-norm hidden states (N, H).
+
+        ``attend(cache, q, k, v)`` writes a layer's keys and values (N, kv_heads, d) into its cache
+        (2, B, kv_heads, capacity, d) and returns the attention output (N, heads, d)."""
+        N = ids.shape[0]
+        x = F.embedding(ids, self.embed)  # (N, H)
+        cos, sin = (c[0] for c in self.rotary(x, positions[None]))  # (N, d), the model's own RoPE
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         for i, (w, (eps_attn, eps_mlp)) in enumerate(zip(self.layers, self.layer_eps)):
-            qkv = w.qkv(rms_norm(x, w.attn_norm, eps_attn))  # (B, T, q + 2 kv)
+            qkv = w.qkv(rms_norm(x, w.attn_norm, eps_attn))  # (N, q + 2 kv)
             q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
-            q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, h, T, d)
-            k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)  # (B, kv, T, d)
-            cache = self.kv[i]  # (2, B, kv, capacity, d)
-            cache[0].index_copy_(2, slots, k)
-            cache[1].index_copy_(2, slots, v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2))
-            attn = F.scaled_dot_product_attention(
-                q,
-                cache[0, :, :, :S],
-                cache[1, :, :, :S],
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.n_kv != self.n_heads,
-            )  # (B, h, T, d)
-            x = x + w.o(attn.transpose(1, 2).reshape(B, T, q_width))
-            gate, up = w.gate_up(rms_norm(x, w.mlp_norm, eps_mlp)).chunk(2, dim=-1)  # (B, T, I) each
+            q = apply_rope(q.view(N, self.n_heads, self.head_dim), cos, sin)  # (N, h, d)
+            k = apply_rope(k.view(N, self.n_kv, self.head_dim), cos, sin)  # (N, kv, d)
+            attn = attend(self.kv[i], q, k, v.view(N, self.n_kv, self.head_dim))  # (N, h, d)
+            x = x + w.o(attn.reshape(N, q_width))
+            gate, up = w.gate_up(rms_norm(x, w.mlp_norm, eps_mlp)).chunk(2, dim=-1)  # (N, I) each
             x = x + w.down(F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
 
