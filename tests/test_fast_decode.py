@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qvlm.cli import main
-from qvlm.decoding import DecodeConfig, DecodeStep, generate, guided_scores, left_pad
+from qvlm.decoding import DecodeConfig, DecodeStep, blockwise_generate, generate, guided_scores, left_pad
 from qvlm.decoding.fast import FastDecodeStep, FastHeads, Matmul, check_supported
 from qvlm.errors import QVLMError
 from qvlm.mdp import encode_prompt
@@ -164,3 +164,14 @@ def test_fused_weights_are_reused_and_rebuilt_when_the_weights_change():
         torch.testing.assert_close(
             fast.prefill(ids, mask).logits, DecodeStep(model).prefill(ids, mask).logits, atol=1e-5, rtol=0
         )
+
+
+def test_blockwise_on_the_fast_step_equals_the_standard_step():
+    """Blockwise decoding keeps and repeats rows with select(rows) at every block end."""
+    model, tok = tiny_model("llama", seed=5)
+    heads = strong_heads(model, seed=2)
+    cfg = dict(max_new_tokens=10, seed=3, top_k=0)
+    run = dict(candidates=3, block_size=2)
+    slow = blockwise_generate(model, tok, PROMPTS, heads, cfg=DecodeConfig(**cfg), **run)
+    fast = blockwise_generate(model, tok, PROMPTS, heads, cfg=DecodeConfig(**cfg, fast=True), **run)
+    assert fast.response_ids == slow.response_ids

@@ -15,6 +15,7 @@ import torch
 
 from qvlm.configs import DecodeConfig
 from qvlm.decoding.best_of_n import best_of_n_kl_estimate
+from qvlm.decoding.fast import FastDecodeStep
 from qvlm.decoding.sampling import GenerationResult, batch_inputs, cut_at_eos, encode_prompts, warpers
 from qvlm.decoding.step import DecodeStep
 from qvlm.errors import QVLMError
@@ -63,7 +64,10 @@ def _blockwise_batch(model, tokenizer, prompt_ids, heads, K, block_size, cfg, re
     pad_id, eos, ids, mask = batch_inputs(model, tokenizer, prompt_ids)  # (B, L): each prompt is prefilled once
     device, B = ids.device, ids.shape[0]
     warp = warpers(cfg)
-    decoder = DecodeStep(model)
+    if cfg.fast:
+        decoder = FastDecodeStep(model, max_new_tokens=cfg.max_new_tokens, compile=cfg.fast_compile)
+    else:
+        decoder = DecodeStep(model)
     unfinished = torch.ones(B * K, dtype=torch.bool, device=device)
     live = unfinished  # candidates whose last fed token is a real, non-EOS token
     generated = ids.repeat_interleave(K, 0)  # (B*K, L)
