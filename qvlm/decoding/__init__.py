@@ -1,6 +1,8 @@
 """Decoding: plain, value-guided, blockwise and best-of-N, on one KV-cached decoding step.
 
 - :mod:`qvlm.decoding.step`: prefill and one KV-cached step (:class:`DecodeStep`), the only model call.
+- :mod:`qvlm.decoding.fast`: the same interface on a static KV cache and a hand-written Llama step
+  (:class:`FastDecodeStep`, ``DecodeConfig.fast``), with :class:`FastHeads` for guidance.
 - :mod:`qvlm.decoding.sampling`: the batched loop (:func:`sample_rollout` -> :class:`qvlm.rollout.Rollout`,
   :func:`generate` -> :class:`GenerationResult`) and its helpers.
 - :mod:`qvlm.decoding.guidance`: ``logits + beta * (Q - V)``, and the ``LogitsProcessor`` for ``model.generate``.
@@ -17,6 +19,7 @@ from qvlm.decoding.best_of_n import (
     select_best_of_n,
 )
 from qvlm.decoding.blockwise import blockwise_generate
+from qvlm.decoding.fast import FastDecodeStep, FastHeads
 from qvlm.decoding.guidance import (
     ValueGuidanceLogitsProcessor,
     candidate_mass,
@@ -43,6 +46,8 @@ __all__ = [
     "sample_rollout",
     "DecodeStep",
     "StepOutput",
+    "FastDecodeStep",
+    "FastHeads",
     "left_pad",
     "cut_at_eos",
     "warpers",
