@@ -264,6 +264,7 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights of every row alike")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument(
@@ -302,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     t_load = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t_load
     torch.manual_seed(args.seed)
-    heads = QVModel.from_trunk(model, num_q_heads=args.q_heads).heads.eval()
+    heads = QVModel.from_trunk(model, num_q_heads=args.q_heads).heads.eval().to(model.dtype)
     pad_id = tokenizer.pad_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     unreachable_eos = vocab  # no logit exists for this id, so it is never sampled
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "decode_speed",
         "model": args.model,
         "settings": {
+            "dtype": args.dtype,
             "batch_sizes": args.batch_sizes,
             "new_tokens": args.new_tokens,
             "naive_new_tokens": naive_n,
