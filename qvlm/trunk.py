@@ -30,11 +30,13 @@ def gather_positions(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
 
 
-def _forward(trunk: PreTrainedModel, input_ids, attention_mask, logits_at: slice | None = None, **kwargs):
+def _forward(trunk: PreTrainedModel, input_ids, attention_mask, logits_at=None, **kwargs):
     out = trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     h = out.last_hidden_state  # (B, L, H)
-    logits = trunk.get_output_embeddings()(h[:, logits_at]) if logits_at is not None else None  # (B, L', V)
-    return h, logits, out
+    if logits_at is None:
+        return h, None, out
+    at = gather_positions(h, logits_at) if isinstance(logits_at, torch.Tensor) else h[:, logits_at]  # (B, L', H)
+    return h, trunk.get_output_embeddings()(at), out  # logits (B, L', V)
 
 
 def _logits(trunk: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
@@ -46,9 +48,12 @@ def sharded(trunk: PreTrainedModel) -> bool:
     return "qvlm_forward" in vars(trunk)
 
 
-def trunk_forward(trunk: PreTrainedModel, input_ids, attention_mask, logits_at: slice | None = None, **kwargs):
+def trunk_forward(
+    trunk: PreTrainedModel, input_ids, attention_mask, logits_at: slice | torch.Tensor | None = None, **kwargs
+):
     """One pass of the trunk: the last hidden states (after its final norm) ``(B, L, H)``, the LM
-    logits of positions ``logits_at`` ``(B, L', V)`` (None when not asked for) and the output of
+    logits of positions ``logits_at`` (a slice, or per-row positions ``(B, L')``) ``(B, L', V)``
+    (None when not asked for) and the output of
     ``trunk.base_model`` (the decoder without the LM head, so no vocabulary-sized logits are
     computed for positions nobody reads).
 

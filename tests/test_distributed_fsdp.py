@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.actor_critic import ActorCritic
+from qvlm.algos.ilql import ILQLConfig, train_ilql
 from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.algos.value import ValueConfig, value_loss
 from qvlm.cli import main
@@ -88,6 +89,59 @@ def test_fsdp_full_trunk_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=k)
     # the tied LM head followed the sharded embedding
     torch.testing.assert_close(got["trunk.lm_head.weight"], got["trunk.model.embed_tokens.weight"], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- ILQL, full trunk, --fsdp
+
+
+def _ilql(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
+    """ILQL (AWAC on: the LM logits come from the sharded trunk's pass) for 6 steps, checkpoints
+    every 2; ``kill`` stops it after step 3 (a checkpoint at step 2)."""
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1 if resume else 0)  # a resumed run restores the heads from its checkpoint
+    qv = QVModel.from_trunk(model, TrunkConfig("full"))
+    cfg = ILQLConfig(steps=6, batch_size=4, max_length=32, progress=False, checkpoint_every=2, trunk_lr=1e-3,
+                     fsdp=fsdp)  # fmt: skip
+    try:
+        train_ilql(qv, tok, SAMPLES, cfg, run_dir=run_dir, resume=resume,
+                   callbacks=[_kill_after_step_3] if kill else [])  # fmt: skip
+    except Kill:
+        pass
+
+
+def _kill_after_step_3(step: int, floats: dict) -> None:
+    if step == 3:
+        raise Kill
+
+
+def _ilql_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    try:
+        _ilql(run_dir, fsdp=True, resume=resume, kill=kill)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
+    """ILQL --trunk full --fsdp in 2 processes, killed and resumed, against 1 process without FSDP:
+    the heads (target Q heads included) and every trunk weight agree to 1e-5."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    _ilql(str(one), fsdp=False)
+    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    assert not (two / "heads.safetensors").exists()
+    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    for name in ("heads.safetensors", "trunk.safetensors"):
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    before, _ = tiny_model("llama", seed=0)
+    moved = a["model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
+    assert float(moved.abs().max()) > 1e-3  # the trunk trained
 
 
 # ---------------------------------------------------------------- PPO, full trunk, --fsdp
@@ -183,3 +237,11 @@ def test_fsdp_refuses_lora_and_one_process(tmp_path, capsys):
     assert len(err) == 1 and "--fsdp shards the weights over several processes, but this is one" in err[0]
     assert main(args[:-3] + ["--fsdp"]) == 2  # --trunk lora (the default)
     assert "not --trunk lora" in capsys.readouterr().err
+    # offline trainers: the default frozen trunk, and one process, refused before the model loads
+    (tmp_path / "s.jsonl").write_text(json.dumps({"prompt": "a", "response": "b", "reward": 1.0}) + "\n")
+    value = ["train", "value", "--model", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "s.jsonl"),
+             "--out", str(tmp_path / "v"), "--fsdp"]  # fmt: skip
+    assert main(value) == 2
+    assert "not --trunk frozen" in capsys.readouterr().err
+    assert main(value + ["--trunk", "full"]) == 2
+    assert "but this is one" in capsys.readouterr().err

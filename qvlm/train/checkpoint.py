@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -133,25 +133,29 @@ def _torch_save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_model_tensors(
-    model: QVModel | torch.nn.Module, folder: Path, trainable: dict[str, torch.Tensor] | None = None
-) -> None:
+def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path, trainable: dict[str, torch.Tensor]) -> None:
     """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``); a
     model other than a QVModel (a reward model, PPO's actor-critic) keeps its trainable parameters in
     ``trainable.safetensors``: frozen weights (a LoRA policy's base, a frozen reference) never change,
-    so they are not copied into every checkpoint. ``trainable``: those parameters, already gathered
-    (:func:`_trainable_state`)."""
+    so they are not copied into every checkpoint. ``trainable``: those tensors (trainable trunk
+    tensors of a QVModel), gathered on every process first (:func:`_gather_trainable`)."""
     if not isinstance(model, QVModel):
         tmp = folder / ".trainable.safetensors.tmp"
-        save_file(trainable if trainable is not None else _trainable_state(model), str(tmp))
+        save_file(trainable, str(tmp))
         os.replace(tmp, folder / "trainable.safetensors")
         return
     save_heads(model.heads, folder)
-    trunk_state = model.trainable_trunk_state()
-    if trunk_state:
+    if trainable:
         tmp = folder / ".trunk.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp))
         os.replace(tmp, folder / "trunk.safetensors")
+
+
+def _gather_trainable(model: QVModel | torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`_save_model_tensors` writes besides heads: a QVModel's trainable trunk tensors,
+    another model's trainable parameters. Collective when weights are sharded (every process calls
+    it; rank 0 gets the full tensors)."""
+    return model.trainable_trunk_state() if isinstance(model, QVModel) else _trainable_state(model)
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -207,13 +211,12 @@ def save_checkpoint(
     _check_plain(extra, "extra")
     _check_plain(data_position, "data_position")
     by_name = has_sharded_parameters(model)
-    if by_name and isinstance(model, QVModel):
-        raise QVLMError("checkpoints of a sharded QVModel are not supported yet; train the trunk without FSDP")
-    # sharded weights: gathered on every process (collectives), written by the main one
-    trainable = _trainable_state(model) if by_name else None
-    optimizer_state = full_optimizer_state_dict(model, optimizer) if by_name else None
+    if by_name:  # sharded weights: gathered on every process (collectives), written by the main one
+        trainable, optimizer_state = _gather_trainable(model), full_optimizer_state_dict(model, optimizer)
     if not is_main_process():
         return None
+    if not by_name:
+        trainable, optimizer_state = _gather_trainable(model), optimizer.state_dict()
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -221,7 +224,7 @@ def save_checkpoint(
     state = {
         "step": step,
         "data_position": step if data_position is None else data_position,
-        "optimizer": optimizer_state if by_name else optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "optimizer_by_name": by_name,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
@@ -292,7 +295,11 @@ def load_checkpoint(
     if not isinstance(saved, dict):
         raise QVLMError(f"{ckpt / 'config.json'}: damaged (not a JSON object); start a new run directory")
     current = json.loads(json.dumps(asdict(config)))
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k not in _RESUMABLE)
+    # a field added since the checkpoint was written (e.g. fsdp) counts as saved at its default
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config)}))
+    diff = sorted(
+        k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k) and k not in _RESUMABLE
+    )
     if diff:
         raise QVLMError(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
@@ -370,7 +377,8 @@ def _check_same_model(ckpt: Path, model: QVModel) -> None:
             f"{ckpt}: the run started with other heads ({'; '.join(diff)}); resume with the settings it started with "
             "or start a new run directory"
         )
-    saved_trunk, trains_trunk = (ckpt / "trunk.safetensors").is_file(), bool(model.trainable_trunk_state())
+    saved_trunk = (ckpt / "trunk.safetensors").is_file()
+    trains_trunk = any(p.requires_grad for p in model.trunk.parameters())
     if saved_trunk != trains_trunk:
         raise QVLMError(
             f"{ckpt}: the run started with a {'trained' if saved_trunk else 'frozen'} trunk, this one is "
@@ -400,10 +408,12 @@ _RESUMABLE = {"checkpoint_every", "progress"}
 
 
 def save_run(run_dir: str | Path, model: QVModel, config, extra: dict | None = None) -> None:
-    """Save the final heads (and trainable trunk tensors) plus the training config (main process only)."""
+    """Save the final heads (and trainable trunk tensors) plus the training config (main process
+    writes; every process calls it, as a sharded trunk is gathered collectively)."""
+    trainable = model.trainable_trunk_state()
     if not is_main_process():
         return
     run_dir = Path(run_dir)
-    _save_model_tensors(model, run_dir)
+    _save_model_tensors(model, run_dir, trainable)
     info = {"config": asdict(config), "trunk": asdict(model.trunk_config), **(extra or {})}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
