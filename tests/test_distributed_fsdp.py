@@ -1,8 +1,13 @@
-"""FSDP2 (``fully_shard``) on the CPU with gloo, full-trunk training (issue 12, item 1): 2 processes that
-shard the trunk (:func:`qvlm.train.distributed.fully_shard_trunk`) and replicate the heads take the
-steps one process takes, to 1e-5, through qvlm's own batch sharding, loss and optimiser step
-(gradient clipping on, across sharded and replicated gradients). The trainers do not use it yet
-(checkpoints and saved runs would need the sharded weights gathered): docs/distributed.md."""
+"""FSDP2 (``fully_shard``) on the CPU with gloo, full-trunk training (issue 12, item 1).
+
+- the building block: 2 processes that shard the trunk (:func:`qvlm.train.distributed.fully_shard_trunk`)
+  and replicate the heads take the steps one process takes, to 1e-5, through qvlm's own batch sharding,
+  loss and optimiser step (gradient clipping on, across sharded and replicated gradients);
+- the trainers with ``--fsdp``: ILQL (AWAC on, so the LM logits come from the sharded model's forward)
+  and PPO ``--trunk full``, 2 sharded processes killed mid-run and resumed from their gathered
+  checkpoints, against 1 process without FSDP: every weight agrees to 1e-5;
+- unsupported combinations (LoRA or frozen trunk, one process) refused before the model loads.
+"""
 
 from __future__ import annotations
 

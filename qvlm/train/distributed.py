@@ -13,6 +13,7 @@ Only the main process writes files (checkpoints, metrics, the run directory).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping, Sequence
 
 import torch
@@ -104,6 +105,13 @@ def init_distributed(device: torch.device | str = "cpu") -> int:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return 1
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and is_main_process():
+        # examples/accelerate/deepspeed_zero2.yaml: the launch works, the engine is not qvlm's
+        print(
+            "qvlm: warning: accelerate's DeepSpeed config is not applied: qvlm runs its own data-parallel loop "
+            "(no ZeRO partitioning); to shard a full trunk use --fsdp (examples/accelerate/fsdp.yaml)",
+            file=sys.stderr,
+        )
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise QVLMError(
