@@ -51,9 +51,11 @@ def sharded(trunk: PreTrainedModel) -> bool:
 def trunk_forward(
     trunk: PreTrainedModel, input_ids, attention_mask, logits_at: slice | torch.Tensor | None = None, **kwargs
 ):
-    """One pass of the trunk: the last hidden states (after its final norm) ``(B, L, H)``, the LM
-    logits of positions ``logits_at`` (a slice, or per-row positions ``(B, L')``) ``(B, L', V)``
-    (None when not asked for) and the output of
+    """One pass of the trunk: hidden states, the LM logits at chosen positions, the base model's output.
+
+    Returns the last hidden states (after the final norm) ``(B, L, H)``, the LM logits of positions
+    ``logits_at`` (a slice, or per-row positions ``(B, L')``) ``(B, L', V)`` (None when not asked
+    for) and the output of
     ``trunk.base_model`` (the decoder without the LM head, so no vocabulary-sized logits are
     computed for positions nobody reads).
 
@@ -68,15 +70,17 @@ def trunk_forward(
 
 
 def trunk_hidden_states(trunk: PreTrainedModel, input_ids, attention_mask, **kwargs):
-    """Last hidden states of the trunk (after its final norm): (B, L) -> (B, L, H), and the output
-    of ``trunk.base_model`` (:func:`trunk_forward` without logits)."""
+    """Last hidden states of the trunk (after its final norm): (B, L) -> (B, L, H), and the output.
+
+    The output is ``trunk.base_model``'s (:func:`trunk_forward` without logits)."""
     h, _, out = trunk_forward(trunk, input_ids, attention_mask, **kwargs)
     return h, out
 
 
 def trunk_logits(trunk: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
-    """The LM head on hidden states ``(..., H) -> (..., V)``, outside a pass of the trunk. On a
-    sharded trunk this is a forward of its own (the head is gathered for it): fine without
+    """The LM head on hidden states ``(..., H) -> (..., V)``, outside a pass of the trunk.
+
+    On a sharded trunk this is a forward of its own (the head is gathered for it): fine without
     gradients (decoding); a loss must take its logits from :func:`trunk_forward` instead."""
     return trunk.qvlm_logits(h) if sharded(trunk) else _logits(trunk, h)
 

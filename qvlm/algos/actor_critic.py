@@ -74,8 +74,9 @@ def response_hidden(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
 def response_outputs(
     model: PreTrainedModel, rollout: Rollout, logits: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`response_hidden` ``(B, T + 1, H)`` and the LM logits at ``s_1 .. s_T`` ``(B, T, V)``
-    (None without ``logits``), from one pass of the trunk (:func:`qvlm.trunk.trunk_forward`: what a
+    """:func:`response_hidden` and the LM logits at ``s_1 .. s_T``, from one pass of the trunk.
+
+    Shapes ``(B, T + 1, H)`` and ``(B, T, V)`` (None without ``logits``), from one pass of the trunk (:func:`qvlm.trunk.trunk_forward`: what a
     sharded trunk needs to compute the logits inside its forward)."""
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)

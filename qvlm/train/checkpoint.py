@@ -408,8 +408,9 @@ _RESUMABLE = {"checkpoint_every", "progress"}
 
 
 def save_run(run_dir: str | Path, model: QVModel, config, extra: dict | None = None) -> None:
-    """Save the final heads (and trainable trunk tensors) plus the training config (main process
-    writes; every process calls it, as a sharded trunk is gathered collectively)."""
+    """Save the final heads (and trainable trunk tensors) plus the training config (main process only).
+
+    Every process calls it: a sharded trunk is gathered collectively first; the main one writes."""
     trainable = model.trainable_trunk_state()
     if not is_main_process():
         return

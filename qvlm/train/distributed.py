@@ -158,8 +158,9 @@ def accelerate_fsdp() -> bool:
 
 
 def check_fsdp(fsdp: bool) -> None:
-    """Refuse, before any work, FSDP in a single process: sharding over one process shards nothing
-    (read from ``WORLD_SIZE`` when no group exists yet)."""
+    """Refuse, before any work, FSDP in a single process (sharding over one process shards nothing).
+
+    The world size is read from ``WORLD_SIZE`` when no group exists yet."""
     if fsdp and _launch_world() < 2:
         raise QVLMError(
             "--fsdp shards the weights over several processes, but this is one; start it with "
@@ -312,8 +313,9 @@ def barrier() -> None:
 
 
 def fully_shard_trunk(trunk: torch.nn.Module) -> None:
-    """Shard a Hugging Face causal LM's weights over the processes with FSDP2 (``fully_shard``):
-    each decoder layer (the classes in ``trunk._no_split_modules``) is a unit, and the whole model
+    """Shard a Hugging Face causal LM's weights over the processes with FSDP2 (``fully_shard``).
+
+    Each decoder layer (the classes in ``trunk._no_split_modules``) is a unit, and the whole model
     the root unit that holds the rest (embeddings, final norm, LM head: a tied head stays one
     parameter with the embedding, FSDP2 keeps the two names on one tensor).
 
@@ -363,8 +365,9 @@ def has_sharded_parameters(module: torch.nn.Module) -> bool:
 
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module.state_dict()`` with full tensors. A module with sharded (FSDP2) parameters is
-    gathered collectively: every rank must call this, rank 0 gets the full tensors on the CPU,
+    """``module.state_dict()`` with full tensors, gathered collectively from FSDP2 shards.
+
+    A module with sharded parameters is gathered collectively: every rank must call this, rank 0 gets the full tensors on the CPU,
     the other ranks an empty dict. A module without shards: its ``state_dict()``, no collective."""
     if not has_sharded_parameters(module):
         return module.state_dict()
@@ -374,16 +377,18 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimiser state of a module with sharded parameters, gathered collectively (every rank
-    calls it; rank 0 gets it, keyed by parameter names instead of positions, the others ``{}``)."""
+    """The optimiser state of a module with sharded parameters, gathered collectively, keyed by name.
+
+    Every rank calls it; rank 0 gets it (keyed by parameter names instead of positions), the others ``{}``."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(module, optimizer, options=_full_options())
 
 
 def load_full_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load full tensors (part of ``module``'s state dict, held by every rank) into a module with
-    sharded parameters: each rank keeps its shard."""
+    """Load full tensors (part of ``module``'s state dict, held by every rank) into a sharded module.
+
+    Each rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
