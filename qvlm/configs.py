@@ -164,6 +164,7 @@ class TrainConfig:
     seed: int = option(0, "seed of the heads' initialisation and the data order")
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
     progress: bool = option(True, "show a progress bar")
+    fsdp: bool = option(False, "shard the trunk over the processes with FSDP2 (--trunk full, several processes)")
 
     def __post_init__(self):
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
@@ -469,6 +470,9 @@ class PPOConfig:
     critic: str = option(
         "shared", "V head on the policy's trunk (shared) or on its own copy of the base (separate)", choices=PPO_CRITICS
     )
+    fsdp: bool = option(
+        False, "shard the policy's weights over the processes with FSDP2 (--trunk full, several processes)"
+    )
     critic_init: str = option("", "a `qvlm train value` run directory whose V head starts the critic ('': fresh)")
     critic_warmup: int = option(0, "first iterations that train the critic only")
     head_hidden: int = option(0, "width of the V head's hidden layer (0: the trunk's hidden size)")
@@ -500,6 +504,13 @@ class PPOConfig:
             raise QVLMError(f"--critic is {self.critic!r}; use one of {', '.join(PPO_CRITICS)}")
         if self.kl_mode not in KL_MODES:
             raise QVLMError(f"--kl-mode is {self.kl_mode!r}; use one of {', '.join(KL_MODES)}")
+        if self.fsdp and self.trunk != "full":
+            raise QVLMError(
+                f"--fsdp shards a policy that trains every weight, not --trunk {self.trunk}: use --trunk full with "
+                "--fsdp, or plain data parallel (no --fsdp) for LoRA adapters"
+            )
+        if self.fsdp and self.critic != "shared":
+            raise QVLMError("--fsdp supports --critic shared only (a separate critic's trunk is not sharded)")
         for name in ("iterations", "prompts_per_iter", "responses_per_prompt", "max_new_tokens", "ppo_epochs"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
         for name in ("minibatch_size", "lora_r", "decode_batch_size"):

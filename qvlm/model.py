@@ -21,7 +21,7 @@ from qvlm.features import FeatureCache
 from qvlm.heads import HeadsConfig, QVHeads
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import TokenBatch
-from qvlm.trunk import gather_positions, prepare_trunk, trunk_hidden_states
+from qvlm.trunk import gather_positions, prepare_trunk, sharded, trunk_forward
 
 __all__ = ["QVModel", "load_qv_model"]
 
@@ -100,8 +100,24 @@ class QVModel(nn.Module):
         return self.trunk_config.mode == "frozen"
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The trunk's LM head on hidden states: (..., H) -> (..., vocab)."""
+        """The trunk's LM head on hidden states: (..., H) -> (..., vocab). Not on a sharded trunk
+        (``--fsdp``) with gradients: take the logits from :meth:`features_and_logits` there."""
         return self.trunk.get_output_embeddings()(h)
+
+    def shard(self) -> None:
+        """Shard the trunk's weights over the processes with FSDP2 (``--fsdp``; a full trunk only).
+        The heads stay whole on every process (their gradients are summed by
+        :func:`qvlm.train.distributed.all_reduce_grads`)."""
+        from qvlm.train.distributed import fully_shard_trunk
+
+        if self.trunk_config.mode != "full":
+            raise QVLMError(
+                f"--fsdp shards a trunk that trains every weight, not --trunk {self.trunk_config.mode}: use --trunk "
+                "full with --fsdp, or plain data parallel (no --fsdp)"
+            )
+        if self.heads.config.q_head == "tied":
+            raise QVLMError("--fsdp does not support --q-head tied (it reads the sharded LM head); use --q-head mlp")
+        fully_shard_trunk(self.trunk)
 
     def features(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h_states, h_next)``, each (B, T, H): hidden states at the positions of ``s_t``, ``s_{t+1}``.
@@ -115,16 +131,30 @@ class QVModel(nn.Module):
         if cached is not None:  # features kept in another dtype (the model was cast since) follow the trunk
             cached = cached.to(self.trunk.get_output_embeddings().weight.dtype)
             return cached[:, :T], cached[:, 1:]
-        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
-            h, _ = trunk_hidden_states(self.trunk, batch.input_ids, batch.attention_mask)  # (B, L, H)
-        # the positions of s_1..s_{T+1}: state_positions then one past the last real step
-        lengths = batch.response_mask.sum(1).long()  # (B,)
-        positions = torch.cat([batch.state_positions, batch.state_positions[:, :1] * 0], dim=1)
-        positions[torch.arange(len(lengths)), lengths] = batch.state_positions[:, 0] + lengths
-        feats = gather_positions(h, positions)  # (B, T+1, H)
+        feats, _ = self._trunk_features(batch, logits=False)  # (B, T+1, H)
         if self.feature_cache is not None:
             self.feature_cache.store(batch, feats)
         return feats[:, :T], feats[:, 1:]
+
+    def features_and_logits(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`features` and the LM logits at the states ``s_t`` ``(B, T, V)``, from one pass of
+        a trunk that trains (no cache): what a sharded trunk needs (:func:`qvlm.trunk.trunk_forward`)."""
+        batch = batch.to(self.device)
+        T = batch.state_positions.shape[1]
+        feats, logits = self._trunk_features(batch, logits=True)
+        return feats[:, :T], feats[:, 1:], logits
+
+    def _trunk_features(self, batch: TokenBatch, logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # the positions of s_1..s_{T+1}: state_positions then one past the last real step
+        T = batch.state_positions.shape[1]
+        lengths = batch.response_mask.sum(1).long()  # (B,)
+        positions = torch.cat([batch.state_positions, batch.state_positions[:, :1] * 0], dim=1)
+        positions[torch.arange(len(lengths)), lengths] = batch.state_positions[:, 0] + lengths
+        with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
+            h, lm_logits, _ = trunk_forward(
+                self.trunk, batch.input_ids, batch.attention_mask, logits_at=positions[:, :T] if logits else None
+            )  # (B, L, H), (B, T, V)
+        return gather_positions(h, positions), lm_logits  # (B, T+1, H)
 
     def prime_features(
         self,
@@ -157,14 +187,27 @@ class QVModel(nn.Module):
             self.feature_cache.clear()
 
     def trainable_trunk_state(self) -> dict[str, torch.Tensor]:
-        """The trunk parameters that train (LoRA adapters or all), for checkpoints."""
+        """The trunk parameters that train (LoRA adapters or all), for checkpoints. A sharded trunk's
+        are gathered collectively: every process calls it, rank 0 gets the full tensors, the others
+        an empty dict."""
+        if sharded(self.trunk):
+            from qvlm.train.distributed import full_state_dict
+
+            names = [n for n, p in self.trunk.named_parameters() if p.requires_grad]
+            full = full_state_dict(self.trunk)
+            return {n: full[n] for n in names if n in full}
         return {n: p.detach() for n, p in self.trunk.named_parameters() if p.requires_grad}
 
     def load_trunk_state(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.trainable_trunk_state()) - set(state)
+        missing = {n for n, p in self.trunk.named_parameters() if p.requires_grad} - set(state)
         if missing:
             raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
         try:
+            if sharded(self.trunk):
+                from qvlm.train.distributed import load_full_state_dict
+
+                load_full_state_dict(self.trunk, state)  # each process keeps its shard
+                return
             self.trunk.load_state_dict(state, strict=False)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[-1].strip()[:200]

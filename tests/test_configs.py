@@ -34,6 +34,7 @@ SHARED = [
     "seed",
     "checkpoint_every",
     "progress",
+    "fsdp",  # added with FSDP (issue 12); a checkpoint without it resumes as fsdp=False
 ]
 
 

@@ -1,19 +1,32 @@
-"""FSDP2 (``fully_shard``) on the CPU with gloo, full-trunk training (issue 12, item 1): 2 processes that
-shard the trunk (:func:`qvlm.train.distributed.fully_shard_trunk`) and replicate the heads take the
-steps one process takes, to 1e-5, through qvlm's own batch sharding, loss and optimiser step
-(gradient clipping on, across sharded and replicated gradients). The trainers do not use it yet
-(checkpoints and saved runs would need the sharded weights gathered): docs/distributed.md."""
+"""FSDP2 (``fully_shard``) on the CPU with gloo, full-trunk training (issue 12, item 1).
+
+- the building block: 2 processes that shard the trunk (:func:`qvlm.train.distributed.fully_shard_trunk`)
+  and replicate the heads take the steps one process takes, to 1e-5, through qvlm's own batch sharding,
+  loss and optimiser step (gradient clipping on, across sharded and replicated gradients);
+- the trainers with ``--fsdp``: ILQL (AWAC on, so the LM logits come from the sharded model's forward)
+  and PPO ``--trunk full``, 2 sharded processes killed mid-run and resumed from their gathered
+  checkpoints, against 1 process without FSDP: every weight agrees to 1e-5;
+- unsupported combinations (LoRA or frozen trunk, one process) refused before the model loads.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+from qvlm.algos.actor_critic import ActorCritic
+from qvlm.algos.ilql import ILQLConfig, train_ilql
+from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.algos.value import ValueConfig, value_loss
+from qvlm.cli import main
+from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_samples
 from qvlm.model import QVModel
 from qvlm.testing import tiny_model
@@ -26,6 +39,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 # 9 samples, batches of 4: the last batch of the epoch holds one sample (rank 1: an empty share, weight 0)
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]
+PPO_PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]  # prompts of different lengths
 SAMPLES = [Sample(p, p[::-1] * (1 + i % 3), float(i % 4) / 3 - 0.5) for i, p in enumerate(PROMPTS)]
 
 
@@ -80,3 +94,159 @@ def test_fsdp_full_trunk_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=0, msg=k)
     # the tied LM head followed the sharded embedding
     torch.testing.assert_close(got["trunk.lm_head.weight"], got["trunk.model.embed_tokens.weight"], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- ILQL, full trunk, --fsdp
+
+
+def _ilql(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
+    """ILQL (AWAC on: the LM logits come from the sharded trunk's pass) for 6 steps, checkpoints
+    every 2; ``kill`` stops it after step 3 (a checkpoint at step 2)."""
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1 if resume else 0)  # a resumed run restores the heads from its checkpoint
+    qv = QVModel.from_trunk(model, TrunkConfig("full"))
+    cfg = ILQLConfig(steps=6, batch_size=4, max_length=32, progress=False, checkpoint_every=2, trunk_lr=1e-3,
+                     fsdp=fsdp)  # fmt: skip
+    try:
+        train_ilql(qv, tok, SAMPLES, cfg, run_dir=run_dir, resume=resume,
+                   callbacks=[_kill_after_step_3] if kill else [])  # fmt: skip
+    except Kill:
+        pass
+
+
+def _kill_after_step_3(step: int, floats: dict) -> None:
+    if step == 3:
+        raise Kill
+
+
+def _ilql_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    try:
+        _ilql(run_dir, fsdp=True, resume=resume, kill=kill)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
+    """ILQL --trunk full --fsdp in 2 processes, killed and resumed, against 1 process without FSDP:
+    the heads (target Q heads included) and every trunk weight agree to 1e-5."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    _ilql(str(one), fsdp=False)
+    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    assert not (two / "heads.safetensors").exists()
+    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    for name in ("heads.safetensors", "trunk.safetensors"):
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    before, _ = tiny_model("llama", seed=0)
+    moved = a["model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
+    assert float(moved.abs().max()) > 1e-3  # the trunk trained
+
+
+# ---------------------------------------------------------------- PPO, full trunk, --fsdp
+
+
+def _ppo_cfg(fsdp: bool) -> PPOConfig:
+    # as in tests/test_distributed_ppo.py (8 rows, minibatches split unequally, a critic warm-up
+    # iteration, the adaptive KL controller), with every policy weight training
+    return PPOConfig(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
+                     minibatch_size=3, lr=1e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
+                     kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1, trunk="full",
+                     fsdp=fsdp)  # fmt: skip
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_after_iteration_1(it: int, floats: dict) -> None:
+    if it == 1:  # iteration 1 ran and was checkpointed: stop as a killed run would
+        raise Kill
+
+
+def _ppo(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1 if resume else 0)  # a resumed run restores the V head from its checkpoint
+    ac = ActorCritic(model, trunk="full", critic="shared")
+    callbacks = [_kill_after_iteration_1] if kill else []
+    try:
+        train_ppo(ac, tok, PPO_PROMPTS, "count:e", _ppo_cfg(fsdp), run_dir=run_dir, resume=resume, callbacks=callbacks)
+    except Kill:
+        pass
+
+
+def _ppo_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    try:
+        _ppo(run_dir, fsdp=True, resume=resume, kill=kill)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ppo_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    policy = load_file(str(run_dir / "policy.safetensors"))
+    heads = load_file(str(run_dir / "heads.safetensors"))
+    return {**{"policy." + k: v for k, v in policy.items()}, **{"heads." + k: v for k, v in heads.items()}}
+
+
+def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
+    """PPO --trunk full --fsdp in 2 processes, killed after iteration 1 and resumed from its
+    (gathered) checkpoint, against 1 process without FSDP: every weight of the policy (LM head
+    included) and of the V head agrees to 1e-5, the same tokens were sampled."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    _ppo(str(one), fsdp=False)
+    mp.spawn(_ppo_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    assert not (two / "policy.safetensors").exists()
+    ckpt = load_file(str(two / "checkpoint" / "step-00000002" / "trainable.safetensors"))
+    assert ckpt["policy.model.layers.0.mlp.up_proj.weight"].shape == (64, 32)  # full tensors, not shards
+    mp.spawn(_ppo_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    a, b = _ppo_params(one), _ppo_params(two)
+    assert a.keys() == b.keys() and "policy.lm_head.weight" in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    before, _ = tiny_model("llama", seed=0)
+    moved = a["policy.model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
+    assert float(moved.abs().max()) > 1e-3  # the policy trained, so equal weights are not untouched ones
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in m2] == [0, 1, 2]
+    for x, y in zip(m1, m2):
+        assert y["charts/reward"] == x["charts/reward"]
+        assert y["charts/response_length"] == x["charts/response_length"]
+
+
+def test_fsdp_refuses_lora_and_one_process(tmp_path, capsys):
+    with pytest.raises(QVLMError, match="--fsdp shards a policy that trains every weight, not --trunk lora"):
+        PPOConfig(fsdp=True)
+    (tmp_path / "p.txt").write_text("hello\n")
+    args = ["train", "ppo", "--model", str(tmp_path / "no-such-model"), "--prompts", str(tmp_path / "p.txt"),
+            "--reward", "count:e", "--out", str(tmp_path / "r"), "--trunk", "full", "--fsdp"]  # fmt: skip
+    assert main(args) == 2  # one process: refused before the model loads
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fsdp shards the weights over several processes, but this is one" in err[0]
+    assert main(args[:-3] + ["--fsdp"]) == 2  # --trunk lora (the default)
+    assert "not --trunk lora" in capsys.readouterr().err
+    # offline trainers: the default frozen trunk, and one process, refused before the model loads
+    (tmp_path / "s.jsonl").write_text(json.dumps({"prompt": "a", "response": "b", "reward": 1.0}) + "\n")
+    value = ["train", "value", "--model", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "s.jsonl"),
+             "--out", str(tmp_path / "v"), "--fsdp"]  # fmt: skip
+    assert main(value) == 2
+    assert "not --trunk frozen" in capsys.readouterr().err
+    assert main(value + ["--trunk", "full"]) == 2
+    assert "but this is one" in capsys.readouterr().err

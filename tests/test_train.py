@@ -324,6 +324,22 @@ def test_resume_refuses_other_data(tmp_path):
     _ilql_run(tmp_path, samples, cfg, resume=True)  # the same data resumes
 
 
+def test_a_checkpoint_written_before_a_config_field_existed_resumes_at_its_default(tmp_path):
+    """fsdp was added to the configs with FSDP (issue 12): an older checkpoint, without it, resumes
+    as fsdp=False; one that differs from the run (fsdp true) is refused."""
+    cfg = ILQLConfig(steps=2, batch_size=4, max_length=32, progress=False)
+    samples = [Sample(p, p[::-1], 1.0) for p in PROMPTS]
+    _ilql_run(tmp_path, samples, cfg)
+    config_file = latest_checkpoint(tmp_path) / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "fsdp"}))
+    _ilql_run(tmp_path, samples, cfg, resume=True)
+    config_file = latest_checkpoint(tmp_path) / "config.json"
+    config_file.write_text(json.dumps({**saved, "fsdp": True}))
+    with pytest.raises(QVLMError, match=r"different config \(fsdp differ"):
+        _ilql_run(tmp_path, samples, cfg, resume=True)
+
+
 def test_divergence_stops_the_run_and_writes_no_final_heads(tmp_path):
     # a reward of 1e30 squares to inf in float32: the TD loss is infinite at the first step
     samples = [Sample(p, p[::-1], 1e30) for p in PROMPTS]

@@ -39,10 +39,10 @@ from qvlm.fileio import atomic_write_text
 from qvlm.heads import HeadsConfig, QVHeads, load_heads, save_heads
 from qvlm.loading import hidden_size_of
 from qvlm.rollout import Rollout
-from qvlm.train.distributed import is_main_process
-from qvlm.trunk import trunk_hidden_states
+from qvlm.train.distributed import full_state_dict, fully_shard_trunk, is_main_process
+from qvlm.trunk import trunk_forward, trunk_hidden_states
 
-__all__ = ["PolicyOutput", "response_hidden", "ActorCritic", "save_policy_run", "load_policy"]
+__all__ = ["PolicyOutput", "response_hidden", "response_outputs", "ActorCritic", "save_policy_run", "load_policy"]
 
 
 @dataclass
@@ -68,10 +68,22 @@ def response_hidden(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """Teacher-forced hidden states of ``model`` at the states ``s_1 .. s_{T+1}`` of a rollout's
     prompt + response: ``(B, T + 1, H)`` (``s_{T+1}`` of a short row is read past its end, never used
     there). Position ``P - 1 + (t - 1)`` holds ``s_t``: prompts are left-padded."""
+    return response_outputs(model, rollout, logits=False)[0]
+
+
+def response_outputs(
+    model: PreTrainedModel, rollout: Rollout, logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`response_hidden` and the LM logits at ``s_1 .. s_T``, from one pass of the trunk.
+
+    Shapes ``(B, T + 1, H)`` and ``(B, T, V)`` (None without ``logits``), from one pass of the trunk (:func:`qvlm.trunk.trunk_forward`: what a
+    sharded trunk needs to compute the logits inside its forward)."""
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)
-    h, _ = trunk_hidden_states(model, ids, mask, position_ids=position_ids(mask))  # (B, P + T, H)
-    return h[:, rollout.prompt_ids.shape[1] - 1 :]
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    at = slice(P - 1, P - 1 + T) if logits else None
+    h, lm_logits, _ = trunk_forward(model, ids, mask, logits_at=at, position_ids=position_ids(mask))  # (B, P + T, H)
+    return h[:, P - 1 :], lm_logits
 
 
 class ActorCritic(nn.Module):
@@ -166,6 +178,13 @@ class ActorCritic(nn.Module):
             )
         self.heads.v_head.load_state_dict(loaded.v_head.state_dict())
 
+    def shard(self) -> None:
+        """Shard the policy's weights over the processes with FSDP2 (``--fsdp``; a full trunk only).
+        The V head and the frozen reference stay whole on every process."""
+        if self.mode != "full" or self.critic_trunk is not None:
+            raise QVLMError("--fsdp shards a full-trunk policy with a shared critic (--trunk full --critic shared)")
+        fully_shard_trunk(self.policy)
+
     # ------------------------------------------------------------ forward passes
 
     @contextmanager
@@ -184,13 +203,12 @@ class ActorCritic(nn.Module):
 
     def evaluate(self, rollout: Rollout, with_policy: bool = True) -> PolicyOutput:
         """Log-probs, entropy (zeros when ``with_policy`` is False) and values on a rollout."""
-        T = rollout.response_ids.shape[1]
-        h = None
+        h = logits = None
         if with_policy or self.critic_trunk is None:
             with torch.set_grad_enabled(with_policy and torch.is_grad_enabled()):
-                h = self._hidden(self.policy, rollout)
+                h, logits = response_outputs(self.policy, rollout, logits=with_policy)  # (B, T + 1, H), (B, T, V)
         if with_policy:
-            logits = self.policy.get_output_embeddings()(h[:, :T]).to(torch.float32)  # (B, T, V)
+            logits = logits.to(torch.float32)
             logp_all = torch.log_softmax(logits, dim=-1)
             logprobs = logp_all.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
             entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -205,11 +223,10 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def ref_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``log pi_ref(y_t | s_t)`` ``(B, T)``, 0 on padding."""
-        T = rollout.response_ids.shape[1]
         model = self.reference if self.reference is not None else self.policy
         with self.reference_mode():
-            h = self._hidden(model, rollout)[:, :T]
-            logits = model.get_output_embeddings()(h).to(torch.float32)
+            _, logits = response_outputs(model, rollout)  # (B, T, V)
+            logits = logits.to(torch.float32)
         logp = torch.log_softmax(logits, dim=-1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
         return logp * rollout.response_mask
 
@@ -223,7 +240,9 @@ class ActorCritic(nn.Module):
 
 def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
     """The trained policy (peft adapter folder or ``policy.safetensors``), the V head, a separate
-    critic's tensors and ``training.json``; every file written atomically (main process only)."""
+    critic's tensors and ``training.json``; every file written atomically (main process only).
+    Every process calls it: a sharded policy (``--fsdp``) is gathered collectively first."""
+    policy_state = full_state_dict(ac.policy) if ac.peft is None else None
     if not is_main_process():
         return
     run_dir = Path(run_dir)
@@ -238,7 +257,7 @@ def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, old)
     else:
-        _save_tensors(run_dir / "policy.safetensors", ac.policy.state_dict())
+        _save_tensors(run_dir / "policy.safetensors", policy_state)
     if ac.critic_trunk is not None:
         state = {n: p for n, p in ac.critic_trunk.named_parameters() if p.requires_grad}
         _save_tensors(run_dir / "critic.safetensors", state)

@@ -28,7 +28,11 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
 
     Stats are detached 0-dim tensors (no device sync here); the train loop logs them as floats.
     """
-    h, h_next = model.features(batch)  # (B, T, H) each
+    awac = not model.frozen and cfg.awac_scale > 0
+    if awac:  # the LM logits from the trunk's own pass (one forward on a sharded trunk: --fsdp)
+        h, h_next, lm_logits = model.features_and_logits(batch)  # (B, T, H) each, (B, T, V)
+    else:
+        h, h_next = model.features(batch)  # (B, T, H) each
     mask, actions = batch.response_mask, batch.actions
     if cfg.cql_scale > 0:  # CQL needs Q of every token; without it only the taken actions' outputs are computed
         q_all = model.heads.q_values(h)  # num_q x (B, T, V)
@@ -54,8 +58,8 @@ def ilql_loss(model: QVModel, batch: TokenBatch, cfg: ILQLConfig) -> tuple[torch
         cql = torch.stack([cql_loss(q, actions, mask)[0] for q in q_all]).mean()
         loss = loss + cfg.cql_scale * cql
         stats["losses/cql"] = cql.detach()
-    if not model.frozen and cfg.awac_scale > 0:
-        awac, awac_stats = awac_loss(model.lm_logits(h), actions, target_q - v, mask, cfg.awac_beta)
+    if awac:
+        awac, awac_stats = awac_loss(lm_logits, actions, target_q - v, mask, cfg.awac_beta)
         loss = loss + cfg.awac_scale * awac
         stats["losses/awac"] = awac_stats["loss"]
     stats["losses/total"] = loss.detach()

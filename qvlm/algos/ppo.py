@@ -51,6 +51,7 @@ from qvlm.train.distributed import (
     barrier,
     block,
     check_divides,
+    check_fsdp,
     gather_rows,
     init_distributed,
     raise_if_any_failed,
@@ -302,7 +303,10 @@ def train_ppo(
     """
     cfg = cfg or PPOConfig()
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # before joining a group
+    check_fsdp(cfg.fsdp)
     init_distributed(ac.device)  # a launcher's process group; alone: nothing
+    if cfg.fsdp:  # before the optimiser, which must hold the shards
+        ac.shard()
     prompts = list(prompts)
     if not prompts:
         raise QVLMError("no training prompts; give a prompt file with at least one prompt")

@@ -121,11 +121,18 @@ def run(args) -> int:
     from qvlm.fileio import check_output_dir
     from qvlm.mdp import read_samples
     from qvlm.model import QVModel
-    from qvlm.train.distributed import check_batch_size
+    from qvlm.train.distributed import accelerate_fsdp, check_batch_size, check_fsdp
     from qvlm.train.loop import set_seed
 
-    cfg = config_from_args(args.config_cls, args)
+    # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
+    cfg = config_from_args(args.config_cls, args, fsdp=args.fsdp or accelerate_fsdp())
     check_batch_size(cfg.batch_size)  # under a launcher: before the model loads
+    if cfg.fsdp and (args.trunk != "full" or args.q_head == "tied"):
+        raise QVLMError(
+            f"--fsdp shards a trunk that trains every weight with --q-head mlp, not --trunk {args.trunk} --q-head "
+            f"{args.q_head}: use --trunk full --q-head mlp with --fsdp, or plain data parallel (no --fsdp)"
+        )
+    check_fsdp(cfg.fsdp)
     if args.head_hidden < 0:
         raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
     check_output_dir(args.out, "--out")

@@ -35,11 +35,13 @@ def run(args) -> int:
     from qvlm.mdp import read_prompts
     from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
-    from qvlm.train.distributed import check_divides, is_main_process
+    from qvlm.train.distributed import accelerate_fsdp, check_divides, check_fsdp, is_main_process
     from qvlm.train.rng import set_seed
 
-    cfg = config_from_args(PPOConfig, args)
+    # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
+    cfg = config_from_args(PPOConfig, args, fsdp=args.fsdp or accelerate_fsdp())
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
+    check_fsdp(cfg.fsdp)
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")

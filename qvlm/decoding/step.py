@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from qvlm.trunk import trunk_hidden_states
+from qvlm.trunk import trunk_hidden_states, trunk_logits
 
 __all__ = ["StepOutput", "DecodeStep", "position_ids"]
 
@@ -56,7 +56,6 @@ class DecodeStep:
 
     def __init__(self, model: PreTrainedModel, use_cache: bool = True):
         self.model = model
-        self.lm_head = model.get_output_embeddings()
         self.use_cache = use_cache
         self.cache: DynamicCache | None = None
         self.attention_mask: torch.Tensor | None = None  # (B, L + steps)
@@ -64,7 +63,7 @@ class DecodeStep:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on last hidden states, in float32: (B, H) -> (B, V)."""
-        return self.lm_head(hidden[:, None])[:, -1].to(torch.float32)
+        return trunk_logits(self.model, hidden[:, None])[:, -1].to(torch.float32)
 
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, repeat: int = 1, logits: bool = True
@@ -131,5 +130,5 @@ class DecodeStep:
             position_ids=position_ids(self.attention_mask),
             use_cache=False,
         )
-        all_logits = self.lm_head(h)  # (B, L, V)
+        all_logits = trunk_logits(self.model, h)  # (B, L, V)
         return h[:, -1], all_logits[:, -1].to(torch.float32)

@@ -11,6 +11,11 @@ A checkpoint holds the heads and trainable trunk tensors (safetensors), ``traine
 (optimiser, LR schedule, step, data position, every RNG state, the data fingerprint and any extra
 state of the trainer: tensors and plain values, loadable with ``torch.load(weights_only=True)``)
 and ``config.json``. Only the main process writes (:func:`qvlm.train.distributed.is_main_process`).
+
+A model with FSDP2-sharded weights (``--fsdp``) is gathered collectively first (every process calls
+:func:`save_checkpoint`; rank 0 receives the full tensors and writes them), and its optimiser state
+is saved by parameter name (``torch.distributed.checkpoint.state_dict``, full tensors); a resume loads
+the full tensors on every process and each keeps its shard.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +40,14 @@ from qvlm.fileio import atomic_write_text, read_text
 from qvlm.heads import load_heads_state, load_tensors, save_heads
 from qvlm.mdp import EncodedSample
 from qvlm.model import QVModel
-from qvlm.train.distributed import is_main_process
+from qvlm.train.distributed import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    has_sharded_parameters,
+    is_main_process,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+)
 from qvlm.train.rng import rng_state, set_rng_state
 
 __all__ = [
@@ -121,26 +133,38 @@ def _torch_save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path) -> None:
+def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path, trainable: dict[str, torch.Tensor]) -> None:
     """Heads (``heads.safetensors`` + config) and trainable trunk tensors (``trunk.safetensors``); a
     model other than a QVModel (a reward model, PPO's actor-critic) keeps its trainable parameters in
     ``trainable.safetensors``: frozen weights (a LoRA policy's base, a frozen reference) never change,
-    so they are not copied into every checkpoint."""
+    so they are not copied into every checkpoint. ``trainable``: those tensors (trainable trunk
+    tensors of a QVModel), gathered on every process first (:func:`_gather_trainable`)."""
     if not isinstance(model, QVModel):
         tmp = folder / ".trainable.safetensors.tmp"
-        save_file(_trainable_state(model), str(tmp))
+        save_file(trainable, str(tmp))
         os.replace(tmp, folder / "trainable.safetensors")
         return
     save_heads(model.heads, folder)
-    trunk_state = model.trainable_trunk_state()
-    if trunk_state:
+    if trainable:
         tmp = folder / ".trunk.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in trunk_state.items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp))
         os.replace(tmp, folder / "trunk.safetensors")
 
 
+def _gather_trainable(model: QVModel | torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`_save_model_tensors` writes besides heads: a QVModel's trainable trunk tensors,
+    another model's trainable parameters. Collective when weights are sharded (every process calls
+    it; rank 0 gets the full tensors)."""
+    return model.trainable_trunk_state() if isinstance(model, QVModel) else _trainable_state(model)
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that trains, by name (a tied parameter once, under its first name)."""
+    """Every parameter that trains, by name (a tied parameter once, under its first name). Sharded
+    weights are gathered collectively (every process calls this; the others get an empty dict)."""
+    if has_sharded_parameters(model):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        full = full_state_dict(model)
+        return {n: full[n].contiguous() for n in names if n in full}
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -154,12 +178,14 @@ def _load_trainable_state(model: torch.nn.Module, path: Path) -> None:
             f"{path}: its tensors do not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); resume "
             "with the settings the run started with"
         )
+    for name, tensor in saved.items():
+        if params[name].shape != tensor.shape:  # a shard's shape is the full one
+            raise QVLMError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+    if has_sharded_parameters(model):
+        load_full_state_dict(model, saved)  # each process keeps its shard
+        return
     with torch.no_grad():
         for name, tensor in saved.items():
-            if params[name].shape != tensor.shape:
-                raise QVLMError(
-                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(params[name].shape)}"
-                )
             params[name].copy_(tensor)
 
 
@@ -184,16 +210,22 @@ def save_checkpoint(
     extra = dict(extra or {})
     _check_plain(extra, "extra")
     _check_plain(data_position, "data_position")
+    by_name = has_sharded_parameters(model)
+    if by_name:  # sharded weights: gathered on every process (collectives), written by the main one
+        trainable, optimizer_state = _gather_trainable(model), full_optimizer_state_dict(model, optimizer)
     if not is_main_process():
         return None
+    if not by_name:
+        trainable, optimizer_state = _gather_trainable(model), optimizer.state_dict()
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    _save_model_tensors(model, tmp)
+    _save_model_tensors(model, tmp, trainable)
     state = {
         "step": step,
         "data_position": step if data_position is None else data_position,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
+        "optimizer_by_name": by_name,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng_state(),
         "fingerprint": fingerprint,
@@ -263,7 +295,11 @@ def load_checkpoint(
     if not isinstance(saved, dict):
         raise QVLMError(f"{ckpt / 'config.json'}: damaged (not a JSON object); start a new run directory")
     current = json.loads(json.dumps(asdict(config)))
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k not in _RESUMABLE)
+    # a field added since the checkpoint was written (e.g. fsdp) counts as saved at its default
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config)}))
+    diff = sorted(
+        k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k) and k not in _RESUMABLE
+    )
     if diff:
         raise QVLMError(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
@@ -287,8 +323,17 @@ def load_checkpoint(
         load_heads_state(model.heads, load_tensors(ckpt / "heads.safetensors"), ckpt / "heads.safetensors")
         if (ckpt / "trunk.safetensors").is_file():
             model.load_trunk_state(load_tensors(ckpt / "trunk.safetensors"))
+    sharded = has_sharded_parameters(model)
+    if sharded != bool(state.get("optimizer_by_name")):
+        raise QVLMError(
+            f"{ckpt}: written {'with' if state.get('optimizer_by_name') else 'without'} sharded weights (--fsdp); "
+            "resume with the --fsdp setting the run started with"
+        )
     try:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_full_optimizer_state_dict(model, optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError, RuntimeError) as err:
         raise QVLMError(
             f"{ckpt / 'trainer_state.pt'}: the optimiser state does not fit this model ({err}); resume with the "
@@ -332,7 +377,8 @@ def _check_same_model(ckpt: Path, model: QVModel) -> None:
             f"{ckpt}: the run started with other heads ({'; '.join(diff)}); resume with the settings it started with "
             "or start a new run directory"
         )
-    saved_trunk, trains_trunk = (ckpt / "trunk.safetensors").is_file(), bool(model.trainable_trunk_state())
+    saved_trunk = (ckpt / "trunk.safetensors").is_file()
+    trains_trunk = any(p.requires_grad for p in model.trunk.parameters())
     if saved_trunk != trains_trunk:
         raise QVLMError(
             f"{ckpt}: the run started with a {'trained' if saved_trunk else 'frozen'} trunk, this one is "
@@ -362,10 +408,13 @@ _RESUMABLE = {"checkpoint_every", "progress"}
 
 
 def save_run(run_dir: str | Path, model: QVModel, config, extra: dict | None = None) -> None:
-    """Save the final heads (and trainable trunk tensors) plus the training config (main process only)."""
+    """Save the final heads (and trainable trunk tensors) plus the training config (main process only).
+
+    Every process calls it: a sharded trunk is gathered collectively first; the main one writes."""
+    trainable = model.trainable_trunk_state()
     if not is_main_process():
         return
     run_dir = Path(run_dir)
-    _save_model_tensors(model, run_dir)
+    _save_model_tensors(model, run_dir, trainable)
     info = {"config": asdict(config), "trunk": asdict(model.trunk_config), **(extra or {})}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")

@@ -13,6 +13,7 @@ Only the main process writes files (checkpoints, metrics, the run directory).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping, Sequence
 
 import torch
@@ -27,6 +28,8 @@ __all__ = [
     "launcher_device",
     "check_batch_size",
     "check_divides",
+    "accelerate_fsdp",
+    "check_fsdp",
     "shard",
     "block",
     "shard_rows",
@@ -40,6 +43,11 @@ __all__ = [
     "barrier",
     "is_dtensor",
     "fully_shard_trunk",
+    "has_sharded_parameters",
+    "full_state_dict",
+    "full_optimizer_state_dict",
+    "load_full_state_dict",
+    "load_full_optimizer_state_dict",
 ]
 
 
@@ -97,6 +105,13 @@ def init_distributed(device: torch.device | str = "cpu") -> int:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return 1
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and is_main_process():
+        # examples/accelerate/deepspeed_zero2.yaml: the launch works, the engine is not qvlm's
+        print(
+            "qvlm: warning: accelerate's DeepSpeed config is not applied: qvlm runs its own data-parallel loop "
+            "(no ZeRO partitioning); to shard a full trunk use --fsdp (examples/accelerate/fsdp.yaml)",
+            file=sys.stderr,
+        )
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise QVLMError(
@@ -134,6 +149,22 @@ def check_divides(count: int, flag: str, what: str) -> None:
         raise QVLMError(
             f"{flag} {count} does not divide over {world} processes; use a {flag} that is a multiple of {world} "
             f"(it is global: each process takes {flag} / {world} {what})"
+        )
+
+
+def accelerate_fsdp() -> bool:
+    """Whether ``accelerate launch`` was started with an FSDP config (it sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def check_fsdp(fsdp: bool) -> None:
+    """Refuse, before any work, FSDP in a single process (sharding over one process shards nothing).
+
+    The world size is read from ``WORLD_SIZE`` when no group exists yet."""
+    if fsdp and _launch_world() < 2:
+        raise QVLMError(
+            "--fsdp shards the weights over several processes, but this is one; start it with "
+            "`torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (N >= 2), or drop --fsdp"
         )
 
 
@@ -282,32 +313,89 @@ def barrier() -> None:
 
 
 def fully_shard_trunk(trunk: torch.nn.Module) -> None:
-    """Shard a Hugging Face trunk's weights over the processes with FSDP2 (``fully_shard``): each
-    decoder layer (the classes in ``trunk._no_split_modules``), then ``trunk.base_model`` (the
-    embeddings and the final norm; :func:`qvlm.trunk.trunk_hidden_states` calls it).
+    """Shard a Hugging Face causal LM's weights over the processes with FSDP2 (``fully_shard``).
+
+    Each decoder layer (the classes in ``trunk._no_split_modules``) is a unit, and the whole model
+    the root unit that holds the rest (embeddings, final norm, LM head: a tied head stays one
+    parameter with the embedding, FSDP2 keeps the two names on one tensor).
+
+    :func:`qvlm.trunk.trunk_forward` (hidden states and LM logits in one pass) and
+    :func:`qvlm.trunk.trunk_logits` become forward methods of the root unit
+    (``register_fsdp_forward_method``), so the root's weights are gathered around them and its
+    gradients reduced once after the backward pass; every qvlm forward of a trunk goes through them.
 
     Gradients are summed over the processes, not averaged, as :func:`all_reduce_grads` sums the
     replicated heads' (each process weights its loss by its share of the batch: :func:`token_weight`).
-    An LM head tied to the input embedding is tied again to the sharded embedding, so that the two
-    stay one tensor; it is gathered only inside ``base_model``'s forward, so a loss that reads the
-    LM logits (ILQL's AWAC term, soft Q's ``pi_ref``, a PPO policy) cannot run on a sharded trunk yet;
-    value regression can. Checkpoints and the saved run do not gather sharded weights yet either:
-    this is the building block, exercised by tests/test_distributed_fsdp.py.
+    Checkpoints and saved runs gather the full weights collectively (:func:`full_state_dict`).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    import types
+
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+    from qvlm.trunk import _forward, _logits
 
     blocks = set(getattr(trunk, "_no_split_modules", None) or [])
     layers = [m for m in trunk.modules() if type(m).__name__ in blocks]
     if not layers:
         raise QVLMError(f"{type(trunk).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
-    output = trunk.get_output_embeddings()
-    tied = output is not None and output.weight is trunk.get_input_embeddings().weight
     for layer in layers:
         fully_shard(layer)
-    fully_shard(trunk.base_model)
-    if tied:  # the embedding is a new (sharded) parameter now: keep the LM head on it
-        output.weight = trunk.get_input_embeddings().weight
+    fully_shard(trunk)
+    # instance methods: the root unit gathers its weights around them (qvlm.trunk.sharded checks for them)
+    trunk.qvlm_forward = types.MethodType(_forward, trunk)
+    trunk.qvlm_logits = types.MethodType(_logits, trunk)
+    register_fsdp_forward_method(trunk, "qvlm_forward")
+    register_fsdp_forward_method(trunk, "qvlm_logits")
     for module in trunk.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full tensors, gathered to the CPU of rank 0 only (the other ranks get an empty dict)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def has_sharded_parameters(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is an FSDP2 shard."""
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with full tensors, gathered collectively from FSDP2 shards.
+
+    A module with sharded parameters is gathered collectively: every rank must call this, rank 0 gets the full tensors on the CPU,
+    the other ranks an empty dict. A module without shards: its ``state_dict()``, no collective."""
+    if not has_sharded_parameters(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_full_options())
+
+
+def full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser state of a module with sharded parameters, gathered collectively, keyed by name.
+
+    Every rank calls it; rank 0 gets it (keyed by parameter names instead of positions), the others ``{}``."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_full_options())
+
+
+def load_full_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load full tensors (part of ``module``'s state dict, held by every rank) into a sharded module.
+
+    Each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimiser state of :func:`full_optimizer_state_dict` (held by every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -20,7 +20,7 @@ from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.progress import progress
 from qvlm.train.checkpoint import data_fingerprint, load_checkpoint, save_checkpoint, save_run
-from qvlm.train.distributed import init_distributed, reduce_weighted, shard, token_weight
+from qvlm.train.distributed import check_fsdp, init_distributed, reduce_weighted, shard, token_weight
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import make_optimizer, optimizer_step
 from qvlm.train.rng import set_seed
@@ -131,7 +131,10 @@ def train_loop(
     """
     run_dir = Path(run_dir) if run_dir is not None else None
     device = next(model.heads.parameters()).device
+    check_fsdp(cfg.fsdp)
     init_distributed(device)  # a launcher's process group (gloo on CPU, NCCL on CUDA); alone: nothing
+    if cfg.fsdp:  # before the optimiser, which must hold the shards
+        model.shard()
     set_seed(cfg.seed)
     items = encode_samples(samples, tokenizer, cfg.max_length)
     check_context(model, samples, items)
