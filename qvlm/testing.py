@@ -3,12 +3,16 @@ examples and benchmarks that need a model of a real architecture but not its wei
 
 from __future__ import annotations
 
+import os
+import socket
+from typing import Callable
+
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from qvlm.errors import QVLMError
 
-__all__ = ["tiny_llama_config", "tiny_gpt2_config", "char_tokenizer", "tiny_model"]
+__all__ = ["tiny_llama_config", "tiny_gpt2_config", "char_tokenizer", "tiny_model", "free_port", "spawn_processes"]
 
 _CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -83,3 +87,31 @@ def tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), tokenizer
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a test's process group or launcher."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def spawn_processes(fn: Callable, *args, world: int = 2) -> None:
+    """Run ``fn(*args)`` in ``world`` processes on this machine, as torchrun would start them (RANK,
+    WORLD_SIZE, MASTER_ADDR/PORT set; one thread each); the process group, if ``fn`` starts one, is
+    destroyed after. ``fn`` must be a module-level function (it is pickled). Waits for all of them."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_process, args=(world, free_port(), fn, args), nprocs=world, join=True)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.ilql import ILQLConfig, train_ilql
@@ -20,7 +18,7 @@ from qvlm.algos.value import ValueConfig, train_value
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample
 from qvlm.model import QVModel
-from qvlm.testing import tiny_model
+from qvlm.testing import free_port, spawn_processes, tiny_model
 from qvlm.train import distributed
 from qvlm.train.loop import local_batch
 from qvlm.trunk import TrunkConfig
@@ -31,12 +29,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 # so rank 1 has an empty shard there (weight 0), and the ranks' token counts differ at every step
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op", "qr"]
 SAMPLES = [Sample(p, p[::-1] * (1 + i % 3), float(i % 4) / 3 - 0.5) for i, p in enumerate(PROMPTS)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(algo: str, trunk: str, run_dir: str) -> None:
@@ -52,17 +44,6 @@ def _run(algo: str, trunk: str, run_dir: str) -> None:
         train_value(qv, tok, SAMPLES, cfg, run_dir=run_dir)
 
 
-def _worker(rank: int, world: int, port: int, algo: str, trunk: str, run_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    try:
-        _run(algo, trunk, run_dir)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def _heads(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "heads.safetensors"))
 
@@ -71,7 +52,7 @@ def _heads(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_equal_one(tmp_path, algo, trunk):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(algo, trunk, str(one))
-    mp.spawn(_worker, args=(2, _free_port(), algo, trunk, str(two)), nprocs=2, join=True)
+    spawn_processes(_run, algo, trunk, str(two))
     a, b = _heads(one), _heads(two)
     assert a.keys() == b.keys()
     for k in a:
@@ -127,7 +108,7 @@ def test_cli_under_torchrun_equals_one_process(tmp_path, tiny_dir):
     one = subprocess.run([sys.executable, "-m", "qvlm", *args("one")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [*launch, str(_free_port()), "-m", "qvlm", *args("two")], env=env, capture_output=True, text=True
+        [*launch, str(free_port()), "-m", "qvlm", *args("two")], env=env, capture_output=True, text=True
     )
     assert two.returncode == 0, two.stderr
     a, b = _heads(tmp_path / "one"), _heads(tmp_path / "two")
@@ -136,7 +117,7 @@ def test_cli_under_torchrun_equals_one_process(tmp_path, tiny_dir):
     # a world size that does not divide the batch: each process stops before loading the model with
     # exit 2 and one line (the launcher then reports the failed children in its own words)
     bad = subprocess.run(
-        [*launch, str(_free_port()), "-m", "qvlm", *args("bad", 3)], env=env, capture_output=True, text=True
+        [*launch, str(free_port()), "-m", "qvlm", *args("bad", 3)], env=env, capture_output=True, text=True
     )
     assert bad.returncode != 0
     assert "qvlm train: error: batch size 3 does not divide over 2 processes" in bad.stderr

@@ -12,13 +12,10 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.actor_critic import ActorCritic
@@ -29,7 +26,7 @@ from qvlm.cli import main
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_samples
 from qvlm.model import QVModel
-from qvlm.testing import tiny_model
+from qvlm.testing import spawn_processes, tiny_model
 from qvlm.train.distributed import fully_shard_trunk, is_dtensor
 from qvlm.train.loop import batch_indices, local_batch
 from qvlm.train.optim import make_optimizer, optimizer_step
@@ -64,27 +61,17 @@ def _train(shard: bool) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone() for k, v in qv.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
+def _sharded(out: str) -> None:
     torch.distributed.init_process_group("gloo")
-    try:
-        state = _train(shard=True)
-        if rank == 0:
-            torch.save(state, out)
-    finally:
-        torch.distributed.destroy_process_group()
+    state = _train(shard=True)
+    if torch.distributed.get_rank() == 0:
+        torch.save(state, out)
 
 
 def test_fsdp_full_trunk_two_processes_equal_one(tmp_path):
     torch.set_num_threads(1)
     expected = _train(shard=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "state.pt")), nprocs=2, join=True)
+    spawn_processes(_sharded, str(tmp_path / "state.pt"))
     got = torch.load(tmp_path / "state.pt")
     assert got.keys() == expected.keys()
     before, _ = tiny_model("llama", seed=0)
@@ -119,26 +106,15 @@ def _kill_after_step_3(step: int, floats: dict) -> None:
         raise Kill
 
 
-def _ilql_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    try:
-        _ilql(run_dir, fsdp=True, resume=resume, kill=kill)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
     """ILQL --trunk full --fsdp in 2 processes, killed and resumed, against 1 process without FSDP:
     the heads (target Q heads included) and every trunk weight agree to 1e-5."""
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     _ilql(str(one), fsdp=False)
-    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    spawn_processes(_ilql, str(two), True, False, True)
     assert not (two / "heads.safetensors").exists()
-    mp.spawn(_ilql_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    spawn_processes(_ilql, str(two), True, True, False)
     for name in ("heads.safetensors", "trunk.safetensors"):
         a, b = load_file(str(one / name)), load_file(str(two / name))
         assert a.keys() == b.keys(), name
@@ -181,23 +157,6 @@ def _ppo(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> 
         pass
 
 
-def _ppo_worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    try:
-        _ppo(run_dir, fsdp=True, resume=resume, kill=kill)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ppo_params(run_dir: Path) -> dict[str, torch.Tensor]:
     policy = load_file(str(run_dir / "policy.safetensors"))
     heads = load_file(str(run_dir / "heads.safetensors"))
@@ -211,11 +170,11 @@ def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     _ppo(str(one), fsdp=False)
-    mp.spawn(_ppo_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    spawn_processes(_ppo, str(two), True, False, True)
     assert not (two / "policy.safetensors").exists()
     ckpt = load_file(str(two / "checkpoint" / "step-00000002" / "trainable.safetensors"))
     assert ckpt["policy.model.layers.0.mlp.up_proj.weight"].shape == (64, 32)  # full tensors, not shards
-    mp.spawn(_ppo_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    spawn_processes(_ppo, str(two), True, True, False)
     a, b = _ppo_params(one), _ppo_params(two)
     assert a.keys() == b.keys() and "policy.lm_head.weight" in a
     for k in a:

@@ -6,13 +6,10 @@ prompts of an iteration."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.actor_critic import ActorCritic
@@ -21,7 +18,7 @@ from qvlm.cli import main
 from qvlm.configs import DecodeConfig
 from qvlm.decoding.sampling import sample_rollout, sample_rows, sampling_seeds
 from qvlm.errors import QVLMError
-from qvlm.testing import tiny_model
+from qvlm.testing import spawn_processes, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -57,23 +54,6 @@ def _run(run_dir: str, resume: bool = False, kill: bool = False) -> None:
         pass
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str, resume: bool, kill: bool) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    try:
-        _run(run_dir, resume, kill)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _params(run_dir: Path) -> dict[str, torch.Tensor]:
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     heads = load_file(str(run_dir / "heads.safetensors"))
@@ -89,9 +69,9 @@ def test_two_processes_train_the_policy_and_critic_one_process_trains(tmp_path):
     torch.set_num_threads(1)
     _run(str(one))
     # 2 processes: killed after iteration 1, then resumed from its checkpoint to the end
-    mp.spawn(_worker, args=(2, _free_port(), str(two), False, True), nprocs=2, join=True)
+    spawn_processes(_run, str(two), False, True)
     assert not (two / "adapter").exists()
-    mp.spawn(_worker, args=(2, _free_port(), str(two), True, False), nprocs=2, join=True)
+    spawn_processes(_run, str(two), True, False)
     a, b = _params(one), _params(two)
     assert a.keys() == b.keys() and any(k.startswith("adapter.") and "lora_B" in k for k in a)
     for k in a:

@@ -5,13 +5,10 @@ same global batch size, to 1e-5; soft Q is killed and resumed on the way."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from qvlm.algos.reward_model import read_rm_data, train_reward_model
@@ -21,7 +18,7 @@ from qvlm.errors import QVLMError
 from qvlm.loading import save_model
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import tiny_model
+from qvlm.testing import spawn_processes, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -59,24 +56,6 @@ def _rm(run_dir: str, data: str, backbone: str) -> None:
     train_reward_model(read_rm_data(data), cfg, run_dir, device="cpu", log=lambda line: None)
 
 
-def _worker(rank: int, world: int, port: int, fn, args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    torch.set_num_threads(1)
-    try:
-        fn(*args)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def _spawn(fn, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, fn, args), nprocs=2, join=True)
-
-
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and a
     for k in a:
@@ -87,9 +66,9 @@ def test_softq_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     _softq(str(one))
-    _spawn(_softq, str(two), False, True)
+    spawn_processes(_softq, str(two), False, True)
     assert not (two / "heads.safetensors").exists()
-    _spawn(_softq, str(two), True, False)
+    spawn_processes(_softq, str(two), True, False)
     _assert_close(load_file(str(one / "heads.safetensors")), load_file(str(two / "heads.safetensors")))
     # the same responses were sampled, in the same order, and written once
     assert (two / "replay.jsonl").read_text() == (one / "replay.jsonl").read_text()
@@ -114,7 +93,7 @@ def test_reward_model_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     _rm(str(one), str(data), str(tmp_path / "backbone"))
-    _spawn(_rm, str(two), str(data), str(tmp_path / "backbone"))
+    spawn_processes(_rm, str(two), str(data), str(tmp_path / "backbone"))
     _assert_close(load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors")))
     a, b = json.loads((one / "eval.json").read_text()), json.loads((two / "eval.json").read_text())
     assert a["accuracy"] == b["accuracy"] and a["steps"] == b["steps"] == 12
