@@ -369,6 +369,9 @@ class ProxyConfig:
     rm_epochs: int = option(2, "the proxy's epochs over its pairs")
     rm_lr: float = option(5e-5, "the proxy's learning rate")
     rm_batch_size: int = option(16, "pairs per optimiser step of the proxy")
+    rm_prompt: bool = option(
+        True, "the proxy reads each response with its prompt (off: the response alone, as VADER reads it)"
+    )
     seed: int = option(0, "seed of sampling, pairs and the proxy")
 
     def __post_init__(self):

@@ -2,6 +2,8 @@
 left and right padding, a separable preference set learned to >= 95% held-out accuracy, save -> hf:
 load with identical scores, resume, and bad input."""
 
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -189,3 +191,30 @@ def test_cli_train_rm_bad_input(tmp_path, capsys):
     good = _write(tmp_path / "good.jsonl", [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}])
     assert main(["train", "rm", "--data", str(good), "--out", str(tmp_path / "o"), "--backbone", str(tmp_path)]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_preferences_on_the_response_alone(tmp_path):
+    """with_prompt=False: the prompts are not read in training, the saved model scores responses alone
+    (``qvlm_input`` "response"), so any prompt gives the same score; the fingerprint differs from the
+    pair model's, and the default leaves a pair model's fingerprint as it was."""
+    backbone = _save_backbone(tmp_path / "llama", "llama")
+    rows = _separable_prefs(80)
+    alone = RMData(
+        "preference",
+        prompts=[r["prompt"] for r in rows],
+        chosen=[r["chosen"] for r in rows],
+        rejected=[r["rejected"] for r in rows],
+        with_prompt=False,
+    )
+    pair = RMData("preference", prompts=alone.prompts, chosen=alone.chosen, rejected=alone.rejected)
+    assert alone.fingerprint() != pair.fingerprint()
+    fields = {k: v for k, v in dataclasses.asdict(pair).items() if k != "with_prompt"}
+    assert pair.fingerprint() == hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
+    cfg = RewardModelConfig(backbone=str(backbone), lr=1e-2, batch_size=16, epochs=2, held_out=0.2, progress=False)
+    result = train_reward_model(alone, cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+    assert result["accuracy"] >= 0.95
+    reward = get_reward(f"hf:{tmp_path / 'run'}")
+    assert not reward.pair
+    a = reward(["xy", "zzz"], ["abcde", "abcde"])
+    assert a[0] == pytest.approx(a[1], abs=1e-5)
+    assert reward(["x"], ["abcde"])[0] > reward(["x"], ["nopqrst"])[0]

@@ -84,13 +84,18 @@ class RMData:
     prompts: list[str] = field(default_factory=list)
     chosen: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    # preferences: score (prompt, response) pairs; False: the response alone (the prompts are ignored)
+    with_prompt: bool = True
 
     def __len__(self) -> int:
         return len(self.texts) if self.kind == "classification" else len(self.chosen)
 
     def fingerprint(self) -> str:
         """sha256 of the examples, so a resume can refuse other data."""
-        return hashlib.sha256(json.dumps(asdict(self), separators=(",", ":")).encode()).hexdigest()
+        fields = asdict(self)
+        if fields["with_prompt"]:  # the default leaves the fingerprints of earlier runs unchanged
+            del fields["with_prompt"]
+        return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
 def _string(obj: dict, key: str, where: str) -> str:
@@ -183,7 +188,7 @@ def load_backbone(backbone: str | Path, data: RMData, device: torch.device):
         hf_logging.set_verbosity(verbosity)
     ensure_pad_token(tokenizer, str(path))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs pool at the last non-pad token
-    model.config.qvlm_input = "pair" if data.kind == "preference" else "response"
+    model.config.qvlm_input = "pair" if data.kind == "preference" and data.with_prompt else "response"
     return model.to(device), tokenizer
 
 
@@ -206,9 +211,9 @@ def rm_loss(model, tokenizer, data: RMData, idx: list[int], max_length: int):
     """The loss and stats of the examples ``idx``: Bradley-Terry on preference pairs (chosen and
     rejected scored in one batch), cross-entropy on labelled texts."""
     if data.kind == "preference":
-        prompts = [data.prompts[i] for i in idx]
+        prompts = [data.prompts[i] for i in idx] * 2 if data.with_prompt else None
         texts = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
-        rewards = _scores(model, tokenizer, prompts + prompts, texts, max_length)[:, 0]  # (2B,)
+        rewards = _scores(model, tokenizer, prompts, texts, max_length)[:, 0]  # (2B,)
         loss, stats = bradley_terry_loss(rewards[: len(idx)], rewards[len(idx) :])
     else:
         logits = _scores(model, tokenizer, None, [data.texts[i] for i in idx], max_length)  # (B, K)
@@ -229,9 +234,9 @@ def evaluate_rm(model, tokenizer, data: RMData, idx: list[int], max_length: int,
     for start in range(0, len(idx), batch_size):
         part = idx[start : start + batch_size]
         if data.kind == "preference":
-            prompts = [data.prompts[i] for i in part]
+            prompts = [data.prompts[i] for i in part] * 2 if data.with_prompt else None
             texts = [data.chosen[i] for i in part] + [data.rejected[i] for i in part]
-            r = _scores(model, tokenizer, prompts + prompts, texts, max_length)[:, 0].float()  # (2B,)
+            r = _scores(model, tokenizer, prompts, texts, max_length)[:, 0].float()  # (2B,)
             margin = r[: len(part)] - r[len(part) :]
             correct += (margin > 0).tolist()
             for j, m in enumerate(margin.tolist()):

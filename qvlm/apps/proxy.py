@@ -166,6 +166,7 @@ def run_proxy(
             prompts=[p["prompt"] for p in fit],
             chosen=[p["chosen"] for p in fit],
             rejected=[p["rejected"] for p in fit],
+            with_prompt=cfg.rm_prompt,
         )
         from qvlm.train.checkpoint import has_checkpoint
 
