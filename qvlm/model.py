@@ -21,7 +21,7 @@ from qvlm.features import FeatureCache
 from qvlm.heads import HeadsConfig, QVHeads
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import TokenBatch
-from qvlm.trunk import gather_positions, prepare_trunk, sharded, trunk_forward
+from qvlm.trunk import gather_positions, prepare_trunk, sharded, trunk_forward, trunk_logits
 
 __all__ = ["QVModel", "load_qv_model"]
 
@@ -102,7 +102,7 @@ class QVModel(nn.Module):
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The trunk's LM head on hidden states: (..., H) -> (..., vocab). Not on a sharded trunk
         (``--fsdp``) with gradients: take the logits from :meth:`features_and_logits` there."""
-        return self.trunk.get_output_embeddings()(h)
+        return trunk_logits(self.trunk, h)
 
     def shard(self) -> None:
         """Shard the trunk's weights over the processes with FSDP2 (``--fsdp``; a full trunk only).
@@ -190,13 +190,9 @@ class QVModel(nn.Module):
         """The trunk parameters that train (LoRA adapters or all), for checkpoints. A sharded trunk's
         are gathered collectively: every process calls it, rank 0 gets the full tensors, the others
         an empty dict."""
-        if sharded(self.trunk):
-            from qvlm.train.distributed import full_state_dict
+        from qvlm.train.distributed import trainable_state
 
-            names = [n for n, p in self.trunk.named_parameters() if p.requires_grad]
-            full = full_state_dict(self.trunk)
-            return {n: full[n] for n in names if n in full}
-        return {n: p.detach() for n, p in self.trunk.named_parameters() if p.requires_grad}
+        return trainable_state(self.trunk)
 
     def load_trunk_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = {n for n, p in self.trunk.named_parameters() if p.requires_grad} - set(state)

@@ -42,11 +42,11 @@ from qvlm.mdp import EncodedSample
 from qvlm.model import QVModel
 from qvlm.train.distributed import (
     full_optimizer_state_dict,
-    full_state_dict,
     has_sharded_parameters,
     is_main_process,
     load_full_optimizer_state_dict,
     load_full_state_dict,
+    trainable_state,
 )
 from qvlm.train.rng import rng_state, set_rng_state
 
@@ -155,17 +155,7 @@ def _gather_trainable(model: QVModel | torch.nn.Module) -> dict[str, torch.Tenso
     """What :func:`_save_model_tensors` writes besides heads: a QVModel's trainable trunk tensors,
     another model's trainable parameters. Collective when weights are sharded (every process calls
     it; rank 0 gets the full tensors)."""
-    return model.trainable_trunk_state() if isinstance(model, QVModel) else _trainable_state(model)
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that trains, by name (a tied parameter once, under its first name). Sharded
-    weights are gathered collectively (every process calls this; the others get an empty dict)."""
-    if has_sharded_parameters(model):
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        full = full_state_dict(model)
-        return {n: full[n].contiguous() for n in names if n in full}
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return model.trainable_trunk_state() if isinstance(model, QVModel) else trainable_state(model)
 
 
 def _load_trainable_state(model: torch.nn.Module, path: Path) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "fully_shard_trunk",
     "has_sharded_parameters",
     "full_state_dict",
+    "trainable_state",
     "full_optimizer_state_dict",
     "load_full_state_dict",
     "load_full_optimizer_state_dict",
@@ -374,6 +375,18 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(module, options=_full_options())
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` that trains, by name (a tied parameter once, under its first
+    name), detached. Sharded weights are gathered collectively (every rank calls this; rank 0 gets
+    the full tensors, the others an empty dict)."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if not has_sharded_parameters(module):
+        params = dict(module.named_parameters())
+        return {n: params[n].detach().contiguous() for n in names}
+    full = full_state_dict(module)
+    return {n: full[n].contiguous() for n in names if n in full}
 
 
 def full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
