@@ -37,6 +37,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # qvlm.loading.DTYPES maps the
 TRUNK_MODES = ("frozen", "lora", "full")
 VALUE_TARGETS = ("mc", "td", "td_lambda")
 Q_TARGETS = ("return", "next_v")
+POOLINGS = ("default", "mean")  # reward models: Hugging Face's pooling, or the mean over real tokens
 
 
 def option(default, help: str, **metadata):
@@ -332,6 +333,13 @@ class RewardModelConfig:
     epochs: int = option(3, "passes over the training part (ignored when steps > 0)")
     steps: int = option(0, "total optimiser steps (0: epochs * batches per epoch)")
     max_length: int = option(256, "tokens per input (prompt + response); longer ones are cut")
+    pooling: str = option(
+        "default",
+        "one vector per input: default (Hugging Face's: an encoder's CLS through its pooler, a causal LM's "
+        "last non-pad token) or mean (the mean of the last hidden states over the real tokens, as sentence "
+        "encoders such as all-MiniLM-L6-v2 were trained)",
+        choices=POOLINGS,
+    )
     held_out: float = option(0.1, "fraction of the examples held out for accuracy and calibration")
     seed: int = option(0, "seed of the head's initialisation, the held-out split and the data order")
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
@@ -345,6 +353,7 @@ class RewardModelConfig:
         _check(self.epochs >= 1, "epochs", self.epochs, "at least 1")
         _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: epochs * batches per epoch)")
         _check(self.max_length >= 2, "max_length", self.max_length, "at least 2")
+        _check(self.pooling in POOLINGS, "pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         _check(0 <= self.held_out < 1, "held_out", self.held_out, "in [0, 1)")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, ">= 0 (0: only at the end)")
 
@@ -372,6 +381,7 @@ class ProxyConfig:
     rm_prompt: bool = option(
         True, "the proxy reads each response with its prompt (off: the response alone, as VADER reads it)"
     )
+    rm_pooling: str = option("default", "the proxy's pooling (see qvlm train rm --pooling)", choices=POOLINGS)
     seed: int = option(0, "seed of sampling, pairs and the proxy")
 
     def __post_init__(self):
@@ -387,6 +397,7 @@ class ProxyConfig:
         _check(self.rm_epochs >= 1, "rm_epochs", self.rm_epochs, "at least 1")
         _check(_finite(self.rm_lr) and self.rm_lr > 0, "rm_lr", self.rm_lr, "a finite number > 0")
         _check(self.rm_batch_size >= 1, "rm_batch_size", self.rm_batch_size, "at least 1")
+        _check(self.rm_pooling in POOLINGS, "rm_pooling", self.rm_pooling, f"one of {', '.join(POOLINGS)}")
 
 
 @dataclass

@@ -218,3 +218,69 @@ def test_preferences_on_the_response_alone(tmp_path):
     a = reward(["xy", "zzz"], ["abcde", "abcde"])
     assert a[0] == pytest.approx(a[1], abs=1e-5)
     assert reward(["x"], ["abcde"])[0] > reward(["x"], ["nopqrst"])[0]
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mean_pooling_by_hand_under_either_padding_side(tmp_path, arch, side):
+    """pooling="mean": the logits are the linear head on the mean of the last hidden states over the
+    real tokens, computed here by hand text by text; a padded batch gives the same."""
+    from transformers import AutoTokenizer
+
+    from qvlm.rewards.hf import linear_head
+
+    backbone = _save_backbone(tmp_path / arch, arch)
+    data = RMData("classification", texts=["a", "b"], labels=[0, 1], label_names=["0", "1"])
+    model, _ = rm.load_backbone(backbone, data, torch.device("cpu"), pooling="mean")
+    assert model.config.qvlm_pooling == "mean"
+    tokenizer = AutoTokenizer.from_pretrained(backbone, padding_side=side)
+    model.eval()
+    texts = ["ab", "a much longer text", "xyz"]
+    with torch.no_grad():
+        by_hand = []
+        for t in texts:
+            ids = tokenizer(t, return_tensors="pt")["input_ids"]
+            hidden = model.base_model(input_ids=ids)[0][0]  # (T, H), no padding
+            by_hand.append(linear_head(model)(hidden.mean(0)))
+        batched = rm._scores(model, tokenizer, None, texts, 64)
+        default = rm.load_backbone(backbone, data, torch.device("cpu"))[0].eval()
+        first_token = rm._scores(default, tokenizer, None, texts, 64)
+    torch.testing.assert_close(batched, torch.stack(by_hand), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched, first_token)  # the same weights pool otherwise by default
+
+
+def test_mean_pooled_reward_model_learns_saves_and_scores_the_same_through_hf(tmp_path):
+    backbone = _save_backbone(tmp_path / "bert", "bert")
+    data = _write(tmp_path / "prefs.jsonl", _separable_prefs(200))
+    cfg = RewardModelConfig(
+        backbone=str(backbone), lr=1e-2, batch_size=16, epochs=2, held_out=0.2, progress=False, pooling="mean"
+    )
+    result = train_reward_model(read_rm_data(data), cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+    assert result["accuracy"] >= 0.95
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["qvlm_pooling"] == "mean"
+    reward = get_reward(f"hf:{tmp_path / 'run'}")
+    prompts, responses = ["xy", "zz", "x"], ["abc", "nopq", "gfedcba"]
+    model, tokenizer = rm.load_backbone(tmp_path / "run", read_rm_data(data), torch.device("cpu"), pooling="mean")
+    model.eval()
+    with torch.no_grad():
+        expected = rm._scores(model, tokenizer, prompts, responses, 256)[:, 0].tolist()
+    got = score(reward, prompts, responses)
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got[0] > got[1] and got[2] > got[1]
+
+
+def test_mean_pooling_refuses_a_head_that_is_not_one_linear_layer(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from qvlm.rewards.hf import classifier_logits
+
+    config = RobertaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    model = RobertaForSequenceClassification(config)
+    model.config.qvlm_pooling = "mean"
+    ids = torch.tensor([[0, 5, 6, 2]])
+    with pytest.raises(QVLMError, match="one linear layer"):
+        classifier_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with pytest.raises(QVLMError, match="pooling is median"):
+        RewardModelConfig(pooling="median")

