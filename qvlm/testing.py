@@ -12,7 +12,15 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrain
 
 from qvlm.errors import QVLMError
 
-__all__ = ["tiny_llama_config", "tiny_gpt2_config", "char_tokenizer", "tiny_model", "free_port", "spawn_processes"]
+__all__ = [
+    "tiny_llama_config",
+    "tiny_gpt2_config",
+    "char_tokenizer",
+    "tiny_model",
+    "tiny_demo_config",
+    "free_port",
+    "spawn_processes",
+]
 
 _CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
 _SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -87,6 +95,30 @@ def tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), tokenizer
+
+
+# the demo's settings for a tiny model and the toy reward count:e, in seconds (tests of qvlm demo)
+TINY_DEMO = dict(
+    reward="count:e",
+    quick=True,
+    train_prompts=6,
+    eval_prompts=5,
+    samples_per_prompt=2,
+    max_new_tokens=6,
+    ilql_epochs=1,
+    value_epochs=1,
+    betas="1,4",
+    mc_betas="2",
+    best_of=4,
+    val_prompts=4,
+)
+
+
+def tiny_demo_config(model_dir, **overrides):
+    """A :class:`~qvlm.configs.DemoConfig` of :data:`TINY_DEMO` on the model saved in ``model_dir``."""
+    from qvlm.configs import DemoConfig
+
+    return DemoConfig(model=str(model_dir), **{**TINY_DEMO, **overrides})
 
 
 def free_port() -> int:

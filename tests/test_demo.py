@@ -11,6 +11,7 @@ from qvlm.cli import main
 from qvlm.configs import DemoConfig
 from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
+from qvlm.testing import tiny_demo_config
 
 
 @pytest.fixture(autouse=True)
@@ -28,22 +29,7 @@ KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", 
 
 
 def small(tiny_dir, **kw):
-    return DemoConfig(
-        model=str(tiny_dir),
-        reward="count:e",
-        quick=True,
-        train_prompts=6,
-        eval_prompts=5,
-        samples_per_prompt=2,
-        max_new_tokens=6,
-        ilql_epochs=1,
-        value_epochs=1,
-        betas="1,4",
-        mc_betas="2",
-        best_of=4,
-        val_prompts=kw.pop("val_prompts", 4),
-        **kw,
-    )
+    return tiny_demo_config(tiny_dir, **kw)
 
 
 def test_demo_pipeline_outputs(tmp_path, tiny_dir):
