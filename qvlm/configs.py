@@ -37,6 +37,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")  # qvlm.loading.DTYPES maps the
 TRUNK_MODES = ("frozen", "lora", "full")
 VALUE_TARGETS = ("mc", "td", "td_lambda")
 Q_TARGETS = ("return", "next_v")
+LR_SCHEDULES = ("constant", "linear")
 POOLINGS = ("default", "mean")  # reward models: Hugging Face's pooling, or the mean over real tokens
 
 
@@ -327,6 +328,13 @@ class RewardModelConfig:
 
     backbone: str = option("", "encoder or causal LM directory (empty: the packaged all-MiniLM-L6-v2)")
     lr: float = option(5e-5, "AdamW learning rate of every weight")
+    schedule: str = option(
+        "constant",
+        "learning rate over the steps: constant, or linear (warm up linearly over the first --warmup "
+        "fraction of the steps, then decay linearly to 0, as BERT fine-tuning does)",
+        choices=LR_SCHEDULES,
+    )
+    warmup: float = option(0.1, "linear schedule: the fraction of the steps that warm the learning rate up")
     weight_decay: float = option(0.0, "AdamW weight decay (0: off)")
     grad_clip: float = option(1.0, "max global gradient norm (0: off)")
     batch_size: int = option(16, "examples (texts or preference pairs) per optimiser step")
@@ -347,6 +355,8 @@ class RewardModelConfig:
 
     def __post_init__(self):
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")
+        _check(self.schedule in LR_SCHEDULES, "schedule", self.schedule, f"one of {', '.join(LR_SCHEDULES)}")
+        _check(0 <= self.warmup < 1, "warmup", self.warmup, "in [0, 1)")
         _check(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay, "finite, >= 0")
         _check(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", self.grad_clip, "finite, >= 0 (0: off)")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
@@ -382,6 +392,9 @@ class ProxyConfig:
         True, "the proxy reads each response with its prompt (off: the response alone, as VADER reads it)"
     )
     rm_pooling: str = option("default", "the proxy's pooling (see qvlm train rm --pooling)", choices=POOLINGS)
+    rm_schedule: str = option(
+        "constant", "the proxy's learning-rate schedule (see qvlm train rm --schedule)", choices=LR_SCHEDULES
+    )
     seed: int = option(0, "seed of sampling, pairs and the proxy")
 
     def __post_init__(self):
@@ -397,6 +410,7 @@ class ProxyConfig:
         _check(self.rm_epochs >= 1, "rm_epochs", self.rm_epochs, "at least 1")
         _check(_finite(self.rm_lr) and self.rm_lr > 0, "rm_lr", self.rm_lr, "a finite number > 0")
         _check(self.rm_batch_size >= 1, "rm_batch_size", self.rm_batch_size, "at least 1")
+        _check(self.rm_schedule in LR_SCHEDULES, "rm_schedule", self.rm_schedule, f"one of {', '.join(LR_SCHEDULES)}")
         _check(self.rm_pooling in POOLINGS, "rm_pooling", self.rm_pooling, f"one of {', '.join(POOLINGS)}")
 
 

@@ -284,3 +284,33 @@ def test_mean_pooling_refuses_a_head_that_is_not_one_linear_layer(tmp_path):
         classifier_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     with pytest.raises(QVLMError, match="pooling is median"):
         RewardModelConfig(pooling="median")
+
+
+def test_linear_schedule_by_hand(tmp_path, monkeypatch):
+    assert [rm.lr_factor(k, 10, "linear", 0.2) for k in (0, 1, 2, 3, 9)] == [0.5, 1.0, 1.0, 0.875, 0.125]
+    assert rm.lr_factor(7, 10, "constant", 0.2) == 1.0
+    assert rm.lr_factor(0, 10, "linear", 0.0) == 1.0  # no warm-up: decay from the first step
+    # the trainer steps at those rates: record the learning rate each optimiser step uses
+    backbone = _save_backbone(tmp_path / "llama", "llama")
+    data = read_rm_data(_write(tmp_path / "prefs.jsonl", _separable_prefs(40)))
+    cfg = RewardModelConfig(
+        backbone=str(backbone),
+        lr=1e-2,
+        batch_size=8,
+        steps=5,
+        held_out=0.2,
+        schedule="linear",
+        warmup=0.4,
+        progress=False,
+    )
+    real_step, rates = rm.optimizer_step, []
+
+    def recording_step(loss, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real_step(loss, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(rm, "optimizer_step", recording_step)
+    train_reward_model(data, cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+    assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 2 / 3 * 1e-2, 1 / 3 * 1e-2])  # ramp 2 steps, then 3/3, 2/3, 1/3
+    with pytest.raises(QVLMError, match="schedule is cosine"):
+        RewardModelConfig(schedule="cosine")

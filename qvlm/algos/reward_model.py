@@ -71,6 +71,7 @@ __all__ = [
     "rm_loss",
     "evaluate_rm",
     "save_classifier",
+    "lr_factor",
     "train_reward_model",
 ]
 
@@ -283,6 +284,18 @@ def save_classifier(model, tokenizer, run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def lr_factor(step: int, total: int, schedule: str, warmup: float) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) over ``lr``: 1 (constant), or a linear
+    warm-up over the first ``ceil(warmup * total)`` steps, then a linear decay that would reach 0 at
+    ``total``. ``total = 10, warmup = 0.2``: 0.5, 1, 1, 0.875, ..., 0.125."""
+    if schedule == "constant":
+        return 1.0
+    ramp = math.ceil(warmup * total)
+    if step < ramp:
+        return (step + 1) / ramp
+    return max(0.0, (total - step) / max(1, total - ramp))
+
+
 def train_reward_model(
     data: RMData,
     cfg: RewardModelConfig,
@@ -308,8 +321,13 @@ def train_reward_model(
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, total, cfg.schedule, cfg.warmup))
     fingerprint = data.fingerprint()
-    start = load_checkpoint(run_dir, model, optimizer, cfg, fingerprint=fingerprint).step if resume else 0
+    start = (
+        load_checkpoint(run_dir, model, optimizer, cfg, scheduler=scheduler, fingerprint=fingerprint).step
+        if resume
+        else 0
+    )
     logger = MetricsLogger(run_dir, resume_step=start)
     bar = progress(total=total, initial=start, desc=f"train rm ({data.kind})", enabled=cfg.progress, unit="step")
     model.train()
@@ -321,7 +339,7 @@ def train_reward_model(
                 local, weight = (local, len(local) / len(positions)) if local else (positions[:1], 0.0)
             loss, stats = rm_loss(model, tokenizer, data, [train_idx[p] for p in local], cfg.max_length)
             # optimise (the gradients of the weighted losses are summed over the processes)
-            grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip)
+            grad_norm = optimizer_step(loss * weight if weight != 1.0 else loss, optimizer, cfg.grad_clip, scheduler)
             # log and checkpoint (the global batch's stats)
             floats = stats_to_floats({**reduce_weighted(stats, weight), "charts/grad_norm": grad_norm})
             check_finite(step, floats[next(iter(stats))], floats)
@@ -329,9 +347,9 @@ def train_reward_model(
             bar.update(1)
             bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in floats.items() if k != "charts/grad_norm"})
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, model, optimizer, step + 1, cfg, fingerprint=fingerprint)
+                save_checkpoint(run_dir, model, optimizer, step + 1, cfg, scheduler=scheduler, fingerprint=fingerprint)
         if total > start:
-            save_checkpoint(run_dir, model, optimizer, total, cfg, fingerprint=fingerprint)
+            save_checkpoint(run_dir, model, optimizer, total, cfg, scheduler=scheduler, fingerprint=fingerprint)
     finally:
         bar.close()
         logger.close()

@@ -159,6 +159,7 @@ def run_proxy(
             epochs=cfg.rm_epochs,
             held_out=0.0,  # accuracy is measured on held-out prompts' pairs instead
             pooling=cfg.rm_pooling,
+            schedule=cfg.rm_schedule,
             seed=cfg.seed,
             progress=progress,
         )
