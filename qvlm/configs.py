@@ -258,7 +258,7 @@ class DemoConfig:
     # ILQL's CQL weight. 0 skips the vocabulary-sized Q (about 4x cheaper per step). On held-out
     # training prompts, 8 epochs without CQL beat 1 epoch with it (trlx: 0.1) in the same time.
     ilql_cql_scale: float = option(0.0, "ILQL's CQL weight (0: off, about 4x cheaper per step)")
-    mc_betas: str = option("4,8,16", "guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)")
+    mc_betas: str = option("4,8,16,32", "guidance strengths with the Monte-Carlo Q/V heads (CD-FUDGE style)")
     mc_q_target: str = option(
         "next_v",
         "Monte-Carlo Q heads' target: return (sampled) or next_v (V of the next prefix)",
