@@ -352,6 +352,7 @@ class RewardModelConfig:
     seed: int = option(0, "seed of the head's initialisation, the held-out split and the data order")
     checkpoint_every: int = option(100, "steps between resumable checkpoints (0: only at the end)")
     progress: bool = option(True, "show a progress bar")
+    fsdp: bool = option(False, "shard the classifier's weights over the processes with FSDP2 (several processes)")
 
     def __post_init__(self):
         _check(_finite(self.lr) and self.lr > 0, "lr", self.lr, "a finite number > 0")

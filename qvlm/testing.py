@@ -4,11 +4,20 @@ examples and benchmarks that need a model of a real architecture but not its wei
 from __future__ import annotations
 
 import os
+import random
 import socket
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from qvlm.errors import QVLMError
 
@@ -17,6 +26,8 @@ __all__ = [
     "tiny_gpt2_config",
     "char_tokenizer",
     "tiny_model",
+    "save_tiny_backbone",
+    "separable_prefs",
     "tiny_demo_config",
     "free_port",
     "spawn_processes",
@@ -95,6 +106,43 @@ def tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), tokenizer
+
+
+def save_tiny_backbone(path, arch: str):
+    """A tiny causal LM (llama, gpt2: :func:`tiny_model`) or encoder (bert, without dropout) with the
+    character tokenizer, saved to ``path``, for ``qvlm train rm --backbone``; returns ``path``."""
+    from qvlm.loading import save_model
+
+    if arch in ("llama", "gpt2"):
+        model, tok = tiny_model(arch, seed=0)
+    else:
+        tok = char_tokenizer()
+        config = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+    save_model(model, tok, path)
+    return path
+
+
+def separable_prefs(n: int, seed: int = 0) -> list[dict]:
+    """``n`` preference pairs ``{"prompt", "chosen", "rejected"}`` of random words: chosen responses use
+    the letters a-g, rejected ones n-t, so a reward model can separate them by their letters alone."""
+    rng = random.Random(seed)
+
+    def word(chars: str) -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(3, 8)))
+
+    return [{"prompt": word("xyz"), "chosen": word("abcdefg"), "rejected": word("nopqrst")} for _ in range(n)]
 
 
 # the demo's settings for a tiny model and the toy reward count:e, in seconds (tests of qvlm demo)

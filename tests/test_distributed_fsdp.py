@@ -6,6 +6,9 @@
 - the trainers with ``--fsdp``: ILQL (AWAC on, so the LM logits come from the sharded model's forward)
   and PPO ``--trunk full``, 2 sharded processes killed mid-run and resumed from their gathered
   checkpoints, against 1 process without FSDP: every weight agrees to 1e-5;
+- the reward model with ``--fsdp``: a mean-pooled BERT classifier (its pooling runs as a forward of the
+  root unit), 2 sharded processes killed and resumed, against 1 process: the saved classifier directory
+  agrees to 1e-5 and scores through ``hf:`` as the one-process run's does;
 - unsupported combinations (LoRA or frozen trunk, one process) refused before the model loads.
 """
 
@@ -18,15 +21,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qvlm.algos import reward_model as rm
 from qvlm.algos.actor_critic import ActorCritic
 from qvlm.algos.ilql import ILQLConfig, train_ilql
 from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.algos.value import ValueConfig, value_loss
 from qvlm.cli import main
+from qvlm.configs import RewardModelConfig
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_samples
 from qvlm.model import QVModel
-from qvlm.testing import spawn_processes, tiny_model
+from qvlm.rewards import get_reward
+from qvlm.testing import save_tiny_backbone, separable_prefs, spawn_processes, tiny_model
+from qvlm.train.checkpoint import latest_checkpoint
 from qvlm.train.distributed import fully_shard_trunk, is_dtensor
 from qvlm.train.loop import batch_indices, local_batch
 from qvlm.train.optim import make_optimizer, optimizer_step
@@ -190,6 +197,73 @@ def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
         assert y["charts/response_length"] == x["charts/response_length"]
 
 
+# ---------------------------------------------------------------- reward model, --fsdp
+
+
+def _rm(run_dir: str, data: str, backbone: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
+    """A mean-pooled classifier on the tiny BERT for 8 steps (21 training texts in batches of 4: the
+    epoch's last batch holds one text, so rank 1 has an empty share), checkpoints every 3; ``kill``
+    stops it at step 5 (the checkpoint of step 3 stays)."""
+    cfg = RewardModelConfig(backbone=backbone, lr=1e-2, batch_size=4, steps=8, held_out=0.2, pooling="mean",
+                            progress=False, checkpoint_every=3, fsdp=fsdp)  # fmt: skip
+    real_step, calls = rm.optimizer_step, []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise Kill
+        return real_step(*args, **kwargs)
+
+    rm.optimizer_step = dying_step if kill else real_step
+    try:
+        rm.train_reward_model(rm.read_rm_data(data), cfg, run_dir, resume=resume, device="cpu", log=lambda line: None)
+    except Kill:
+        pass
+    finally:
+        rm.optimizer_step = real_step
+
+
+def _rm_killed_and_resumed(run_dir: str, data: str, backbone: str) -> None:
+    """--fsdp killed at step 5, then resumed in the same processes (one start of 2 processes, not two:
+    the model, optimiser and schedule are built afresh and loaded from the gathered checkpoint of step 3)."""
+    _rm(run_dir, data, backbone, True, kill=True)
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt.name == "step-00000003" and not (Path(run_dir) / "model.safetensors").exists()
+    assert torch.load(ckpt / "trainer_state.pt", weights_only=True)["optimizer_by_name"]  # written from shards
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    assert weights["bert.encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)  # full tensors, not shards
+    _rm(run_dir, data, backbone, True, resume=True)
+
+
+def test_fsdp_reward_model_two_processes_equal_one(tmp_path):
+    """qvlm train rm --fsdp in 2 processes, killed at step 5 and resumed from the (gathered) checkpoint
+    of step 3, against 1 process without FSDP: the saved directory holds the same config and the same
+    weights to 1e-5, and scores through hf:PATH as the one-process run's does."""
+    backbone = str(save_tiny_backbone(tmp_path / "bert", "bert"))
+    texts = [{"text": r[k], "label": k} for r in separable_prefs(13) for k in ("chosen", "rejected")]
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in texts))
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    _rm(str(one), str(data), backbone, fsdp=False)
+    spawn_processes(_rm_killed_and_resumed, str(two), str(data), backbone)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys() and "classifier.weight" in a
+    for k in a:
+        # softmax ignores the score q.b_k that a key bias adds to every key alike: its gradient is 0 but
+        # for rounding, which Adam scales up to steps of the learning rate's size, in any two runs alike
+        if not k.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    before = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    moved = a["bert.encoder.layer.0.intermediate.dense.weight"] - before["encoder.layer.0.intermediate.dense.weight"]
+    assert float(moved.abs().max()) > 1e-3  # the backbone trained, so equal weights are not untouched ones
+    assert json.loads((two / "config.json").read_text()) == json.loads((one / "config.json").read_text())
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 8
+    texts = ["abc", "nopq", "gfedcba"]
+    got, expected = get_reward(f"hf:{two}:chosen")(texts, texts), get_reward(f"hf:{one}:chosen")(texts, texts)
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
 def test_fsdp_refuses_lora_and_one_process(tmp_path, capsys):
     with pytest.raises(QVLMError, match="--fsdp shards a policy that trains every weight, not --trunk lora"):
         PPOConfig(fsdp=True)
@@ -209,3 +283,9 @@ def test_fsdp_refuses_lora_and_one_process(tmp_path, capsys):
     assert "not --trunk frozen" in capsys.readouterr().err
     assert main(value + ["--trunk", "full"]) == 2
     assert "but this is one" in capsys.readouterr().err
+    # the reward model: one process, refused before the data and the backbone load
+    rm_args = ["train", "rm", "--data", str(tmp_path / "no-such.jsonl"), "--out", str(tmp_path / "rm"), "--fsdp"]
+    assert main(rm_args) == 2
+    assert "but this is one" in capsys.readouterr().err
+    with pytest.raises(QVLMError, match="but this is one"):
+        rm.train_reward_model(rm.RMData("preference"), RewardModelConfig(fsdp=True), tmp_path / "rm")

@@ -5,7 +5,6 @@ same global batch size, to 1e-5; soft Q is killed and resumed on the way."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from qvlm.errors import QVLMError
 from qvlm.loading import save_model
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import spawn_processes, tiny_model
+from qvlm.testing import separable_prefs, spawn_processes, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -76,20 +75,11 @@ def test_softq_two_processes_equal_one(tmp_path):
     assert [x["step"] for x in lines] == list(range(12))
 
 
-def _prefs(n: int) -> list[dict]:
-    rng = random.Random(0)
-
-    def word(chars: str) -> str:
-        return "".join(rng.choice(chars) for _ in range(rng.randint(3, 8)))
-
-    return [{"prompt": word("xyz"), "chosen": word("abcdefg"), "rejected": word("nopqrst")} for _ in range(n)]
-
-
 def test_reward_model_two_processes_equal_one(tmp_path):
     model, tok = tiny_model("llama", seed=0)
     save_model(model, tok, tmp_path / "backbone")
     data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _prefs(28)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_prefs(28)))
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
     _rm(str(one), str(data), str(tmp_path / "backbone"))
@@ -108,6 +98,6 @@ def test_a_world_size_that_does_not_divide_is_refused(tmp_path, monkeypatch):
     with pytest.raises(QVLMError, match="--prompts-per-round 3 does not divide over 2 processes"):
         train_softq(qv, tok, PROMPTS, get_reward("count:e"), cfg)
     data = tmp_path / "prefs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in _prefs(8)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in separable_prefs(8)))
     with pytest.raises(QVLMError, match="batch size 3 does not divide over 2 processes"):
         train_reward_model(read_rm_data(data), RewardModelConfig(batch_size=3, progress=False), tmp_path / "rm")

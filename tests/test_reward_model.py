@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from qvlm.errors import QVLMError
 from qvlm.losses import bradley_terry_loss, classification_loss
 from qvlm.report.calibration import calibration_bins, expected_calibration_error
 from qvlm.rewards import get_reward, score
+from qvlm.testing import save_tiny_backbone, separable_prefs
 
 
 def test_bradley_terry_loss_by_hand():
@@ -59,49 +59,11 @@ def test_read_rm_data(tmp_path):
         read_rm_data(_write(tmp_path / "one.jsonl", [{"text": "x", "label": "a"}] * 3))
 
 
-def _save_backbone(path, arch):
-    """A tiny causal LM (llama, gpt2) or encoder (bert) with the character tokenizer, saved to ``path``."""
-    from transformers import AutoModel, BertConfig
-
-    from qvlm.loading import save_model
-    from qvlm.testing import char_tokenizer, tiny_model
-
-    if arch in ("llama", "gpt2"):
-        model, tok = tiny_model(arch, seed=0)
-    else:
-        tok = char_tokenizer()
-        config = BertConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        torch.manual_seed(0)
-        model = AutoModel.from_config(config)
-    save_model(model, tok, path)
-    return path
-
-
-def _separable_prefs(n, seed=0):
-    """Chosen responses use letters a-g, rejected n-t: separable by their letters alone."""
-    rng = random.Random(seed)
-
-    def word(chars):
-        return "".join(rng.choice(chars) for _ in range(rng.randint(3, 8)))
-
-    return [{"prompt": word("xyz"), "chosen": word("abcdefg"), "rejected": word("nopqrst")} for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rm")
-    backbone = _save_backbone(tmp / "llama", "llama")
-    data = _write(tmp / "prefs.jsonl", _separable_prefs(200))
+    backbone = save_tiny_backbone(tmp / "llama", "llama")
+    data = _write(tmp / "prefs.jsonl", separable_prefs(200))
     cfg = RewardModelConfig(
         backbone=str(backbone), lr=1e-2, batch_size=16, epochs=2, held_out=0.2, progress=False, checkpoint_every=5
     )
@@ -149,7 +111,7 @@ def test_pooling_is_right_under_either_padding_side(tmp_path, arch, side):
     have absolute positions, so left padding would shift them; Llama's rotary positions are relative.)"""
     from transformers import AutoTokenizer
 
-    backbone = _save_backbone(tmp_path / arch, arch)
+    backbone = save_tiny_backbone(tmp_path / arch, arch)
     data = RMData("classification", texts=["a", "b"], labels=[0, 1], label_names=["0", "1"])
     model, _ = rm.load_backbone(backbone, data, torch.device("cpu"))
     tokenizer = AutoTokenizer.from_pretrained(backbone, padding_side=side)
@@ -197,8 +159,8 @@ def test_preferences_on_the_response_alone(tmp_path):
     """with_prompt=False: the prompts are not read in training, the saved model scores responses alone
     (``qvlm_input`` "response"), so any prompt gives the same score; the fingerprint differs from the
     pair model's, and the default leaves a pair model's fingerprint as it was."""
-    backbone = _save_backbone(tmp_path / "llama", "llama")
-    rows = _separable_prefs(80)
+    backbone = save_tiny_backbone(tmp_path / "llama", "llama")
+    rows = separable_prefs(80)
     alone = RMData(
         "preference",
         prompts=[r["prompt"] for r in rows],
@@ -229,7 +191,7 @@ def test_mean_pooling_by_hand_under_either_padding_side(tmp_path, arch, side):
 
     from qvlm.rewards.hf import linear_head
 
-    backbone = _save_backbone(tmp_path / arch, arch)
+    backbone = save_tiny_backbone(tmp_path / arch, arch)
     data = RMData("classification", texts=["a", "b"], labels=[0, 1], label_names=["0", "1"])
     model, _ = rm.load_backbone(backbone, data, torch.device("cpu"), pooling="mean")
     assert model.config.qvlm_pooling == "mean"
@@ -250,8 +212,8 @@ def test_mean_pooling_by_hand_under_either_padding_side(tmp_path, arch, side):
 
 
 def test_mean_pooled_reward_model_learns_saves_and_scores_the_same_through_hf(tmp_path):
-    backbone = _save_backbone(tmp_path / "bert", "bert")
-    data = _write(tmp_path / "prefs.jsonl", _separable_prefs(200))
+    backbone = save_tiny_backbone(tmp_path / "bert", "bert")
+    data = _write(tmp_path / "prefs.jsonl", separable_prefs(200))
     cfg = RewardModelConfig(
         backbone=str(backbone), lr=1e-2, batch_size=16, epochs=2, held_out=0.2, progress=False, pooling="mean"
     )
@@ -291,8 +253,8 @@ def test_linear_schedule_by_hand(tmp_path, monkeypatch):
     assert rm.lr_factor(7, 10, "constant", 0.2) == 1.0
     assert rm.lr_factor(0, 10, "linear", 0.0) == 1.0  # no warm-up: decay from the first step
     # the trainer steps at those rates: record the learning rate each optimiser step uses
-    backbone = _save_backbone(tmp_path / "llama", "llama")
-    data = read_rm_data(_write(tmp_path / "prefs.jsonl", _separable_prefs(40)))
+    backbone = save_tiny_backbone(tmp_path / "llama", "llama")
+    data = read_rm_data(_write(tmp_path / "prefs.jsonl", separable_prefs(40)))
     cfg = RewardModelConfig(
         backbone=str(backbone),
         lr=1e-2,

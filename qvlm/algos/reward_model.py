@@ -22,7 +22,9 @@ Several processes (``torchrun`` / ``accelerate launch``, docs/distributed.md): e
 same global batch and takes every ``world``-th example of it, its loss (a mean over examples) weighted
 by its share of the batch's examples, the gradients summed over the processes; only the main process
 writes. Dropout draws differ from one process's (their random streams depend on the shard), so the
-steps equal one process's only where the backbone has no dropout.
+steps equal one process's only where the backbone has no dropout. ``fsdp`` shards the classifier's
+weights, gradients and optimiser state over the processes instead of replicating them (FSDP2:
+:func:`shard_classifier`); checkpoints and the saved classifier hold the full weights, gathered.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ from qvlm.fileio import atomic_write_text
 from qvlm.losses import bradley_terry_loss, classification_loss
 from qvlm.progress import progress
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
-from qvlm.rewards.hf import classifier_logits, encode_texts, linear_head
+from qvlm.rewards.hf import MEAN_LOGITS, _mean_logits, classifier_logits, encode_texts, linear_head
 from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
 from qvlm.train.distributed import (
     barrier,
     check_batch_size,
+    check_fsdp,
+    full_state_dict,
+    fully_shard_model,
     init_distributed,
     is_main_process,
     launcher_device,
@@ -67,6 +72,7 @@ __all__ = [
     "read_rm_data",
     "default_backbone",
     "load_backbone",
+    "shard_classifier",
     "split_held_out",
     "rm_loss",
     "evaluate_rm",
@@ -202,6 +208,15 @@ def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pool
     return model.to(device), tokenizer
 
 
+def shard_classifier(model) -> None:
+    """Shard a sequence classifier's weights over the processes with FSDP2 (``--fsdp``): each encoder
+    or decoder layer a unit, the whole classifier the root unit (embeddings, pooler, head). Mean
+    pooling calls the backbone and the head outside the classifier's ``forward``, so it becomes a
+    forward method of the root unit (:data:`qvlm.rewards.hf.MEAN_LOGITS`), which gathers the root's
+    weights around it."""
+    fully_shard_model(model, {MEAN_LOGITS: _mean_logits})
+
+
 def split_held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """``(train, held_out)`` indices: a seeded permutation, ``round(n * fraction)`` (at least 1 when
     ``fraction > 0``) held out."""
@@ -270,13 +285,14 @@ def evaluate_rm(model, tokenizer, data: RMData, idx: list[int], max_length: int,
     }
 
 
-def save_classifier(model, tokenizer, run_dir: Path) -> None:
+def save_classifier(model, tokenizer, run_dir: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """Save config, weights (safetensors) and tokenizer into ``run_dir``: built in a temporary
-    folder, then each file moved into place with an atomic rename."""
+    folder, then each file moved into place with an atomic rename. ``state``: the full weights of a
+    sharded model (:func:`qvlm.train.distributed.full_state_dict`); None: the model's own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=run_dir))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config last: complete
             os.replace(entry, run_dir / entry.name)
@@ -312,10 +328,13 @@ def train_reward_model(
 
     run_dir = Path(run_dir)
     check_batch_size(cfg.batch_size)  # before joining a group
+    check_fsdp(cfg.fsdp)
     device = resolve_device((launcher_device() or device) if device == "auto" else device)  # a GPU per process
     init_distributed(device)  # a launcher's process group; alone: nothing
     set_seed(cfg.seed)  # the new head's initialisation
     model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, device, cfg.pooling)
+    if cfg.fsdp:  # before the optimiser, which must hold the shards
+        shard_classifier(model)
     train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
     total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     optimizer = torch.optim.AdamW(
@@ -356,6 +375,7 @@ def train_reward_model(
     # evaluate
     result = evaluate_rm(model, tokenizer, data, held_idx, cfg.max_length, cfg.batch_size)
     result["train_examples"], result["steps"] = len(train_idx), total
+    state = full_state_dict(model)  # sharded weights (--fsdp): gathered by every process, rank 0 gets them
     if not is_main_process():  # every process evaluated (the same model); the main one writes
         barrier()
         return result
@@ -369,7 +389,7 @@ def train_reward_model(
             "observed frequency",
         )
     # save
-    save_classifier(model, tokenizer, run_dir)
+    save_classifier(model, tokenizer, run_dir, state)
     atomic_write_text(run_dir / "eval.json", json.dumps(json_safe({**result, "config": asdict(cfg)}), indent=2) + "\n")
     held = (
         f"held-out accuracy {result['accuracy']:.4f} on {len(held_idx)}, ECE {result['ece']:.4f}; " if held_idx else ""

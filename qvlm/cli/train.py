@@ -97,9 +97,12 @@ def run_rm(args) -> int:
     from qvlm.configs import RewardModelConfig
     from qvlm.errors import QVLMError
     from qvlm.train.checkpoint import has_checkpoint
+    from qvlm.train.distributed import accelerate_fsdp, check_fsdp
 
     hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own
-    cfg = config_from_args(RewardModelConfig, args)
+    # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
+    cfg = config_from_args(RewardModelConfig, args, fsdp=args.fsdp or accelerate_fsdp())
+    check_fsdp(cfg.fsdp)  # one process: refused before the data and the backbone load
     data = read_rm_data(args.data)
     out = Path(args.out)
     if (out / "eval.json").exists() and not args.resume:

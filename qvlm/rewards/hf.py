@@ -30,6 +30,7 @@ __all__ = [
     "classifier_logits",
     "linear_head",
     "WEIGHT_FILES",
+    "MEAN_LOGITS",
 ]
 
 WEIGHT_FILES = (
@@ -38,6 +39,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+
+# the forward method of a classifier sharded with FSDP2 that mean-pools (qvlm train rm --fsdp)
+MEAN_LOGITS = "qvlm_mean_logits"
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -89,6 +93,14 @@ def classifier_logits(model, enc: dict) -> torch.Tensor:
     over the real tokens (dropout as the model applies it before its head, when it has one)."""
     if getattr(model.config, "qvlm_pooling", "default") != "mean":
         return model(**enc).logits
+    # a classifier sharded with FSDP2 (qvlm train rm --fsdp) runs it as a forward of its root unit, which
+    # gathers the embeddings and the head around it (qvlm.algos.reward_model.shard_classifier)
+    sharded = vars(model).get(MEAN_LOGITS)
+    return sharded(enc) if sharded is not None else _mean_logits(model, enc)
+
+
+def _mean_logits(model, enc: dict) -> torch.Tensor:
+    """The linear head on the mean of the last hidden states over the real tokens: ``(B, num_labels)``."""
     head = linear_head(model)
     hidden = model.base_model(**enc)[0]  # (B, T, H) last hidden states
     mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,8 @@ __all__ = [
     "raise_if_any_failed",
     "barrier",
     "is_dtensor",
+    "transformer_layers",
+    "fully_shard_model",
     "fully_shard_trunk",
     "has_sharded_parameters",
     "full_state_dict",
@@ -313,44 +315,73 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def fully_shard_trunk(trunk: torch.nn.Module) -> None:
-    """Shard a Hugging Face causal LM's weights over the processes with FSDP2 (``fully_shard``).
+# where Hugging Face backbones (``model.base_model``) keep their list of transformer layers
+_LAYER_LISTS = ("layers", "encoder.layer", "h", "decoder.layers")
 
-    Each decoder layer (the classes in ``trunk._no_split_modules``) is a unit, and the whole model
-    the root unit that holds the rest (embeddings, final norm, LM head: a tied head stays one
-    parameter with the embedding, FSDP2 keeps the two names on one tensor).
 
-    :func:`qvlm.trunk.trunk_forward` (hidden states and LM logits in one pass) and
-    :func:`qvlm.trunk.trunk_logits` become forward methods of the root unit
-    (``register_fsdp_forward_method``), so the root's weights are gathered around them and its
-    gradients reduced once after the backward pass; every qvlm forward of a trunk goes through them.
+def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer layers of a Hugging Face model, FSDP2's units: the layer list of its backbone
+    (``model.base_model``): ``layers`` (Llama-like decoders), ``encoder.layer`` (BERT-like encoders),
+    ``h`` (GPT-2-like) or ``decoder.layers`` (OPT-like); else the modules of the classes the model
+    names in ``_no_split_modules``. A :class:`QVLMError` when there are none."""
+    for path in _LAYER_LISTS:
+        layers = model.base_model
+        for name in path.split("."):
+            layers = getattr(layers, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return list(layers)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise QVLMError(
+            f"{type(model).__name__} has no layer list ({', '.join(_LAYER_LISTS)} under its base model) and names no "
+            "layer class (_no_split_modules); cannot shard it"
+        )
+    return layers
+
+
+def fully_shard_model(model: torch.nn.Module, forward_methods: Mapping[str, Callable]) -> None:
+    """Shard a Hugging Face model's weights over the processes with FSDP2 (``fully_shard``).
+
+    Each transformer layer (:func:`transformer_layers`) is a unit, and the whole model the root unit
+    that holds the rest (embeddings, final norm, heads: a tied head stays one parameter with the
+    embedding, FSDP2 keeps the two names on one tensor). The root gathers its weights in its
+    ``forward`` only: each ``forward_methods[name]``, a function ``f(model, ...)`` that runs parts of
+    the model other than its ``forward``, becomes the method ``model.name`` and a forward of the root
+    unit (``register_fsdp_forward_method``), so the root's weights are gathered around it and its
+    gradients reduced once after the backward pass.
 
     Gradients are summed over the processes, not averaged, as :func:`all_reduce_grads` sums the
-    replicated heads' (each process weights its loss by its share of the batch: :func:`token_weight`).
+    replicated weights' (each process weights its loss by its share of the batch: :func:`token_weight`).
     Checkpoints and saved runs gather the full weights collectively (:func:`full_state_dict`).
     """
     import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    from qvlm.trunk import _forward, _logits
-
-    blocks = set(getattr(trunk, "_no_split_modules", None) or [])
-    layers = [m for m in trunk.modules() if type(m).__name__ in blocks]
-    if not layers:
-        raise QVLMError(f"{type(trunk).__name__} names no decoder layer class (_no_split_modules); cannot shard it")
-    for layer in layers:
+    for layer in transformer_layers(model):
         fully_shard(layer)
-    fully_shard(trunk)
-    # instance methods: the root unit gathers its weights around them (qvlm.trunk.sharded checks for them)
-    trunk.qvlm_forward = types.MethodType(_forward, trunk)
-    trunk.qvlm_logits = types.MethodType(_logits, trunk)
-    register_fsdp_forward_method(trunk, "qvlm_forward")
-    register_fsdp_forward_method(trunk, "qvlm_logits")
-    for module in trunk.modules():
+    fully_shard(model)
+    for name, fn in forward_methods.items():  # instance methods, which callers look up with vars(model)
+        setattr(model, name, types.MethodType(fn, model))
+        register_fsdp_forward_method(model, name)
+    for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+
+
+def fully_shard_trunk(trunk: torch.nn.Module) -> None:
+    """Shard a Hugging Face causal LM's weights over the processes with FSDP2 (:func:`fully_shard_model`).
+
+    :func:`qvlm.trunk.trunk_forward` (hidden states and LM logits in one pass) and
+    :func:`qvlm.trunk.trunk_logits` become forward methods of the root unit, so the root's weights
+    (embeddings, final norm, LM head) are gathered around them; every qvlm forward of a trunk goes
+    through them (:func:`qvlm.trunk.sharded` checks for them).
+    """
+    from qvlm.trunk import _forward, _logits
+
+    fully_shard_model(trunk, {"qvlm_forward": _forward, "qvlm_logits": _logits})
 
 
 def _full_options():
@@ -408,7 +439,11 @@ def load_full_state_dict(module: torch.nn.Module, state: Mapping[str, torch.Tens
 
 
 def load_full_optimizer_state_dict(module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load an optimiser state of :func:`full_optimizer_state_dict` (held by every rank)."""
+    """Load an optimiser state of :func:`full_optimizer_state_dict` (held by every rank).
+
+    A parameter that never had a gradient (e.g. BERT's pooler under mean pooling) has no saved state
+    and starts without one, as ``optimizer.load_state_dict`` leaves it in an unsharded run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_optimizer_state_dict(module, optimizer, state, options=options)
