@@ -502,6 +502,11 @@ class PPOConfig:
     fsdp: bool = option(
         False, "shard the policy's weights over the processes with FSDP2 (--trunk full, several processes)"
     )
+    deepspeed: str = option(
+        "",
+        "DeepSpeed ZeRO for the optimiser: zero1 (AdamW moments partitioned over the processes), zero2 (and "
+        "the gradients), or a DeepSpeed JSON config of stage 1 or 2 (--trunk full, several processes; '': off)",
+    )
     critic_init: str = option("", "a `qvlm train value` run directory whose V head starts the critic ('': fresh)")
     critic_warmup: int = option(0, "first iterations that train the critic only")
     head_hidden: int = option(0, "width of the V head's hidden layer (0: the trunk's hidden size)")
@@ -540,6 +545,11 @@ class PPOConfig:
             )
         if self.fsdp and self.critic != "shared":
             raise QVLMError("--fsdp supports --critic shared only (a separate critic's trunk is not sharded)")
+        if self.deepspeed and (self.trunk != "full" or self.critic != "shared" or self.fsdp):
+            raise QVLMError(
+                "--deepspeed partitions the optimiser of --trunk full --critic shared without --fsdp (LoRA "
+                "adapters are small: use plain data parallel; --fsdp shards the weights too)"
+            )
         for name in ("iterations", "prompts_per_iter", "responses_per_prompt", "max_new_tokens", "ppo_epochs"):
             _check(getattr(self, name) >= 1, "--" + name.replace("_", "-"), getattr(self, name), "at least 1")
         for name in ("minibatch_size", "lora_r", "decode_batch_size"):

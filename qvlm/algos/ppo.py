@@ -21,7 +21,9 @@ and computes the targets of its block of the iteration's prompts; the targets ar
 process (advantages whitened over the global batch), each minibatch is split over the processes with
 token-weighted losses and summed gradients, so N processes take the steps one process takes. Every
 response draws from its own random stream keyed by (seed, iteration, row), so the tokens sampled do
-not depend on the number of processes either.
+not depend on the number of processes either. ``--fsdp`` shards a full trunk's weights (FSDP2);
+``--deepspeed`` partitions its AdamW moments (ZeRO-1) and gradients (ZeRO-2) instead
+(:mod:`qvlm.train.zero`); both take the steps one plain process takes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from qvlm.train.loop import check_finite
 from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import optimizer_step
 from qvlm.train.rng import set_seed
+from qvlm.train.zero import ZeroOptimizer, check_deepspeed, zero_initialize
 
 __all__ = [
     "PPOConfig",
@@ -229,6 +232,8 @@ def optimise(
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
+    if isinstance(optimizer, ZeroOptimizer):  # warm-up: a plain AdamW skips the policy (no gradients)
+        optimizer.idle_groups = {0} if critic_only else set()
     ac.train()
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(B, generator=gen).to(batch.rollout.response_ids.device)
@@ -304,7 +309,8 @@ def train_ppo(
     cfg = cfg or PPOConfig()
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # before joining a group
     check_fsdp(cfg.fsdp)
-    init_distributed(ac.device)  # a launcher's process group; alone: nothing
+    check_deepspeed(cfg.deepspeed)
+    init_distributed(ac.device, deepspeed=bool(cfg.deepspeed))  # a launcher's process group; alone: nothing
     if cfg.fsdp:  # before the optimiser, which must hold the shards
         ac.shard()
     prompts = list(prompts)
@@ -313,6 +319,8 @@ def train_ppo(
     reward_fn = get_reward(reward)
     run_dir = Path(run_dir) if run_dir else None
     optimizer = make_optimizer(ac, cfg)
+    if cfg.deepspeed:  # the engine partitions the AdamW moments (and gradients) over the processes
+        optimizer = zero_initialize(ac, optimizer, cfg.deepspeed, cfg.grad_clip)
     ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     fingerprint, start = prompts_fingerprint(prompts), 0
     if resume:

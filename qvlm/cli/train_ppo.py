@@ -37,11 +37,16 @@ def run(args) -> int:
     from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.distributed import accelerate_fsdp, check_divides, check_fsdp, is_main_process
     from qvlm.train.rng import set_seed
+    from qvlm.train.zero import accelerate_deepspeed, check_deepspeed
 
-    # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
-    cfg = config_from_args(PPOConfig, args, fsdp=args.fsdp or accelerate_fsdp())
+    # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp, with a
+    # DeepSpeed one (examples/accelerate/deepspeed_zero2.yaml) for --deepspeed zero2
+    cfg = config_from_args(
+        PPOConfig, args, fsdp=args.fsdp or accelerate_fsdp(), deepspeed=args.deepspeed or accelerate_deepspeed()
+    )
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
     check_fsdp(cfg.fsdp)
+    check_deepspeed(cfg.deepspeed)
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")

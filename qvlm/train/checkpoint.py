@@ -201,12 +201,17 @@ def save_checkpoint(
     _check_plain(extra, "extra")
     _check_plain(data_position, "data_position")
     by_name = has_sharded_parameters(model)
+    zero = hasattr(optimizer, "step_loss")  # DeepSpeed ZeRO (qvlm.train.zero): partitioned AdamW moments
     if by_name:  # sharded weights: gathered on every process (collectives), written by the main one
         trainable, optimizer_state = _gather_trainable(model), full_optimizer_state_dict(model, optimizer)
+    elif zero:  # whole weights on every process; the moments gathered collectively
+        optimizer_state = optimizer.state_dict()
     if not is_main_process():
         return None
     if not by_name:
-        trainable, optimizer_state = _gather_trainable(model), optimizer.state_dict()
+        trainable = _gather_trainable(model)
+        if not zero:
+            optimizer_state = optimizer.state_dict()
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))

@@ -97,22 +97,25 @@ def launcher_device() -> str | None:
     return None
 
 
-def init_distributed(device: torch.device | str = "cpu") -> int:
+def init_distributed(device: torch.device | str = "cpu", deepspeed: bool = False) -> int:
     """Join the process group a launcher described in the environment; return the world size.
 
     Does nothing (returns 1) when ``WORLD_SIZE`` is unset or 1, or when a group already exists
-    (returns its size). Backend: NCCL for a CUDA device, gloo otherwise.
+    (returns its size). Backend: NCCL for a CUDA device, gloo otherwise. ``deepspeed``: the trainer
+    builds a DeepSpeed engine (qvlm.train.zero), so accelerate's DeepSpeed config is applied.
     """
     if _initialised():
         return torch.distributed.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return 1
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and is_main_process():
-        # examples/accelerate/deepspeed_zero2.yaml: the launch works, the engine is not qvlm's
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if use_deepspeed and not deepspeed and is_main_process():
+        # examples/accelerate/deepspeed_zero2.yaml: only qvlm train ppo --trunk full builds an engine
         print(
-            "qvlm: warning: accelerate's DeepSpeed config is not applied: qvlm runs its own data-parallel loop "
-            "(no ZeRO partitioning); to shard a full trunk use --fsdp (examples/accelerate/fsdp.yaml)",
+            "qvlm: warning: accelerate's DeepSpeed config is not applied: this trainer runs its own data-parallel "
+            "loop (no ZeRO partitioning; ZeRO is wired for qvlm train ppo --trunk full only); to shard a full "
+            "trunk use --fsdp (examples/accelerate/fsdp.yaml)",
             file=sys.stderr,
         )
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -33,7 +33,12 @@ def optimizer_step(
     (:func:`qvlm.train.distributed.all_reduce_grads`): each rank passes its loss already weighted by
     its share of the global batch. Returns the global gradient norm before clipping as a detached
     0-dim tensor (no device sync).
+
+    A DeepSpeed ZeRO optimiser (:class:`qvlm.train.zero.ZeroOptimizer`, its clipping set when it was
+    built) runs the backward pass, reduction, clipping and step in its engine.
     """
+    if hasattr(optimizer, "step_loss"):
+        return optimizer.step_loss(loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
