@@ -158,7 +158,8 @@ def write_seeds_html(summary: dict, path: Path, title: str) -> None:
     seeds = summary["seeds"]
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(m['reward'])}</td><td>{_fmt(m['kl_to_base'], 2)}</td>"
-        f"<td>{html.escape('/'.join(m['kl_kind']))}</td><td>{_fmt(m['cost'], 3)}</td><td>{_fmt(m['time_ratio'], 2)}</td>"
+        f"<td>{html.escape('/'.join(m['kl_kind']))}</td><td>{_fmt(m['distinct_2'])}</td><td>{_fmt(m['perplexity'], 1)}</td>"
+        f"<td>{_fmt(m['cost'], 3)}</td><td>{_fmt(m['time_ratio'], 2)}</td>"
         f"<td>{' '.join(f'{v:.3f}' for v in m['reward']['values'])}</td></tr>"
         for k, m in summary["methods"].items()
     )
@@ -191,8 +192,10 @@ td:first-child,th:first-child{{text-align:left}}</style></head><body>
 <p>Seeds {", ".join(map(str, seeds))}: each is a complete demo run (its own samples, heads, PPO run and
 draws; the same prompts). Numbers are means over the seeds ± their sample standard deviation of each
 seed's eval mean. Method shown per seed, chosen on validation: {html.escape(", ".join(shown["per_seed"]))};
-its eval reward {_fmt(shown["eval_reward"])}.</p>
-<table><tr><th>method</th><th>reward</th><th>KL to base</th><th>KL kind</th><th>cost</th><th>time</th>
+its eval reward {_fmt(shown["eval_reward"])}. A high reward at a large KL with a low distinct-2 is text that
+games the reward (repetition of the words it likes): read the samples in each seed's report.</p>
+<table><tr><th>method</th><th>reward</th><th>KL to base</th><th>KL kind</th><th>distinct-2</th>
+<th>perplexity</th><th>cost</th><th>time</th>
 <th>reward per seed</th></tr>{rows}</table>
 <h2>Frontier checks (issue 10), per seed</h2><ul>{"".join(checks)}</ul>
 <p>Each seed's report: {links}</p></body></html>

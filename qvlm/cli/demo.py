@@ -87,11 +87,12 @@ def _run_seeds(cfg, args) -> int:
         return "-" if s["mean"] is None else f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f}"
 
     print(f"\nmeans ± standard deviations over seeds {','.join(map(str, seeds))} (each seed's eval mean)")
-    print(f"{'method':<20} {'reward':>15} {'KL':>14} {'KL kind':>9} {'cost':>6}")
+    print(f"{'method':<20} {'reward':>15} {'KL':>14} {'KL kind':>9} {'dist-2':>7} {'cost':>6}")
     for name, m in summary["methods"].items():
         cost = m["cost"]["mean"]
         print(
             f"{name:<20} {ms(m['reward'], 3):>15} {ms(m['kl_to_base'], 2):>14} {'/'.join(m['kl_kind']):>9} "
+            f"{'-' if m['distinct_2']['mean'] is None else format(m['distinct_2']['mean'], '.3f'):>7} "
             f"{'-' if cost is None else f'{cost:.2f}':>6}"
         )
     shown = summary["shown"]
