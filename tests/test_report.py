@@ -211,6 +211,12 @@ def test_demo_intro_fills_every_field_and_headlines_the_validation_choice():
     assert "puts 0.90 of its mass on the top-20 tokens (base: 0.79)" in intro
     no_shown = demo_intro_html({**metrics, "shown": None}, DEMO_CONFIG)
     assert "Headline" not in no_shown and "{" not in no_shown
+    # repetition is named when the shown method's distinct-2 falls below 0.9 x base's
+    base_d2 = methods["base"]["distinct_2"]
+    methods["mcq_beta_8"] = {**methods["mcq_beta_8"], "distinct_2": 0.95 * base_d2}
+    assert "it repeats itself" not in demo_intro_html(metrics, DEMO_CONFIG)
+    methods["mcq_beta_8"]["distinct_2"] = 0.85 * base_d2
+    assert f"(base: {base_d2:.2f}): it repeats itself" in demo_intro_html(metrics, DEMO_CONFIG)
 
 
 def test_report_css_is_package_data_inlined_in_the_page(report_path):

@@ -88,6 +88,17 @@ def demo_intro_html(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
         f"sampling; it {verdict} best-of-4 ({_reward_phrase(bo4)} at 4x). Base sampling scores "
         f"{_reward_phrase(base)}. Its price is {_kl_phrase(m)} to the base model (best-of-4: "
         f"{_kl_phrase(bo4)}){topk}, and a perplexity of {fmt(m.get('perplexity'), 1)} under the base model "
-        f"(base: {fmt(base.get('perplexity'), 1)}): read the samples below.</p>"
+        f"(base: {fmt(base.get('perplexity'), 1)}){_repetition(m, base)}: read the samples below.</p>"
     )
     return html
+
+
+def _repetition(m: dict, base: dict) -> str:
+    """``", and a distinct-2 of X (base: Y): it repeats itself"`` when the shown method's distinct-2 is
+    below 0.9 times the base model's (text that games a reward by repeating what it scores well);
+    otherwise its distinct-2 and the base model's."""
+    d, d0 = finite(m.get("distinct_2")), finite(base.get("distinct_2"))
+    if d is None or d0 is None:
+        return ""
+    warn = ": it repeats itself, and a higher reward here is partly the reward gamed" if d < 0.9 * d0 else ""
+    return f", and a distinct-2 of {fmt(d, 2)} (base: {fmt(d0, 2)}){warn}"
