@@ -396,6 +396,15 @@ class ProxyConfig:
     rm_schedule: str = option(
         "constant", "the proxy's learning-rate schedule (see qvlm train rm --schedule)", choices=LR_SCHEDULES
     )
+    ppo_iterations: str = option(
+        "",
+        "PPO against the proxy (LoRA, shared V critic): iteration counts, ascending, comma-separated, each a policy "
+        "snapshot scored by gold and proxy on the eval prompts ('' or 0: no PPO)",
+    )
+    ppo_prompts_per_iter: int = option(8, "PPO against the proxy: training prompts per iteration (4 responses each)")
+    ppo_lr: float = option(2e-4, "PPO against the proxy: AdamW learning rate of the LoRA adapters")
+    ppo_kl_coef: float = option(0.02, "PPO against the proxy: KL coefficient of the per-token penalty to the base")
+    ppo_eval_samples: int = option(4, "PPO against the proxy: responses per eval prompt for each snapshot")
     seed: int = option(0, "seed of sampling, pairs and the proxy")
 
     def __post_init__(self):
@@ -411,6 +420,16 @@ class ProxyConfig:
         _check(self.rm_epochs >= 1, "rm_epochs", self.rm_epochs, "at least 1")
         _check(_finite(self.rm_lr) and self.rm_lr > 0, "rm_lr", self.rm_lr, "a finite number > 0")
         _check(self.rm_batch_size >= 1, "rm_batch_size", self.rm_batch_size, "at least 1")
+        _check(
+            self.ppo_iterations in ("", "0") or _ascending_counts(self.ppo_iterations),
+            "ppo_iterations",
+            repr(self.ppo_iterations),
+            "ascending whole numbers >= 1, comma-separated (e.g. 4,8,16), or 0 for none",
+        )
+        _check(self.ppo_prompts_per_iter >= 1, "ppo_prompts_per_iter", self.ppo_prompts_per_iter, "at least 1")
+        _check(_finite(self.ppo_lr) and self.ppo_lr > 0, "ppo_lr", self.ppo_lr, "a finite number > 0")
+        _check(_finite(self.ppo_kl_coef) and self.ppo_kl_coef >= 0, "ppo_kl_coef", self.ppo_kl_coef, "finite, >= 0")
+        _check(self.ppo_eval_samples >= 1, "ppo_eval_samples", self.ppo_eval_samples, "at least 1")
         _check(self.rm_schedule in LR_SCHEDULES, "rm_schedule", self.rm_schedule, f"one of {', '.join(LR_SCHEDULES)}")
         _check(self.rm_pooling in POOLINGS, "rm_pooling", self.rm_pooling, f"one of {', '.join(POOLINGS)}")
 

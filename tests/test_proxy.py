@@ -1,6 +1,7 @@
 """`qvlm proxy`: the best-of-N estimator and pairs by hand, and the experiment end to end on a tiny model."""
 
 import json
+import math
 import random
 
 import pytest
@@ -81,3 +82,40 @@ def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
 def test_best_of_n_curve_rows():
     rows = best_of_n_curve([[0.0, 1.0]], [[0.0, 1.0]], [1, 2])
     assert rows[0]["gold"] == 0.5 and rows[1]["gold"] == 1.0 and rows[1]["kl_bound"] == pytest.approx(0.1931472)
+
+
+def test_proxy_with_ppo_against_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
+    """--ppo-iterations: a PPO run against the proxy with a snapshot per count; every snapshot (and the
+    base, iteration 0, at KL 0) scored by gold and proxy; the chart draws the PPO curve; a rerun is cached."""
+    (tmp_path / "gold.py").write_text(GOLD)
+    cfg = ProxyConfig(
+        model=str(tiny_dir),
+        gold=f"{tmp_path / 'gold.py'}:gold",
+        backbone=str(tiny_dir),
+        train_prompts=6,
+        samples_per_prompt=4,
+        eval_prompts=2,
+        max_n=2,
+        max_new_tokens=6,
+        batch_size=8,
+        rm_epochs=1,
+        rm_lr=1e-2,
+        ppo_iterations="1,2",
+        ppo_prompts_per_iter=2,
+        ppo_eval_samples=2,
+    )
+    out = tmp_path / "out"
+    result = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
+    rows = result["ppo_curve"]
+    assert [r["iterations"] for r in rows] == [0, 1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the base against itself
+    assert all(r["kl"] >= -1e-5 and math.isfinite(r["proxy"]) and math.isfinite(r["gold"]) for r in rows)
+    assert (out / "ppo" / "it_1" / "training.json").is_file() and (out / "ppo" / "training.json").is_file()
+    peak = result["ppo_gold_peak"]
+    assert peak["gold"] == max(r["gold"] for r in rows) and peak["iterations"] in (0, 1, 2)
+    assert "PPO: gold peaks after" in (out / "overoptimisation.svg").read_text()
+    assert json.loads((out / "proxy.json").read_text())["ppo_curve"] == json.loads(json.dumps(rows))
+    again = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
+    assert again["ppo_curve"] == rows
+    with pytest.raises(QVLMError, match="ppo_iterations"):
+        ProxyConfig(ppo_iterations="4,2")

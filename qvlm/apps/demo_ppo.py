@@ -34,16 +34,29 @@ from qvlm.train.checkpoint import has_checkpoint, latest_checkpoint, load_checkp
 from qvlm.train.metrics import read_history
 from qvlm.train.rng import set_seed
 
-__all__ = ["ppo_stages", "ppo_config", "train_ppo_phase", "training_cost", "ppo_phase"]
+__all__ = [
+    "parse_iterations",
+    "ppo_stages",
+    "ppo_config",
+    "snapshot_dir",
+    "train_with_snapshots",
+    "train_ppo_phase",
+    "training_cost",
+    "ppo_phase",
+]
 
 RESPONSES_PER_PROMPT = 4  # PPOConfig's default
 
 
-def ppo_stages(cfg: DemoConfig) -> list[int]:
-    """The iteration counts to choose from (``--ppo-iterations``, resolved); empty: no ppo method.
-    ``"10,20"`` -> ``[10, 20]``; ``"0"`` -> ``[]``."""
-    counts = [int(x) for x in cfg.ppo_iterations.split(",") if x.strip()]
+def parse_iterations(text: str) -> list[int]:
+    """``"10,20"`` -> ``[10, 20]``; ``"0"`` or ``""`` -> ``[]`` (no PPO)."""
+    counts = [int(x) for x in text.split(",") if x.strip()]
     return [] if counts in ([], [0]) else counts
+
+
+def ppo_stages(cfg: DemoConfig) -> list[int]:
+    """The iteration counts to choose from (``--ppo-iterations``, resolved); empty: no ppo method."""
+    return parse_iterations(cfg.ppo_iterations)
 
 
 def ppo_config(cfg: DemoConfig, progress: bool = True) -> PPOConfig:
@@ -66,33 +79,38 @@ def ppo_config(cfg: DemoConfig, progress: bool = True) -> PPOConfig:
     )
 
 
-def _snapshot_dir(run_dir: Path, n: int, last: int) -> Path:
+def snapshot_dir(run_dir: Path, n: int, last: int) -> Path:
+    """Where the policy after ``n`` of ``last`` iterations lies: ``run_dir/it_N``, or ``run_dir`` itself."""
     return run_dir if n == last else run_dir / f"it_{n}"
 
 
 def _trained(run_dir: Path, stages: list[int]) -> bool:
-    return all((_snapshot_dir(run_dir, n, stages[-1]) / "training.json").is_file() for n in stages)
+    return all((snapshot_dir(run_dir, n, stages[-1]) / "training.json").is_file() for n in stages)
 
 
-def train_ppo_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
-    """Train (or resume, or find cached) the PPO run in ``OUT/ppo`` with its snapshots; returns the run
-    directory and the iteration counts. The base model is copied: LoRA adapters go into the copy."""
-    stages, run_dir = ppo_stages(ctx.cfg), ctx.out / "ppo"
+def train_with_snapshots(
+    run_dir: Path,
+    model,
+    tokenizer,
+    prompts: list[str],
+    reward,
+    pcfg: PPOConfig,
+    stages: list[int],
+    base_model: str,
+    log=print,
+) -> None:
+    """Train (or resume, or find cached) a LoRA PPO run in ``run_dir`` for ``stages[-1]`` iterations,
+    keeping a policy snapshot after each smaller count in ``stages`` (``run_dir/it_N``). ``model`` is
+    copied: the adapters go into the copy."""
     if _trained(run_dir, stages):
-        ctx.log("[train ppo] cached")
-        return run_dir, stages
-    pcfg = ppo_config(ctx.cfg, ctx.progress)
+        log("[train ppo] cached")
+        return
     resume = has_checkpoint(run_dir)
-    ctx.log(f"[train ppo] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
+    log(f"[train ppo] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
     set_seed(pcfg.seed)  # the V head's initialisation (a resume reads it from the checkpoint)
-    ac = ActorCritic(copy.deepcopy(ctx.model), "lora", "shared", pcfg.lora_r, pcfg.lora_alpha, pcfg.head_hidden,
-                     base_model=ctx.cfg.model)  # fmt: skip
-    info = {
-        "algorithm": pcfg.algo,
-        "config": asdict(pcfg),
-        "base_model": ctx.cfg.model,
-        "prompts": len(ctx.train_prompts),
-    }
+    ac = ActorCritic(copy.deepcopy(model), "lora", "shared", pcfg.lora_r, pcfg.lora_alpha, pcfg.head_hidden,
+                     base_model=base_model)  # fmt: skip
+    info = {"algorithm": pcfg.algo, "config": asdict(pcfg), "base_model": base_model, "prompts": len(prompts)}
 
     def snapshot(n: int) -> None:
         save_policy_run(run_dir / f"it_{n}", ac, {**info, "iterations": n, "snapshot_of": str(run_dir)})
@@ -100,16 +118,24 @@ def train_ppo_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
     if resume:  # a kill between a checkpoint at a snapshot count and the snapshot itself: write it now
         step = int(latest_checkpoint(run_dir).name[len("step-") :].split(".")[0])  # step-00000010[.1]
         if step in stages[:-1] and not (run_dir / f"it_{step}" / "training.json").is_file():
-            load_checkpoint(
-                run_dir, ac, make_optimizer(ac, pcfg), pcfg, fingerprint=prompts_fingerprint(ctx.train_prompts)
-            )
+            load_checkpoint(run_dir, ac, make_optimizer(ac, pcfg), pcfg, fingerprint=prompts_fingerprint(prompts))
             snapshot(step)
 
     def on_iteration(it: int, _metrics: dict) -> None:
         if it + 1 in stages[:-1]:
             snapshot(it + 1)
 
-    train_ppo(ac, ctx.tokenizer, ctx.train_prompts, ctx.reward, pcfg, run_dir, resume, callbacks=[on_iteration])
+    train_ppo(ac, tokenizer, prompts, reward, pcfg, run_dir, resume, callbacks=[on_iteration])
+
+
+def train_ppo_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
+    """Train (or resume, or find cached) the PPO run in ``OUT/ppo`` with its snapshots; returns the run
+    directory and the iteration counts."""
+    stages, run_dir = ppo_stages(ctx.cfg), ctx.out / "ppo"
+    pcfg = ppo_config(ctx.cfg, ctx.progress)
+    train_with_snapshots(
+        run_dir, ctx.model, ctx.tokenizer, ctx.train_prompts, ctx.reward, pcfg, stages, ctx.cfg.model, ctx.log
+    )
     return run_dir, stages
 
 
@@ -169,11 +195,11 @@ def ppo_phase(ctx: DemoContext, base_seconds_per_token: float | None = None) -> 
     validation = {}
     for n in stages:
         name = f"ppo_it_{n}"
-        validation[name] = _decode(ctx, "val", ctx.val_prompts, _snapshot_dir(run_dir, n, stages[-1]), name)["metrics"]
+        validation[name] = _decode(ctx, "val", ctx.val_prompts, snapshot_dir(run_dir, n, stages[-1]), name)["metrics"]
     chosen = choose_shown(validation)  # the first of equals: the fewest iterations
     iterations = stages[list(validation).index(chosen)]
     (ctx.out / "eval").mkdir(exist_ok=True)
-    saved = _decode(ctx, "eval", ctx.eval_prompts, _snapshot_dir(run_dir, iterations, stages[-1]), "ppo")
+    saved = _decode(ctx, "eval", ctx.eval_prompts, snapshot_dir(run_dir, iterations, stages[-1]), "ppo")
     history = read_history(run_dir / "metrics.jsonl")
     row = {**saved["metrics"], **training_cost(history, pcfg, iterations)}
     if base_seconds_per_token:

@@ -13,7 +13,12 @@ Phases, each cached in the output directory so a rerun resumes:
    prompts the proxy never sees and measure its pair accuracy against the gold reward;
 3. ``proxy/``: the proxy (``qvlm train rm``), used through ``hf:OUT/proxy`` like any classifier reward;
 4. ``eval_samples.jsonl``: ``max_n`` base draws per eval prompt, with gold and proxy scores;
-5. ``proxy.json`` and ``overoptimisation.svg``: best-of-N for N = 1, 2, 4, ..., ``max_n``.
+5. ``ppo/`` and ``ppo_curve.json`` (with ``--ppo-iterations``): a LoRA policy trained online by PPO
+   against the proxy on the proxy's training prompts, a snapshot after each iteration count, each
+   decoding ``ppo_eval_samples`` responses per eval prompt once, scored by gold and proxy, with the exact
+   KL of its sampling distribution to the base model's (summed per response): a harder push than
+   best-of-N, and the curve on which gold turns down first;
+6. ``proxy.json`` and ``overoptimisation.svg``: best-of-N for N = 1, 2, 4, ..., ``max_n`` (and PPO).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from qvlm.algos.reward_model import RMData, train_reward_model
+from qvlm.apps.demo_ppo import parse_iterations
 from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig
 from qvlm.errors import QVLMError
 from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
@@ -188,6 +194,13 @@ def run_proxy(
     gold_pool = [[s.reward for s in g] for g in _groups(pool, cfg.max_n)]
     proxy_pool = [[float(s.meta["proxy"]) for s in g] for g in _groups(pool, cfg.max_n)]
 
+    # PPO against the proxy: snapshots scored by gold and proxy
+    ppo_curve = []
+    if parse_iterations(cfg.ppo_iterations):
+        ppo_curve = _ppo_curve(
+            model, tokenizer, train_prompts[:n_fit], eval_prompts, proxy, gold, cfg, out, log, progress
+        )
+
     # curve and report
     curve = best_of_n_curve(gold_pool, proxy_pool, n_values(cfg.max_n))
     kl, gold_best, k = peak([r["kl_bound"] for r in curve], [r["gold"] for r in curve])
@@ -201,10 +214,90 @@ def run_proxy(
         "gold_peak": {"n": curve[k]["n"], "kl_bound": kl, "gold": gold_best, "at_largest_n": k == len(curve) - 1},
         "config": dataclasses.asdict(cfg),
     }
+    if ppo_curve:
+        pkl, pgold, j = peak([r["kl"] for r in ppo_curve], [r["gold"] for r in ppo_curve])
+        result["ppo_kl"] = "exact: the PPO policy's sampling distribution against the base model's, summed per response"
+        result["ppo_curve"] = ppo_curve
+        result["ppo_gold_peak"] = {
+            "iterations": ppo_curve[j]["iterations"],
+            "kl": pkl,
+            "gold": pgold,
+            "at_last": j == len(ppo_curve) - 1,
+        }
     atomic_write_text(out / "proxy.json", json.dumps(result, indent=2) + "\n")
     write_overoptimisation_svg(curve, result, out / "overoptimisation.svg")
     log(
         f"gold reward peaks at N = {curve[k]['n']} (KL <= {kl:.2f} nats): {gold_best:.3f}; at N = {curve[-1]['n']}: "
         f"{curve[-1]['gold']:.3f} gold, {curve[-1]['proxy']:.3f} proxy. Chart: {out / 'overoptimisation.svg'}"
     )
+    if ppo_curve:
+        top, last = result["ppo_gold_peak"], ppo_curve[-1]
+        log(
+            f"PPO against the proxy: gold peaks after {top['iterations']} iterations (exact KL {top['kl']:.2f} nats): "
+            f"{top['gold']:.3f}; after {last['iterations']}: {last['gold']:.3f} gold, {last['proxy']:.3f} proxy "
+            f"(KL {last['kl']:.2f})"
+        )
     return result
+
+
+def _ppo_curve(model, tokenizer, prompts, eval_prompts, proxy, gold, cfg: ProxyConfig, out: Path, log, progress):
+    """Train PPO against the proxy with snapshots (:func:`qvlm.apps.demo_ppo.train_with_snapshots`), then
+    score every snapshot's eval decodes by gold and proxy: rows ``{iterations, kl, gold, gold_ci95, proxy,
+    distinct_2}`` (iteration 0: the base model), cached in ``ppo_curve.json``."""
+    import copy
+
+    from qvlm.algos.actor_critic import load_policy
+    from qvlm.apps.demo_ppo import snapshot_dir, train_with_snapshots
+    from qvlm.configs import PPOConfig
+    from qvlm.decoding.sampling import sample_rollout
+    from qvlm.eval.metrics import json_safe
+    from qvlm.eval.policy import rollout_metrics
+    from qvlm.rewards import as_sequence_reward
+
+    file = out / "ppo_curve.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    stages = parse_iterations(cfg.ppo_iterations)
+    pcfg = PPOConfig(
+        iterations=stages[-1],
+        prompts_per_iter=cfg.ppo_prompts_per_iter,
+        max_new_tokens=cfg.max_new_tokens,
+        fixed_horizon=True,
+        lr=cfg.ppo_lr,
+        kl_coef=cfg.ppo_kl_coef,
+        decode_batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        progress=progress,
+    )
+    run_dir = out / "ppo"
+    reward = as_sequence_reward(proxy, tokenizer)
+    train_with_snapshots(run_dir, model, tokenizer, prompts, reward, pcfg, stages, cfg.model, log)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed + 2,
+        num_return_sequences=cfg.ppo_eval_samples,
+    )
+    repeated = [p for p in eval_prompts for _ in range(cfg.ppo_eval_samples)]
+    rows = []
+    for n in [0, *stages]:
+        log(f"[ppo eval] after {n} iterations: {len(eval_prompts)} prompts x {cfg.ppo_eval_samples}")
+        policy = model if n == 0 else load_policy(copy.deepcopy(model), snapshot_dir(run_dir, n, stages[-1]))
+        rollout = sample_rollout(policy, tokenizer, eval_prompts, cfg=decode, progress=progress,
+                                 logprobs=False, ref_logprobs=False)  # fmt: skip
+        metrics, texts, _ = rollout_metrics(policy, model, tokenizer, eval_prompts, rollout, gold, cfg=decode)
+        proxy_scores = score(proxy, repeated, texts, name="proxy")
+        rows.append(
+            {
+                "iterations": n,
+                "kl": metrics.kl_to_base,
+                "gold": metrics.reward_mean,
+                "gold_ci95": metrics.reward_ci95,
+                "proxy": sum(proxy_scores) / len(proxy_scores),
+                "distinct_2": metrics.distinct_2,
+                "example": texts[0],
+            }
+        )
+        log(f"  gold {rows[-1]['gold']:.3f}, proxy {rows[-1]['proxy']:.3f}, exact KL {rows[-1]['kl']:.2f}")
+    atomic_write_text(file, json.dumps(json_safe(rows), indent=2) + "\n")
+    return rows

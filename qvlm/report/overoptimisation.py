@@ -1,6 +1,6 @@
-"""The over-optimisation chart of `qvlm proxy`: gold and proxy reward of best-of-N by the proxy
-against KL to the base model, on one chart (two y-axes: the rewards have different units), with the
-gold reward's peak marked."""
+"""The over-optimisation chart of `qvlm proxy`: gold and proxy reward of best-of-N by the proxy (and,
+when it ran, of PPO against the proxy) against KL to the base model, on one chart (two y-axes: the
+rewards have different units), with the gold reward's peaks marked."""
 
 from __future__ import annotations
 
@@ -13,17 +13,24 @@ from qvlm.fileio import atomic_write_text
 __all__ = ["write_overoptimisation_svg"]
 
 GOLD, PROXY = "#b45309", "#2563eb"
+PPO_GOLD, PPO_PROXY = "#7c2d12", "#1e3a8a"
 
 
 def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: str | Path) -> None:
     """Write the chart as SVG atomically. ``curve``: rows ``{n, kl_bound, gold, proxy}``; ``result``:
-    ``gold`` (its name), ``gold_peak``, ``proxy_pairs``, ``proxy_pair_accuracy``."""
+    ``gold`` (its name), ``gold_peak``, ``proxy_pairs``, ``proxy_pair_accuracy``, and, when PPO ran,
+    ``ppo_curve`` (rows ``{iterations, kl, gold, proxy}``, exact KL) and ``ppo_gold_peak``."""
     from qvlm.report.plots import _new_figure
 
     fig, ax = _new_figure(7.2, 4.4)
     kl = [r["kl_bound"] for r in curve]
     ax.plot(kl, [r["gold"] for r in curve], "o-", color=GOLD, label=f"gold reward ({result['gold']})")
-    ax.set_xlabel("KL(best-of-N ‖ base), nats: log N − (N−1)/N")
+    ppo = result.get("ppo_curve") or []
+    ax.set_xlabel(
+        "KL to the base model, nats (best-of-N: the bound log N − (N−1)/N; PPO: exact)"
+        if ppo
+        else "KL(best-of-N ‖ base), nats: log N − (N−1)/N"
+    )
     ax.set_ylabel(f"gold reward ({result['gold']})", color=GOLD)
     ax.tick_params(axis="y", colors=GOLD)
     twin = ax.twinx()
@@ -31,6 +38,22 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     twin.set_ylabel("proxy reward (reward-model logit)", color=PROXY)
     twin.tick_params(axis="y", colors=PROXY)
     twin.spines["top"].set_visible(False)
+    if ppo:
+        pkl = [r["kl"] for r in ppo]
+        ax.plot(pkl, [r["gold"] for r in ppo], "^-", color=PPO_GOLD, label="gold reward, PPO against the proxy")
+        twin.plot(pkl, [r["proxy"] for r in ppo], "v--", color=PPO_PROXY, label="proxy reward, PPO")
+        ptop = result["ppo_gold_peak"]
+        ax.annotate(
+            f"PPO: gold peaks after {ptop['iterations']} iterations" + (" (the last)" if ptop["at_last"] else ""),
+            (ptop["kl"], ptop["gold"]),
+            xytext=(0, 10),
+            textcoords="offset points",
+            ha="right" if ptop["at_last"] else "center",
+            color=PPO_GOLD,
+            fontsize=8,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            zorder=5,
+        )
     top = result["gold_peak"]
     ax.axvline(top["kl_bound"], color=GOLD, linestyle=":", linewidth=1)
     ax.annotate(  # above the peak: nothing of the gold curve is higher
@@ -52,7 +75,7 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     more = twin.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", frameon=False, fontsize=8)
     ax.set_title(
-        f"Best-of-N by a proxy trained on {result['proxy_pairs']} gold-labelled pairs "
+        f"{'Best-of-N and PPO' if ppo else 'Best-of-N'} by a proxy trained on {result['proxy_pairs']} gold-labelled pairs "
         f"(held-out pair accuracy {result['proxy_pair_accuracy']:.1%})",
         fontsize=9,
     )
