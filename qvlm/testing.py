@@ -31,6 +31,11 @@ __all__ = [
     "tiny_demo_config",
     "free_port",
     "spawn_processes",
+    "TINY_PPO_PROMPTS",
+    "Killed",
+    "tiny_ppo_config",
+    "train_tiny_ppo",
+    "tiny_ppo_weights",
 ]
 
 _CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
@@ -195,3 +200,66 @@ def spawn_processes(fn: Callable, *args, world: int = 2) -> None:
     import torch.multiprocessing as mp
 
     mp.spawn(_process, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+# ---------------------------------------------------------------- PPO on a tiny model (distributed tests)
+
+TINY_PPO_PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]  # prompts of different lengths
+
+
+class Killed(Exception):
+    """Raised by a test's callback to stop a run as a kill would."""
+
+
+def tiny_ppo_config(**overrides):
+    """The distributed PPO tests' settings: 4 prompts x 2 responses = 8 rows an iteration, minibatches
+    of 3, 3 and 2 rows (split 2/1, 2/1, 1/1 over two processes, with unequal token counts), a first
+    iteration that trains the critic only, the adaptive KL controller and the k1 penalty, a checkpoint
+    every iteration; ``overrides`` replace any of them."""
+    from qvlm.configs import PPOConfig
+
+    settings = dict(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
+                    minibatch_size=3, lr=3e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
+                    kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1)  # fmt: skip
+    return PPOConfig(**{**settings, **overrides})
+
+
+def train_tiny_ppo(run_dir: str, resume: bool = False, kill: bool = False, **overrides) -> None:
+    """PPO (shared critic, the config's trunk) on the tiny Llama with :func:`tiny_ppo_config`
+    ``(**overrides)`` and the reward ``count:e`` into ``run_dir``; ``kill``: stop after iteration 1 (run
+    and checkpointed) as a killed run would. The V head's initial draw differs on a resume, which must
+    restore it from the checkpoint."""
+    from qvlm.algos.actor_critic import ActorCritic
+    from qvlm.algos.ppo import train_ppo
+
+    cfg = tiny_ppo_config(**overrides)
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1 if resume else 0)
+    ac = ActorCritic(model, trunk=cfg.trunk, critic="shared")
+
+    def stop_after_iteration_1(it: int, floats: dict) -> None:
+        if it == 1:
+            raise Killed
+
+    try:
+        train_ppo(ac, tok, TINY_PPO_PROMPTS, "count:e", cfg, run_dir=run_dir, resume=resume,
+                  callbacks=[stop_after_iteration_1] if kill else [])  # fmt: skip
+    except Killed:
+        pass
+
+
+def tiny_ppo_weights(run_dir) -> dict[str, torch.Tensor]:
+    """The trained tensors of a PPO run directory: ``policy.`` (full trunk) or ``adapter.`` (LoRA)
+    weights and ``heads.``."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if (run_dir / "policy.safetensors").is_file():
+        policy = {"policy." + k: v for k, v in load_file(str(run_dir / "policy.safetensors")).items()}
+    else:
+        policy = {
+            "adapter." + k: v for k, v in load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).items()
+        }
+    return {**policy, **{"heads." + k: v for k, v in load_file(str(run_dir / "heads.safetensors")).items()}}

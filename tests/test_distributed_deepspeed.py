@@ -21,58 +21,25 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator (in the spawned processes too)
 pytest.importorskip("deepspeed")
 
-from safetensors.torch import load_file  # noqa: E402
 
-from qvlm.algos.actor_critic import ActorCritic  # noqa: E402
-from qvlm.algos.ppo import PPOConfig, train_ppo  # noqa: E402
+from qvlm.algos.ppo import PPOConfig  # noqa: E402
 from qvlm.cli import main  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
-from qvlm.testing import spawn_processes, tiny_model  # noqa: E402
+from qvlm.testing import spawn_processes, tiny_model, tiny_ppo_weights, train_tiny_ppo  # noqa: E402
 from qvlm.train.zero import deepspeed_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
-PPO_PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]  # prompts of different lengths
-
-
-def _ppo_cfg(deepspeed: str) -> PPOConfig:
-    # as tests/test_distributed_fsdp.py: 8 rows, minibatches of 3 split unequally, a critic warm-up
-    # iteration (the policy's ZeRO partition must not move), the adaptive KL controller, clipping on
-    return PPOConfig(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
-                     minibatch_size=3, lr=1e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
-                     kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1, trunk="full",
-                     deepspeed=deepspeed)  # fmt: skip
-
-
-class Kill(Exception):
-    pass
-
-
-def _kill_after_iteration_1(it: int, floats: dict) -> None:
-    if it == 1:  # iteration 1 ran and was checkpointed: stop as a killed run would
-        raise Kill
-
 
 def _ppo(run_dir: str, deepspeed: str, resume: bool = False, kill: bool = False) -> None:
-    model, tok = tiny_model("llama", seed=0)
-    torch.manual_seed(1 if resume else 0)  # a resumed run restores the V head from its checkpoint
-    ac = ActorCritic(model, trunk="full", critic="shared")
-    callbacks = [_kill_after_iteration_1] if kill else []
-    try:
-        train_ppo(ac, tok, PPO_PROMPTS, "count:e", _ppo_cfg(deepspeed), run_dir=run_dir, resume=resume,
-                  callbacks=callbacks)  # fmt: skip
-    except Kill:
-        pass
-
-
-def _ppo_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    policy = load_file(str(run_dir / "policy.safetensors"))
-    heads = load_file(str(run_dir / "heads.safetensors"))
-    return {**{"policy." + k: v for k, v in policy.items()}, **{"heads." + k: v for k, v in heads.items()}}
+    # as tests/test_distributed_fsdp.py: qvlm.testing.tiny_ppo_config (8 rows, minibatches of 3 split
+    # unequally, a critic warm-up iteration: the policy's ZeRO partition must not move, the adaptive KL
+    # controller, clipping on), every policy weight training
+    train_tiny_ppo(run_dir, resume, kill, trunk="full", lr=1e-3, deepspeed=deepspeed)
 
 
 def _assert_same_run(one: Path, two: Path) -> None:
-    a, b = _ppo_params(one), _ppo_params(two)
+    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
     assert a.keys() == b.keys() and "policy.lm_head.weight" in a
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)

@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import load_file
 
 from qvlm.algos import reward_model as rm
-from qvlm.algos.actor_critic import ActorCritic
 from qvlm.algos.ilql import ILQLConfig, train_ilql
-from qvlm.algos.ppo import PPOConfig, train_ppo
+from qvlm.algos.ppo import PPOConfig
 from qvlm.algos.value import ValueConfig, value_loss
 from qvlm.cli import main
 from qvlm.configs import RewardModelConfig
@@ -32,7 +31,15 @@ from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_samples
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import save_tiny_backbone, separable_prefs, spawn_processes, tiny_model
+from qvlm.testing import (
+    Killed,
+    save_tiny_backbone,
+    separable_prefs,
+    spawn_processes,
+    tiny_model,
+    tiny_ppo_weights,
+    train_tiny_ppo,
+)
 from qvlm.train.checkpoint import latest_checkpoint
 from qvlm.train.distributed import fully_shard_trunk, is_dtensor
 from qvlm.train.loop import batch_indices, local_batch
@@ -104,13 +111,13 @@ def _ilql(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) ->
     try:
         train_ilql(qv, tok, SAMPLES, cfg, run_dir=run_dir, resume=resume,
                    callbacks=[_kill_after_step_3] if kill else [])  # fmt: skip
-    except Kill:
+    except Killed:
         pass
 
 
 def _kill_after_step_3(step: int, floats: dict) -> None:
     if step == 3:
-        raise Kill
+        raise Killed
 
 
 def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
@@ -135,39 +142,10 @@ def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
 # ---------------------------------------------------------------- PPO, full trunk, --fsdp
 
 
-def _ppo_cfg(fsdp: bool) -> PPOConfig:
-    # as in tests/test_distributed_ppo.py (8 rows, minibatches split unequally, a critic warm-up
-    # iteration, the adaptive KL controller), with every policy weight training
-    return PPOConfig(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
-                     minibatch_size=3, lr=1e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
-                     kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1, trunk="full",
-                     fsdp=fsdp)  # fmt: skip
-
-
-class Kill(Exception):
-    pass
-
-
-def _kill_after_iteration_1(it: int, floats: dict) -> None:
-    if it == 1:  # iteration 1 ran and was checkpointed: stop as a killed run would
-        raise Kill
-
-
 def _ppo(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
-    model, tok = tiny_model("llama", seed=0)
-    torch.manual_seed(1 if resume else 0)  # a resumed run restores the V head from its checkpoint
-    ac = ActorCritic(model, trunk="full", critic="shared")
-    callbacks = [_kill_after_iteration_1] if kill else []
-    try:
-        train_ppo(ac, tok, PPO_PROMPTS, "count:e", _ppo_cfg(fsdp), run_dir=run_dir, resume=resume, callbacks=callbacks)
-    except Kill:
-        pass
-
-
-def _ppo_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    policy = load_file(str(run_dir / "policy.safetensors"))
-    heads = load_file(str(run_dir / "heads.safetensors"))
-    return {**{"policy." + k: v for k, v in policy.items()}, **{"heads." + k: v for k, v in heads.items()}}
+    # qvlm.testing.tiny_ppo_config (8 rows, minibatches split unequally, a critic warm-up iteration, the
+    # adaptive KL controller), with every policy weight training
+    train_tiny_ppo(run_dir, resume, kill, trunk="full", lr=1e-3, fsdp=fsdp)
 
 
 def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
@@ -182,7 +160,7 @@ def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
     ckpt = load_file(str(two / "checkpoint" / "step-00000002" / "trainable.safetensors"))
     assert ckpt["policy.model.layers.0.mlp.up_proj.weight"].shape == (64, 32)  # full tensors, not shards
     spawn_processes(_ppo, str(two), True, True, False)
-    a, b = _ppo_params(one), _ppo_params(two)
+    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
     assert a.keys() == b.keys() and "policy.lm_head.weight" in a
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
@@ -211,13 +189,13 @@ def _rm(run_dir: str, data: str, backbone: str, fsdp: bool, resume: bool = False
     def dying_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
-            raise Kill
+            raise Killed
         return real_step(*args, **kwargs)
 
     rm.optimizer_step = dying_step if kill else real_step
     try:
         rm.train_reward_model(rm.read_rm_data(data), cfg, run_dir, resume=resume, device="cpu", log=lambda line: None)
-    except Kill:
+    except Killed:
         pass
     finally:
         rm.optimizer_step = real_step

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from qvlm.algos.actor_critic import ActorCritic
 from qvlm.algos.ppo import PPOConfig, train_ppo
@@ -18,46 +17,15 @@ from qvlm.cli import main
 from qvlm.configs import DecodeConfig
 from qvlm.decoding.sampling import sample_rollout, sample_rows, sampling_seeds
 from qvlm.errors import QVLMError
-from qvlm.testing import spawn_processes, tiny_model
+from qvlm.testing import TINY_PPO_PROMPTS, spawn_processes, tiny_model, tiny_ppo_weights, train_tiny_ppo
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
-PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]  # prompts of different lengths
-
-
-def _cfg() -> PPOConfig:
-    # 4 prompts x 2 responses = 8 rows; minibatches of 3, 3, 2 rows split 2/1, 2/1, 1/1 over two
-    # processes, with unequal token counts; the first iteration trains the critic only (the policy
-    # has no gradient on any process); the adaptive KL controller and the k1 penalty are on
-    return PPOConfig(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
-                     minibatch_size=3, lr=3e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
-                     kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1)  # fmt: skip
-
-
-class Kill(Exception):
-    pass
-
-
-def _kill_after_iteration_1(it: int, floats: dict) -> None:
-    if it == 1:  # iteration 1 ran and was checkpointed: stop as a killed run would
-        raise Kill
+PROMPTS = TINY_PPO_PROMPTS
 
 
 def _run(run_dir: str, resume: bool = False, kill: bool = False) -> None:
-    model, tok = tiny_model("llama", seed=0)
-    torch.manual_seed(1 if resume else 0)  # a resumed run restores the V head from its checkpoint
-    ac = ActorCritic(model, trunk="lora", critic="shared")
-    callbacks = [_kill_after_iteration_1] if kill else []
-    try:
-        train_ppo(ac, tok, PROMPTS, "count:e", _cfg(), run_dir=run_dir, resume=resume, callbacks=callbacks)
-    except Kill:
-        pass
-
-
-def _params(run_dir: Path) -> dict[str, torch.Tensor]:
-    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    heads = load_file(str(run_dir / "heads.safetensors"))
-    return {**{"adapter." + k: v for k, v in adapter.items()}, **{"heads." + k: v for k, v in heads.items()}}
+    train_tiny_ppo(run_dir, resume, kill)  # LoRA, lr 3e-3 (qvlm.testing.tiny_ppo_config)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -72,7 +40,7 @@ def test_two_processes_train_the_policy_and_critic_one_process_trains(tmp_path):
     spawn_processes(_run, str(two), False, True)
     assert not (two / "adapter").exists()
     spawn_processes(_run, str(two), True, False)
-    a, b = _params(one), _params(two)
+    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
     assert a.keys() == b.keys() and any(k.startswith("adapter.") and "lora_B" in k for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
