@@ -36,6 +36,7 @@ __all__ = [
     "tiny_ppo_config",
     "train_tiny_ppo",
     "tiny_ppo_weights",
+    "assert_same_full_ppo_run",
 ]
 
 _CHARS = " abcdefghijklmnopqrstuvwxyz.,!?'"
@@ -263,3 +264,29 @@ def tiny_ppo_weights(run_dir) -> dict[str, torch.Tensor]:
             "adapter." + k: v for k, v in load_file(str(run_dir / "adapter" / "adapter_model.safetensors")).items()
         }
     return {**policy, **{"heads." + k: v for k, v in load_file(str(run_dir / "heads.safetensors")).items()}}
+
+
+def assert_same_full_ppo_run(one, two) -> None:
+    """Two ``--trunk full`` PPO runs of :func:`train_tiny_ppo` trained the same weights: every policy
+    and V-head tensor agrees to 1e-5 (and the policy moved, so equal weights are not untouched ones),
+    every iteration sampled the same tokens (equal rewards and lengths), the gradient norms agree to 1e-4."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    one, two = Path(one), Path(two)
+    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
+    assert a.keys() == b.keys() and "policy.lm_head.weight" in a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    before, _ = tiny_model("llama", seed=0)
+    moved = a["policy.model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
+    assert float(moved.abs().max()) > 1e-3
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in m2] == [0, 1, 2]
+    for x, y in zip(m1, m2):
+        assert y["charts/reward"] == x["charts/reward"]
+        assert y["charts/response_length"] == x["charts/response_length"]
+        assert y["charts/grad_norm"] == pytest.approx(x["charts/grad_norm"], rel=1e-4)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ pytest.importorskip("deepspeed")
 from qvlm.algos.ppo import PPOConfig  # noqa: E402
 from qvlm.cli import main  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
-from qvlm.testing import spawn_processes, tiny_model, tiny_ppo_weights, train_tiny_ppo  # noqa: E402
+from qvlm.testing import assert_same_full_ppo_run, spawn_processes, train_tiny_ppo  # noqa: E402
 from qvlm.train.zero import deepspeed_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -36,23 +35,6 @@ def _ppo(run_dir: str, deepspeed: str, resume: bool = False, kill: bool = False)
     # unequally, a critic warm-up iteration: the policy's ZeRO partition must not move, the adaptive KL
     # controller, clipping on), every policy weight training
     train_tiny_ppo(run_dir, resume, kill, trunk="full", lr=1e-3, deepspeed=deepspeed)
-
-
-def _assert_same_run(one: Path, two: Path) -> None:
-    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
-    assert a.keys() == b.keys() and "policy.lm_head.weight" in a
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
-    before, _ = tiny_model("llama", seed=0)
-    moved = a["policy.model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
-    assert float(moved.abs().max()) > 1e-3  # the policy trained, so equal weights are not untouched ones
-    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in m2] == [0, 1, 2]
-    for x, y in zip(m1, m2):
-        assert y["charts/reward"] == x["charts/reward"]  # the same tokens were sampled
-        assert y["charts/response_length"] == x["charts/response_length"]
-        assert y["charts/grad_norm"] == pytest.approx(x["charts/grad_norm"], rel=1e-4)
 
 
 def test_deepspeed_zero2_ppo_two_processes_equal_one(tmp_path):
@@ -69,7 +51,7 @@ def test_deepspeed_zero2_ppo_two_processes_equal_one(tmp_path):
     assert state["state"].keys() == plain["state"].keys()
     assert [len(g["params"]) for g in state["param_groups"]] == [len(g["params"]) for g in plain["param_groups"]]
     spawn_processes(_ppo, str(two), "zero2", True, False)
-    _assert_same_run(one, two)
+    assert_same_full_ppo_run(one, two)
 
 
 def test_deepspeed_zero1_ppo_two_processes_equal_one(tmp_path):
@@ -77,7 +59,7 @@ def test_deepspeed_zero1_ppo_two_processes_equal_one(tmp_path):
     torch.set_num_threads(1)
     _ppo(str(one), deepspeed="")
     spawn_processes(_ppo, str(two), "zero1")
-    _assert_same_run(one, two)
+    assert_same_full_ppo_run(one, two)
 
 
 def test_deepspeed_config_checks(tmp_path, capsys):

@@ -33,11 +33,11 @@ from qvlm.model import QVModel
 from qvlm.rewards import get_reward
 from qvlm.testing import (
     Killed,
+    assert_same_full_ppo_run,
     save_tiny_backbone,
     separable_prefs,
     spawn_processes,
     tiny_model,
-    tiny_ppo_weights,
     train_tiny_ppo,
 )
 from qvlm.train.checkpoint import latest_checkpoint
@@ -160,19 +160,7 @@ def test_fsdp_ppo_full_trunk_two_processes_equal_one(tmp_path):
     ckpt = load_file(str(two / "checkpoint" / "step-00000002" / "trainable.safetensors"))
     assert ckpt["policy.model.layers.0.mlp.up_proj.weight"].shape == (64, 32)  # full tensors, not shards
     spawn_processes(_ppo, str(two), True, True, False)
-    a, b = tiny_ppo_weights(one), tiny_ppo_weights(two)
-    assert a.keys() == b.keys() and "policy.lm_head.weight" in a
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
-    before, _ = tiny_model("llama", seed=0)
-    moved = a["policy.model.layers.0.mlp.up_proj.weight"] - before.model.layers[0].mlp.up_proj.weight
-    assert float(moved.abs().max()) > 1e-3  # the policy trained, so equal weights are not untouched ones
-    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in m2] == [0, 1, 2]
-    for x, y in zip(m1, m2):
-        assert y["charts/reward"] == x["charts/reward"]
-        assert y["charts/response_length"] == x["charts/response_length"]
+    assert_same_full_ppo_run(one, two)
 
 
 # ---------------------------------------------------------------- reward model, --fsdp
