@@ -61,7 +61,8 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
         (top["kl_bound"], top["gold"]),
         xytext=(0, -34) if top["at_largest_n"] else (0, 9),  # clear of the proxy curve at the right end
         textcoords="offset points",
-        ha="right" if top["at_largest_n"] else "center",  # inside the axes at the right end
+        # inside the axes: right of the line when PPO stretches the axis beyond best-of-N's largest N
+        ha=("left" if ppo else "right") if top["at_largest_n"] else "center",
         color=GOLD,
         fontsize=8,
         bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
@@ -73,7 +74,8 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     n_axis.set_xlabel("N (best-of-N)", fontsize=8)
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", frameon=False, fontsize=8)
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right" if ppo else "upper left", frameon=False,
+              fontsize=8)  # fmt: skip
     ax.set_title(
         f"{'Best-of-N and PPO' if ppo else 'Best-of-N'} by a proxy trained on {result['proxy_pairs']} gold-labelled pairs "
         f"(held-out pair accuracy {result['proxy_pair_accuracy']:.1%})",
