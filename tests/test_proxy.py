@@ -50,21 +50,16 @@ def test_gold_pairs_and_peak():
 GOLD = "def gold(prompts, responses):\n    return [sum(map(ord, r)) % 97 / 97 for r in responses]\n"
 
 
-def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
+def _tiny_cfg(tmp_path, tiny_dir, **overrides) -> ProxyConfig:
+    """The proxy on the tiny model (also its backbone) with the toy gold reward of GOLD."""
     (tmp_path / "gold.py").write_text(GOLD)
-    cfg = ProxyConfig(
-        model=str(tiny_dir),
-        gold=f"{tmp_path / 'gold.py'}:gold",
-        backbone=str(tiny_dir),
-        train_prompts=6,
-        samples_per_prompt=4,
-        eval_prompts=2,
-        max_n=4,
-        max_new_tokens=6,
-        batch_size=8,
-        rm_epochs=1,
-        rm_lr=1e-2,
-    )
+    settings = dict(model=str(tiny_dir), gold=f"{tmp_path / 'gold.py'}:gold", backbone=str(tiny_dir), train_prompts=6,
+                    samples_per_prompt=4, eval_prompts=2, max_new_tokens=6, batch_size=8, rm_epochs=1, rm_lr=1e-2)  # fmt: skip
+    return ProxyConfig(**{**settings, **overrides})
+
+
+def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
+    cfg = _tiny_cfg(tmp_path, tiny_dir, max_n=4)
     result = run_proxy(cfg, tmp_path / "out", device="cpu", log=lambda s: None, progress=False)
     assert [r["n"] for r in result["curve"]] == [1, 2, 4]
     pool = [json.loads(line) for line in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()]
@@ -87,23 +82,7 @@ def test_best_of_n_curve_rows():
 def test_proxy_with_ppo_against_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
     """--ppo-iterations: a PPO run against the proxy with a snapshot per count; every snapshot (and the
     base, iteration 0, at KL 0) scored by gold and proxy; the chart draws the PPO curve; a rerun is cached."""
-    (tmp_path / "gold.py").write_text(GOLD)
-    cfg = ProxyConfig(
-        model=str(tiny_dir),
-        gold=f"{tmp_path / 'gold.py'}:gold",
-        backbone=str(tiny_dir),
-        train_prompts=6,
-        samples_per_prompt=4,
-        eval_prompts=2,
-        max_n=2,
-        max_new_tokens=6,
-        batch_size=8,
-        rm_epochs=1,
-        rm_lr=1e-2,
-        ppo_iterations="1,2",
-        ppo_prompts_per_iter=2,
-        ppo_eval_samples=2,
-    )
+    cfg = _tiny_cfg(tmp_path, tiny_dir, max_n=2, ppo_iterations="1,2", ppo_prompts_per_iter=2, ppo_eval_samples=2)
     out = tmp_path / "out"
     result = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
     rows = result["ppo_curve"]
