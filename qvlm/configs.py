@@ -73,6 +73,15 @@ def _number_list(text: str) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
+def _positive_list(text: str) -> bool:
+    """Whether ``text`` is empty or finite numbers > 0, comma-separated."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return False
+    return all(_finite(v) and v > 0 for v in values) and (bool(values) or not text.strip(", "))
+
+
 def _ascending_counts(text: str) -> bool:
     """Whether ``text`` is strictly ascending whole numbers >= 1, comma-separated, at least one."""
     try:
@@ -405,6 +414,16 @@ class ProxyConfig:
     ppo_lr: float = option(2e-4, "PPO against the proxy: AdamW learning rate of the LoRA adapters")
     ppo_kl_coef: float = option(0.02, "PPO against the proxy: KL coefficient of the per-token penalty to the base")
     ppo_eval_samples: int = option(4, "PPO against the proxy: responses per eval prompt for each snapshot")
+    guide_betas: str = option(
+        "",
+        "guidance against the proxy: Monte-Carlo Q/V heads fitted to the proxy's scores of the training samples "
+        "steer decoding at each of these strengths, comma-separated, in 1/proxy-logit units (on SmolLM2's base samples the proxy's "
+        "logits have a standard deviation of 4.6, VADER's 0.35: beta 1 here pushes about as hard as the demo's 13; "
+        "'': no guidance)",
+    )
+    guide_epochs: int = option(6, "guidance against the proxy: the heads' epochs over the training samples")
+    guide_top_k: int = option(20, "guidance against the proxy: guide only the base model's k likeliest tokens (0: all)")
+    guide_eval_samples: int = option(4, "guidance against the proxy: responses per eval prompt at each beta")
     seed: int = option(0, "seed of sampling, pairs and the proxy")
 
     def __post_init__(self):
@@ -427,6 +446,15 @@ class ProxyConfig:
             "ascending whole numbers >= 1, comma-separated (e.g. 4,8,16), or 0 for none",
         )
         _check(self.ppo_prompts_per_iter >= 1, "ppo_prompts_per_iter", self.ppo_prompts_per_iter, "at least 1")
+        _check(
+            _positive_list(self.guide_betas),
+            "guide_betas",
+            repr(self.guide_betas),
+            "finite numbers > 0, comma-separated (e.g. 1,2,4), or '' for none",
+        )
+        _check(self.guide_epochs >= 1, "guide_epochs", self.guide_epochs, "at least 1")
+        _check(self.guide_top_k >= 0, "guide_top_k", self.guide_top_k, ">= 0 (0: the full vocabulary)")
+        _check(self.guide_eval_samples >= 1, "guide_eval_samples", self.guide_eval_samples, "at least 1")
         _check(_finite(self.ppo_lr) and self.ppo_lr > 0, "ppo_lr", self.ppo_lr, "a finite number > 0")
         _check(_finite(self.ppo_kl_coef) and self.ppo_kl_coef >= 0, "ppo_kl_coef", self.ppo_kl_coef, "finite, >= 0")
         _check(self.ppo_eval_samples >= 1, "ppo_eval_samples", self.ppo_eval_samples, "at least 1")

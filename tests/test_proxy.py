@@ -98,3 +98,33 @@ def test_proxy_with_ppo_against_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
     assert again["ppo_curve"] == rows
     with pytest.raises(QVLMError, match="ppo_iterations"):
         ProxyConfig(ppo_iterations="4,2")
+
+
+def test_proxy_with_guidance_by_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
+    """--guide-betas: Monte-Carlo heads fitted to the proxy's scores steer decoding at each beta; beta 0
+    (the base) at KL 0, guided rows at KL > 0; the chart draws the curve; a rerun is cached; a run
+    directory made before the option existed is accepted with its default."""
+    cfg = _tiny_cfg(tmp_path, tiny_dir, max_n=2, guide_betas="2,50", guide_epochs=1, guide_eval_samples=2)
+    out = tmp_path / "out"
+    result = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
+    rows = result["guidance_curve"]
+    assert [r["beta"] for r in rows] == [0.0, 2.0, 50.0]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert all(r["kl"] > 1e-4 for r in rows[1:]) and rows[2]["kl"] > rows[1]["kl"]
+    assert all(math.isfinite(r["proxy"]) and math.isfinite(r["gold"]) for r in rows)
+    assert (out / "guide" / "heads.safetensors").is_file()
+    peak = result["guidance_gold_peak"]
+    assert peak["gold"] == max(r["gold"] for r in rows) and peak["beta"] in (0.0, 2.0, 50.0)
+    assert "guidance: gold peaks at beta" in (out / "overoptimisation.svg").read_text()
+    again = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
+    assert again["guidance_curve"] == rows
+    # an older run's config.json lacks the guide options: they default, so a rerun without them resumes
+    old = tmp_path / "old"
+    plain = _tiny_cfg(tmp_path, tiny_dir, max_n=2)
+    run_proxy(plain, old, device="cpu", log=lambda s: None, progress=False)
+    saved = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("guide_")}))
+    run_proxy(plain, old, device="cpu", log=lambda s: None, progress=False)
+    for bad in ("0", "1,x", "-2"):
+        with pytest.raises(QVLMError, match="guide_betas"):
+            ProxyConfig(guide_betas=bad)

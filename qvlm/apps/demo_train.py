@@ -24,7 +24,7 @@ from qvlm.rollout import rollout_to_samples
 from qvlm.train.checkpoint import has_checkpoint
 from qvlm.train.metrics import read_history
 
-__all__ = ["Learners", "sample_phase", "train_phase"]
+__all__ = ["Learners", "sample_phase", "train_phase", "train_or_load"]
 
 Features = tuple[list[list[int]], list[torch.Tensor]]  # (token ids, trunk hidden states) per sample
 
@@ -99,7 +99,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
             f"  trunk features kept from sampling for {primed} of {len(samples)} samples "
             "(the rest re-tokenise differently and are recomputed)"
         )
-    history = _train_or_load(
+    history = train_or_load(
         ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
     )
     scorer = frozen_heads()
@@ -114,7 +114,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         progress=ctx.progress,
         q_target=cfg.mc_q_target,
     )
-    v_history = _train_or_load(
+    v_history = train_or_load(
         ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
     )
     (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
@@ -136,7 +136,7 @@ def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple
     return {k: v for k, v in curves.items() if any(x != 0 for _, x in v)}
 
 
-def _train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
+def train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
     name = run_dir.name
     if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
         log(f"[train {name}] cached")

@@ -18,7 +18,12 @@ Phases, each cached in the output directory so a rerun resumes:
    decoding ``ppo_eval_samples`` responses per eval prompt once, scored by gold and proxy, with the exact
    KL of its sampling distribution to the base model's (summed per response): a harder push than
    best-of-N, and the curve on which gold turns down first;
-6. ``proxy.json`` and ``overoptimisation.svg``: best-of-N for N = 1, 2, 4, ..., ``max_n`` (and PPO).
+6. ``guide/`` and ``guidance_curve.json`` (with ``--guide-betas``): Monte-Carlo Q/V heads (the demo's
+   prefix scorer on the frozen trunk) fitted to the proxy's scores of the training samples, steering
+   decoding at each beta; ``guide_eval_samples`` responses per eval prompt at beta 0 (the base) and at
+   each beta, once, scored by gold and proxy, with the exact KL of the guided sampling distribution;
+7. ``proxy.json`` and ``overoptimisation.svg``: best-of-N for N = 1, 2, 4, ..., ``max_n`` (and PPO, and
+   guidance).
 """
 
 from __future__ import annotations
@@ -73,7 +78,9 @@ def best_of_n_curve(gold: list[list[float]], proxy: list[list[float]], ns: list[
 def _check_config(out: Path, cfg: ProxyConfig) -> None:
     path = out / "config.json"
     current = dataclasses.asdict(cfg)
-    if path.is_file() and json.loads(path.read_text()) != current:
+    # a run made before an option existed ran with its default
+    saved = {**dataclasses.asdict(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
+    if saved != current:
         raise QVLMError(f"{out} holds a proxy run with other settings; use them again or choose a new --out")
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")
 
@@ -201,6 +208,11 @@ def run_proxy(
             model, tokenizer, train_prompts[:n_fit], eval_prompts, proxy, gold, cfg, out, log, progress
         )
 
+    # guidance against the proxy: Monte-Carlo heads fitted to the proxy's scores steer decoding
+    guide_curve = []
+    if _betas(cfg.guide_betas):
+        guide_curve = _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg, out, log, progress)
+
     # curve and report
     curve = best_of_n_curve(gold_pool, proxy_pool, n_values(cfg.max_n))
     kl, gold_best, k = peak([r["kl_bound"] for r in curve], [r["gold"] for r in curve])
@@ -224,6 +236,16 @@ def run_proxy(
             "gold": pgold,
             "at_last": j == len(ppo_curve) - 1,
         }
+    if guide_curve:
+        gkl, ggold, j = peak([r["kl"] for r in guide_curve], [r["gold"] for r in guide_curve])
+        result["guidance_kl"] = "exact: the guided sampling distribution against the base model's, summed per response"
+        result["guidance_curve"] = guide_curve
+        result["guidance_gold_peak"] = {
+            "beta": guide_curve[j]["beta"],
+            "kl": gkl,
+            "gold": ggold,
+            "at_last": j == len(guide_curve) - 1,
+        }
     atomic_write_text(out / "proxy.json", json.dumps(result, indent=2) + "\n")
     write_overoptimisation_svg(curve, result, out / "overoptimisation.svg")
     log(
@@ -237,7 +259,83 @@ def run_proxy(
             f"{top['gold']:.3f}; after {last['iterations']}: {last['gold']:.3f} gold, {last['proxy']:.3f} proxy "
             f"(KL {last['kl']:.2f})"
         )
+    if guide_curve:
+        top, last = result["guidance_gold_peak"], guide_curve[-1]
+        log(
+            f"guidance against the proxy: gold peaks at beta {top['beta']:g} (exact KL {top['kl']:.2f} nats): "
+            f"{top['gold']:.3f}; at beta {last['beta']:g}: {last['gold']:.3f} gold, {last['proxy']:.3f} proxy "
+            f"(KL {last['kl']:.2f})"
+        )
     return result
+
+
+def _betas(text: str) -> list[float]:
+    return [float(b) for b in text.split(",") if b.strip()]
+
+
+def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: ProxyConfig, out: Path, log, progress):
+    """Fit Monte-Carlo Q/V heads (the demo's prefix scorer, frozen trunk) to the proxy's scores of the
+    training samples, then decode ``guide_eval_samples`` responses per eval prompt at beta 0 (the base
+    model) and at each ``guide_betas``, once, scored by gold and proxy with the exact KL: rows ``{beta, kl,
+    gold, gold_ci95, proxy, distinct_2, example}``, cached in ``guidance_curve.json`` (heads in ``guide/``)."""
+    import torch
+
+    from qvlm.algos.value import train_value
+    from qvlm.apps.demo_train import train_or_load
+    from qvlm.configs import TrunkConfig, ValueConfig
+    from qvlm.decoding import generate
+    from qvlm.eval.metrics import json_safe, summarize
+    from qvlm.model import QVModel
+
+    file = out / "guidance_curve.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    torch.manual_seed(cfg.seed)  # the heads' initialisation
+    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied")
+    prompts = [s.prompt for s in samples]
+    if not (out / "guide" / "training.json").is_file():
+        log(f"[guide] proxy scores of {len(samples)} training samples, Monte-Carlo heads")
+        proxy_scores = score(proxy, prompts, [s.response for s in samples], name="proxy")
+    else:
+        proxy_scores = [s.reward for s in samples]  # unused: the heads are loaded
+    scored = [dataclasses.replace(s, reward=v, token_rewards=None) for s, v in zip(samples, proxy_scores)]
+    value_cfg = ValueConfig(
+        epochs=cfg.guide_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress,
+        q_target="next_v",
+    )  # fmt: skip
+    train_or_load(out / "guide", scorer, lambda d, r: train_value(scorer, tokenizer, scored, value_cfg, d, r), log)
+    n = cfg.guide_eval_samples
+    repeated = [p for p in eval_prompts for _ in range(n)]
+    rows = []
+    for beta in [0.0, *_betas(cfg.guide_betas)]:
+        log(f"[guide eval] beta {beta:g}: {len(eval_prompts)} prompts x {n}")
+        decode = DecodeConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed + 3,
+            num_return_sequences=n,
+            beta=beta,
+            guidance_top_k=cfg.guide_top_k,
+        )
+        res = generate(model, tokenizer, eval_prompts, scorer.heads if beta else None, decode, track_kl=True,
+                       progress=progress)  # fmt: skip
+        gold_scores = score(gold, repeated, res.texts, name=f"gold reward {cfg.gold}")
+        proxy_scores = score(proxy, repeated, res.texts, name="proxy")
+        metrics = summarize(res.texts, gold_scores, res.kl, res.base_logprobs, group_size=n)
+        rows.append(
+            {
+                "beta": beta,
+                "kl": metrics.kl_to_base,
+                "gold": metrics.reward_mean,
+                "gold_ci95": metrics.reward_ci95,
+                "proxy": sum(proxy_scores) / len(proxy_scores),
+                "distinct_2": metrics.distinct_2,
+                "example": res.texts[0],
+            }
+        )
+        log(f"  gold {rows[-1]['gold']:.3f}, proxy {rows[-1]['proxy']:.3f}, exact KL {rows[-1]['kl']:.2f}")
+    atomic_write_text(file, json.dumps(json_safe(rows), indent=2) + "\n")
+    return rows
 
 
 def _ppo_curve(model, tokenizer, prompts, eval_prompts, proxy, gold, cfg: ProxyConfig, out: Path, log, progress):

@@ -1,4 +1,4 @@
-"""``qvlm proxy``: reward-model over-optimisation made visible (gold vs proxy reward under best-of-N)."""
+"""``qvlm proxy``: reward-model over-optimisation made visible (gold vs proxy reward under best-of-N, PPO and guidance)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def register(sub) -> None:
         help="over-optimisation: best-of-N by a learned proxy of a gold reward, scored by both",
         description="A gold reward (VADER) labels pairs of base samples; a proxy reward model (all-MiniLM-L6-v2) "
         "learns from at most --pairs of them; best-of-N by the proxy on held-out prompts is scored by gold and "
-        "proxy. Writes proxy.json (the proxy's held-out pair accuracy, the curve, where the gold reward peaks) "
+        "proxy; with --ppo-iterations a PPO policy, and with --guide-betas Monte-Carlo heads fitted to the proxy's "
+        "scores, push on the proxy harder, scored the same way with the exact KL. Writes proxy.json (the proxy's held-out pair accuracy, the curve, where the gold reward peaks) "
         "and overoptimisation.svg (gold and proxy reward against KL). Phases are cached: a rerun resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
