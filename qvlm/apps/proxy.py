@@ -285,13 +285,17 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     from qvlm.configs import TrunkConfig, ValueConfig
     from qvlm.decoding import generate
     from qvlm.eval.metrics import json_safe, summarize
+    from qvlm.features import FeatureCache
     from qvlm.model import QVModel
 
     file = out / "guidance_curve.json"
     if file.is_file():
         return json.loads(file.read_text())
     torch.manual_seed(cfg.seed)  # the heads' initialisation
-    scorer = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied")
+    cache = FeatureCache()  # frozen trunk: its features are computed in the first epoch and reused
+    scorer = QVModel.from_trunk(
+        model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied", feature_cache=cache
+    )
     prompts = [s.prompt for s in samples]
     if not (out / "guide" / "training.json").is_file():
         log(f"[guide] proxy scores of {len(samples)} training samples, Monte-Carlo heads")
@@ -304,6 +308,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
         q_target="next_v",
     )  # fmt: skip
     train_or_load(out / "guide", scorer, lambda d, r: train_value(scorer, tokenizer, scored, value_cfg, d, r), log)
+    cache.clear()
     n = cfg.guide_eval_samples
     repeated = [p for p in eval_prompts for _ in range(n)]
     rows = []
