@@ -13,16 +13,7 @@ from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
 from qvlm.testing import tiny_demo_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KEYS = {"reward_mean", "reward_ci95", "kl_to_base", "distinct_2", "perplexity", "cost"}

@@ -11,15 +11,7 @@ from qvlm.cli import main
 from qvlm.errors import QVLMError
 from qvlm.testing import TINY_DEMO, tiny_demo_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _row(reward, ci=0.05, kl=0.0, cost=1.0, kind="exact"):

@@ -6,17 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from qvlm.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(args, capsys):

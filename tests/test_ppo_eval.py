@@ -13,13 +13,7 @@ from qvlm.model import QVModel
 from qvlm.rewards import get_reward
 from qvlm.testing import tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("beta,top_k,temperature", [(0.0, 0, 1.0), (2.0, 0, 1.0), (1.5, 5, 0.8)])
