@@ -123,27 +123,46 @@ def test_pooling_is_right_under_either_padding_side(tmp_path, arch, side):
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_reaches_the_uninterrupted_model(trained, tmp_path, monkeypatch):
-    tmp, cfg, _ = trained
-    data = read_rm_data(tmp / "prefs.jsonl")
+def _kill_and_resume(data, cfg, run, monkeypatch, kill_at: int = 8) -> None:
+    """Train into ``run``, killed during optimiser step ``kill_at``, then resume to the end."""
     real_step, calls = rm.optimizer_step, []
 
     def dying_step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:  # killed during step 8: the checkpoint of step 5 stays
+        if len(calls) == kill_at:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(rm, "optimizer_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        train_reward_model(data, cfg, tmp_path / "run", device="cpu", log=lambda s: None)
+        train_reward_model(data, cfg, run, device="cpu", log=lambda s: None)
     monkeypatch.setattr(rm, "optimizer_step", real_step)
-    train_reward_model(data, cfg, tmp_path / "run", resume=True, device="cpu", log=lambda s: None)
+    train_reward_model(data, cfg, run, resume=True, device="cpu", log=lambda s: None)
+
+
+def _same_weights(a_dir, b_dir) -> bool:
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp / "run" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_reaches_the_uninterrupted_model(trained, tmp_path, monkeypatch):
+    tmp, cfg, _ = trained
+    _kill_and_resume(read_rm_data(tmp / "prefs.jsonl"), cfg, tmp_path / "run", monkeypatch)  # checkpoint 5 stays
+    assert _same_weights(tmp / "run", tmp_path / "run")
+
+
+def test_resume_under_the_linear_schedule_and_mean_pooling(trained, tmp_path, monkeypatch):
+    """The schedule's position and the mean-pooled head come back from the checkpoint: killed during
+    step 8 (the checkpoint of step 5 stays) and resumed, bit for bit the uninterrupted run."""
+    tmp, cfg, _ = trained
+    data = read_rm_data(tmp / "prefs.jsonl")
+    cfg = dataclasses.replace(cfg, schedule="linear", warmup=0.3, pooling="mean")
+    train_reward_model(data, cfg, tmp_path / "whole", device="cpu", log=lambda s: None)
+    _kill_and_resume(data, cfg, tmp_path / "resumed", monkeypatch)
+    assert _same_weights(tmp_path / "whole", tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["qvlm_pooling"] == "mean"
 
 
 def test_cli_train_rm_bad_input(tmp_path, capsys):
