@@ -92,7 +92,7 @@ def test_proxy_with_ppo_against_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
     assert (out / "ppo" / "it_1" / "training.json").is_file() and (out / "ppo" / "training.json").is_file()
     peak = result["ppo_gold_peak"]
     assert peak["gold"] == max(r["gold"] for r in rows) and peak["iterations"] in (0, 1, 2)
-    assert "PPO: gold peaks after" in (out / "overoptimisation.svg").read_text()
+    assert "PPO against the proxy: peaks after" in (out / "overoptimisation.svg").read_text()
     assert json.loads((out / "proxy.json").read_text())["ppo_curve"] == json.loads(json.dumps(rows))
     again = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
     assert again["ppo_curve"] == rows
@@ -115,7 +115,7 @@ def test_proxy_with_guidance_by_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
     assert (out / "guide" / "heads.safetensors").is_file()
     peak = result["guidance_gold_peak"]
     assert peak["gold"] == max(r["gold"] for r in rows) and peak["beta"] in (0.0, 2.0, 50.0)
-    assert "guidance: gold peaks at beta" in (out / "overoptimisation.svg").read_text()
+    assert "guidance by the proxy: peaks at beta" in (out / "overoptimisation.svg").read_text()
     again = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
     assert again["guidance_curve"] == rows
     # an older run's config.json lacks the guide options: they default, so a rerun without them resumes

@@ -24,14 +24,19 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     guidance ran, ``guidance_curve`` (rows ``{beta, kl, gold, proxy}``, exact KL) and ``guidance_gold_peak``."""
     from qvlm.report.plots import _new_figure
 
-    fig, ax = _new_figure(7.2, 4.4)
-    kl = [r["kl_bound"] for r in curve]
-    ax.plot(kl, [r["gold"] for r in curve], "o-", color=GOLD, label=f"gold reward ({result['gold']})")
     ppo = result.get("ppo_curve") or []
     guide = result.get("guidance_curve") or []
+    fig, ax = _new_figure(7.2, 4.4 if not (ppo or guide) else 4.8)
+    kl = [r["kl_bound"] for r in curve]
+    ax.plot(kl, [r["gold"] for r in curve], "o-", color=GOLD, label=f"gold reward ({result['gold']})")
     others = " and ".join(name for name, rows in (("PPO", ppo), ("guidance", guide)) if rows)
+    # a push far beyond best-of-N's KL would squeeze its curve into the left edge: linear up to 1 nat, log above
+    wide = max((r["kl"] for r in ppo + guide), default=0.0) > 4 * max(kl)
+    if wide:
+        ax.set_xscale("symlog", linthresh=1.0, linscale=1.0)
     ax.set_xlabel(
-        f"KL to the base model, nats (best-of-N: the bound log N − (N−1)/N; {others}: exact)"
+        f"KL to the base model, nats{' (linear to 1, log above)' if wide else ''}\n"
+        f"best-of-N: the bound log N − (N−1)/N; {others}: exact"
         if others
         else "KL(best-of-N ‖ base), nats: log N − (N−1)/N"
     )
@@ -42,38 +47,20 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     twin.set_ylabel("proxy reward (reward-model logit)", color=PROXY)
     twin.tick_params(axis="y", colors=PROXY)
     twin.spines["top"].set_visible(False)
+    # PPO's and guidance's gold peaks: a ring on the curve, named in the legend (annotations would collide)
     if ppo:
-        pkl = [r["kl"] for r in ppo]
-        ax.plot(pkl, [r["gold"] for r in ppo], "^-", color=PPO_GOLD, label="gold reward, PPO against the proxy")
-        twin.plot(pkl, [r["proxy"] for r in ppo], "v--", color=PPO_PROXY, label="proxy reward, PPO")
         ptop = result["ppo_gold_peak"]
-        ax.annotate(
-            f"PPO: gold peaks after {ptop['iterations']} iterations" + (" (the last)" if ptop["at_last"] else ""),
-            (ptop["kl"], ptop["gold"]),
-            xytext=(0, 10),
-            textcoords="offset points",
-            ha="right" if ptop["at_last"] else "center",
-            color=PPO_GOLD,
-            fontsize=8,
-            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
-            zorder=5,
-        )
+        label = f"gold reward, PPO against the proxy: peaks after {ptop['iterations']} iterations"
+        _curve_with_peak(ax, [r["kl"] for r in ppo], [r["gold"] for r in ppo], ptop, "^-", PPO_GOLD,
+                         label + (" (the last)" if ptop["at_last"] else ""))  # fmt: skip
+        twin.plot([r["kl"] for r in ppo], [r["proxy"] for r in ppo], "v--", color=PPO_PROXY, label="proxy reward, PPO")
     if guide:
-        gkl = [r["kl"] for r in guide]
-        ax.plot(gkl, [r["gold"] for r in guide], "D-", color=GUIDE_GOLD, label="gold reward, guidance by the proxy")
-        twin.plot(gkl, [r["proxy"] for r in guide], "d--", color=GUIDE_PROXY, label="proxy reward, guidance")
         gtop = result["guidance_gold_peak"]
-        ax.annotate(
-            f"guidance: gold peaks at beta {gtop['beta']:g}" + (" (the largest)" if gtop["at_last"] else ""),
-            (gtop["kl"], gtop["gold"]),
-            xytext=(0, -16),
-            textcoords="offset points",
-            ha="right" if gtop["at_last"] else "center",
-            color=GUIDE_GOLD,
-            fontsize=8,
-            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
-            zorder=5,
-        )
+        label = f"gold reward, guidance by the proxy: peaks at beta {gtop['beta']:g}"
+        _curve_with_peak(ax, [r["kl"] for r in guide], [r["gold"] for r in guide], gtop, "D-", GUIDE_GOLD,
+                         label + (" (the largest)" if gtop["at_last"] else ""))  # fmt: skip
+        twin.plot([r["kl"] for r in guide], [r["proxy"] for r in guide], "d--", color=GUIDE_PROXY,
+                  label="proxy reward, guidance")  # fmt: skip
     top = result["gold_peak"]
     ax.axvline(top["kl_bound"], color=GOLD, linestyle=":", linewidth=1)
     ax.annotate(  # above the peak: nothing of the gold curve is higher
@@ -90,18 +77,34 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     )
     ax.margins(y=0.12)
     n_axis = ax.secondary_xaxis("top")  # the same x, labelled by N
+    if wide:
+        n_axis.set_xscale("symlog", linthresh=1.0, linscale=1.0)
     n_axis.set_xticks(kl, labels=[str(r["n"]) for r in curve], fontsize=7)
     n_axis.set_xlabel("N (best-of-N)", fontsize=8)
     lines = ax.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right" if others else "upper left", frameon=False,
-              fontsize=8)  # fmt: skip
+    if others:  # six curves: the legend goes under the chart, clear of them
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2,
+                  frameon=False, fontsize=8)  # fmt: skip
+    else:
+        ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", frameon=False, fontsize=8)
     ax.set_title(
-        f"{', '.join(['Best-of-N'] + [n for n, r in (('PPO', ppo), ('guidance', guide)) if r])} by a proxy trained on {result['proxy_pairs']} gold-labelled pairs "
+        f"{_joined(['Best-of-N'] + [n for n, r in (('PPO', ppo), ('guidance', guide)) if r])} by a proxy trained on "
+        f"{result['proxy_pairs']} gold-labelled pairs "
         f"(held-out pair accuracy {result['proxy_pair_accuracy']:.1%})",
         fontsize=9,
     )
     buf = io.StringIO()
     fig.tight_layout()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
+    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
     atomic_write_text(path, buf.getvalue())
+
+
+def _joined(names: Sequence[str]) -> str:
+    """``["a"]`` -> ``"a"``; ``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _curve_with_peak(ax, kl: Sequence[float], gold: Sequence[float], top: Mapping, style: str, color: str, label: str):
+    ax.plot(kl, gold, style, color=color, label=label)
+    ax.plot([top["kl"]], [top["gold"]], "o", markersize=13, markerfacecolor="none", markeredgecolor=color, zorder=4)
