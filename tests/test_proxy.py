@@ -10,6 +10,7 @@ from qvlm.apps.proxy import best_of_n_curve, n_values, run_proxy
 from qvlm.configs import ProxyConfig
 from qvlm.errors import QVLMError
 from qvlm.eval.overoptimisation import best_of_n_expectation, best_of_n_weights, gold_pairs, peak
+from qvlm.rewards import get_reward, score
 
 
 def test_best_of_n_weights_and_expectation_by_hand():
@@ -100,13 +101,27 @@ def test_proxy_with_ppo_against_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
         ProxyConfig(ppo_iterations="4,2")
 
 
-def test_proxy_with_guidance_by_the_proxy_on_a_tiny_model(tmp_path, tiny_dir):
-    """--guide-betas: Monte-Carlo heads fitted to the proxy's scores steer decoding at each beta; beta 0
-    (the base) at KL 0, guided rows at KL > 0; the chart draws the curve; a rerun is cached; a run
-    directory made before the option existed is accepted with its default."""
+def test_proxy_with_guidance_by_the_proxy_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
+    """--guide-betas: Monte-Carlo heads fitted to the proxy's scores (not gold's) steer decoding at each
+    beta; beta 0 (the base) at KL 0, guided rows at KL > 0; the chart draws the curve; a rerun is cached;
+    a run directory made before the option existed is accepted with its default."""
+    import qvlm.algos.value as value
+
+    fitted, real_train_value = [], value.train_value
+
+    def recording_train_value(model, tokenizer, samples, *args, **kwargs):
+        fitted.extend(samples)
+        return real_train_value(model, tokenizer, samples, *args, **kwargs)
+
+    monkeypatch.setattr(value, "train_value", recording_train_value)
     cfg = _tiny_cfg(tmp_path, tiny_dir, max_n=2, guide_betas="2,50", guide_epochs=1, guide_eval_samples=2)
     out = tmp_path / "out"
     result = run_proxy(cfg, out, device="cpu", log=lambda s: None, progress=False)
+    train = [json.loads(line) for line in (out / "train_samples.jsonl").read_text().splitlines()]
+    assert [s.response for s in fitted] == [r["response"] for r in train]
+    proxy = get_reward(f"hf:{out / 'proxy'}", device="cpu")
+    expected = score(proxy, [r["prompt"] for r in train], [r["response"] for r in train])
+    assert [s.reward for s in fitted] == pytest.approx(expected, abs=1e-5)
     rows = result["guidance_curve"]
     assert [r["beta"] for r in rows] == [0.0, 2.0, 50.0]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)

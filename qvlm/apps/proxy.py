@@ -296,18 +296,18 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     scorer = QVModel.from_trunk(
         model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied", feature_cache=cache
     )
-    prompts = [s.prompt for s in samples]
-    if not (out / "guide" / "training.json").is_file():
-        log(f"[guide] proxy scores of {len(samples)} training samples, Monte-Carlo heads")
-        proxy_scores = score(proxy, prompts, [s.response for s in samples], name="proxy")
-    else:
-        proxy_scores = [s.reward for s in samples]  # unused: the heads are loaded
-    scored = [dataclasses.replace(s, reward=v, token_rewards=None) for s, v in zip(samples, proxy_scores)]
     value_cfg = ValueConfig(
         epochs=cfg.guide_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress,
         q_target="next_v",
     )  # fmt: skip
-    train_or_load(out / "guide", scorer, lambda d, r: train_value(scorer, tokenizer, scored, value_cfg, d, r), log)
+
+    def fit(run_dir: Path, resume: bool) -> dict:  # the heads learn the proxy's scores, never gold's
+        log(f"  proxy scores of {len(samples)} training samples")
+        proxy_scores = score(proxy, [s.prompt for s in samples], [s.response for s in samples], name="proxy")
+        scored = [dataclasses.replace(s, reward=v, token_rewards=None) for s, v in zip(samples, proxy_scores)]
+        return train_value(scorer, tokenizer, scored, value_cfg, run_dir, resume)
+
+    train_or_load(out / "guide", scorer, fit, log)
     cache.clear()
     n = cfg.guide_eval_samples
     repeated = [p for p in eval_prompts for _ in range(n)]
