@@ -1,5 +1,6 @@
 """`qvlm proxy`: the best-of-N estimator and pairs by hand, and the experiment end to end on a tiny model."""
 
+import dataclasses
 import json
 import math
 import random
@@ -71,7 +72,7 @@ def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
     assert (tmp_path / "out" / "overoptimisation.svg").read_text().lstrip().startswith("<?xml")
     again = run_proxy(cfg, tmp_path / "out", device="cpu", log=lambda s: None, progress=False)  # all cached
     assert again["curve"] == result["curve"]
-    with pytest.raises(QVLMError, match="other settings"):
+    with pytest.raises(QVLMError, match=r"other settings: --max-n 4 \(now 2\)"):
         run_proxy(ProxyConfig(**{**cfg.__dict__, "max_n": 2}), tmp_path / "out", device="cpu", log=lambda s: None)
 
 
@@ -140,6 +141,12 @@ def test_proxy_with_guidance_by_the_proxy_on_a_tiny_model(tmp_path, tiny_dir, mo
     saved = json.loads((old / "config.json").read_text())
     (old / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("guide_")}))
     run_proxy(plain, old, device="cpu", log=lambda s: None, progress=False)
+    # a finished run may add guidance (its phase left nothing yet), but not change it afterwards
+    added = run_proxy(dataclasses.replace(plain, guide_betas="2", guide_epochs=1, guide_eval_samples=1), old,
+                      device="cpu", log=lambda s: None, progress=False)  # fmt: skip
+    assert [r["beta"] for r in added["guidance_curve"]] == [0.0, 2.0]
+    with pytest.raises(QVLMError, match="--guide-betas '2' \\(now '4'\\)"):
+        run_proxy(dataclasses.replace(plain, guide_betas="4", guide_epochs=1, guide_eval_samples=1), old, device="cpu")
     for bad in ("0", "1,x", "-2"):
         with pytest.raises(QVLMError, match="guide_betas"):
             ProxyConfig(guide_betas=bad)

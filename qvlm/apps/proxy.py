@@ -75,13 +75,27 @@ def best_of_n_curve(gold: list[list[float]], proxy: list[list[float]], ns: list[
     return rows
 
 
+# the last phases' settings, and what they leave: a run may add such a phase (or change its settings)
+# while the phase has left nothing behind
+LATER_PHASES = {"ppo_": ("ppo", "ppo_curve.json"), "guide_": ("guide", "guidance_curve.json")}
+
+
 def _check_config(out: Path, cfg: ProxyConfig) -> None:
+    """Refuse to resume ``out`` with other settings, naming them; settings of a later phase that has
+    left nothing in ``out`` yet (PPO, guidance) may change, so a finished run can add that phase."""
     path = out / "config.json"
     current = dataclasses.asdict(cfg)
     # a run made before an option existed ran with its default
     saved = {**dataclasses.asdict(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
-    if saved != current:
-        raise QVLMError(f"{out} holds a proxy run with other settings; use them again or choose a new --out")
+    changed = [k for k in current if saved.get(k) != current[k]]
+
+    def may_change(key: str) -> bool:
+        return any(key.startswith(p) and not any((out / f).exists() for f in left) for p, left in LATER_PHASES.items())
+
+    fixed = [k for k in changed if not may_change(k)]
+    if fixed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in fixed)
+        raise QVLMError(f"{out} holds a proxy run with other settings: {was}; use them again or choose a new --out")
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")
 
 
