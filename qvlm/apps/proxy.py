@@ -240,26 +240,15 @@ def run_proxy(
         "gold_peak": {"n": curve[k]["n"], "kl_bound": kl, "gold": gold_best, "at_largest_n": k == len(curve) - 1},
         "config": dataclasses.asdict(cfg),
     }
+    exact = "exact: the {} sampling distribution against the base model's, summed per response"
     if ppo_curve:
-        pkl, pgold, j = peak([r["kl"] for r in ppo_curve], [r["gold"] for r in ppo_curve])
-        result["ppo_kl"] = "exact: the PPO policy's sampling distribution against the base model's, summed per response"
+        result["ppo_kl"] = exact.format("PPO policy's")
         result["ppo_curve"] = ppo_curve
-        result["ppo_gold_peak"] = {
-            "iterations": ppo_curve[j]["iterations"],
-            "kl": pkl,
-            "gold": pgold,
-            "at_last": j == len(ppo_curve) - 1,
-        }
+        result["ppo_gold_peak"] = _curve_peak(ppo_curve, "iterations")
     if guide_curve:
-        gkl, ggold, j = peak([r["kl"] for r in guide_curve], [r["gold"] for r in guide_curve])
-        result["guidance_kl"] = "exact: the guided sampling distribution against the base model's, summed per response"
+        result["guidance_kl"] = exact.format("guided")
         result["guidance_curve"] = guide_curve
-        result["guidance_gold_peak"] = {
-            "beta": guide_curve[j]["beta"],
-            "kl": gkl,
-            "gold": ggold,
-            "at_last": j == len(guide_curve) - 1,
-        }
+        result["guidance_gold_peak"] = _curve_peak(guide_curve, "beta")
     atomic_write_text(out / "proxy.json", json.dumps(result, indent=2) + "\n")
     write_overoptimisation_svg(curve, result, out / "overoptimisation.svg")
     log(
@@ -281,6 +270,12 @@ def run_proxy(
             f"(KL {last['kl']:.2f})"
         )
     return result
+
+
+def _curve_peak(rows: list[dict], by: str) -> dict:
+    """Where a PPO or guidance curve's gold reward peaks: ``{by: rows[j][by], kl, gold, at_last}``."""
+    kl, gold, j = peak([r["kl"] for r in rows], [r["gold"] for r in rows])
+    return {by: rows[j][by], "kl": kl, "gold": gold, "at_last": j == len(rows) - 1}
 
 
 def _betas(text: str) -> list[float]:
