@@ -256,19 +256,11 @@ def run_proxy(
         f"{curve[-1]['gold']:.3f} gold, {curve[-1]['proxy']:.3f} proxy. Chart: {out / 'overoptimisation.svg'}"
     )
     if ppo_curve:
-        top, last = result["ppo_gold_peak"], ppo_curve[-1]
-        log(
-            f"PPO against the proxy: gold peaks after {top['iterations']} iterations (exact KL {top['kl']:.2f} nats): "
-            f"{top['gold']:.3f}; after {last['iterations']}: {last['gold']:.3f} gold, {last['proxy']:.3f} proxy "
-            f"(KL {last['kl']:.2f})"
-        )
+        log(_peak_line("PPO against the proxy", result["ppo_gold_peak"], ppo_curve[-1],
+                       lambda r: f"after {r['iterations']} iterations"))  # fmt: skip
     if guide_curve:
-        top, last = result["guidance_gold_peak"], guide_curve[-1]
-        log(
-            f"guidance against the proxy: gold peaks at beta {top['beta']:g} (exact KL {top['kl']:.2f} nats): "
-            f"{top['gold']:.3f}; at beta {last['beta']:g}: {last['gold']:.3f} gold, {last['proxy']:.3f} proxy "
-            f"(KL {last['kl']:.2f})"
-        )
+        log(_peak_line("guidance against the proxy", result["guidance_gold_peak"], guide_curve[-1],
+                       lambda r: f"at beta {r['beta']:g}"))  # fmt: skip
     return result
 
 
@@ -276,6 +268,13 @@ def _curve_peak(rows: list[dict], by: str) -> dict:
     """Where a PPO or guidance curve's gold reward peaks: ``{by: rows[j][by], kl, gold, at_last}``."""
     kl, gold, j = peak([r["kl"] for r in rows], [r["gold"] for r in rows])
     return {by: rows[j][by], "kl": kl, "gold": gold, "at_last": j == len(rows) - 1}
+
+
+def _peak_line(what: str, top: dict, last: dict, where: Callable[[dict], str]) -> str:
+    return (
+        f"{what}: gold peaks {where(top)} (exact KL {top['kl']:.2f} nats): {top['gold']:.3f}; {where(last)}: "
+        f"{last['gold']:.3f} gold, {last['proxy']:.3f} proxy (KL {last['kl']:.2f})"
+    )
 
 
 def _betas(text: str) -> list[float]:
