@@ -137,6 +137,8 @@ def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple
 
 
 def train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
+    """Load ``model``'s heads from a finished ``run_dir``, else ``train(run_dir, resume)`` (resuming from
+    its checkpoint if one is there); returns the loss history."""
     name = run_dir.name
     if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
         log(f"[train {name}] cached")
