@@ -9,7 +9,10 @@ adds the pairs each prompt's labelled pairs imply by transitivity (no new gold l
 draws N pairs from the run's samples the way `qvlm proxy` does (its first `--pairs` are the run's own).
 Prints a table and writes JSON.
 
-    python benchmarks/proxy_variants.py --run runs/proxy_val --seeds 0,1,2 --json benchmarks/results/proxy_seeds.json
+    python benchmarks/proxy_variants.py --run runs/proxy_val --seeds 0,1,2 --out runs/proxy_variants_seeds \
+        --json benchmarks/results/proxy_seeds.json
+
+Each variant wants its own --out: a proxy cached there is reused only for the same pairs and settings.
 """
 
 from __future__ import annotations
@@ -71,6 +74,11 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
+def variant(data: RMData, cfg: RewardModelConfig) -> dict:
+    """What a trained proxy was trained on and how: a cached one is reused only for the same."""
+    return {"pairs": data.fingerprint(), "backbone": cfg.backbone, "lr": cfg.lr, "epochs": cfg.epochs, "seed": cfg.seed}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a qvlm proxy output directory (its pairs and held-out pairs)")
@@ -99,6 +107,11 @@ def main() -> None:
         start = time.perf_counter()
         if not (out / "eval.json").is_file():
             train_reward_model(data, cfg, out, device="cpu", log=lambda s: None)
+            atomic_write_text(out / "variant.json", json.dumps(variant(data, cfg)) + "\n")
+        elif not (out / "variant.json").is_file() or json.loads((out / "variant.json").read_text()) != variant(
+            data, cfg
+        ):
+            sys.exit(f"{out} holds a proxy trained on other pairs or settings; choose another --out")
         proxy = get_reward(f"hf:{out}", device="cpu")
         chosen.append(torch.tensor(score(proxy, prompts, [p["chosen"] for p in test], name="proxy")))
         rejected.append(torch.tensor(score(proxy, prompts, [p["rejected"] for p in test], name="proxy")))
