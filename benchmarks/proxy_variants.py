@@ -9,8 +9,7 @@ adds the pairs each prompt's labelled pairs imply by transitivity (no new gold l
 draws N pairs from the run's samples the way `qvlm proxy` does (its first `--pairs` are the run's own).
 Prints a table and writes JSON.
 
-    python benchmarks/proxy_variants.py --run runs/proxy_val --seeds 0,1,2 --out runs/proxy_variants_seeds \
-        --json benchmarks/results/proxy_seeds.json
+    python benchmarks/proxy_variants.py --run runs/proxy_val --seeds 0,1,2 --out runs/proxy_variants_seeds
 
 Each variant wants its own --out: a proxy cached there is reused only for the same pairs and settings.
 """
