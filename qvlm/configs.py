@@ -64,10 +64,15 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
+def parse_numbers(text: str) -> list[float]:
+    """``"4, 8,16"`` -> ``[4.0, 8.0, 16.0]`` (empty items skipped); ValueError on an item that is not a number."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def _number_list(text: str) -> bool:
     """Whether ``text`` is comma-separated finite numbers, at least one."""
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = parse_numbers(text)
     except ValueError:
         return False
     return bool(values) and all(math.isfinite(v) for v in values)
@@ -76,7 +81,7 @@ def _number_list(text: str) -> bool:
 def _positive_list(text: str) -> bool:
     """Whether ``text`` is empty or finite numbers > 0, comma-separated."""
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = parse_numbers(text)
     except ValueError:
         return False
     return all(_finite(v) and v > 0 for v in values) and (bool(values) or not text.strip(", "))

@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 from qvlm.apps.demo_context import DemoContext, save_json
 from qvlm.apps.demo_train import Learners
+from qvlm.configs import parse_numbers
 from qvlm.decoding import GenerationResult, best_of_n_kl_estimate, blockwise_generate, generate, select_best_of_n
 from qvlm.eval.frontier import build_frontier
 from qvlm.eval.metrics import json_safe, summarize
@@ -63,10 +64,6 @@ def compute_cost(trunk, heads_macs: int = 0) -> float:
     return 1.0 + heads_macs / trunk_compute
 
 
-def _betas(text: str) -> list[float]:
-    return [float(b) for b in text.split(",") if b.strip()]
-
-
 def guided_methods(ctx: DemoContext, learners: Learners) -> list[GuidedMethod]:
     """ILQL-guided and Monte-Carlo-Q-guided decoding at each beta, then V-guided blockwise decoding."""
     cfg, model, tokenizer = ctx.cfg, ctx.model, ctx.tokenizer
@@ -86,11 +83,11 @@ def guided_methods(ctx: DemoContext, learners: Learners) -> list[GuidedMethod]:
     v_cost = compute_cost(model, sum(p.numel() for p in scorer.heads.v_head.parameters()))
     methods = [
         GuidedMethod(f"ilql_beta_{b:g}", token_guided(ilql.heads, b), ilql_cost, "exact", ilql)
-        for b in _betas(cfg.betas)
+        for b in parse_numbers(cfg.betas)
     ]
     methods += [
         GuidedMethod(f"mcq_beta_{b:g}", token_guided(scorer.heads, b), mc_cost, "exact", scorer)
-        for b in _betas(cfg.mc_betas)
+        for b in parse_numbers(cfg.mc_betas)
     ]
     methods.append(
         GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "estimate", scorer)

@@ -24,7 +24,7 @@ from qvlm.rollout import rollout_to_samples
 from qvlm.train.checkpoint import has_checkpoint
 from qvlm.train.metrics import read_history
 
-__all__ = ["Learners", "sample_phase", "train_phase", "train_or_load"]
+__all__ = ["Learners", "sample_phase", "train_phase", "train_or_load", "scorer_config"]
 
 Features = tuple[list[list[int]], list[torch.Tensor]]  # (token ids, trunk hidden states) per sample
 
@@ -103,23 +103,23 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
     )
     scorer = frozen_heads()
-    # Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
-    # epochs and lr were chosen on held-out training prompts, never on the evaluation split
-    value_cfg = ValueConfig(
-        epochs=cfg.value_epochs,
-        lr=3e-3,
-        batch_size=8,
-        max_length=512,
-        seed=cfg.seed,
-        progress=ctx.progress,
-        q_target=cfg.mc_q_target,
-    )
+    value_cfg = scorer_config(cfg.value_epochs, cfg.seed, ctx.progress, cfg.mc_q_target)
     v_history = train_or_load(
         ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
     )
     (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
     cache.clear()
     return Learners(ilql, scorer, loss_curves(history, v_history))
+
+
+def scorer_config(epochs: int, seed: int, progress: bool, q_target: str) -> ValueConfig:
+    """The Monte-Carlo prefix scorer's training settings (the demo's, and `qvlm proxy`'s guidance heads').
+
+    Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
+    epochs and lr were chosen on held-out training prompts, never on the evaluation split."""
+    return ValueConfig(
+        epochs=epochs, lr=3e-3, batch_size=8, max_length=512, seed=seed, progress=progress, q_target=q_target
+    )
 
 
 def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple[int, float]]]:

@@ -36,7 +36,7 @@ from typing import Callable
 
 from qvlm.algos.reward_model import RMData, train_reward_model
 from qvlm.apps.demo_ppo import parse_iterations
-from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig
+from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig, parse_numbers
 from qvlm.errors import QVLMError
 from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
 from qvlm.fileio import atomic_write_text
@@ -224,7 +224,7 @@ def run_proxy(
 
     # guidance against the proxy: Monte-Carlo heads fitted to the proxy's scores steer decoding
     guide_curve = []
-    if _betas(cfg.guide_betas):
+    if parse_numbers(cfg.guide_betas):
         guide_curve = _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg, out, log, progress)
 
     # curve and report
@@ -277,10 +277,6 @@ def _peak_line(what: str, top: dict, last: dict, where: Callable[[dict], str]) -
     )
 
 
-def _betas(text: str) -> list[float]:
-    return [float(b) for b in text.split(",") if b.strip()]
-
-
 def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: ProxyConfig, out: Path, log, progress):
     """Fit Monte-Carlo Q/V heads (the demo's prefix scorer, frozen trunk) to the proxy's scores of the
     training samples, then decode ``guide_eval_samples`` responses per eval prompt at beta 0 (the base
@@ -289,8 +285,8 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     import torch
 
     from qvlm.algos.value import train_value
-    from qvlm.apps.demo_train import train_or_load
-    from qvlm.configs import TrunkConfig, ValueConfig
+    from qvlm.apps.demo_train import scorer_config, train_or_load
+    from qvlm.configs import TrunkConfig
     from qvlm.decoding import generate
     from qvlm.eval.metrics import json_safe, summarize
     from qvlm.features import FeatureCache
@@ -304,10 +300,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     scorer = QVModel.from_trunk(
         model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied", feature_cache=cache
     )
-    value_cfg = ValueConfig(
-        epochs=cfg.guide_epochs, lr=3e-3, batch_size=8, max_length=512, seed=cfg.seed, progress=progress,
-        q_target="next_v",
-    )  # fmt: skip
+    value_cfg = scorer_config(cfg.guide_epochs, cfg.seed, progress, "next_v")
 
     def fit(run_dir: Path, resume: bool) -> dict:  # the heads learn the proxy's scores, never gold's
         log(f"  proxy scores of {len(samples)} training samples")
@@ -320,7 +313,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     n = cfg.guide_eval_samples
     repeated = [p for p in eval_prompts for _ in range(n)]
     rows = []
-    for beta in [0.0, *_betas(cfg.guide_betas)]:
+    for beta in [0.0, *parse_numbers(cfg.guide_betas)]:
         log(f"[guide eval] beta {beta:g}: {len(eval_prompts)} prompts x {n}")
         decode = DecodeConfig(
             max_new_tokens=cfg.max_new_tokens,
