@@ -22,8 +22,8 @@ from qvlm.configs import DecodeConfig  # noqa: E402
 from qvlm.decoding import generate  # noqa: E402
 from qvlm.eval.metrics import mean_ci95, perplexity  # noqa: E402
 from qvlm.fileio import atomic_write_text  # noqa: E402
+from qvlm.jsonl import read_prompts  # noqa: E402
 from qvlm.loading import load_model  # noqa: E402
-from qvlm.mdp import read_prompts  # noqa: E402
 from qvlm.model import load_qv_model  # noqa: E402
 from qvlm.rewards import get_reward, score  # noqa: E402
 

@@ -149,8 +149,8 @@ def main() -> None:
     from qvlm.configs import DecodeConfig
     from qvlm.eval.metrics import json_safe
     from qvlm.eval.policy import evaluate_policy_decoding
+    from qvlm.jsonl import read_prompts
     from qvlm.loading import load_model
-    from qvlm.mdp import read_prompts
 
     train_prompts = read_prompts(args.train_prompts)
     eval_prompts = read_prompts(args.eval_prompts)

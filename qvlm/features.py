@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from qvlm.mdp import Sample, TokenBatch, encode_samples
 
@@ -102,7 +103,6 @@ def save_features(path: str | Path, token_ids: Sequence[Sequence[int]], hidden: 
 
     Atomic: written to a temporary file in the same folder, then renamed over ``path``.
     """
-    from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {}
@@ -122,7 +122,6 @@ def save_features(path: str | Path, token_ids: Sequence[Sequence[int]], hidden: 
 
 def load_features(path: str | Path) -> tuple[list[list[int]], list[torch.Tensor]]:
     """``(token_ids, hidden)`` as written by :func:`save_features` (tensors on the CPU)."""
-    from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     n = len(tensors) // 2

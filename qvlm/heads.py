@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qvlm.configs import option
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import atomic_write_text, read_text
 
 __all__ = [
     "HeadsConfig",
@@ -259,7 +260,6 @@ def save_heads(heads: QVHeads, path: str | Path) -> None:
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, every one finite; a damaged, truncated or foreign file, or
     a NaN/inf weight (a diverged run), raises :class:`QVLMError` naming the file."""
-    from safetensors import SafetensorError
 
     try:
         state = load_file(str(path), device=str(device))
@@ -301,7 +301,6 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
 
     Refuses, with a :class:`QVLMError` naming the file, a missing, damaged or non-finite file.
     """
-    from qvlm.fileio import read_text
 
     path = Path(path)
     cfg_file, weights = path / "heads_config.json", path / "heads.safetensors"

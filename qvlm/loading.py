@@ -1,5 +1,5 @@
 """Loading causal LMs offline: a local directory or cached hub id, a ``.gguf`` file, and the
-embedded SmolLM2-135M-Instruct default (tiny random test models: :mod:`qvlm.testing`).
+embedded SmolLM2-135M-Instruct default.
 
 Nothing here downloads: hub ids are resolved with ``local_files_only=True``.
 """

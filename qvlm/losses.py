@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from qvlm.returns import masked_mean
+from qvlm.masked import masked_mean
 
 __all__ = [
     "Stats",

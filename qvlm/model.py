@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,9 +19,11 @@ from transformers import PreTrainedModel
 from qvlm.configs import TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.features import FeatureCache
-from qvlm.heads import HeadsConfig, QVHeads
+from qvlm.fileio import read_text
+from qvlm.heads import HeadsConfig, QVHeads, load_heads, load_tensors
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import TokenBatch
+from qvlm.train.distributed import fully_shard_trunk, load_full_state_dict, trainable_state
 from qvlm.trunk import gather_positions, prepare_trunk, sharded, trunk_forward, trunk_logits
 
 __all__ = ["QVModel", "load_qv_model"]
@@ -105,16 +108,11 @@ class QVModel(nn.Module):
         return trunk_logits(self.trunk, h)
 
     def shard(self) -> None:
-        """Shard the trunk's weights over the processes with FSDP2 (``--fsdp``; a full trunk only).
+        """Shard the trunk's weights over the processes with FSDP2 (``--fsdp``; a full trunk only, which
+        :class:`~qvlm.configs.TrunkConfig` checks).
         The heads stay whole on every process (their gradients are summed by
         :func:`qvlm.train.distributed.all_reduce_grads`)."""
-        from qvlm.train.distributed import fully_shard_trunk
 
-        if self.trunk_config.mode != "full":
-            raise QVLMError(
-                f"--fsdp shards a trunk that trains every weight, not --trunk {self.trunk_config.mode}: use --trunk "
-                "full with --fsdp, or plain data parallel (no --fsdp)"
-            )
         if self.heads.config.q_head == "tied":
             raise QVLMError("--fsdp does not support --q-head tied (it reads the sharded LM head); use --q-head mlp")
         fully_shard_trunk(self.trunk)
@@ -171,17 +169,6 @@ class QVModel(nn.Module):
             raise QVLMError("only a frozen trunk caches features; this model trains its trunk")
         return self.feature_cache.prime(tokenizer, samples, hidden, token_ids, max_length, chat)
 
-    def share_feature_cache(self, other: "QVModel") -> None:
-        """Use ``other``'s cache of trunk features (same frozen trunk): no sample runs the trunk twice.
-
-        Kept for callers of the old API; prefer passing one :class:`FeatureCache` to both models.
-        """
-        if other.trunk is not self.trunk:
-            raise QVLMError("only models on the same trunk can share trunk features")
-        if self.feature_cache is None or other.feature_cache is None:
-            raise QVLMError("only models with a frozen trunk share trunk features")
-        self.feature_cache = other.feature_cache
-
     def clear_cache(self) -> None:
         if self.feature_cache is not None:
             self.feature_cache.clear()
@@ -190,7 +177,6 @@ class QVModel(nn.Module):
         """The trunk parameters that train (LoRA adapters or all), for checkpoints. A sharded trunk's
         are gathered collectively: every process calls it, rank 0 gets the full tensors, the others
         an empty dict."""
-        from qvlm.train.distributed import trainable_state
 
         return trainable_state(self.trunk)
 
@@ -200,8 +186,6 @@ class QVModel(nn.Module):
             raise QVLMError(f"checkpoint lacks {len(missing)} trunk tensors (e.g. {sorted(missing)[0]})")
         try:
             if sharded(self.trunk):
-                from qvlm.train.distributed import load_full_state_dict
-
                 load_full_state_dict(self.trunk, state)  # each process keeps its shard
                 return
             self.trunk.load_state_dict(state, strict=False)
@@ -215,10 +199,6 @@ class QVModel(nn.Module):
 def load_qv_model(trunk: PreTrainedModel, heads_dir: str | Path) -> QVModel:
     """Attach heads saved in ``heads_dir`` to ``trunk``; restore a trained trunk (LoRA or full)
     from ``trunk.safetensors`` when the run trained one. Checks that the shapes match."""
-    import json
-
-    from qvlm.fileio import read_text
-    from qvlm.heads import load_heads, load_tensors
 
     heads_dir = Path(heads_dir)
     heads = load_heads(heads_dir)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from qvlm.errors import QVLMError
-from qvlm.returns import gae, masked_var, masked_whiten
+from qvlm.masked import masked_var, masked_whiten
+from qvlm.returns import gae
 
 __all__ = [
     "k1_kl",

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, Iterable, Iterator
 
+from tqdm.auto import tqdm
+
 __all__ = ["progress", "PlainProgress"]
 
 PLAIN_INTERVAL_S = 10.0  # seconds between plain progress lines
@@ -91,11 +93,7 @@ def progress(
     :class:`PlainProgress` lines when stderr is redirected, nothing when ``enabled`` is False or in a
     process other than rank 0 of a multi-process run (``RANK`` set by the launcher)."""
     if not enabled or int(os.environ.get("RANK", "0") or 0) != 0:
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, total=total, disable=True)
     if sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)
     return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)

@@ -6,7 +6,7 @@ sampling distribution (``log pi_old``) and under the base model (``log pi_ref``)
 trunk's hidden states. Lists and texts are made from it only where a report or a file needs them
 (:meth:`Rollout.texts`, :meth:`Rollout.response_lists`, :func:`rollout_to_samples`).
 
-The sampler is :func:`qvlm.decoding.sampling.sample_rollout` (also importable from here).
+The sampler is :func:`qvlm.decoding.sampling.sample_rollout`.
 """
 
 from __future__ import annotations
@@ -165,12 +165,3 @@ def rollout_to_samples(rollout, tokenizer, prompts: list[str], rewards: list[flo
         Sample(p, text, r, finished=f, terminal=fixed_horizon and not f, response_ids=i[:-1] if f else i)
         for p, text, r, f, i in zip(repeated, texts, rewards, finished, ids)
     ]
-
-
-def __getattr__(name: str):
-    # the sampler lives with the decoding loop (qvlm.decoding imports this module, so a lazy re-export)
-    if name == "sample_rollout":
-        from qvlm.decoding.sampling import sample_rollout
-
-        return sample_rollout
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

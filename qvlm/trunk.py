@@ -85,16 +85,13 @@ def trunk_logits(trunk: PreTrainedModel, h: torch.Tensor) -> torch.Tensor:
     return trunk.qvlm_logits(h) if sharded(trunk) else _logits(trunk, h)
 
 
-def prepare_trunk(trunk: PreTrainedModel, cfg: TrunkConfig) -> PreTrainedModel:
-    """Freeze the trunk, unfreeze it, or wrap its linear layers in LoRA adapters (peft), per ``cfg.mode``."""
-    if cfg.mode == "frozen":
-        return trunk.requires_grad_(False)
-    if cfg.mode == "full":
-        return trunk.requires_grad_(True)
+def lora_model(trunk: PreTrainedModel, cfg: TrunkConfig):
+    """``trunk`` with LoRA adapters (peft) on every linear layer, as a ``PeftModel`` (what saving an
+    adapter and disabling it need); only the adapters train."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise QVLMError("trunk mode 'lora' needs the package peft: pip install peft") from None
+        raise QVLMError("--trunk lora needs the package peft: pip install peft (or use --trunk full)") from None
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -102,6 +99,15 @@ def prepare_trunk(trunk: PreTrainedModel, cfg: TrunkConfig) -> PreTrainedModel:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
+    return get_peft_model(trunk, lora)
+
+
+def prepare_trunk(trunk: PreTrainedModel, cfg: TrunkConfig) -> PreTrainedModel:
+    """Freeze the trunk, unfreeze it, or wrap its linear layers in LoRA adapters (peft), per ``cfg.mode``."""
+    if cfg.mode == "frozen":
+        return trunk.requires_grad_(False)
+    if cfg.mode == "full":
+        return trunk.requires_grad_(True)
     # keep the Hugging Face model itself (now holding the adapter layers) as the trunk, so every
     # caller uses one interface (base_model, get_output_embeddings) whatever the mode
-    return get_peft_model(trunk, lora).base_model.model
+    return lora_model(trunk, cfg).base_model.model

@@ -20,7 +20,7 @@ def one_thread():
 
 @pytest.fixture
 def tiny():
-    from qvlm.testing import tiny_model
+    from tests.helpers import tiny_model
 
     return tiny_model("llama", seed=0)
 
@@ -29,7 +29,7 @@ def tiny():
 def tiny_dir(tmp_path_factory):
     """A tiny random model saved as a local model directory (for CLI tests)."""
     from qvlm.loading import save_model
-    from qvlm.testing import tiny_model
+    from tests.helpers import tiny_model
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     model, tokenizer = tiny_model("llama", seed=0)

@@ -290,17 +290,17 @@ CASES = [
     # numbers
     ("generate-beta-nan", lambda ws, t: _gen(ws, "--beta", "nan", "--heads", ws["root"] / "run"), "beta"),
     ("generate-temperature-nan", lambda ws, t: _gen(ws, "--temperature", "nan"), "temperature"),
-    ("generate-batch-size-0", lambda ws, t: _gen(ws, "--batch-size", "0"), "batch_size"),
-    ("generate-top-p-nan", lambda ws, t: _gen(ws, "--top-p", "nan"), "top_p"),
+    ("generate-batch-size-0", lambda ws, t: _gen(ws, "--batch-size", "0"), "--batch-size"),
+    ("generate-top-p-nan", lambda ws, t: _gen(ws, "--top-p", "nan"), "--top-p"),
     ("eval-betas-nan", lambda ws, t: _eval(ws, "--betas", "nan", "--heads", ws["root"] / "run"), "betas"),
     ("eval-betas-empty", lambda ws, t: _eval(ws, "--betas", ""), "betas"),
     ("eval-betas-inf", lambda ws, t: _eval(ws, "--betas", "0,inf", "--heads", ws["root"] / "run"), "betas"),
-    ("train-batch-size-0", lambda ws, t: _train(ws, t, "ilql", "--batch-size", "0"), "batch_size"),
-    ("train-target-sync-0", lambda ws, t: _train(ws, t, "ilql", "--target-sync-every", "0"), "target_sync_every"),
-    ("train-weight-decay-neg", lambda ws, t: _train(ws, t, "ilql", "--weight-decay", "-1"), "weight_decay"),
+    ("train-batch-size-0", lambda ws, t: _train(ws, t, "ilql", "--batch-size", "0"), "--batch-size"),
+    ("train-target-sync-0", lambda ws, t: _train(ws, t, "ilql", "--target-sync-every", "0"), "--target-sync-every"),
+    ("train-weight-decay-neg", lambda ws, t: _train(ws, t, "ilql", "--weight-decay", "-1"), "--weight-decay"),
     ("train-head-hidden-neg", lambda ws, t: _train(ws, t, "ilql", "--head-hidden", "-1"), "head-hidden"),
-    ("train-grad-clip-nan", lambda ws, t: _train(ws, t, "ilql", "--grad-clip", "nan"), "grad_clip"),
-    ("train-cql-scale-nan", lambda ws, t: _train(ws, t, "ilql", "--cql-scale", "nan"), "cql_scale"),
+    ("train-grad-clip-nan", lambda ws, t: _train(ws, t, "ilql", "--grad-clip", "nan"), "--grad-clip"),
+    ("train-cql-scale-nan", lambda ws, t: _train(ws, t, "ilql", "--cql-scale", "nan"), "--cql-scale"),
     ("train-lr-nan", lambda ws, t: _train(ws, t, "ilql", "--lr", "nan"), "lr"),
     ("train-lr-inf", lambda ws, t: _train(ws, t, "value", "--lr", "inf"), "lr"),
     ("train-gamma-5", lambda ws, t: _train(ws, t, "ilql", "--gamma", "5"), "gamma"),
@@ -454,7 +454,7 @@ def test_eval_on_one_prompt_writes_strict_json(ws, tmp_path, capsys):
 def test_check_fits_tokenises_a_bounded_prefix_only():
     from qvlm.errors import QVLMError
     from qvlm.mdp import CHARS_PER_TOKEN_BOUND, check_fits
-    from qvlm.testing import char_tokenizer
+    from tests.helpers import char_tokenizer
 
     tok = char_tokenizer()
     seen = []
@@ -509,7 +509,7 @@ def test_parse_floats_refuses_empty_and_non_finite():
 
 
 def test_sample_location_is_not_written_back(tmp_path):
-    from qvlm.mdp import read_samples
+    from qvlm.jsonl import read_samples
 
     f = _write(tmp_path / "s.jsonl", '\n{"prompt": "ab", "response": "cd", "reward": 1}\n')
     (s,) = read_samples(f)

@@ -34,7 +34,7 @@ def test_blockwise_with_a_trained_prefix_scorer_raises_the_reward():
     from qvlm.algos.value import train_value
     from qvlm.configs import ValueConfig
     from qvlm.rewards import get_reward, score
-    from qvlm.testing import tiny_model
+    from tests.helpers import tiny_model
     from tests.test_ilql import PROMPTS as TOY_PROMPTS
     from tests.test_ilql import REWARD, offline_data
 

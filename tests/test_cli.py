@@ -167,9 +167,15 @@ def test_sample_train_generate_eval(tmp_path, tiny_dir):
         (["sample", "--model", "{tiny}", "--prompts", "{tmp}/p.txt", "--reward", "bleu"], "give a .jsonl prompts file"),
         (["eval", "--model", "{tiny}", "--prompts", "{tmp}/p.txt", "--betas", "0,x"], "--betas must be"),
         (["train", "ilql", "--data", "x"], "required"),
-        (["train", "ilql", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--cql-scale", "nan"], "cql_scale is nan"),
-        (["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--grad-clip", "nan"], "grad_clip is nan"),
-        (["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--batch-size", "0"], "batch_size is 0"),
+        (
+            ["train", "ilql", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--cql-scale", "nan"],
+            "--cql-scale is nan",
+        ),
+        (
+            ["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--grad-clip", "nan"],
+            "--grad-clip is nan",
+        ),
+        (["train", "value", "--data", "{tmp}/bad.jsonl", "--out", "{tmp}/r", "--batch-size", "0"], "--batch-size is 0"),
         (["generate", "--model", "{tiny}", "--prompt", "hi", "--beta", "nan"], "beta is nan"),
         (["generate", "--model", "{tiny}", "--prompt", "hi", "--temperature", "nan"], "temperature is nan"),
         (["train", "value", "--data", "x", "--out", "{tmp}/r", "--target", "gae"], "invalid choice: 'gae'"),

@@ -8,7 +8,7 @@ from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, 
 from qvlm.errors import QVLMError
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
-from qvlm.testing import tiny_model
+from tests.helpers import tiny_model
 
 PROMPTS = ["hello there", "a b", "the quick brown fox", "zz"]
 

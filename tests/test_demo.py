@@ -11,7 +11,7 @@ from qvlm.cli import main
 from qvlm.configs import DemoConfig
 from qvlm.decoding import best_of_n_kl_bound
 from qvlm.errors import QVLMError
-from qvlm.testing import tiny_demo_config
+from tests.helpers import tiny_demo_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,7 +102,7 @@ def test_cost_counts_heads_over_trunk(tiny):
 
 def test_demo_cli_bad_target(capsys):
     assert main(["demo", "--target", "neutral"]) == 2
-    assert "use positive or negative" in capsys.readouterr().err
+    assert "--target is 'neutral'; it must be positive or negative" in capsys.readouterr().err
 
 
 def test_demo_resumes_after_a_crash_between_phases(tmp_path, tiny_dir, monkeypatch):
@@ -261,22 +261,22 @@ def test_demo_ppo_takes_the_validation_choice(tmp_path, tiny_dir, monkeypatch):
 def test_demo_ppo_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
     """Killed right after the checkpoint at iteration 5, before the snapshot of 5 iterations was kept:
     the rerun writes the snapshot from the checkpoint and trains on; the policies equal an uninterrupted run's."""
-    import qvlm.apps.demo_ppo as demo_ppo
+    import qvlm.apps.runs as runs
 
     cfg = small(tiny_dir, ppo_iterations="5,6", ppo_prompts_per_iter=1)
     whole = tmp_path / "whole"
     run_demo(cfg, whole, log=lambda *_: None, progress=False)
-    real = demo_ppo.save_policy_run
+    real = runs.save_policy_run
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     out = tmp_path / "killed"
-    monkeypatch.setattr(demo_ppo, "save_policy_run", killed)
+    monkeypatch.setattr(runs, "save_policy_run", killed)
     with pytest.raises(KeyboardInterrupt):
         run_demo(cfg, out, log=lambda *_: None, progress=False)
     assert (out / "ppo" / "checkpoint" / "step-00000005").is_dir() and not (out / "ppo" / "it_5").exists()
-    monkeypatch.setattr(demo_ppo, "save_policy_run", real)
+    monkeypatch.setattr(runs, "save_policy_run", real)
     logs = []
     run_demo(cfg, out, log=logs.append, progress=False)
     assert any("[train ppo]" in line and "resuming from checkpoint" in line for line in logs)

@@ -9,7 +9,7 @@ import pytest
 from qvlm.apps.demo_seeds import aggregate_seeds, frontier_checks, parse_seeds, run_demo_seeds, spread
 from qvlm.cli import main
 from qvlm.errors import QVLMError
-from qvlm.testing import TINY_DEMO, tiny_demo_config
+from tests.helpers import TINY_DEMO, tiny_demo_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from qvlm.errors import QVLMError
 from qvlm.heads import HeadsConfig, QVHeads
 from qvlm.mdp import Sample
 from qvlm.model import QVModel
-from qvlm.testing import tiny_model
+from tests.helpers import tiny_model
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 PROMPTS = ["ab", "cd", "ef"]

@@ -18,10 +18,10 @@ from qvlm.algos.value import ValueConfig, train_value
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample
 from qvlm.model import QVModel
-from qvlm.testing import free_port, spawn_processes, tiny_model
 from qvlm.train import distributed
 from qvlm.train.loop import local_batch
 from qvlm.trunk import TrunkConfig
+from tests.helpers import free_port, spawn_processes, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 

@@ -6,37 +6,40 @@
   sampled; ZeRO-1 without the kill;
 - the DeepSpeed config checks, and one process refused before the model loads.
 
-Skipped where deepspeed is not installed (CI); on a CPU: ``pip install deepspeed`` (0.19.8 measured).
+The runs are skipped where deepspeed is not installed (CI); on a CPU: ``pip install deepspeed`` (0.19.8
+measured). The config checks (:mod:`qvlm.train.zero` without an engine) run everywhere.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from qvlm.algos.ppo import PPOConfig
+from qvlm.cli import main
+from qvlm.errors import QVLMError
+from qvlm.train.zero import accelerate_deepspeed, check_deepspeed, deepspeed_config
+from tests.helpers import assert_same_full_ppo_run, spawn_processes, train_tiny_ppo
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator (in the spawned processes too)
-pytest.importorskip("deepspeed")
-
-
-from qvlm.algos.ppo import PPOConfig  # noqa: E402
-from qvlm.cli import main  # noqa: E402
-from qvlm.errors import QVLMError  # noqa: E402
-from qvlm.testing import assert_same_full_ppo_run, spawn_processes, train_tiny_ppo  # noqa: E402
-from qvlm.train.zero import deepspeed_config  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+requires_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or not torch.distributed.is_available(),
+    reason="deepspeed is not installed (or torch.distributed not built)",
+)
 
 
 def _ppo(run_dir: str, deepspeed: str, resume: bool = False, kill: bool = False) -> None:
-    # as tests/test_distributed_fsdp.py: qvlm.testing.tiny_ppo_config (8 rows, minibatches of 3 split
+    # as tests/test_distributed_fsdp.py: tests.helpers.tiny_ppo_config (8 rows, minibatches of 3 split
     # unequally, a critic warm-up iteration: the policy's ZeRO partition must not move, the adaptive KL
     # controller, clipping on), every policy weight training
     train_tiny_ppo(run_dir, resume, kill, trunk="full", lr=1e-3, deepspeed=deepspeed)
 
 
+@requires_deepspeed
 def test_deepspeed_zero2_ppo_two_processes_equal_one(tmp_path):
     """PPO --trunk full --deepspeed zero2 in 2 processes, killed after iteration 1 and resumed,
     against 1 plain process: every weight of the policy and of the V head agrees to 1e-5."""
@@ -54,6 +57,7 @@ def test_deepspeed_zero2_ppo_two_processes_equal_one(tmp_path):
     assert_same_full_ppo_run(one, two)
 
 
+@requires_deepspeed
 def test_deepspeed_zero1_ppo_two_processes_equal_one(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torch.set_num_threads(1)
@@ -88,3 +92,27 @@ def test_deepspeed_config_checks(tmp_path, capsys):
     assert main(args) == 2  # one process: refused before the model loads
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--deepspeed partitions the optimiser over several processes, but this is one" in err[0]
+
+
+def test_accelerate_deepspeed_settings_and_the_missing_package(monkeypatch):
+    """accelerate's environment names the ZeRO stage (or a config file); offloading is refused; several
+    processes without the package get the install line (no deepspeed needed for any of it)."""
+    for key in list(os.environ):
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.delenv(key)
+    assert accelerate_deepspeed() == ""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert accelerate_deepspeed() == "zero2"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    assert accelerate_deepspeed() == "zero1"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/tmp/ds.json")
+    assert accelerate_deepspeed() == "/tmp/ds.json"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    with pytest.raises(QVLMError, match="offload_optimizer to a device"):
+        accelerate_deepspeed()
+    check_deepspeed("")  # off: nothing to check
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(__import__("sys").modules, "deepspeed", None)  # as if not installed
+    with pytest.raises(QVLMError, match=r"needs the deepspeed package \(pip install deepspeed\)"):
+        check_deepspeed("zero2")

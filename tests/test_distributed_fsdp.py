@@ -31,7 +31,12 @@ from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_samples
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import (
+from qvlm.train.checkpoint import latest_checkpoint
+from qvlm.train.distributed import fully_shard_trunk, is_dtensor
+from qvlm.train.loop import batch_indices, local_batch
+from qvlm.train.optim import make_optimizer, optimizer_step
+from qvlm.trunk import TrunkConfig
+from tests.helpers import (
     Killed,
     assert_same_full_ppo_run,
     save_tiny_backbone,
@@ -40,11 +45,6 @@ from qvlm.testing import (
     tiny_model,
     train_tiny_ppo,
 )
-from qvlm.train.checkpoint import latest_checkpoint
-from qvlm.train.distributed import fully_shard_trunk, is_dtensor
-from qvlm.train.loop import batch_indices, local_batch
-from qvlm.train.optim import make_optimizer, optimizer_step
-from qvlm.trunk import TrunkConfig
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -105,9 +105,8 @@ def _ilql(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) ->
     every 2; ``kill`` stops it after step 3 (a checkpoint at step 2)."""
     model, tok = tiny_model("llama", seed=0)
     torch.manual_seed(1 if resume else 0)  # a resumed run restores the heads from its checkpoint
-    qv = QVModel.from_trunk(model, TrunkConfig("full"))
-    cfg = ILQLConfig(steps=6, batch_size=4, max_length=32, progress=False, checkpoint_every=2, trunk_lr=1e-3,
-                     fsdp=fsdp)  # fmt: skip
+    qv = QVModel.from_trunk(model, TrunkConfig("full", fsdp=fsdp))
+    cfg = ILQLConfig(steps=6, batch_size=4, max_length=32, progress=False, checkpoint_every=2, trunk_lr=1e-3)
     try:
         train_ilql(qv, tok, SAMPLES, cfg, run_dir=run_dir, resume=resume,
                    callbacks=[_kill_after_step_3] if kill else [])  # fmt: skip
@@ -143,7 +142,7 @@ def test_fsdp_ilql_full_trunk_two_processes_equal_one(tmp_path):
 
 
 def _ppo(run_dir: str, fsdp: bool, resume: bool = False, kill: bool = False) -> None:
-    # qvlm.testing.tiny_ppo_config (8 rows, minibatches split unequally, a critic warm-up iteration, the
+    # tests.helpers.tiny_ppo_config (8 rows, minibatches split unequally, a critic warm-up iteration, the
     # adaptive KL controller), with every policy weight training
     train_tiny_ppo(run_dir, resume, kill, trunk="full", lr=1e-3, fsdp=fsdp)
 
@@ -231,8 +230,8 @@ def test_fsdp_reward_model_two_processes_equal_one(tmp_path):
 
 
 def test_fsdp_refuses_lora_and_one_process(tmp_path, capsys):
-    with pytest.raises(QVLMError, match="--fsdp shards a policy that trains every weight, not --trunk lora"):
-        PPOConfig(fsdp=True)
+    with pytest.raises(QVLMError, match="--fsdp shards a trunk that trains every weight, not --trunk lora"):
+        PPOConfig(trunk=TrunkConfig("lora", fsdp=True))
     (tmp_path / "p.txt").write_text("hello\n")
     args = ["train", "ppo", "--model", str(tmp_path / "no-such-model"), "--prompts", str(tmp_path / "p.txt"),
             "--reward", "count:e", "--out", str(tmp_path / "r"), "--trunk", "full", "--fsdp"]  # fmt: skip

@@ -14,10 +14,10 @@ import torch
 from qvlm.algos.actor_critic import ActorCritic
 from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.cli import main
-from qvlm.configs import DecodeConfig
+from qvlm.configs import DecodeConfig, TrunkConfig
 from qvlm.decoding.sampling import sample_rollout, sample_rows, sampling_seeds
 from qvlm.errors import QVLMError
-from qvlm.testing import TINY_PPO_PROMPTS, spawn_processes, tiny_model, tiny_ppo_weights, train_tiny_ppo
+from tests.helpers import TINY_PPO_PROMPTS, spawn_processes, tiny_model, tiny_ppo_weights, train_tiny_ppo
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -25,7 +25,7 @@ PROMPTS = TINY_PPO_PROMPTS
 
 
 def _run(run_dir: str, resume: bool = False, kill: bool = False) -> None:
-    train_tiny_ppo(run_dir, resume, kill)  # LoRA, lr 3e-3 (qvlm.testing.tiny_ppo_config)
+    train_tiny_ppo(run_dir, resume, kill)  # LoRA, lr 3e-3 (tests.helpers.tiny_ppo_config)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -91,7 +91,7 @@ def test_a_row_samples_the_same_tokens_in_any_batch():
 def test_prompts_per_iteration_must_divide_over_the_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher's, before the group exists
     model, tok = tiny_model("llama", seed=0)
-    ac = ActorCritic(model, trunk="lora")
+    ac = ActorCritic(model, TrunkConfig("lora"))
     with pytest.raises(QVLMError, match="--prompts-per-iter 3 does not divide over 2 processes"):
         train_ppo(ac, tok, PROMPTS, "count:e", PPOConfig(prompts_per_iter=3, progress=False))
     # the CLI: exit 2 and one line, before the model loads

@@ -17,7 +17,7 @@ from qvlm.errors import QVLMError
 from qvlm.loading import save_model
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import separable_prefs, spawn_processes, tiny_model
+from tests.helpers import separable_prefs, spawn_processes, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 

@@ -166,8 +166,12 @@ def test_ilql_expectile_sits_between_v_ref_and_the_in_support_max():
     assert ((upper.v - reference.reward_v)[frequent] >= -0.01).all()
     assert ((upper.v - hard.v)[frequent] <= 0.01).all()
     assert median.v[0] < upper.v[0] < hard.v[0]
-    report = measure(tree, solve(tree, ALPHA), reference, upper)
-    assert 0.5 < report.objective_ratio <= 1.0 + 1e-9 and report.kl > 0
+    # guided by these heads at beta = 1/alpha, the policy comes within 5% of the soft optimum's objective
+    # (measured 0.974), far above the reference policy's own 0.653
+    optimum = solve(tree, ALPHA)
+    report = measure(tree, optimum, reference, upper)
+    assert 0.95 < report.objective_ratio <= 1.0 + 1e-9 and report.kl > 0
+    assert report.objective_ratio > objective_ratio(reference.objective(ALPHA), optimum.objective) + 0.2
 
 
 def test_ilql_cql_pushes_down_untaken_actions():

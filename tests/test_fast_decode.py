@@ -10,7 +10,7 @@ from qvlm.decoding.fast import FastDecodeStep, FastHeads, Matmul, check_supporte
 from qvlm.errors import QVLMError
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
-from qvlm.testing import tiny_model
+from tests.helpers import tiny_model
 
 PROMPTS = ["hello there", "a b", "the quick brown fox", "zz"]
 # left-padded prompts of three lengths (ids: 2 = <bos>, then characters)

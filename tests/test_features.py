@@ -105,9 +105,9 @@ def test_wrappers_and_trainable_trunks(tiny):
     full.clear_cache()  # nothing to clear, no error
     with pytest.raises(QVLMError, match="only a frozen trunk"):
         full.prime_features(None, [], [], [], 32)
-    a, b = QVModel.from_trunk(model), QVModel.from_trunk(model)
+    cache = FeatureCache()
+    a, b = QVModel.from_trunk(model, feature_cache=cache), QVModel.from_trunk(model, feature_cache=cache)
     a.feature_cache.put(0, torch.tensor([1]), torch.zeros(1, 2))
-    b.share_feature_cache(a)
     assert b.feature_cache is a.feature_cache
     b.clear_cache()
     assert len(a.feature_cache) == 0

@@ -8,8 +8,8 @@ from qvlm.heads import HeadsConfig, QVHeads, load_heads, polyak_update, save_hea
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import Sample, collate, encode_samples
 from qvlm.model import QVModel
-from qvlm.testing import tiny_gpt2_config, tiny_llama_config
 from qvlm.trunk import TrunkConfig
+from tests.helpers import tiny_gpt2_config, tiny_llama_config
 
 
 def test_polyak_update_by_hand():
@@ -94,7 +94,7 @@ def test_lora_mode_trains_only_adapters(tiny):
 
 
 def test_unknown_trunk_mode():
-    with pytest.raises(QVLMError, match="unknown trunk mode"):
+    with pytest.raises(QVLMError, match="--trunk is 'half'; it must be one of frozen, lora, full"):
         TrunkConfig("half")
 
 

@@ -13,9 +13,9 @@ from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, collate, encode_samples
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward, score
-from qvlm.testing import tiny_model
 from qvlm.train.checkpoint import latest_checkpoint
 from qvlm.trunk import TrunkConfig
+from tests.helpers import tiny_model
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
 REWARD = "count:e"  # toy reward: how often the response writes the token "e"
@@ -127,7 +127,7 @@ def test_q_target_next_v_by_hand(tiny):
     assert float(stats["losses/q"]) == pytest.approx(0.5)
     _, stats = value_loss(qv, batch, ValueConfig(q_target="return"))
     assert float(stats["losses/q"]) == pytest.approx(1.0)  # the Monte-Carlo return is 1 at every step
-    with pytest.raises(QVLMError, match="q_target"):
+    with pytest.raises(QVLMError, match="--q-target is 'bogus'"):
         ValueConfig(q_target="bogus")
 
 

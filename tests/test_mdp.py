@@ -3,7 +3,8 @@
 import pytest
 
 from qvlm.errors import QVLMError
-from qvlm.mdp import Sample, collate, encode_samples, read_prompts, read_samples, write_samples
+from qvlm.jsonl import read_prompts, read_samples, write_samples
+from qvlm.mdp import Sample, collate, encode_samples
 
 
 def write(tmp_path, lines, name="s.jsonl"):

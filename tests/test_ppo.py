@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from qvlm.algos.actor_critic import ActorCritic, load_policy
-from qvlm.algos.ppo import PPOConfig, iteration_prompts, make_targets, train_ppo
+from qvlm.algos.ppo import PPOConfig, iteration_prompts, make_targets, ppo_loss, train_ppo
+from qvlm.configs import DecodeConfig, TrunkConfig
 from qvlm.decoding.sampling import sample_rollout
 from qvlm.errors import QVLMError
-from qvlm.testing import tiny_model
+from qvlm.masked import masked_mean
+from tests.helpers import tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +47,7 @@ def small_cfg(**kw) -> PPOConfig:
 def build(trunk="lora", critic="shared", seed=0) -> tuple[ActorCritic, object]:
     model, tok = tiny_model("llama", seed=0)
     torch.manual_seed(seed)
-    return ActorCritic(model, trunk=trunk, critic=critic), tok
+    return ActorCritic(model, TrunkConfig(trunk), critic=critic), tok
 
 
 @pytest.mark.parametrize("trunk,critic", [("lora", "shared"), ("full", "separate")])
@@ -167,17 +169,39 @@ def test_saved_run_loads_as_a_policy(tmp_path):
         torch.testing.assert_close(policy2(input_ids=ids).logits, ac2.policy(input_ids=ids).logits)
 
 
-def test_a2c_preset_and_critic_warmup():
+def test_a2c_preset_and_critic_warmup(monkeypatch):
+    """a2c: one unclipped actor-critic step per iteration on the whole rollout; warm-up: the critic
+    trains alone (the policy's adapters stay put, the V head moves)."""
+    import qvlm.algos.ppo as ppo
+
     cfg = small_cfg(algo="a2c", iterations=2, critic_warmup=1)
     assert (cfg.ppo_epochs, cfg.minibatch_size, cfg.value_clip) == (1, 12, 0.0)
     ac, tok = build()
     before = {k: v.clone() for k, v in ac.trainable_trunk_state().items()}
+    v_before = {k: v.clone() for k, v in ac.heads.state_dict().items()}
     history = train_ppo(ac, tok, PROMPTS, "count:e", small_cfg(iterations=1, critic_warmup=1))
-    # warm-up trains the critic only: the policy's adapters have not moved
+    # warm-up trains the critic only: the policy's adapters have not moved, the V head has
     assert all(torch.equal(before[k], v) for k, v in ac.trainable_trunk_state().items())
+    assert any(not torch.equal(v_before[k], v) for k, v in ac.heads.state_dict().items())
     assert "losses/policy" not in history and "losses/value" in history
-    history = train_ppo(ac, tok, PROMPTS, "count:e", cfg)
-    assert history["charts/clipfrac"][-1][1] == 0.0  # no clipping
+    steps = []
+    real_step = ppo.optimizer_step
+    monkeypatch.setattr(ppo, "optimizer_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    train_ppo(ac, tok, PROMPTS, "count:e", cfg)
+    assert len(steps) == 2  # one step an iteration: every response of the rollout in one minibatch
+    # no clipping: where the policy has moved far from pi_old, the a2c loss is the plain surrogate
+    # -mean(A rho), while PPO's clips rho to [0.8, 1.2]
+    rollout = sample_rollout(ac.policy, tok, PROMPTS[:2], cfg=DecodeConfig(max_new_tokens=4, num_return_sequences=2))
+    rollout.rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    batch = make_targets(ac, rollout, 0.0, cfg)
+    batch.old_logprobs = batch.old_logprobs - 0.7 * rollout.response_mask  # rho = e^0.7 ~ 2.01 on every token
+    mask = rollout.response_mask
+    plain = -masked_mean(batch.advantages * ac.evaluate(rollout).logprobs.sub(batch.old_logprobs).exp(), mask)
+    _, stats = ppo_loss(ac, batch, cfg, 0.0, critic_only=False)
+    torch.testing.assert_close(stats["losses/policy"], plain.detach())
+    _, clipped = ppo_loss(ac, batch, small_cfg(), 0.0, critic_only=False)
+    assert float(stats["charts/clipfrac"]) == 0.0 and float(clipped["charts/clipfrac"]) > 0  # PPO clips (A > 0)
+    assert float(clipped["losses/policy"]) > float(plain) + 1e-3  # clipping lowers the gain it credits
 
 
 def test_bad_config_and_prompts():
@@ -191,12 +215,23 @@ def test_bad_config_and_prompts():
 
 
 def test_iteration_prompts_cover_each_epoch_once():
-    seen = iteration_prompts(PROMPTS, 3, 0, 0) + iteration_prompts(PROMPTS, 3, 0, 1)
-    assert sorted(seen) == sorted(PROMPTS)
-    assert iteration_prompts(PROMPTS, 3, 0, 1) == iteration_prompts(PROMPTS, 3, 0, 1)
+    """Epoch e visits every prompt once, in the permutation of seed + e, across iteration boundaries
+    too (6 prompts, 4 an iteration: iteration 1 holds the end of epoch 0 and the start of epoch 1)."""
+    stream = [p for it in range(6) for p in iteration_prompts(PROMPTS, 4, 0, it)]  # 24 = 4 epochs
+    epochs = [stream[e * 6 : (e + 1) * 6] for e in range(4)]
+    assert all(sorted(epoch) == sorted(PROMPTS) for epoch in epochs)
+    for e, epoch in enumerate(epochs):
+        order = torch.randperm(6, generator=torch.Generator().manual_seed(0 + e)).tolist()
+        assert epoch == [PROMPTS[i] for i in order]
+    assert len({tuple(epoch) for epoch in epochs}) > 1  # each epoch draws its own order
+    # any iteration is known without replaying the earlier ones (resume), and another seed reorders
+    assert iteration_prompts(PROMPTS, 4, 0, 4) == stream[16:20]
+    assert [iteration_prompts(PROMPTS, 4, 1, it) for it in range(3)] != [stream[i : i + 4] for i in (0, 4, 8)]
 
 
 def test_k3_loss_mode_and_entropy_bonus():
+    """kl_mode loss: the rewards carry no KL penalty and the loss adds kl_coef x k3 (masked mean of
+    exp(d) - d - 1); ent_coef subtracts ent_coef x the entropy; both by hand on one batch."""
     ac, tok = build()
     history = train_ppo(
         ac, tok, PROMPTS, "count:e", small_cfg(iterations=2, kl_mode="loss", kl_coef=0.5, ent_coef=0.01)
@@ -204,7 +239,25 @@ def test_k3_loss_mode_and_entropy_bonus():
     k3 = [v for _, v in history["losses/k3"]]
     assert len(k3) == 2 and all(v >= 0 for v in k3)
     assert max(k3) > 0  # the policy moved from the reference (k3 is 0 only where they agree)
-    assert "charts/entropy" in history
+    rollout = sample_rollout(ac.policy, tok, PROMPTS[:2], cfg=DecodeConfig(max_new_tokens=4, num_return_sequences=2))
+    rollout.rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
+    mask = rollout.response_mask
+    as_loss, in_reward = small_cfg(kl_mode="loss"), small_cfg(kl_mode="reward")
+    batch = make_targets(ac, rollout, 0.5, as_loss)
+    # no penalty in the reward: the targets equal those of a zero KL coefficient in reward mode
+    torch.testing.assert_close(batch.returns, make_targets(ac, rollout, 0.0, in_reward).returns)
+    assert not torch.allclose(batch.returns, make_targets(ac, rollout, 0.5, in_reward).returns)
+    out = ac.evaluate(rollout)
+    d = batch.ref_logprobs - out.logprobs
+    k3_by_hand = masked_mean(torch.exp(d) - d - 1, mask)
+    entropy = masked_mean(out.entropy, mask)
+    base, _ = ppo_loss(ac, batch, as_loss, 0.0, critic_only=False)
+    with_kl, stats = ppo_loss(ac, batch, as_loss, 0.5, critic_only=False)
+    torch.testing.assert_close(stats["losses/k3"], k3_by_hand.detach())
+    torch.testing.assert_close(with_kl - base, 0.5 * k3_by_hand, atol=1e-6, rtol=1e-5)
+    with_ent, stats = ppo_loss(ac, batch, small_cfg(kl_mode="loss", ent_coef=0.01), 0.0, critic_only=False)
+    torch.testing.assert_close(with_ent - base, -0.01 * entropy, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(stats["charts/entropy"], entropy.detach())
 
 
 def test_critic_init_from_a_value_run(tmp_path):

@@ -58,7 +58,7 @@ def test_train_ppo_then_generate_with_the_policy(tmp_path, tiny_dir, capsys):
         (["--ppo-epochs", "0"], "--ppo-epochs is 0; it must be at least 1"),
         (["--prompts", "{tmp}/empty.txt"], "no prompts in the file"),
         (["--reward", "no-such-reward"], "unknown reward"),
-        (["--trunk", "frozen"], "invalid choice: 'frozen'"),
+        (["--trunk", "frozen"], "--trunk is 'frozen'; it must be one of lora, full"),
     ],
 )
 def test_bad_input_exits_2_without_traceback(tmp_path, tiny_dir, capsys, extra, needle):

@@ -11,7 +11,7 @@ from qvlm.decoding.sampling import generate
 from qvlm.eval.policy import evaluate_policy_decoding
 from qvlm.model import QVModel
 from qvlm.rewards import get_reward
-from qvlm.testing import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ import torch
 from qvlm.algos.actor_critic import ActorCritic
 from qvlm.algos.ppo import PPOConfig, train_ppo
 from qvlm.report import nice_ticks, ppo_curves_svg, ppo_html
-from qvlm.testing import tiny_model
 from qvlm.train.metrics import read_history
+from tests.helpers import tiny_model
 
 SVG = "{http://www.w3.org/2000/svg}"
 

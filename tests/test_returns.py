@@ -12,11 +12,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from qvlm.masked import masked_mean, masked_var, masked_whiten
 from qvlm.returns import (
     gae,
-    masked_mean,
-    masked_var,
-    masked_whiten,
     monte_carlo_returns,
     shift_values,
     td_lambda_returns,

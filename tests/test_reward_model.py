@@ -18,7 +18,7 @@ from qvlm.errors import QVLMError
 from qvlm.losses import bradley_terry_loss, classification_loss
 from qvlm.report.calibration import calibration_bins, expected_calibration_error
 from qvlm.rewards import get_reward, score
-from qvlm.testing import save_tiny_backbone, separable_prefs
+from tests.helpers import save_tiny_backbone, separable_prefs
 
 
 def test_bradley_terry_loss_by_hand():
@@ -263,7 +263,7 @@ def test_mean_pooling_refuses_a_head_that_is_not_one_linear_layer(tmp_path):
     ids = torch.tensor([[0, 5, 6, 2]])
     with pytest.raises(QVLMError, match="one linear layer"):
         classifier_logits(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    with pytest.raises(QVLMError, match="pooling is median"):
+    with pytest.raises(QVLMError, match="--pooling is 'median'"):
         RewardModelConfig(pooling="median")
 
 
@@ -293,5 +293,5 @@ def test_linear_schedule_by_hand(tmp_path, monkeypatch):
     monkeypatch.setattr(rm, "optimizer_step", recording_step)
     train_reward_model(data, cfg, tmp_path / "run", device="cpu", log=lambda s: None)
     assert rates == pytest.approx([5e-3, 1e-2, 1e-2, 2 / 3 * 1e-2, 1 / 3 * 1e-2])  # ramp 2 steps, then 3/3, 2/3, 1/3
-    with pytest.raises(QVLMError, match="schedule is cosine"):
+    with pytest.raises(QVLMError, match="--schedule is 'cosine'"):
         RewardModelConfig(schedule="cosine")

@@ -193,7 +193,7 @@ def test_read_references(tmp_path):
 def _tiny_classifier(path, num_labels, seed=0):
     from transformers import AutoModelForSequenceClassification
 
-    from qvlm.testing import char_tokenizer, tiny_llama_config
+    from tests.helpers import char_tokenizer, tiny_llama_config
 
     tok = char_tokenizer()
     config = tiny_llama_config(len(tok))
@@ -246,7 +246,8 @@ def test_cli_sample_with_token_reward_and_missing_reference(tmp_path, tiny_dir, 
         assert all(math.isfinite(v) for v in row["token_rewards"])
     from transformers import AutoTokenizer
 
-    from qvlm.mdp import encode_samples, read_samples
+    from qvlm.jsonl import read_samples
+    from qvlm.mdp import encode_samples
 
     encoded = encode_samples(read_samples(out), AutoTokenizer.from_pretrained(tiny_dir), 64)  # trainers take them
     assert len(encoded) == 4

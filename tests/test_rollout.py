@@ -22,7 +22,7 @@ from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, encode_prompt
 from qvlm.model import QVModel
 from qvlm.rollout import Rollout, done_mask, rollout_to_samples
-from qvlm.testing import tiny_model
+from tests.helpers import tiny_model
 from tests.test_decoding import PROMPTS, hf_generate, strip
 
 

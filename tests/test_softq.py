@@ -63,7 +63,7 @@ from qvlm.decoding import generate  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
 from qvlm.model import QVModel  # noqa: E402
 from qvlm.rewards import get_reward, score  # noqa: E402
-from qvlm.testing import tiny_model  # noqa: E402
+from tests.helpers import tiny_model  # noqa: E402
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]
 REWARD = "count:e"  # rule-based toy reward: how often the response writes "e"

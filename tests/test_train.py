@@ -22,7 +22,6 @@ from qvlm.losses import value_regression_loss
 from qvlm.mdp import EncodedSample, Sample, TokenBatch
 from qvlm.model import QVModel
 from qvlm.returns import monte_carlo_returns
-from qvlm.testing import tiny_model
 from qvlm.train.checkpoint import (
     data_fingerprint,
     has_checkpoint,
@@ -37,6 +36,7 @@ from qvlm.train.metrics import MetricsLogger, stats_to_floats
 from qvlm.train.optim import make_optimizer, optimizer_step
 from qvlm.train.rng import rng_state, set_rng_state, set_seed
 from qvlm.trunk import TrunkConfig
+from tests.helpers import tiny_model
 
 PROMPTS = ["ab", "cd", "ef", "gh", "ij", "kl"]
 
@@ -325,18 +325,19 @@ def test_resume_refuses_other_data(tmp_path):
 
 
 def test_a_checkpoint_written_before_a_config_field_existed_resumes_at_its_default(tmp_path):
-    """fsdp was added to the configs with FSDP (issue 12): an older checkpoint, without it, resumes
-    as fsdp=False; one that differs from the run (fsdp true) is refused."""
+    """A field added since a checkpoint was written counts as saved at its default (an older checkpoint
+    without target_sync_every resumes as 1); one that differs from the run is refused; a field retired
+    since (fsdp moved to the trunk config, issue 21) is not compared."""
     cfg = ILQLConfig(steps=2, batch_size=4, max_length=32, progress=False)
     samples = [Sample(p, p[::-1], 1.0) for p in PROMPTS]
     _ilql_run(tmp_path, samples, cfg)
     config_file = latest_checkpoint(tmp_path) / "config.json"
     saved = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "fsdp"}))
+    config_file.write_text(json.dumps({**{k: v for k, v in saved.items() if k != "target_sync_every"}, "fsdp": False}))
     _ilql_run(tmp_path, samples, cfg, resume=True)
     config_file = latest_checkpoint(tmp_path) / "config.json"
-    config_file.write_text(json.dumps({**saved, "fsdp": True}))
-    with pytest.raises(QVLMError, match=r"different config \(fsdp differ"):
+    config_file.write_text(json.dumps({**saved, "target_sync_every": 5}))
+    with pytest.raises(QVLMError, match=r"different config \(target_sync_every differ"):
         _ilql_run(tmp_path, samples, cfg, resume=True)
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from qvlm.configs import TrunkConfig
 from qvlm.decoding.step import position_ids
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
@@ -40,7 +41,7 @@ from qvlm.heads import HeadsConfig, QVHeads, load_heads, save_heads
 from qvlm.loading import hidden_size_of
 from qvlm.rollout import Rollout
 from qvlm.train.distributed import full_state_dict, fully_shard_trunk, is_main_process
-from qvlm.trunk import trunk_forward, trunk_hidden_states
+from qvlm.trunk import lora_model, trunk_forward, trunk_hidden_states
 
 __all__ = ["PolicyOutput", "response_hidden", "response_outputs", "ActorCritic", "save_policy_run", "load_policy"]
 
@@ -53,15 +54,6 @@ class PolicyOutput:
     entropy: torch.Tensor  # H(pi(. | s_t))
     values: torch.Tensor  # V(s_t)
     last_values: torch.Tensor  # V(s_{T_b + 1}) after each row's last real token
-
-
-def _lora(model: PreTrainedModel, r: int, alpha: int):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise QVLMError("--trunk lora needs the package peft: pip install peft (or use --trunk full)") from None
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
 
 
 def response_hidden(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
@@ -94,32 +86,31 @@ class ActorCritic(nn.Module):
     def __init__(
         self,
         model: PreTrainedModel,
-        trunk: str = "lora",
+        trunk: TrunkConfig | None = None,
         critic: str = "shared",
-        lora_r: int = 8,
-        lora_alpha: int = 16,
         head_hidden: int = 0,
         base_model: str = "",
     ):
         super().__init__()
-        self.mode, self.critic_mode = trunk, critic
+        trunk = trunk or TrunkConfig("lora")
+        self.trunk_config, self.mode, self.critic_mode = trunk, trunk.mode, critic
         base = model.requires_grad_(False)
         critic_base = copy.deepcopy(base) if critic == "separate" else None
         self.peft = None
-        if trunk == "lora":
-            self.peft = _lora(base, lora_r, lora_alpha)
+        if trunk.mode == "lora":
+            self.peft = lora_model(base, trunk)
             self.policy = self.peft.base_model.model  # the Hugging Face model, adapters injected
             self.reference = None
-        elif trunk == "full":
+        elif trunk.mode == "full":
             self.reference = copy.deepcopy(base).eval()  # frozen copy of the base
             self.policy = base.requires_grad_(True)
         else:
-            raise QVLMError(f"unknown trunk {trunk!r}; use lora or full")
+            raise QVLMError(f"--trunk is {trunk.mode!r}; a policy trains: use lora or full")
         self.critic_trunk = self.critic_peft = None
         if critic == "separate":
-            self.critic_peft = _lora(critic_base, lora_r, lora_alpha) if trunk == "lora" else None
+            self.critic_peft = lora_model(critic_base, trunk) if trunk.mode == "lora" else None
             self.critic_trunk = (
-                self.critic_peft.base_model.model if trunk == "lora" else critic_base.requires_grad_(True)
+                self.critic_peft.base_model.model if trunk.mode == "lora" else critic_base.requires_grad_(True)
             )
         elif critic != "shared":
             raise QVLMError(f"unknown critic {critic!r}; use shared or separate")
@@ -181,9 +172,7 @@ class ActorCritic(nn.Module):
     def shard(self) -> None:
         """Shard the policy's weights over the processes with FSDP2 (``--fsdp``; a full trunk only).
         The V head and the frozen reference stay whole on every process."""
-        if self.mode != "full" or self.critic_trunk is not None:
-            raise QVLMError("--fsdp shards a full-trunk policy with a shared critic (--trunk full --critic shared)")
-        fully_shard_trunk(self.policy)
+        fully_shard_trunk(self.policy)  # PPOConfig checked: a full trunk, a shared critic
 
     # ------------------------------------------------------------ forward passes
 

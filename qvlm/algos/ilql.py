@@ -15,9 +15,10 @@ import torch
 from qvlm.configs import ILQLConfig
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, awac_loss, cql_loss, expectile_loss, ilql_q_loss
+from qvlm.masked import masked_mean
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
-from qvlm.returns import masked_mean, td_targets
+from qvlm.returns import td_targets
 from qvlm.train.loop import train_loop
 
 __all__ = ["ILQLConfig", "ilql_loss", "train_ilql"]

@@ -31,40 +31,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from qvlm.algos.actor_critic import ActorCritic, save_policy_run
-from qvlm.configs import DecodeConfig, PPOConfig
+from qvlm.configs import DecodeConfig, PPOConfig, flat
 from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seeds
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, clipped_value_loss, ppo_policy_loss
+from qvlm.masked import masked_mean, masked_whiten
 from qvlm.online import explained_variance, k1_kl, k3_kl, kl_controller, kl_penalised_rewards, ppo_advantages
-from qvlm.progress import progress
-from qvlm.returns import masked_mean, masked_whiten
 from qvlm.rewards import RewardFn, get_reward, score
 from qvlm.rollout import Rollout
-from qvlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from qvlm.train.distributed import (
-    all_reduce_sum,
-    barrier,
-    block,
-    check_divides,
-    check_fsdp,
-    gather_rows,
-    init_distributed,
-    raise_if_any_failed,
-    shard_rows,
-    world_size,
-)
-from qvlm.train.loop import check_finite
-from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.distributed import all_reduce_sum, block, gather_rows, raise_if_any_failed, shard_rows, world_size
+from qvlm.train.harness import Run, check_finite
+from qvlm.train.metrics import stats_to_floats
 from qvlm.train.optim import optimizer_step
-from qvlm.train.rng import set_seed
-from qvlm.train.zero import ZeroOptimizer, check_deepspeed, zero_initialize
+from qvlm.train.zero import ZeroOptimizer, zero_initialize
 
 __all__ = [
     "PPOConfig",
@@ -264,7 +250,7 @@ def make_optimizer(ac: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
 
 
 def score_rollout(
-    reward: RewardFn, rollout: Rollout, tokenizer, prompts: list, iteration: int, run_dir
+    reward: RewardFn, rollout: Rollout, tokenizer, prompts: list, iteration: int, run: Run
 ) -> torch.Tensor:
     """``(B,)`` rewards of a rollout's responses; a non-finite or malformed reward stops the run,
     naming the iteration and the checkpoint left intact (on every process when one process's
@@ -274,13 +260,7 @@ def score_rollout(
     try:
         values = score(reward, repeated, rollout.texts(tokenizer))
     except QVLMError as err:
-        ckpt = latest_checkpoint(run_dir) if run_dir else None
-        kept = (
-            f"the last checkpoint ({ckpt}) is intact: fix the reward and rerun with --resume"
-            if ckpt
-            else "no checkpoint was written yet"
-        )
-        error = QVLMError(f"iteration {iteration}: {err}; stopped before updating, {kept}")
+        error = run.stopped(err, f"iteration {iteration}")
     raise_if_any_failed(error, f"iteration {iteration}: the reward")
     return torch.tensor(values, dtype=torch.float32, device=rollout.response_ids.device)
 
@@ -307,45 +287,36 @@ def train_ppo(
     of their number. Only the main process writes files.
     """
     cfg = cfg or PPOConfig()
-    check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # before joining a group
-    check_fsdp(cfg.fsdp)
-    check_deepspeed(cfg.deepspeed)
-    init_distributed(ac.device, deepspeed=bool(cfg.deepspeed))  # a launcher's process group; alone: nothing
-    if cfg.fsdp:  # before the optimiser, which must hold the shards
+    run = Run(cfg, run_dir, desc=cfg.algo, total=cfg.iterations, unit="it", callbacks=callbacks)
+    run.join(ac.device, fsdp=cfg.trunk.fsdp, deepspeed=cfg.deepspeed,
+             divisible=[(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")])  # fmt: skip
+    if cfg.trunk.fsdp:  # before the optimiser, which must hold the shards
         ac.shard()
     prompts = list(prompts)
     if not prompts:
         raise QVLMError("no training prompts; give a prompt file with at least one prompt")
     reward_fn = get_reward(reward)
-    run_dir = Path(run_dir) if run_dir else None
     optimizer = make_optimizer(ac, cfg)
     if cfg.deepspeed:  # the engine partitions the AdamW moments (and gradients) over the processes
         optimizer = zero_initialize(ac, optimizer, cfg.deepspeed, cfg.grad_clip)
     ctl = kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    fingerprint, start = prompts_fingerprint(prompts), 0
+    run.track(ac, optimizer, fingerprint=prompts_fingerprint(prompts))
     if resume:
-        resumed = load_checkpoint(run_dir, ac, optimizer, cfg, fingerprint=fingerprint)
-        start = resumed.step
-        ctl.load_state_dict(resumed.extra["kl_controller"])
-    else:
-        set_seed(cfg.seed)
+        ctl.load_state_dict(run.restore().extra["kl_controller"])
     decode = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=cfg.responses_per_prompt,
         batch_size=cfg.decode_batch_size,
         chat=cfg.chat,
     )
-    logger = MetricsLogger(run_dir, resume_step=start)
-    bar = progress(total=cfg.iterations, initial=start, desc=cfg.algo, enabled=cfg.progress, unit="it")
-    saved_at = start
-    try:
-        for it in range(start, cfg.iterations):
+    with run:
+        for it in run.steps():
             t0 = time.perf_counter()
             # rollout (this process's block of the iteration's prompts)
             batch_prompts = iteration_prompts(prompts, cfg.prompts_per_iter, cfg.seed, it)
             rollout, local_prompts = sample_shard(ac, tokenizer, batch_prompts, decode, cfg.seed, it)
             # reward
-            rollout.rewards = score_rollout(reward_fn, rollout, tokenizer, local_prompts, it, run_dir)
+            rollout.rewards = score_rollout(reward_fn, rollout, tokenizer, local_prompts, it, run)
             # targets (of the global batch, on every process)
             kl_coef = ctl.value
             batch = make_targets(ac, rollout, kl_coef, cfg)
@@ -370,27 +341,9 @@ def train_ppo(
                 **stats,
                 "charts/tokens_per_s": n_tokens / (time.perf_counter() - t0),
             }
-            logger.log(it, floats)
-            bar.update(1)
-            bar.set_postfix(
-                {k.split("/")[-1]: f"{floats[k]:.3g}" for k in ("charts/reward", "charts/kl", "losses/value")}
-            )
-            if run_dir and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, ac, optimizer, it + 1, cfg, fingerprint=fingerprint,
-                                extra={"kl_controller": ctl.state_dict()})  # fmt: skip
-                saved_at = it + 1
-            for cb in callbacks:
-                cb(it, floats)
-    finally:
-        bar.close()
-        logger.close()
-        ac.eval()
-    if run_dir:
-        if saved_at != cfg.iterations:
-            save_checkpoint(run_dir, ac, optimizer, cfg.iterations, cfg, fingerprint=fingerprint,
-                            extra={"kl_controller": ctl.state_dict()})  # fmt: skip
-        info = {"algorithm": cfg.algo, "config": asdict(cfg), "base_model": ac.heads.config.base_model,
-                "prompts": len(prompts), "iterations": cfg.iterations, "kl_coef_final": ctl.value}  # fmt: skip
-        save_policy_run(run_dir, ac, info)
-    barrier()  # every process returns once the main one has written the run
-    return logger.history
+            run.log(it, floats, postfix=("charts/reward", "charts/kl", "losses/value"))
+            run.advance(it + 1, floats, extra={"kl_controller": ctl.state_dict()})
+    info = {"algorithm": cfg.algo, "config": flat(cfg), "base_model": ac.heads.config.base_model,
+            "prompts": len(prompts), "iterations": cfg.iterations, "kl_coef_final": ctl.value}  # fmt: skip
+    run.finish(lambda: save_policy_run(run_dir, ac, info))
+    return run.history

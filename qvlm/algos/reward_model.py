@@ -40,32 +40,29 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from qvlm.configs import RewardModelConfig
 from qvlm.errors import QVLMError
+from qvlm.eval.metrics import json_safe
 from qvlm.fileio import atomic_write_text
+from qvlm.loading import ensure_pad_token, resolve_device
 from qvlm.losses import bradley_terry_loss, classification_loss
-from qvlm.progress import progress
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
 from qvlm.rewards.hf import MEAN_LOGITS, _mean_logits, classifier_logits, encode_texts, linear_head
-from qvlm.train.checkpoint import load_checkpoint, save_checkpoint
 from qvlm.train.distributed import (
-    barrier,
-    check_batch_size,
-    check_fsdp,
     full_state_dict,
     fully_shard_model,
-    init_distributed,
     is_main_process,
     launcher_device,
     reduce_weighted,
     shard,
     world_size,
 )
-from qvlm.train.loop import batch_indices, check_finite
-from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.harness import Run, batch_indices, check_finite
+from qvlm.train.metrics import stats_to_floats
 from qvlm.train.optim import optimizer_step
-from qvlm.train.rng import set_seed
 
 __all__ = [
     "RMData",
@@ -176,10 +173,6 @@ def default_backbone() -> Path:
 def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pooling: str = "default"):
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` on ``backbone`` with one output
     (preferences) or one per label, its pad id and ``pooling`` set, on ``device``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from qvlm.loading import ensure_pad_token
 
     path = Path(backbone)
     if not (path / "config.json").is_file():
@@ -323,35 +316,26 @@ def train_reward_model(
 ) -> dict:
     """Train a classifier or reward model on ``data`` into ``run_dir``; returns the held-out evaluation
     (also written to ``eval.json``)."""
-    from qvlm.eval.metrics import json_safe
-    from qvlm.loading import resolve_device
 
     run_dir = Path(run_dir)
-    check_batch_size(cfg.batch_size)  # before joining a group
-    check_fsdp(cfg.fsdp)
+    run = Run(cfg, run_dir, desc=f"train rm ({data.kind})", total=0)  # the steps are known once the data is split
     device = resolve_device((launcher_device() or device) if device == "auto" else device)  # a GPU per process
-    init_distributed(device)  # a launcher's process group; alone: nothing
-    set_seed(cfg.seed)  # the new head's initialisation
+    run.join(device, fsdp=cfg.fsdp, batch_size=cfg.batch_size)  # seeds the new head
+    train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
+    total = run.total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     model, tokenizer = load_backbone(cfg.backbone or default_backbone(), data, device, cfg.pooling)
     if cfg.fsdp:  # before the optimiser, which must hold the shards
         shard_classifier(model)
-    train_idx, held_idx = split_held_out(len(data), cfg.held_out, cfg.seed)
-    total = cfg.steps or cfg.epochs * math.ceil(len(train_idx) / cfg.batch_size)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, total, cfg.schedule, cfg.warmup))
-    fingerprint = data.fingerprint()
-    start = (
-        load_checkpoint(run_dir, model, optimizer, cfg, scheduler=scheduler, fingerprint=fingerprint).step
-        if resume
-        else 0
-    )
-    logger = MetricsLogger(run_dir, resume_step=start)
-    bar = progress(total=total, initial=start, desc=f"train rm ({data.kind})", enabled=cfg.progress, unit="step")
+    run.track(model, optimizer, scheduler=scheduler, fingerprint=data.fingerprint())
+    if resume:
+        run.restore()
     model.train()
-    try:
-        for step, positions in batch_indices(len(train_idx), cfg.batch_size, cfg.seed, start, total):
+    with run:
+        for step, positions in batch_indices(len(train_idx), cfg.batch_size, cfg.seed, run.start, total):
             # loss (this process's share of the global batch; all of it in one process)
             local, weight = shard(positions, cfg.batch_size), 1.0
             if world_size() > 1:  # a mean over examples: weighted by the share; an empty share runs one at 0
@@ -362,22 +346,26 @@ def train_reward_model(
             # log and checkpoint (the global batch's stats)
             floats = stats_to_floats({**reduce_weighted(stats, weight), "charts/grad_norm": grad_norm})
             check_finite(step, floats[next(iter(stats))], floats)
-            logger.log(step, floats)
-            bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in floats.items() if k != "charts/grad_norm"})
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(run_dir, model, optimizer, step + 1, cfg, scheduler=scheduler, fingerprint=fingerprint)
-        if total > start:
-            save_checkpoint(run_dir, model, optimizer, total, cfg, scheduler=scheduler, fingerprint=fingerprint)
-    finally:
-        bar.close()
-        logger.close()
+            run.log(step, floats, postfix=[k for k in floats if k != "charts/grad_norm"])
+            run.advance(step + 1, floats)
+    result = {}
+
+    def save() -> None:
+        result.update(_evaluate_and_save(model, tokenizer, data, cfg, run_dir, train_idx, held_idx, total, log))
+
+    run.finish(save)  # every process returns once the main one has written the run
+    return result
+
+
+def _evaluate_and_save(model, tokenizer, data: RMData, cfg, run_dir: Path, train_idx, held_idx, total, log) -> dict:
+    """Held-out accuracy and calibration (every process), then the classifier, ``eval.json`` and the
+    calibration plot (the main process)."""
+
     # evaluate
     result = evaluate_rm(model, tokenizer, data, held_idx, cfg.max_length, cfg.batch_size)
     result["train_examples"], result["steps"] = len(train_idx), total
     state = full_state_dict(model)  # sharded weights (--fsdp): gathered by every process, rank 0 gets them
     if not is_main_process():  # every process evaluated (the same model); the main one writes
-        barrier()
         return result
     if held_idx:
         what = "pair" if data.kind == "preference" else "text"
@@ -397,5 +385,4 @@ def train_reward_model(
     log(
         f"trained a {data.kind} model on {len(train_idx)} examples ({total} steps); {held}use it as --reward hf:{run_dir}"
     )
-    barrier()  # every process returns once the main one has written the run
     return result

@@ -43,21 +43,18 @@ import torch
 from qvlm.configs import DecodeConfig, SoftQConfig
 from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seeds
 from qvlm.errors import QVLMError
+from qvlm.jsonl import sample_from_dict, write_samples
 from qvlm.losses import Stats, soft_q_loss, soft_value, value_regression_loss
-from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples, sample_from_dict, write_samples
+from qvlm.masked import masked_mean
+from qvlm.mdp import EncodedSample, Sample, TokenBatch, collate, encode_samples
 from qvlm.model import QVModel
-from qvlm.progress import progress
-from qvlm.returns import masked_mean
 from qvlm.rewards import RewardFn, score
 from qvlm.rollout import rollout_to_samples
-from qvlm.train.checkpoint import load_checkpoint, save_checkpoint, save_run
+from qvlm.train.checkpoint import save_run
 from qvlm.train.distributed import (
-    barrier,
     block,
-    check_divides,
     gather_objects,
     gather_rows,
-    init_distributed,
     is_main_process,
     raise_if_any_failed,
     rank,
@@ -65,10 +62,9 @@ from qvlm.train.distributed import (
     token_weight,
     world_size,
 )
-from qvlm.train.loop import check_finite
-from qvlm.train.metrics import MetricsLogger, stats_to_floats
+from qvlm.train.harness import Run, check_finite
+from qvlm.train.metrics import stats_to_floats
 from qvlm.train.optim import make_optimizer, optimizer_step
-from qvlm.train.rng import set_seed
 
 __all__ = [
     "SoftQConfig",
@@ -121,14 +117,21 @@ def round_prompts(prompts: Sequence[str], round_idx: int, per_round: int) -> lis
 
 @torch.no_grad()
 def sample_round(
-    model: QVModel, tokenizer, prompts: list[str], reward: RewardFn, cfg: SoftQConfig, round_idx: int
+    model: QVModel,
+    tokenizer,
+    prompts: list[str],
+    reward: RewardFn,
+    cfg: SoftQConfig,
+    round_idx: int,
+    run: Run | None = None,
 ) -> tuple[list[Sample], dict[str, float]]:
     """Decode ``prompts`` with the current guided policy (``beta = 1/alpha``), ``samples_per_prompt``
     each, every response from its own stream keyed by (seed, round, row); score them. Returns the
     scored samples and the round's charts.
 
     Several processes: each decodes and scores its block of ``prompts`` (left-padded to the round's
-    longest), and every process gets the whole round's samples, in the one-process order."""
+    longest), and every process gets the whole round's samples, in the one-process order. A reward that
+    fails stops the run, naming the round and (with ``run``) the checkpoint kept."""
     n = cfg.samples_per_prompt
     decode = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens,
@@ -151,7 +154,7 @@ def sample_round(
     try:
         rewards = score(reward, repeated, rollout.texts(tokenizer))
     except QVLMError as err:
-        error = err
+        error = run.stopped(err, f"round {round_idx}") if run is not None else err
     raise_if_any_failed(error, f"round {round_idx}: the reward")
     samples = gather_objects(rollout_to_samples(rollout, tokenizer, local_prompts, rewards))
     kl, lengths = gather_rows(rollout.kl), gather_rows(rollout.lengths)
@@ -232,9 +235,9 @@ def _prompts_sha(prompts: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
-def _resume(run_dir: Path, model, tokenizer, optimizer, cfg: SoftQConfig, prompts: Sequence[str]):
-    """Restore a checkpoint; returns (next round, next step, replay samples, encoded replay)."""
-    resumed = load_checkpoint(run_dir, model, optimizer, cfg)
+def _replay(resumed, run: Run, model, tokenizer, cfg: SoftQConfig, prompts: Sequence[str]):
+    """A checkpoint's replay set, refused for other prompts; returns (next round, replay samples, encoded
+    replay), with the frozen trunk's features recomputed round by round in the batches the first run used."""
     if resumed.extra.get("prompts_sha") != _prompts_sha(prompts):
         raise QVLMError(
             f"{resumed.path}: the run started with other prompts; resume with the same --prompts "
@@ -246,7 +249,7 @@ def _resume(run_dir: Path, model, tokenizer, optimizer, cfg: SoftQConfig, prompt
     for r in range(int(resumed.extra["round"])):  # the features, in the batches the first run used
         own = owned_items(range(r * per_round, (r + 1) * per_round), per_round)
         cache_features(model, items, own, cfg.batch_size, tokenizer.pad_token_id)
-    return int(resumed.extra["round"]), resumed.step, replay, items
+    return int(resumed.extra["round"]), replay, items
 
 
 def train_softq(
@@ -271,23 +274,22 @@ def train_softq(
         raise QVLMError("soft Q-learning needs Q heads; build the model with with_q=True")
     if not prompts:
         raise QVLMError("soft Q-learning needs prompts to sample from; give a prompt file with at least one")
-    check_divides(cfg.prompts_per_round, "--prompts-per-round", "prompts")  # before joining a group
-    init_distributed(model.device)  # a launcher's process group; alone: nothing
-    run_dir = Path(run_dir) if run_dir is not None else None
+    run = Run(cfg, run_dir, desc="train softq", total=cfg.rounds, unit="round", callbacks=callbacks)
+    run.join(model.device, divisible=[(cfg.prompts_per_round, "--prompts-per-round", "prompts")])
     pad_id = tokenizer.pad_token_id
     per_round = cfg.prompts_per_round * cfg.samples_per_prompt
-    set_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg.lr, cfg.trunk_lr, cfg.weight_decay)
-    start, step, replay, items = 0, 0, [], []
-    if resume and run_dir:
-        start, step, replay, items = _resume(run_dir, model, tokenizer, optimizer, cfg, prompts)
-    logger = MetricsLogger(run_dir, resume_step=step)
-    bar = progress(total=cfg.rounds, initial=start, desc="train softq", enabled=cfg.progress, unit="round")
-    try:
-        for r in range(start, cfg.rounds):
+    run.track(model, optimizer)
+    step, replay, items = 0, [], []
+    if resume:
+        resumed = run.restore()
+        step = resumed.step  # optimiser steps; the run's units are rounds
+        run.start, replay, items = _replay(resumed, run, model, tokenizer, cfg, prompts)
+    with run:
+        for r in run.steps():
             # rollout: the current guided policy on this round's prompts, scored
             new, charts = sample_round(
-                model, tokenizer, round_prompts(prompts, r, cfg.prompts_per_round), reward, cfg, r
+                model, tokenizer, round_prompts(prompts, r, cfg.prompts_per_round), reward, cfg, r, run
             )
             # replay: every round is kept; a frozen trunk's features are computed once, here
             replay += new
@@ -299,23 +301,18 @@ def train_softq(
             # log and checkpoint
             charts.update({"charts/round": float(r), "charts/replay_size": float(len(replay))})
             for k, floats in enumerate(per_step):
-                logger.log(step + k, {**floats, **charts} if k == len(per_step) - 1 else floats)
+                last = k == len(per_step) - 1
+                run.log(step + k, {**floats, **charts} if last else floats,
+                        postfix=("charts/guided_reward", "losses/q") if last else ())  # fmt: skip
             step += len(per_step)
-            bar.update(1)
-            bar.set_postfix({"reward": f"{charts['charts/guided_reward']:.3f}", "q": f"{per_step[-1]['losses/q']:.4f}"})
-            last = r + 1 == cfg.rounds
-            if run_dir and ((cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0) or last):
-                extra = {"round": r + 1, "replay": [s.to_json() for s in replay], "prompts_sha": _prompts_sha(prompts)}
-                save_checkpoint(run_dir, model, optimizer, step, cfg, data_position=r + 1, extra=extra)
-            for cb in callbacks:
-                cb(r, charts)
-    finally:
-        bar.close()
-        logger.close()
-        model.eval()
-    if run_dir:
+            extra = {"round": r + 1, "prompts_sha": _prompts_sha(prompts)}
+            run.advance(r + 1, charts, step=step, data_position=r + 1,
+                        extra=lambda: {**extra, "replay": [s.to_json() for s in replay]})  # fmt: skip
+
+    def save() -> None:
         if is_main_process():
-            write_samples(run_dir / "replay.jsonl", replay)
-        save_run(run_dir, model, cfg, {"algorithm": "softq", "samples": len(replay), "steps": step})
-    barrier()  # every process returns once the main one has written the run
-    return logger.history
+            write_samples(run.run_dir / "replay.jsonl", replay)
+        save_run(run.run_dir, model, cfg, {"algorithm": "softq", "samples": len(replay), "steps": step})
+
+    run.finish(save)
+    return run.history

@@ -15,9 +15,10 @@ import torch
 
 from qvlm.configs import ValueConfig
 from qvlm.losses import Stats, value_regression_loss
+from qvlm.masked import masked_mean
 from qvlm.mdp import Sample, TokenBatch
 from qvlm.model import QVModel
-from qvlm.returns import masked_mean, monte_carlo_returns, td_lambda_returns
+from qvlm.returns import monte_carlo_returns, td_lambda_returns
 from qvlm.train.loop import train_loop
 
 __all__ = ["ValueConfig", "value_loss", "train_value"]

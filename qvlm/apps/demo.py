@@ -35,7 +35,7 @@ from qvlm.apps.demo_eval import (
 from qvlm.apps.demo_ppo import ppo_phase
 from qvlm.apps.demo_prompts import load_demo_prompts
 from qvlm.apps.demo_train import Learners, sample_phase, train_phase
-from qvlm.configs import DecodeConfig, DemoConfig
+from qvlm.configs import DecodeConfig, DemoConfig, flat
 from qvlm.errors import QVLMError
 from qvlm.eval.valuemap import value_maps
 from qvlm.loading import load_model
@@ -50,8 +50,6 @@ PRESETS = {
         eval_prompts=48,
         samples_per_prompt=8,
         max_new_tokens=20,
-        ilql_epochs=8,
-        value_epochs=6,
         # PPO is the costliest phase: about 30 s per iteration of 16 responses on 2 CPU cores (an estimate
         # from the sampling phase's throughput, not a measurement); 4 or 8 iterations, chosen on validation
         ppo_iterations="4,8",
@@ -62,8 +60,6 @@ PRESETS = {
         eval_prompts=20,
         samples_per_prompt=8,
         max_new_tokens=16,
-        ilql_epochs=8,
-        value_epochs=6,
         ppo_iterations="0",  # no ppo method: PPO is the most expensive phase
     ),
 }
@@ -155,7 +151,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         "frontier": frontier_phase(ctx, metrics),
         **({"ppo": ppo} if ppo is not None else {}),
         "reward": reward_name,
-        "config": dataclasses.asdict(cfg),
+        "config": flat(cfg),
     }
     save_json(out / "metrics.json", summary)
     report_phase(ctx, summary, responses, learners, next(m.learner for m in methods if m.name == shown))
@@ -200,7 +196,7 @@ def report_phase(
         for m, (r, label, i) in zip(maps, pairs):
             m["reward"], m["method"] = r["rewards"][i], label
         save_json(maps_file, maps)
-    config = dataclasses.asdict(ctx.cfg)
+    config = flat(ctx.cfg)
     render_report(
         ctx.out / "report.html",
         title=f"qvlm demo: steering {ctx.cfg.model} toward {ctx.reward_name}",
@@ -220,7 +216,7 @@ def report_phase(
 def _check_config(out: Path, cfg: DemoConfig) -> None:
     """Refuse to resume a directory made with other settings (its cached phases would not match)."""
     file = out / "demo_config.json"
-    current = dataclasses.asdict(cfg)
+    current = flat(cfg)
     if file.is_file():
         saved = json.loads(file.read_text())
         diff = sorted(k for k in current if saved.get(k) != current[k])

@@ -17,41 +17,28 @@ so a response cut there ends its episode (``fixed_horizon``), as in the offline 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from qvlm.algos.actor_critic import ActorCritic, load_policy, save_policy_run
-from qvlm.algos.ppo import make_optimizer, prompts_fingerprint, train_ppo
+from qvlm.algos.actor_critic import load_policy
 from qvlm.apps.demo_context import DemoContext, save_json
 from qvlm.apps.demo_eval import choose_shown
-from qvlm.configs import DemoConfig, PPOConfig
+from qvlm.apps.runs import parse_iterations, snapshot_dir, train_with_snapshots
+from qvlm.configs import DemoConfig, PPOConfig, flat
 from qvlm.decoding.sampling import sample_rollout
 from qvlm.eval.metrics import json_safe
 from qvlm.eval.policy import rollout_metrics
-from qvlm.train.checkpoint import has_checkpoint, latest_checkpoint, load_checkpoint
 from qvlm.train.metrics import read_history
-from qvlm.train.rng import set_seed
 
 __all__ = [
-    "parse_iterations",
     "ppo_stages",
     "ppo_config",
-    "snapshot_dir",
-    "train_with_snapshots",
     "train_ppo_phase",
     "training_cost",
     "ppo_phase",
 ]
-
-RESPONSES_PER_PROMPT = 4  # PPOConfig's default
-
-
-def parse_iterations(text: str) -> list[int]:
-    """``"10,20"`` -> ``[10, 20]``; ``"0"`` or ``""`` -> ``[]`` (no PPO)."""
-    counts = [int(x) for x in text.split(",") if x.strip()]
-    return [] if counts in ([], [0]) else counts
 
 
 def ppo_stages(cfg: DemoConfig) -> list[int]:
@@ -60,72 +47,18 @@ def ppo_stages(cfg: DemoConfig) -> list[int]:
 
 
 def ppo_config(cfg: DemoConfig, progress: bool = True) -> PPOConfig:
-    """The demo's PPO settings: LoRA policy, shared V critic, k1 KL penalty in the reward at
-    ``--ppo-kl-coef`` (fixed), ``--ppo-prompts-per-iter`` x 4 responses and ``--ppo-epochs`` per
-    iteration, the demo's length, fixed horizon and seed; the rest PPOConfig's defaults."""
-    return PPOConfig(
+    """The demo's PPO settings (``cfg.ppo``: LoRA policy, shared V critic, k1 KL penalty in the reward,
+    fixed) with what the demo decides for every method: the length and its fixed horizon, the seed, the
+    heads' width and the decode batch; as many iterations as the largest count."""
+    return dataclasses.replace(
+        cfg.ppo,
         iterations=ppo_stages(cfg)[-1],
-        prompts_per_iter=cfg.ppo_prompts_per_iter,
-        responses_per_prompt=RESPONSES_PER_PROMPT,
         max_new_tokens=cfg.max_new_tokens,
-        fixed_horizon=True,
-        ppo_epochs=cfg.ppo_epochs,
-        lr=cfg.ppo_lr,
-        kl_coef=cfg.ppo_kl_coef,
         head_hidden=cfg.head_hidden,
         decode_batch_size=cfg.batch_size,
         seed=cfg.seed,
         progress=progress,
     )
-
-
-def snapshot_dir(run_dir: Path, n: int, last: int) -> Path:
-    """Where the policy after ``n`` of ``last`` iterations lies: ``run_dir/it_N``, or ``run_dir`` itself."""
-    return run_dir if n == last else run_dir / f"it_{n}"
-
-
-def _trained(run_dir: Path, stages: list[int]) -> bool:
-    return all((snapshot_dir(run_dir, n, stages[-1]) / "training.json").is_file() for n in stages)
-
-
-def train_with_snapshots(
-    run_dir: Path,
-    model,
-    tokenizer,
-    prompts: list[str],
-    reward,
-    pcfg: PPOConfig,
-    stages: list[int],
-    base_model: str,
-    log=print,
-) -> None:
-    """Train (or resume, or find cached) a LoRA PPO run in ``run_dir`` for ``stages[-1]`` iterations,
-    keeping a policy snapshot after each smaller count in ``stages`` (``run_dir/it_N``). ``model`` is
-    copied: the adapters go into the copy."""
-    if _trained(run_dir, stages):
-        log("[train ppo] cached")
-        return
-    resume = has_checkpoint(run_dir)
-    log(f"[train ppo] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
-    set_seed(pcfg.seed)  # the V head's initialisation (a resume reads it from the checkpoint)
-    ac = ActorCritic(copy.deepcopy(model), "lora", "shared", pcfg.lora_r, pcfg.lora_alpha, pcfg.head_hidden,
-                     base_model=base_model)  # fmt: skip
-    info = {"algorithm": pcfg.algo, "config": asdict(pcfg), "base_model": base_model, "prompts": len(prompts)}
-
-    def snapshot(n: int) -> None:
-        save_policy_run(run_dir / f"it_{n}", ac, {**info, "iterations": n, "snapshot_of": str(run_dir)})
-
-    if resume:  # a kill between a checkpoint at a snapshot count and the snapshot itself: write it now
-        step = int(latest_checkpoint(run_dir).name[len("step-") :].split(".")[0])  # step-00000010[.1]
-        if step in stages[:-1] and not (run_dir / f"it_{step}" / "training.json").is_file():
-            load_checkpoint(run_dir, ac, make_optimizer(ac, pcfg), pcfg, fingerprint=prompts_fingerprint(prompts))
-            snapshot(step)
-
-    def on_iteration(it: int, _metrics: dict) -> None:
-        if it + 1 in stages[:-1]:
-            snapshot(it + 1)
-
-    train_ppo(ac, tokenizer, prompts, reward, pcfg, run_dir, resume, callbacks=[on_iteration])
 
 
 def train_ppo_phase(ctx: DemoContext) -> tuple[Path, list[int]]:
@@ -208,7 +141,7 @@ def ppo_phase(ctx: DemoContext, base_seconds_per_token: float | None = None) -> 
         f"  ppo, iteration count {iterations} (chosen on validation): reward {row['reward_mean']:.3f}, "
         f"exact KL {row['kl_to_base']:.3f}, {row['reward_calls']} reward calls, {row['train_seconds']:.0f} s training"
     )
-    settings = asdict(pcfg)
+    settings = flat(pcfg)
     return {
         "row": row,
         "validation": validation,

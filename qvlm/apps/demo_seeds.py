@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from qvlm.apps.demo_context import save_json
-from qvlm.configs import DemoConfig
+from qvlm.configs import DemoConfig, flat
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text
 
@@ -216,7 +216,7 @@ def run_demo_seeds(
         log(f"== seed {s} ({len(runs) + 1} of {len(seeds)}) ==")
         runs[s] = run_demo(dataclasses.replace(cfg, seed=s), out / f"seed-{s}", log=log, progress=progress)
     summary = aggregate_seeds(runs)
-    summary["config"] = {**dataclasses.asdict(cfg), "seed": None, "seeds": list(seeds)}
+    summary["config"] = {**flat(cfg), "seed": None, "seeds": list(seeds)}
     save_json(out / "seeds.json", summary)
     write_seeds_html(summary, out / "seeds.html", f"qvlm demo over {len(seeds)} seeds: {summary['reward']}")
     return summary

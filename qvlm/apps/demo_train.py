@@ -5,26 +5,23 @@ the output directory and resume after an interruption."""
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from qvlm.algos.ilql import train_ilql
 from qvlm.algos.value import train_value
 from qvlm.apps.demo_context import DemoContext
-from qvlm.configs import ILQLConfig, TrunkConfig, ValueConfig
+from qvlm.apps.runs import train_or_load
+from qvlm.configs import TrunkConfig
 from qvlm.decoding import generate
 from qvlm.features import FeatureCache, load_features, save_features
-from qvlm.heads import load_heads
-from qvlm.mdp import Sample, read_samples, write_samples
+from qvlm.jsonl import read_samples, write_samples
+from qvlm.mdp import Sample
 from qvlm.model import QVModel
 from qvlm.rollout import rollout_to_samples
-from qvlm.train.checkpoint import has_checkpoint
-from qvlm.train.metrics import read_history
 
-__all__ = ["Learners", "sample_phase", "train_phase", "train_or_load", "scorer_config"]
+__all__ = ["Learners", "sample_phase", "train_phase", "loss_curves"]
 
 Features = tuple[list[list[int]], list[torch.Tensor]]  # (token ids, trunk hidden states) per sample
 
@@ -85,14 +82,7 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         )
 
     ilql = frozen_heads()
-    ilql_cfg = ILQLConfig(
-        epochs=cfg.ilql_epochs,
-        batch_size=8,
-        max_length=512,
-        seed=cfg.seed,
-        progress=ctx.progress,
-        cql_scale=cfg.ilql_cql_scale,
-    )
+    ilql_cfg = dataclasses.replace(cfg.ilql, seed=cfg.seed, progress=ctx.progress)
     if features is not None:
         primed = cache.prime(tokenizer, samples, features[1], features[0], ilql_cfg.max_length)
         log(
@@ -103,23 +93,13 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
         ctx.out / "ilql", ilql, lambda d, r: train_ilql(ilql, tokenizer, samples, ilql_cfg, d, r), log
     )
     scorer = frozen_heads()
-    value_cfg = scorer_config(cfg.value_epochs, cfg.seed, ctx.progress, cfg.mc_q_target)
+    value_cfg = dataclasses.replace(cfg.value, seed=cfg.seed, progress=ctx.progress)
     v_history = train_or_load(
         ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
     )
     (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
     cache.clear()
     return Learners(ilql, scorer, loss_curves(history, v_history))
-
-
-def scorer_config(epochs: int, seed: int, progress: bool, q_target: str) -> ValueConfig:
-    """The Monte-Carlo prefix scorer's training settings (the demo's, and `qvlm proxy`'s guidance heads').
-
-    Monte-Carlo regression trains on the taken actions only (cheap), so it affords more epochs;
-    epochs and lr were chosen on held-out training prompts, never on the evaluation split."""
-    return ValueConfig(
-        epochs=epochs, lr=3e-3, batch_size=8, max_length=512, seed=seed, progress=progress, q_target=q_target
-    )
 
 
 def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple[int, float]]]:
@@ -134,16 +114,3 @@ def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple
         {"Monte-Carlo " + k[len("losses/") :]: v for k, v in value_history.items() if k.startswith("losses/")}
     )
     return {k: v for k, v in curves.items() if any(x != 0 for _, x in v)}
-
-
-def train_or_load(run_dir: Path, model: QVModel, train, log) -> dict:
-    """Load ``model``'s heads from a finished ``run_dir``, else ``train(run_dir, resume)`` (resuming from
-    its checkpoint if one is there); returns the loss history."""
-    name = run_dir.name
-    if (run_dir / "heads.safetensors").is_file() and (run_dir / "training.json").is_file():
-        log(f"[train {name}] cached")
-        model.heads.load_state_dict(load_heads(run_dir).state_dict())
-        return read_history(run_dir / "metrics.jsonl")
-    resume = has_checkpoint(run_dir)
-    log(f"[train {name}] {time.strftime('%H:%M:%S')}" + (" resuming from checkpoint" if resume else ""))
-    return train(run_dir, resume)

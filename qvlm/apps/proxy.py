@@ -28,20 +28,38 @@ Phases, each cached in the output directory so a rerun resumes:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from qvlm.algos.actor_critic import load_policy
 from qvlm.algos.reward_model import RMData, train_reward_model
-from qvlm.apps.demo_ppo import parse_iterations
-from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig, parse_numbers
+from qvlm.algos.value import train_value
+from qvlm.apps.demo_prompts import load_demo_prompts
+from qvlm.apps.runs import parse_iterations, snapshot_dir, train_or_load, train_with_snapshots
+from qvlm.configs import DecodeConfig, ProxyConfig, TrunkConfig, flat, parse_numbers
+from qvlm.decoding import generate
+from qvlm.decoding.best_of_n import best_of_n_kl_bound
+from qvlm.decoding.sampling import sample_rollout
 from qvlm.errors import QVLMError
+from qvlm.eval.metrics import json_safe, summarize
 from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
+from qvlm.eval.policy import rollout_metrics
+from qvlm.features import FeatureCache
 from qvlm.fileio import atomic_write_text
-from qvlm.mdp import Sample, read_samples, write_samples
-from qvlm.rewards import get_reward, score
+from qvlm.jsonl import read_samples, write_jsonl, write_samples
+from qvlm.loading import load_model, resolve_device
+from qvlm.mdp import Sample
+from qvlm.model import QVModel
+from qvlm.report.overoptimisation import write_overoptimisation_svg
+from qvlm.rewards import as_sequence_reward, get_reward, score
+from qvlm.rollout import rollout_to_samples
+from qvlm.train.checkpoint import has_checkpoint
 
 __all__ = ["run_proxy", "pair_accuracy", "best_of_n_curve", "n_values"]
 
@@ -65,7 +83,6 @@ def pair_accuracy(reward, pairs: list[dict]) -> float:
 def best_of_n_curve(gold: list[list[float]], proxy: list[list[float]], ns: list[int]) -> list[dict]:
     """Per N: the mean over prompts of the expected gold and proxy reward of best-of-N by the proxy
     (every N-subset of each prompt's pool, :func:`best_of_n_expectation`) and the KL bound."""
-    from qvlm.decoding.best_of_n import best_of_n_kl_bound
 
     rows = []
     for n in ns:
@@ -84,9 +101,9 @@ def _check_config(out: Path, cfg: ProxyConfig) -> None:
     """Refuse to resume ``out`` with other settings, naming them; settings of a later phase that has
     left nothing in ``out`` yet (PPO, guidance) may change, so a finished run can add that phase."""
     path = out / "config.json"
-    current = dataclasses.asdict(cfg)
+    current = flat(cfg)
     # a run made before an option existed ran with its default
-    saved = {**dataclasses.asdict(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
+    saved = {**flat(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
     changed = [k for k in current if saved.get(k) != current[k]]
 
     def may_change(key: str) -> bool:
@@ -101,8 +118,6 @@ def _check_config(out: Path, cfg: ProxyConfig) -> None:
 
 def _sample(model, tokenizer, prompts, n, cfg: ProxyConfig, seed: int, gold, path: Path, progress: bool):
     """``n`` base responses per prompt, scored by the gold reward; cached in ``path``."""
-    from qvlm.decoding import generate
-    from qvlm.rollout import rollout_to_samples
 
     if path.is_file():
         return read_samples(path)
@@ -120,10 +135,6 @@ def _groups(samples: list[Sample], n: int) -> list[list[Sample]]:
     return [samples[i : i + n] for i in range(0, len(samples), n)]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def run_proxy(
     cfg: ProxyConfig,
     out: str | Path,
@@ -134,9 +145,6 @@ def run_proxy(
     progress: bool = True,
 ) -> dict:
     """Run (or resume) the over-optimisation experiment into ``out``; returns what ``proxy.json`` holds."""
-    from qvlm.apps.demo_prompts import load_demo_prompts
-    from qvlm.loading import load_model, resolve_device
-    from qvlm.report.overoptimisation import write_overoptimisation_svg
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,24 +180,14 @@ def run_proxy(
             f"the gold reward {cfg.gold} separates too few samples ({len(fit)} training and {len(test)} held-out "
             "pairs); raise --train-prompts or --samples-per-prompt"
         )
-    _write_jsonl(out / "pairs.jsonl", fit)
-    _write_jsonl(out / "heldout_pairs.jsonl", test)
+    write_jsonl(out / "pairs.jsonl", fit)
+    write_jsonl(out / "heldout_pairs.jsonl", test)
 
     # proxy: a reward model on the gold-labelled pairs, used as the reward hf:OUT/proxy
     proxy_dir = out / "proxy"
     if not (proxy_dir / "eval.json").is_file():
         log(f"[proxy] {len(fit)} pairs from {n_fit} prompts")
-        rm_cfg = RewardModelConfig(
-            backbone=cfg.backbone,
-            lr=cfg.rm_lr,
-            batch_size=cfg.rm_batch_size,
-            epochs=cfg.rm_epochs,
-            held_out=0.0,  # accuracy is measured on held-out prompts' pairs instead
-            pooling=cfg.rm_pooling,
-            schedule=cfg.rm_schedule,
-            seed=cfg.seed,
-            progress=progress,
-        )
+        rm_cfg = dataclasses.replace(cfg.rm, seed=cfg.seed, progress=progress)
         data = RMData(
             "preference",
             prompts=[p["prompt"] for p in fit],
@@ -197,7 +195,6 @@ def run_proxy(
             rejected=[p["rejected"] for p in fit],
             with_prompt=cfg.rm_prompt,
         )
-        from qvlm.train.checkpoint import has_checkpoint
 
         train_reward_model(data, rm_cfg, proxy_dir, resume=has_checkpoint(proxy_dir), device=device, log=log)
     proxy = get_reward(f"hf:{proxy_dir}", device=resolve_device(device))
@@ -238,7 +235,7 @@ def run_proxy(
         "kl": "best-of-N's analytic KL, log N - (N-1)/N: exact without reward ties, an upper bound otherwise",
         "curve": curve,
         "gold_peak": {"n": curve[k]["n"], "kl_bound": kl, "gold": gold_best, "at_largest_n": k == len(curve) - 1},
-        "config": dataclasses.asdict(cfg),
+        "config": flat(cfg),
     }
     exact = "exact: the {} sampling distribution against the base model's, summed per response"
     if ppo_curve:
@@ -282,15 +279,6 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     training samples, then decode ``guide_eval_samples`` responses per eval prompt at beta 0 (the base
     model) and at each ``guide_betas``, once, scored by gold and proxy with the exact KL: rows ``{beta, kl,
     gold, gold_ci95, proxy, distinct_2, example}``, cached in ``guidance_curve.json`` (heads in ``guide/``)."""
-    import torch
-
-    from qvlm.algos.value import train_value
-    from qvlm.apps.demo_train import scorer_config, train_or_load
-    from qvlm.configs import TrunkConfig
-    from qvlm.decoding import generate
-    from qvlm.eval.metrics import json_safe, summarize
-    from qvlm.features import FeatureCache
-    from qvlm.model import QVModel
 
     file = out / "guidance_curve.json"
     if file.is_file():
@@ -300,7 +288,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
     scorer = QVModel.from_trunk(
         model, TrunkConfig("frozen"), head_hidden=128, base_model=cfg.model, q_head="tied", feature_cache=cache
     )
-    value_cfg = scorer_config(cfg.guide_epochs, cfg.seed, progress, "next_v")
+    value_cfg = dataclasses.replace(cfg.guide, seed=cfg.seed, progress=progress)
 
     def fit(run_dir: Path, resume: bool) -> dict:  # the heads learn the proxy's scores, never gold's
         log(f"  proxy scores of {len(samples)} training samples")
@@ -345,34 +333,16 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
 
 
 def _ppo_curve(model, tokenizer, prompts, eval_prompts, proxy, gold, cfg: ProxyConfig, out: Path, log, progress):
-    """Train PPO against the proxy with snapshots (:func:`qvlm.apps.demo_ppo.train_with_snapshots`), then
+    """Train PPO against the proxy with snapshots (:func:`qvlm.apps.runs.train_with_snapshots`), then
     score every snapshot's eval decodes by gold and proxy: rows ``{iterations, kl, gold, gold_ci95, proxy,
     distinct_2}`` (iteration 0: the base model), cached in ``ppo_curve.json``."""
-    import copy
-
-    from qvlm.algos.actor_critic import load_policy
-    from qvlm.apps.demo_ppo import snapshot_dir, train_with_snapshots
-    from qvlm.configs import PPOConfig
-    from qvlm.decoding.sampling import sample_rollout
-    from qvlm.eval.metrics import json_safe
-    from qvlm.eval.policy import rollout_metrics
-    from qvlm.rewards import as_sequence_reward
 
     file = out / "ppo_curve.json"
     if file.is_file():
         return json.loads(file.read_text())
     stages = parse_iterations(cfg.ppo_iterations)
-    pcfg = PPOConfig(
-        iterations=stages[-1],
-        prompts_per_iter=cfg.ppo_prompts_per_iter,
-        max_new_tokens=cfg.max_new_tokens,
-        fixed_horizon=True,
-        lr=cfg.ppo_lr,
-        kl_coef=cfg.ppo_kl_coef,
-        decode_batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        progress=progress,
-    )
+    pcfg = dataclasses.replace(cfg.ppo, max_new_tokens=cfg.max_new_tokens, decode_batch_size=cfg.batch_size,
+                               seed=cfg.seed, progress=progress)  # fmt: skip
     run_dir = out / "ppo"
     reward = as_sequence_reward(proxy, tokenizer)
     train_with_snapshots(run_dir, model, tokenizer, prompts, reward, pcfg, stages, cfg.model, log)

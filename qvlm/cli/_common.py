@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_NAMES
+from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_NAMES, from_flat, parse_numbers
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), title: str | None = None):
@@ -14,38 +14,52 @@ def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ..
     The description is the field's ``metadata["help"]`` (see :func:`qvlm.configs.option`); a field
     without one is a programming error, caught here rather than shipped as an undocumented flag.
     ``metadata["choices"]`` restricts the values; ``metadata["type"]`` gives the type of a field
-    whose default is ``None``. Booleans become ``--flag/--no-flag``.
+    whose default is ``None``. Booleans become ``--flag/--no-flag``. A nested config
+    (:func:`qvlm.configs.nested`) adds the flags it exposes, named as it names them, with its own
+    defaults. A field declared with ``flag=`` is that flag (``TrunkConfig.mode``: ``--trunk``).
     """
     group = parser.add_argument_group(title or f"{cls.__name__} (defaults shown)")
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
+    for f, dest, default, help_text in _flags(cls):
+        if dest in exclude:
             continue
-        if not f.metadata.get("help"):
-            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with qvlm.configs.option")
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
-        kind = f.metadata.get("type") or type(f.default)
+        flag = "--" + dest.replace("_", "-")
+        help_text = help_text.replace("%", "%%") + " (default: %(default)s)"
+        kind = f.metadata.get("type") or type(default)
         if kind is bool:
-            group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             choices = f.metadata.get("choices")
             group.add_argument(
                 flag,
-                dest=f.name,
+                dest=dest,
                 type=kind,
-                default=f.default,
+                default=default,
                 choices=choices,
-                metavar=None if choices else f.name.upper(),
+                metavar=None if choices else dest.upper(),
                 help=help_text,
             )
 
 
+def _flags(cls, prefix_help: str = "", defaults=None):
+    """``(field, flag dest, default, help)`` of each flag of config class ``cls``, nested ones included."""
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with qvlm.configs.option")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        if "nested" in f.metadata:
+            inner = f.default_factory() if defaults is None else default
+            flags = f.metadata["flags"]
+            for g, dest, value, text in _flags(f.metadata["nested"], f.metadata["help"], inner):
+                if g.name in flags:
+                    yield g, flags[g.name], value, text
+            continue
+        help_text = f"{prefix_help}: {f.metadata['help']}" if prefix_help else f.metadata["help"]
+        yield f, f.metadata.get("flag", f.name), default, help_text
+
+
 def config_from_args(cls, args: argparse.Namespace, **overrides):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    values.update(overrides)
-    return cls(**values)
+    """The config ``cls`` from parsed flags (:func:`qvlm.configs.from_flat`), ``overrides`` by flag name."""
+    return from_flat(cls, {**vars(args), **overrides}, strict=False)
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -85,20 +99,12 @@ def load(args):
 
 def parse_floats(text: str, name: str) -> list[float]:
     """Comma-separated finite numbers, at least one; anything else is a :class:`QVLMError` naming ``name``."""
-    import math
-
+    from qvlm.configs.base import number_list
     from qvlm.errors import QVLMError
 
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise QVLMError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise QVLMError(f"{name} is empty; give comma-separated numbers, e.g. 0,1,2")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise QVLMError(f"{name} holds {bad[0]}; every value must be a finite number")
-    return values
+    if not number_list(text):
+        raise QVLMError(f"{name} must be comma-separated finite numbers, at least one (e.g. 0,1,2); got {text!r}")
+    return parse_numbers(text)
 
 
 # responses one command may ask for (prompts x responses per prompt): the lists of prompts, texts and
@@ -126,3 +132,32 @@ def check_non_negative(value: int, flag: str, meaning: str = "") -> None:
 
     if value < 0:
         raise QVLMError(f"{flag} is {value}; it must be >= 0" + (f" ({meaning})" if meaning else ""))
+
+
+def online_inputs(args, max_prompts: int = 0) -> tuple[list, list | None]:
+    """An online trainer's prompts (the first ``max_prompts``, 0: all) and, for a reward that compares
+    with references, their references; the reward spec checked and ``--out`` refused when it holds a
+    run and ``--resume`` is off: all before the model loads."""
+    from pathlib import Path
+
+    from qvlm.errors import QVLMError
+    from qvlm.jsonl import read_prompts
+    from qvlm.rewards import check_reward, needs_reference, read_references
+    from qvlm.train.checkpoint import has_checkpoint
+
+    prompts = read_prompts(args.prompts)
+    if max_prompts > 0:
+        prompts = prompts[:max_prompts]
+    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
+    check_reward(args.reward)  # a bad reward fails before the model loads
+    if has_checkpoint(Path(args.out)) and not args.resume:
+        raise QVLMError(f"{args.out} already holds a run; pass --resume to continue it or choose a new --out")
+    return prompts, references
+
+
+def online_reward(args, references, model, tokenizer):
+    """``--reward`` as a batch reward of whole responses (a per-token reward: its sum over the response)."""
+    from qvlm.rewards import as_sequence_reward, get_reward
+
+    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
+    return as_sequence_reward(reward, tokenizer)

@@ -60,7 +60,7 @@ def run(args) -> int:
     from qvlm.errors import QVLMError
     from qvlm.eval.metrics import evaluate_decoding, json_safe
     from qvlm.fileio import atomic_write_text, check_output_file
-    from qvlm.mdp import read_prompts
+    from qvlm.jsonl import read_prompts
     from qvlm.model import load_qv_model
     from qvlm.rewards import as_sequence_reward, get_reward, needs_reference, read_references
 
@@ -132,14 +132,6 @@ def run(args) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(json_safe(payload), indent=2) + "\n")
     return 0
-
-
-def _row(metrics, result) -> dict:
-    from qvlm.eval.metrics import distinct_n
-
-    row = metrics.as_dict()
-    row["distinct_1"] = distinct_n(result.texts, 1)
-    return row
 
 
 def _print_row(name: str, row: dict) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep"
 
@@ -175,7 +174,10 @@ def run(args) -> int:
         write_frontier_plot(result["frontier"], args.plot, title=title)
         print(f"wrote {args.plot}")
     if args.json_path:
-        _write_json_atomic(Path(args.json_path), result)
+        from qvlm.eval.metrics import json_safe
+        from qvlm.fileio import atomic_write_text
+
+        atomic_write_text(args.json_path, json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json_path}")
     return 0
 
@@ -229,18 +231,3 @@ def format_frontier(frontier: dict, ns: tuple[int, ...] = (1, 2, 4, 8, 16, 32)) 
                 f"{p['cost']:>6g}{tail}"
             )
     return "\n".join(lines)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    from qvlm.fileio import atomic_write_text
-
-    atomic_write_text(path, json.dumps(_nan_to_none(obj), indent=2, allow_nan=False) + "\n")
-
-
-def _nan_to_none(obj):
-    """Strict JSON has no NaN (an undefined ratio when J* <= 0): write null instead."""
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj

@@ -35,7 +35,7 @@ def run(args) -> int:
     from qvlm.decoding import generate
     from qvlm.errors import QVLMError
     from qvlm.fileio import atomic_write_text, check_output_file
-    from qvlm.mdp import read_prompts
+    from qvlm.jsonl import read_prompts
     from qvlm.model import load_qv_model
 
     cfg = config_from_args(DecodeConfig, args)

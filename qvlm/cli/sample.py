@@ -45,7 +45,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from qvlm.decoding import generate
     from qvlm.fileio import check_output_file
-    from qvlm.mdp import read_prompts, write_samples
+    from qvlm.jsonl import read_prompts, write_samples
     from qvlm.rewards import (
         get_reward,
         is_token_level,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
-from qvlm.configs import TRUNK_MODES, ILQLConfig, ValueConfig
+from qvlm.configs import ILQLConfig, TrunkConfig, ValueConfig
 
 
 def register(sub) -> None:
@@ -35,12 +35,6 @@ def register(sub) -> None:
         a.add_argument("--out", required=True, help="run directory for heads, checkpoints and logs")
         a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
         a.add_argument(
-            "--trunk",
-            choices=TRUNK_MODES,
-            default="frozen",
-            help="frozen: heads only, trunk features cached; lora: adapters train too; full: all",
-        )
-        a.add_argument(
             "--head-hidden", type=int, default=0, help="width of the heads' hidden layer (0: the trunk's hidden size)"
         )
         a.add_argument(
@@ -57,6 +51,7 @@ def register(sub) -> None:
                 help="also train Q heads, regressed on the return or on V of the next prefix "
                 "(--q-target), usable for token-level guidance with `qvlm generate --beta`",
             )
+        add_config_args(a, TrunkConfig, title="trunk")
         add_config_args(a, cls, title=f"{name} settings")
         a.set_defaults(handler=run, config_cls=cls)
     _register_rm(algos)
@@ -101,7 +96,8 @@ def run_rm(args) -> int:
 
     hf_logging.disable_progress_bar()  # transformers' per-file bars; qvlm shows its own
     # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
-    cfg = config_from_args(RewardModelConfig, args, fsdp=args.fsdp or accelerate_fsdp())
+    args.fsdp = args.fsdp or accelerate_fsdp()
+    cfg = config_from_args(RewardModelConfig, args)
     check_fsdp(cfg.fsdp)  # one process: refused before the data and the backbone load
     data = read_rm_data(args.data)
     out = Path(args.out)
@@ -119,23 +115,19 @@ def run(args) -> int:
 
     from qvlm.algos.ilql import train_ilql
     from qvlm.algos.value import train_value
-    from qvlm.configs import TrunkConfig
     from qvlm.errors import QVLMError
     from qvlm.fileio import check_output_dir
-    from qvlm.mdp import read_samples
+    from qvlm.jsonl import read_samples
     from qvlm.model import QVModel
     from qvlm.train.distributed import accelerate_fsdp, check_batch_size, check_fsdp
-    from qvlm.train.loop import set_seed
+    from qvlm.train.rng import set_seed
 
     # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
-    cfg = config_from_args(args.config_cls, args, fsdp=args.fsdp or accelerate_fsdp())
+    args.fsdp = args.fsdp or accelerate_fsdp()
+    cfg = config_from_args(args.config_cls, args)
+    trunk = config_from_args(TrunkConfig, args)
     check_batch_size(cfg.batch_size)  # under a launcher: before the model loads
-    if cfg.fsdp and (args.trunk != "full" or args.q_head == "tied"):
-        raise QVLMError(
-            f"--fsdp shards a trunk that trains every weight with --q-head mlp, not --trunk {args.trunk} --q-head "
-            f"{args.q_head}: use --trunk full --q-head mlp with --fsdp, or plain data parallel (no --fsdp)"
-        )
-    check_fsdp(cfg.fsdp)
+    check_fsdp(trunk.fsdp)
     if args.head_hidden < 0:
         raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
     check_output_dir(args.out, "--out")
@@ -148,7 +140,7 @@ def run(args) -> int:
     set_seed(cfg.seed)  # the heads' random initialisation: same seed, same heads
     qv = QVModel.from_trunk(
         model,
-        TrunkConfig(mode=args.trunk),
+        trunk,
         with_q=args.algorithm == "ilql" or getattr(args, "with_q", False),
         head_hidden=args.head_hidden,
         base_model=args.model,

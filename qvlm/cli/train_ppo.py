@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load, online_inputs, online_reward
 from qvlm.configs import PPOConfig
 from qvlm.rewards import REWARD_HELP
 
@@ -31,35 +31,23 @@ def run(args) -> int:
 
     from qvlm.algos.actor_critic import ActorCritic
     from qvlm.algos.ppo import train_ppo
-    from qvlm.errors import QVLMError
-    from qvlm.mdp import read_prompts
-    from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
-    from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.distributed import accelerate_fsdp, check_divides, check_fsdp, is_main_process
     from qvlm.train.rng import set_seed
     from qvlm.train.zero import accelerate_deepspeed, check_deepspeed
 
     # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp, with a
     # DeepSpeed one (examples/accelerate/deepspeed_zero2.yaml) for --deepspeed zero2
-    cfg = config_from_args(
-        PPOConfig, args, fsdp=args.fsdp or accelerate_fsdp(), deepspeed=args.deepspeed or accelerate_deepspeed()
-    )
+    args.fsdp, args.deepspeed = args.fsdp or accelerate_fsdp(), args.deepspeed or accelerate_deepspeed()
+    cfg = config_from_args(PPOConfig, args)
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
-    check_fsdp(cfg.fsdp)
+    check_fsdp(cfg.trunk.fsdp)
     check_deepspeed(cfg.deepspeed)
-    prompts = read_prompts(args.prompts)
-    if not prompts:
-        raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")
-    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
-    check_reward(args.reward)  # a bad reward fails before the model loads
+    prompts, references = online_inputs(args)
     out = Path(args.out)
-    if has_checkpoint(out) and not args.resume:
-        raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
-    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
-    reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response
+    reward = online_reward(args, references, model, tokenizer)
     set_seed(cfg.seed)  # the V head's initialisation
-    ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.lora_r, cfg.lora_alpha, cfg.head_hidden, base_model=args.model)
+    ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.head_hidden, base_model=args.model)
     if cfg.critic_init:
         ac.init_critic_from(cfg.critic_init)
     history = train_ppo(ac, tokenizer, prompts, reward, cfg, run_dir=out, resume=args.resume)

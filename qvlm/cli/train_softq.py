@@ -3,7 +3,7 @@ current guided policy, score, keep every round, fit Q/V toward the soft Bellman 
 
 from __future__ import annotations
 
-from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load
+from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load, online_inputs, online_reward
 from qvlm.configs import SoftQConfig
 from qvlm.rewards import REWARD_HELP
 
@@ -49,27 +49,16 @@ def run(args) -> int:
 
     from qvlm.algos.softq import train_softq
     from qvlm.configs import TrunkConfig
-    from qvlm.errors import QVLMError
-    from qvlm.mdp import read_prompts
     from qvlm.model import QVModel
-    from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
-    from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.distributed import check_divides, is_main_process
     from qvlm.train.rng import set_seed
 
     cfg = config_from_args(SoftQConfig, args)
     check_divides(cfg.prompts_per_round, "--prompts-per-round", "prompts")  # under a launcher: before the model loads
-    prompts = read_prompts(args.prompts)
-    if args.max_prompts > 0:
-        prompts = prompts[: args.max_prompts]
-    references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
-    check_reward(args.reward)  # a bad reward fails before the model loads
+    prompts, references = online_inputs(args, args.max_prompts)
     out = Path(args.out)
-    if has_checkpoint(out) and not args.resume:
-        raise QVLMError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     model, tokenizer = load(args)
-    reward = get_reward(args.reward, references=references, tokenizer=tokenizer, device=model.device)
-    reward = as_sequence_reward(reward, tokenizer)  # a per-token reward: its sum over the response
+    reward = online_reward(args, references, model, tokenizer)
     set_seed(cfg.seed)  # the heads' random initialisation: same seed, same heads
     qv = QVModel.from_trunk(
         model,

@@ -10,8 +10,15 @@ Each point keeps ``reward_mean``, ``reward_ci95``, ``kl_to_base``, ``kl_kind`` a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Mapping, Sequence
+
+from qvlm.configs import DecodeConfig
+from qvlm.decoding import best_of_n_kl_estimate, generate, select_best_of_n
+from qvlm.errors import QVLMError
+from qvlm.eval.metrics import summarize
+from qvlm.rewards import score
 
 __all__ = ["FRONTIER_KEYS", "frontier_point", "build_frontier", "evaluate_best_of_n"]
 
@@ -63,13 +70,6 @@ def evaluate_best_of_n(
     the first N of them): ``{N: metrics row}`` with the KL per prompt estimated from all the prompt's
     draws (:func:`qvlm.decoding.best_of_n.best_of_n_kl_estimate`, ``kl_kind`` "estimate"; N = 1 is
     plain sampling, KL 0, "exact"). The cost of best-of-N is N samples."""
-    import dataclasses
-
-    from qvlm.configs import DecodeConfig
-    from qvlm.decoding import best_of_n_kl_estimate, generate, select_best_of_n
-    from qvlm.errors import QVLMError
-    from qvlm.eval.metrics import summarize
-    from qvlm.rewards import score
 
     if not ns or any(n < 1 for n in ns):
         raise QVLMError(f"--best-of {list(ns)}: give whole numbers >= 1, e.g. 1,2,4,8,16,32")

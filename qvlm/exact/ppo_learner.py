@@ -21,7 +21,9 @@ is NaN).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,20 +39,35 @@ __all__ = [
 ]
 
 
+def _exact_ppo_defaults():
+    from qvlm.configs import PPOConfig, TrunkConfig
+
+    # one prompt (the start token) and its responses; the k1 penalty in the reward at alpha (set per run),
+    # the MDP's horizon and gamma (set per tree); both learning rates decayed to 0 so the last iterate settles
+    return PPOConfig(
+        iterations=60,
+        prompts_per_iter=1,
+        ppo_epochs=2,
+        minibatch_size=256,
+        lr=2e-3,
+        critic_lr=3e-3,
+        anneal_lr=True,
+        trunk=TrunkConfig("full"),  # every weight of the tiny LM
+        fixed_horizon=True,
+        kl_mode="reward",
+        chat=False,
+        progress=False,
+    )
+
+
 @dataclass
 class ExactPPOConfig:
-    """PPO on the exact MDP: the LM, its distillation to pi_ref, and train_ppo's settings."""
+    """PPO on the exact MDP: the tiny LM, its distillation to pi_ref, and train_ppo's own config (``ppo``;
+    its responses per rollout, length, gamma, KL coefficient, seed and progress are set from the MDP,
+    alpha and the fields below)."""
 
-    iterations: int = 60  # rollout + update rounds of train_ppo
+    ppo: Any = field(default_factory=_exact_ppo_defaults)  # a qvlm.configs.PPOConfig
     episodes_per_iter: int = 256  # responses per rollout (one prompt: the start token)
-    ppo_epochs: int = 2  # passes over each rollout
-    minibatch_size: int = 256  # responses per optimiser step
-    lr: float = 2e-3  # the policy's AdamW learning rate
-    critic_lr: float = 3e-3  # the V head's
-    anneal_lr: bool = True  # both decayed linearly to 0: the last iterate settles
-    lam: float = 0.95  # GAE lambda
-    trunk: str = "full"  # lora or full (every weight of the tiny LM)
-    critic: str = "shared"  # shared or separate
     hidden_size: int = 32  # the tiny Llama's width
     num_layers: int = 2  # and depth
     distill_steps: int = 500  # full-batch Adam steps distilling the base to pi_ref
@@ -184,7 +201,6 @@ def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
     table, critic values and the states it reaches (:class:`qvlm.exact.learners.TabularHeads`)."""
     from qvlm.algos.actor_critic import ActorCritic
     from qvlm.algos.ppo import train_ppo
-    from qvlm.configs import PPOConfig
     from qvlm.exact import CausalLMPolicy, policy_table
     from qvlm.exact.learners import TabularHeads
 
@@ -195,29 +211,17 @@ def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
     model = _tiny_lm(tree.vocab_size, tree.horizon, config)
     distill_kl = distill_reference(model, tree, config.distill_steps, config.distill_lr)
     torch.manual_seed(config.seed)
-    ac = ActorCritic(model, trunk=config.trunk, critic=config.critic)
-    cfg = PPOConfig(
-        iterations=config.iterations,
-        prompts_per_iter=1,
+    cfg = dataclasses.replace(
+        config.ppo,
         responses_per_prompt=config.episodes_per_iter,
         max_new_tokens=tree.horizon,
-        fixed_horizon=True,
-        ppo_epochs=config.ppo_epochs,
-        minibatch_size=config.minibatch_size,
-        lr=config.lr,
-        critic_lr=config.critic_lr,
-        anneal_lr=config.anneal_lr,
-        trunk=config.trunk,
-        critic=config.critic,
         gamma=tree.gamma,
-        lam=config.lam,
         kl_coef=alpha,
-        kl_mode="reward",
         decode_batch_size=config.episodes_per_iter,
-        chat=False,
         seed=config.seed,
         progress=config.progress,
     )
+    ac = ActorCritic(model, cfg.trunk, cfg.critic)
     train_ppo(ac, mdp_tokenizer(tree.vocab_size), [[tree.eos_id]], mdp_reward(tree), cfg)
     policy = policy_table(tree, CausalLMPolicy(ac.policy, tree.vocab_size))
     inputs = _level_inputs(tree)

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qvlm.errors import QVLMError
+from qvlm.loading import ensure_pad_token, resolve_device
 
 __all__ = [
     "HFClassifierReward",
@@ -131,10 +133,6 @@ class HFClassifierReward:
     """A sequence classifier's logit or label probability as the reward (see the module docstring)."""
 
     def __init__(self, spec: str, device: str | torch.device = "cpu", batch_size: int = 32, max_length: int = 512):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from qvlm.loading import ensure_pad_token, resolve_device
-
         path_text, label, mode = parse_hf_spec(spec)
         path = Path(path_text)
         _check_dir(path, spec)

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_model as load_model_file
 from safetensors.torch import save_file
 
+from qvlm.configs import flat
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text, read_text
 from qvlm.heads import load_heads_state, load_tensors, save_heads
@@ -55,6 +56,7 @@ __all__ = [
     "data_fingerprint",
     "has_checkpoint",
     "latest_checkpoint",
+    "checkpoint_step",
     "save_checkpoint",
     "load_checkpoint",
     "save_run",
@@ -89,6 +91,15 @@ def data_fingerprint(items: Sequence[EncodedSample]) -> str:
 def _step_key(name: str) -> tuple[int, int] | None:
     m = _STEP_DIR.match(name)
     return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint folder of :func:`latest_checkpoint` holds (``step-00000010`` or, re-saved,
+    ``step-00000010.1``: 10)."""
+    key = _step_key(Path(ckpt).name)
+    if key is None:
+        raise QVLMError(f"{ckpt}: not a checkpoint folder (step-NNNNNNNN); start a new run directory")
+    return key[0]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -227,7 +238,7 @@ def save_checkpoint(
         "extra": extra,
     }
     _torch_save_atomic(state, tmp / "trainer_state.pt")
-    atomic_write_text(tmp / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    atomic_write_text(tmp / "config.json", json.dumps(flat(config), indent=2) + "\n")
     name, k = f"step-{step:08d}", 0
     while (root / name).exists():  # re-saving a step (a resumed run's end): a fresh name, never a swap
         k += 1
@@ -289,12 +300,11 @@ def load_checkpoint(
         ) from None
     if not isinstance(saved, dict):
         raise QVLMError(f"{ckpt / 'config.json'}: damaged (not a JSON object); start a new run directory")
-    current = json.loads(json.dumps(asdict(config)))
-    # a field added since the checkpoint was written (e.g. fsdp) counts as saved at its default
-    defaults = json.loads(json.dumps({f.name: f.default for f in fields(config)}))
-    diff = sorted(
-        k for k in set(saved) | set(current) if saved.get(k, defaults.get(k)) != current.get(k) and k not in _RESUMABLE
-    )
+    current = json.loads(json.dumps(flat(config)))
+    # a field added since the checkpoint was written (e.g. fsdp) counts as saved at its default; one
+    # retired since (not in the config any more) is not compared
+    defaults = json.loads(json.dumps(flat(type(config)())))
+    diff = sorted(k for k in current if saved.get(k, defaults.get(k)) != current[k] and k not in _RESUMABLE)
     if diff:
         raise QVLMError(
             f"{ckpt}: written with a different config ({', '.join(diff)} differ); "
@@ -411,5 +421,5 @@ def save_run(run_dir: str | Path, model: QVModel, config, extra: dict | None = N
         return
     run_dir = Path(run_dir)
     _save_model_tensors(model, run_dir, trainable)
-    info = {"config": asdict(config), "trunk": asdict(model.trunk_config), **(extra or {})}
+    info = {"config": flat(config), "trunk": asdict(model.trunk_config), **(extra or {})}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from qvlm.errors import QVLMError
+from qvlm.trunk import _forward, _logits
 
 __all__ = [
     "is_main_process",
@@ -358,7 +360,6 @@ def fully_shard_model(model: torch.nn.Module, forward_methods: Mapping[str, Call
     replicated weights' (each process weights its loss by its share of the batch: :func:`token_weight`).
     Checkpoints and saved runs gather the full weights collectively (:func:`full_state_dict`).
     """
-    import types
 
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
@@ -382,7 +383,6 @@ def fully_shard_trunk(trunk: torch.nn.Module) -> None:
     (embeddings, final norm, LM head) are gathered around them; every qvlm forward of a trunk goes
     through them (:func:`qvlm.trunk.sharded` checks for them).
     """
-    from qvlm.trunk import _forward, _logits
 
     fully_shard_model(trunk, {"qvlm_forward": _forward, "qvlm_logits": _logits})
 

@@ -26,6 +26,7 @@ import torch
 
 from qvlm.errors import QVLMError
 from qvlm.train.distributed import _launch_world
+from qvlm.train.rng import rng_state, set_rng_state
 
 __all__ = ["accelerate_deepspeed", "check_deepspeed", "deepspeed_config", "ZeroOptimizer", "zero_initialize"]
 
@@ -211,7 +212,9 @@ def zero_initialize(
     import deepspeed
 
     groups = [list(g["params"]) for g in optimizer.param_groups]
+    before = rng_state()  # the run's random streams do not depend on whether an engine was built
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=deepspeed_config(spec, grad_clip), dist_init_required=False
     )
+    set_rng_state(before)
     return ZeroOptimizer(engine, groups)

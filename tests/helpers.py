@@ -1,5 +1,7 @@
-"""Tiny random causal LMs and a character tokenizer, built in code: no files, no network. For tests,
-examples and benchmarks that need a model of a real architecture but not its weights."""
+"""Test helpers: tiny random causal LMs and a character tokenizer built in code (no files, no network),
+tiny run settings, and a launcher of several processes. Not part of the installed package: users get
+models from :func:`qvlm.loading.load_model`, and the exact MDPs build their own tiny LM
+(:func:`qvlm.exact.tiny_llama`)."""
 
 from __future__ import annotations
 
@@ -170,9 +172,9 @@ TINY_DEMO = dict(
 
 def tiny_demo_config(model_dir, **overrides):
     """A :class:`~qvlm.configs.DemoConfig` of :data:`TINY_DEMO` on the model saved in ``model_dir``."""
-    from qvlm.configs import DemoConfig
+    from qvlm.configs import DemoConfig, from_flat
 
-    return DemoConfig(model=str(model_dir), **{**TINY_DEMO, **overrides})
+    return from_flat(DemoConfig, {"model": str(model_dir), **TINY_DEMO, **overrides})
 
 
 def free_port() -> int:
@@ -217,12 +219,14 @@ def tiny_ppo_config(**overrides):
     of 3, 3 and 2 rows (split 2/1, 2/1, 1/1 over two processes, with unequal token counts), a first
     iteration that trains the critic only, the adaptive KL controller and the k1 penalty, a checkpoint
     every iteration; ``overrides`` replace any of them."""
-    from qvlm.configs import PPOConfig
+    from qvlm.configs import PPOConfig, TrunkConfig
 
     settings = dict(iterations=3, prompts_per_iter=4, responses_per_prompt=2, max_new_tokens=6, ppo_epochs=2,
                     minibatch_size=3, lr=3e-3, critic_lr=3e-3, critic_warmup=1, kl_coef=0.1, kl_target=1.0,
                     kl_horizon=10.0, chat=False, progress=False, checkpoint_every=1)  # fmt: skip
-    return PPOConfig(**{**settings, **overrides})
+    settings.update(overrides)
+    settings["trunk"] = TrunkConfig(settings.pop("trunk", "lora"), fsdp=settings.pop("fsdp", False))
+    return PPOConfig(**settings)
 
 
 def train_tiny_ppo(run_dir: str, resume: bool = False, kill: bool = False, **overrides) -> None:
