@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEVICES_HELP",
     "DTYPE_NAMES",
+    "DTYPE_CHOICES",
     "TRUNK_MODES",
     "option",
     "TrunkConfig",
@@ -33,6 +34,7 @@ __all__ = [
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICES_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # qvlm.loading.DTYPES maps them to torch dtypes
+DTYPE_CHOICES = (*DTYPE_NAMES, "auto")  # --dtype: auto is bfloat16 where it is fast (qvlm.loading.auto_dtype)
 
 TRUNK_MODES = ("frozen", "lora", "full")
 VALUE_TARGETS = ("mc", "td", "td_lambda")
@@ -300,15 +302,17 @@ class DemoConfig:
     batch_size: int = option(64, "prompts decoded together")
     seed: int = option(0, "sampling and training seed")
     device: str = option("auto", f"where the model runs: {DEVICES_HELP}")
-    dtype: str = option("float32", "the model's weights and the heads'", choices=DTYPE_NAMES)
+    dtype: str = option(
+        "float32", "the model's weights and the heads' (auto: bfloat16 where fast)", choices=DTYPE_CHOICES
+    )
 
     def __post_init__(self):
         if self.target not in ("positive", "negative"):
             raise QVLMError(f"--target is {self.target!r}; use positive or negative")
         if self.best_of < 4:
             raise QVLMError(f"--best-of is {self.best_of}; it must be at least 4 (best-of-4 is a baseline)")
-        if self.dtype not in DTYPE_NAMES:
-            raise QVLMError(f"--dtype is {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise QVLMError(f"--dtype is {self.dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
         _check(
             _finite(self.ilql_cql_scale) and self.ilql_cql_scale >= 0,
             "--ilql-cql-scale",
