@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from qvlm.decoding.fast_lora import LoraDelta, adapter_parameter_ids, base_linear, lora_delta, merged_adapters
+from qvlm.decoding.fast_lora import (
+    LoraDelta,
+    adapter_parameter_ids,
+    base_linear,
+    lora_delta,
+    lora_layers,
+    merged_adapters,
+)
 from qvlm.decoding.step import StepOutput
 from qvlm.errors import QVLMError
 from qvlm.heads import MLPHead, QVHeads
@@ -216,11 +223,14 @@ class FastDecodeStep:
         config = model.config
         self.model = model
         # the base weights, fused and packed once; LoRA adapters (which train) are left out of the key
+        adapters = lora_layers(model)
         self.layers, self.unembed = built_for(
-            model, _fuse_model, skip=adapter_parameter_ids(model), state=merged_adapters(model)
+            model, _fuse_model, skip=adapter_parameter_ids(adapters), state=merged_adapters(adapters)
         )
         # the adapters' low-rank terms, per layer, from their weights now (empty dicts without LoRA)
-        self.lora = [_lora_deltas(layer, i) for i, layer in enumerate(base.layers)]
+        self.lora = (
+            [_lora_deltas(layer, i) for i, layer in enumerate(base.layers)] if adapters else [{}] * len(base.layers)
+        )
         self.max_new_tokens = max_new_tokens
         self.embed = base.embed_tokens.weight.detach()
         self.rotary = base.rotary_emb

@@ -23,6 +23,7 @@ dropout (a module in training mode with ``lora_dropout > 0``), disabled adapters
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,16 +32,35 @@ from torch import nn
 
 from qvlm.errors import QVLMError
 
-__all__ = ["LoraDelta", "is_lora_layer", "base_linear", "lora_delta", "adapter_parameter_ids", "merged_adapters"]
+__all__ = [
+    "LoraDelta",
+    "is_lora_layer",
+    "lora_layers",
+    "base_linear",
+    "lora_delta",
+    "adapter_parameter_ids",
+    "merged_adapters",
+]
+
+
+@functools.cache
+def _lora_layer_class() -> type | None:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # without peft there are no LoRA layers
+        return None
+    return LoraLayer
 
 
 def is_lora_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a peft LoRA layer (it holds ``base_layer``, ``lora_A`` and ``lora_B``)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # without peft there are no LoRA layers
-        return False
-    return isinstance(module, LoraLayer)
+    cls = _lora_layer_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """The peft LoRA layers of ``model``, in module order (one walk over its modules)."""
+    return [m for m in model.modules() if is_lora_layer(m)]
 
 
 def base_linear(module: nn.Module) -> nn.Linear:
@@ -131,21 +151,22 @@ def lora_delta(projections: Sequence[nn.Module], name: str = "layer") -> LoraDel
     return LoraDelta(A, B, scale)
 
 
-def adapter_parameter_ids(model: nn.Module) -> set[int]:
-    """``id`` of every LoRA adapter parameter of ``model`` (``lora_A``, ``lora_B``, ...): what the
-    fused base weights do not depend on."""
+def adapter_parameter_ids(layers: Sequence[nn.Module]) -> set[int]:
+    """``id`` of every adapter parameter (``lora_A``, ``lora_B``, ...) of the LoRA ``layers``
+    (:func:`lora_layers`): what the fused base weights do not depend on."""
     ids = set()
-    for module in model.modules():
-        if is_lora_layer(module):
-            for key in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-                part = getattr(module, key, None)
-                if part is not None:
-                    ids.update(id(p) for p in part.parameters())
+    for module in layers:
+        for key in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            part = getattr(module, key, None)
+            if isinstance(part, nn.ParameterDict):
+                ids.update(id(p) for p in part.values())
+            elif isinstance(part, nn.ModuleDict):
+                ids.update(id(p) for sub in part.values() for p in sub._parameters.values() if p is not None)
     return ids
 
 
-def merged_adapters(model: nn.Module) -> tuple[tuple[str, ...], ...]:
-    """Which adapters each LoRA layer of ``model`` has merged into its base weights: peft merges and
+def merged_adapters(layers: Sequence[nn.Module]) -> tuple[tuple[str, ...], ...]:
+    """Which adapters each of the LoRA ``layers`` has merged into its base weights: peft merges and
     unmerges through ``weight.data``, which moves no version counter, so the fused base weights key
     on this too (:func:`qvlm.decoding.fast.built_for`)."""
-    return tuple(tuple(m.merged_adapters) for m in model.modules() if is_lora_layer(m))
+    return tuple(tuple(m.merged_adapters) for m in layers)
