@@ -14,7 +14,15 @@ Rows (each at every batch size, same prompts, same number of new tokens per row)
 7. ``qvlm fast beta=1 top-k`` the fast path guiding the base model's ``--guidance-top-k``
                               likeliest tokens only (Q on k candidates: the practical setting).
    ``... compiled``           with ``--compile``: rows 5 and 7 with the step under ``torch.compile``.
-8. ``naive no-cache loop``    the guided loop on the decoding step's no-cache mode
+8. ``qvlm.generate LoRA policy beta=0`` a PPO policy's rollouts: the model with peft LoRA adapters
+                              (``--lora-r``, alpha 2r, all linear layers, random nonzero weights: the
+                              layout :class:`qvlm.algos.actor_critic.ActorCritic` trains) on the
+                              standard step; adapters in float32 on a bfloat16 model, as peft keeps them.
+9. ``qvlm fast LoRA policy beta=0`` the same policy on the fast path (base weights packed, the
+                              adapters' low-rank term added in the step: :mod:`qvlm.decoding.fast_lora`).
+                              Its "time vs fast plain" is LoRA's overhead over a merged policy, which
+                              decodes as fast as the plain model.
+10. ``naive no-cache loop``   the guided loop on the decoding step's no-cache mode
                               (``sample_rollout(..., use_cache=False)``): it re-runs the whole model
                               on the whole sequence every step (no KV cache, logits at every
                               position) and applies the heads to the last hidden state. This is
@@ -38,16 +46,21 @@ loop, the average step of its run (it re-runs all positions). "analytic, whole c
 same for the whole call, prefill included, which is what the measured time covers.
 Attention-score FLOPs are left out.
 
+The CPU model and its bf16-relevant flags (and what ``--dtype auto`` picks on it) are printed and
+recorded: bfloat16 is fast only on a CPU with native bf16 (AMX, AVX-512 BF16).
+
 Usage::
 
     python benchmarks/decode_speed.py                       # embedded SmolLM2-135M-Instruct
     python benchmarks/decode_speed.py --model PATH --batch-sizes 1 8 --new-tokens 32 --repeats 3
     python benchmarks/decode_speed.py --threads 1           # a shared, busy machine
+    python benchmarks/decode_speed.py --batch-sizes 8 --skip-guided --skip-naive   # plain and LoRA rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -63,7 +76,7 @@ import transformers
 from transformers import LogitsProcessorList
 
 from qvlm.decoding import DecodeConfig, ValueGuidanceLogitsProcessor, generate, left_pad, sample_rollout
-from qvlm.loading import DEFAULT_MODEL, load_model
+from qvlm.loading import DEFAULT_MODEL, NATIVE_BF16_CPU_FLAGS, auto_dtype, cpu_flags, load_model
 from qvlm.mdp import encode_prompt
 from qvlm.model import QVModel
 
@@ -88,6 +101,10 @@ FAST_B0 = "qvlm fast beta=0"
 FAST_B1 = "qvlm fast beta=1"
 FAST_B1_TOPK = "qvlm fast beta=1 guidance_top_k={k}"
 NAIVE = "naive no-cache guided loop beta=1 (trlx-style hand loop)"
+LORA_STD = "qvlm.generate LoRA policy beta=0"
+LORA_FAST = "qvlm fast LoRA policy beta=0"
+# the CPU flags that say how fast bf16 and the packed kernels can be
+SHOWN_FLAGS = ("avx2", "avx512f", "avx512_vnni", *NATIVE_BF16_CPU_FLAGS, "amx_tile", "avx512_fp16")
 
 
 # ---- methods: each takes (prompt ids, new tokens) and returns the number of generated tokens ----
@@ -141,6 +158,24 @@ def naive_loop(model, tokenizer, heads, beta: float):
         return int(rollout.response_mask.sum())
 
     return run
+
+
+def lora_policy(model, r: int, seed: int):
+    """A copy of ``model`` with peft LoRA adapters as :class:`qvlm.algos.actor_critic.ActorCritic`
+    puts them (all linear layers, alpha 2r, no dropout), their weights random and nonzero (peft
+    starts ``B`` at 0): the Hugging Face model holding the adapters, and the adapter parameter count."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.02)
+                n += p.numel()
+    return peft_model.base_model.model.eval(), n
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -206,7 +241,9 @@ def analytic_flops(kind: str, L: int, n: int, pc: dict[str, int]) -> tuple[float
     computes logits for all of them). The whole call adds the prefill of the cached methods.
     """
     tn, lm, hd = pc["trunk_nonembedding"], pc["lm_head"], pc["heads_touched_per_token"]
-    extra = {"guided": hd, "naive": hd, "guided_topk": pc["heads_topk_per_token"]}.get(kind, 0)
+    extra = {"guided": hd, "naive": hd, "guided_topk": pc["heads_topk_per_token"], "lora": pc.get("lora", 0)}.get(
+        kind, 0
+    )
     if kind == "naive":
         total = 2.0 * (sum((L + t) * (tn + lm) for t in range(n)) + n * hd)
         return total / n, total
@@ -223,9 +260,26 @@ def fast_ratio(name: str, median_s: float, medians: dict[str, float]) -> float |
     return median_s / medians[FAST_B0 + (" compiled" if name.endswith(" compiled") else "")]
 
 
+def cpu_model() -> str:
+    """The ``model name`` line of /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine_info() -> dict:
     u = platform.uname()
+    flags = cpu_flags()
     return {
+        "cpu_model": cpu_model(),
+        "cpu_flags_shown": {f: f in flags for f in SHOWN_FLAGS},
+        "dtype_auto_on_cpu": str(auto_dtype("cpu", flags)).removeprefix("torch."),
         "processor": platform.processor(),
         "uname": {"system": u.system, "node": u.node, "release": u.release, "version": u.version, "machine": u.machine},
         "cpu_count": os.cpu_count(),
@@ -264,7 +318,12 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights of every row alike")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "auto"),
+        help="weights of every row alike (auto: bfloat16 on a CPU with native bf16, else float32)",
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument(
@@ -284,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         "processes, fewer threads than cores avoids oversubscription stalls",
     )
     ap.add_argument("--skip-naive", action="store_true", help="leave out the no-cache loop")
+    ap.add_argument("--skip-guided", action="store_true", help="leave out the guided rows (beta=1)")
+    ap.add_argument("--skip-lora", action="store_true", help="leave out the LoRA policy rows")
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the policy rows (default 8, PPO's)")
     ap.add_argument(
         "--guidance-top-k", type=int, default=20, help="candidates guided in the fast top-k row (default 20)"
     )
@@ -295,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     naive_n = args.naive_new_tokens or min(args.new_tokens, 8)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    machine = machine_info()
+    shown = " ".join(f for f, on in machine["cpu_flags_shown"].items() if on) or "none"
+    print(
+        f"CPU: {machine['cpu_model']}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
+        f"flags: {shown} (of {', '.join(SHOWN_FLAGS)}); --dtype auto picks {machine['dtype_auto_on_cpu']}",
+        file=sys.stderr,
+    )
     busy = os.getloadavg()[0]
     if busy >= 1.0:
         print(
@@ -303,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     t_load = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device="cpu", dtype=args.dtype)
     load_s = time.perf_counter() - t_load
+    dtype = str(model.dtype).removeprefix("torch.")
     torch.manual_seed(args.seed)
     heads = QVModel.from_trunk(model, num_q_heads=args.q_heads).heads.eval().to(model.dtype)
     pad_id = tokenizer.pad_token_id
@@ -316,24 +386,38 @@ def main(argv: list[str] | None = None) -> int:
     methods = [
         (HF_PLAIN, "plain", hf_generate(model, pad_id, unreachable_eos)),
         (QV_B0, "plain", qvlm_generate(model, tokenizer, heads, 0.0)),
-        (QV_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0)),
-        (HF_PROC, "guided", hf_generate(model, pad_id, unreachable_eos, ValueGuidanceLogitsProcessor(heads, 1.0))),
     ]
+    if not args.skip_guided:
+        methods += [
+            (QV_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0)),
+            (HF_PROC, "guided", hf_generate(model, pad_id, unreachable_eos, ValueGuidanceLogitsProcessor(heads, 1.0))),
+        ]
     k = args.guidance_top_k
     fast_topk = FAST_B1_TOPK.format(k=k)
-    methods += [
-        (FAST_B0, "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True)),
-        (FAST_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0, fast=True)),
-        (fast_topk, "guided_topk", qvlm_generate(model, tokenizer, heads, 1.0, fast=True, guidance_top_k=k)),
-    ]
-    if args.compile:
+    methods.append((FAST_B0, "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True)))
+    if not args.skip_guided:
         methods += [
-            (FAST_B0 + " compiled", "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True, fast_compile=True)),
-            (
-                fast_topk + " compiled",
-                "guided_topk",
-                qvlm_generate(model, tokenizer, heads, 1.0, fast=True, fast_compile=True, guidance_top_k=k),
-            ),
+            (FAST_B1, "guided", qvlm_generate(model, tokenizer, heads, 1.0, fast=True)),
+            (fast_topk, "guided_topk", qvlm_generate(model, tokenizer, heads, 1.0, fast=True, guidance_top_k=k)),
+        ]
+    if args.compile:
+        methods.append(
+            (FAST_B0 + " compiled", "plain", qvlm_generate(model, tokenizer, heads, 0.0, fast=True, fast_compile=True))
+        )
+        if not args.skip_guided:
+            methods.append(
+                (
+                    fast_topk + " compiled",
+                    "guided_topk",
+                    qvlm_generate(model, tokenizer, heads, 1.0, fast=True, fast_compile=True, guidance_top_k=k),
+                )
+            )
+    if not args.skip_lora:
+        policy, pc["lora"] = lora_policy(model, args.lora_r, args.seed)
+        policy.generation_config.eos_token_id = unreachable_eos  # its own copy of the generation config
+        methods += [
+            (LORA_STD, "lora", qvlm_generate(policy, tokenizer, heads, 0.0)),
+            (LORA_FAST, "lora", qvlm_generate(policy, tokenizer, heads, 0.0, fast=True)),
         ]
     if not args.skip_naive:
         methods.append((NAIVE, "naive", naive_loop(model, tokenizer, heads, 1.0)))
@@ -388,12 +472,14 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
 
     table = markdown_table(rows)
+    print(f"CPU: {machine['cpu_model']}; flags: {shown}; dtype {dtype}; {torch.get_num_threads()} torch threads\n")
     print(table)
     result = {
         "benchmark": "decode_speed",
         "model": args.model,
         "settings": {
-            "dtype": args.dtype,
+            "dtype": dtype,
+            "dtype_flag": args.dtype,
             "batch_sizes": args.batch_sizes,
             "new_tokens": args.new_tokens,
             "naive_new_tokens": naive_n,
@@ -409,13 +495,16 @@ def main(argv: list[str] | None = None) -> int:
             "heads": "random QVModel.from_trunk(model, num_q_heads=q_heads).heads; decoding runs the "
             "V head and the online Q heads (min over Q heads)",
             "heads_config": dataclasses.asdict(heads.config),
+            "lora": None
+            if args.skip_lora
+            else {"r": args.lora_r, "alpha": 2 * args.lora_r, "target_modules": "all-linear", "weights": "N(0, 0.02)"},
         },
         "load_s": load_s,
         "bench_s": bench_s,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "params": pc,
-        "machine": machine_info(),
+        "machine": machine,
         "rows": rows,
         "markdown": table,
     }
