@@ -204,14 +204,16 @@ def time_interleaved(methods, prompts, ns, repeats: int, seed: int):
         fn(prompts, min(n, 4))
         print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
     times = [[] for _ in methods]
+    cpu_times = [[] for _ in methods]
     counts = [[] for _ in methods]
     for r in range(repeats):
         for i, ((_name, _kind, fn), n) in enumerate(zip(methods, ns)):
             torch.manual_seed(seed + 1 + r)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             counts[i].append(fn(prompts, n))
+            cpu_times[i].append(time.process_time() - c0)
             times[i].append(time.perf_counter() - t0)
-    return times, counts
+    return times, cpu_times, counts
 
 
 def param_counts(model, heads, guidance_top_k: int) -> dict[str, int]:
@@ -296,18 +298,23 @@ def atomic_write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def _ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}x"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| method | batch | new tokens/row | median s | tokens/s | ms/step | vs HF plain "
-        "| analytic cost vs plain | analytic, whole call | time vs fast plain |"
+        "| method | batch | new tokens/row | median s | tokens/s | ms/step | CPU ms/step | vs HF plain "
+        "| analytic cost vs plain | analytic, whole call | time vs fast plain | CPU time vs fast plain |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {r['new_tokens']} | {r['median_s']:.3f} "
-            f"| {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['speed_vs_hf_plain']:.2f}x "
+            f"| {r['tokens_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['cpu_ms_per_step']:.1f} "
+            f"| {r['speed_vs_hf_plain']:.2f}x "
             f"| {r['analytic_cost_vs_plain']:.2f}x | {r['analytic_cost_vs_plain_whole_call']:.2f}x "
-            f"| {'' if r['time_vs_fast_plain'] is None else format(r['time_vs_fast_plain'], '.2f') + 'x'} |"
+            f"| {_ratio(r['time_vs_fast_plain'])} | {_ratio(r['cpu_time_vs_fast_plain'])} |"
         )
     return "\n".join(lines)
 
@@ -431,10 +438,11 @@ def main(argv: list[str] | None = None) -> int:
             L = max(len(p) for p in prompts)
             ns = [naive_n if kind == "naive" else args.new_tokens for _, kind, _ in methods]
             print(f"batch size {bs} (padded prompt length {L})", file=sys.stderr, flush=True)
-            times, counts = time_interleaved(methods, prompts, ns, args.repeats, args.seed)
+            times, cpu_times, counts = time_interleaved(methods, prompts, ns, args.repeats, args.seed)
             hf_tps = None
             fast_s = {name: statistics.median(ts) for (name, _k, _f), ts in zip(methods, times)}
-            for (name, kind, _fn), n, ts, cs in zip(methods, ns, times, counts):
+            fast_cpu = {name: statistics.median(c) for (name, _k, _f), c in zip(methods, cpu_times)}
+            for (name, kind, _fn), n, ts, cpu, cs in zip(methods, ns, times, cpu_times, counts):
                 med = statistics.median(ts)
                 if len(set(cs)) != 1 or cs[0] != bs * n:
                     print(f"warning: {name} wrote {cs} tokens, expected {bs * n}", file=sys.stderr)
@@ -454,10 +462,16 @@ def main(argv: list[str] | None = None) -> int:
                         "median_s": med,
                         "tokens_per_s": tps,
                         "ms_per_step": 1000 * med / n,
+                        # this process's CPU time (all its threads): on a shared machine, what the
+                        # call computed, without the time it waited for a core (one thread: wall time
+                        # on an idle machine)
+                        "cpu_times_s": cpu,
+                        "cpu_ms_per_step": 1000 * statistics.median(cpu) / n,
                         "ms_per_token": 1000 * med / cs[0],
                         "speed_vs_hf_plain": tps / hf_tps if hf_tps else float("nan"),
                         # the fast rows: time over the fast plain row's (guidance overhead: this - 1)
                         "time_vs_fast_plain": fast_ratio(name, med, fast_s),
+                        "cpu_time_vs_fast_plain": fast_ratio(name, statistics.median(cpu), fast_cpu),
                         "analytic_cost_vs_plain": step / plain_step,
                         "analytic_cost_vs_plain_whole_call": total / plain_total,
                         "analytic_gflops_per_row_step": step / 1e9,
