@@ -5,11 +5,17 @@
 - :func:`next_state_values`: ``V(s_{t+1})`` of a right-padded batch, bootstrapping a cut row from
   ``V(s_{T+1})``: the input GAE (:func:`qvlm.returns.gae`) needs besides rewards and ``done``;
 - :func:`ppo_advantages`: GAE on the penalised reward with ``V_old``, whitened; value targets;
+- critic-free advantages over the responses to one prompt, on the same penalised rewards:
+  :func:`sequence_returns`, :func:`rloo_advantages` (leave-one-out baseline),
+  :func:`grpo_advantages` (group-normalised), :func:`group_advantages` (either, by name);
 - :func:`explained_variance` of the critic;
 - :class:`AdaptiveKLController` (Ziegler et al. 2019) and :class:`FixedKLController`.
 
 Conventions (shared/DESIGN.md, "Online learning and evaluation"): tensors are ``(B, T)`` over
 response steps; ``mask`` is 1 on real steps; ``done[b, t] = 1`` means ``s_{t+1}`` is terminal.
+Groups: the ``group_size`` responses to one prompt are contiguous rows ``g * group_size ..
+(g + 1) * group_size - 1``, the layout :func:`qvlm.decoding.sampling.sample_rollout` writes
+(``num_return_sequences`` rows per prompt, prompt-major).
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ __all__ = [
     "kl_penalised_rewards",
     "next_state_values",
     "ppo_advantages",
+    "ADVANTAGES",
+    "sequence_returns",
+    "rloo_advantages",
+    "grpo_advantages",
+    "group_advantages",
     "explained_variance",
     "FixedKLController",
     "AdaptiveKLController",
@@ -119,6 +130,104 @@ def ppo_advantages(
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages, returns
+
+
+# ---- critic-free advantages: a baseline from the other responses to the same prompt ----------------
+#
+# All of them take the same per-token rewards as GAE (:func:`kl_penalised_rewards`: the sequence reward on
+# the last real token minus the k1 penalty, or no penalty when the KL is a k3 loss term), so the KL options
+# are the same for gae, rloo and grpo. A response's return is the undiscounted sum of its penalised
+# rewards (gamma = 1, as RLOO and GRPO define the sequence reward); TRL's RLOO puts its k1 KL penalty into
+# the sequence reward the same way (reward - beta * sum_t k1_t).
+
+ADVANTAGES = ("gae", "rloo", "grpo")
+
+
+def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each response's return: the sum of its per-token rewards over its real steps (gamma = 1).
+
+    With :func:`kl_penalised_rewards` this is ``R - kl_coef * sum_t (log pi_old - log pi_ref)``.
+    Shape: ``token_rewards, mask (B, T)`` -> ``(B,)``.
+    """
+    return torch.where(mask.bool(), token_rewards, torch.zeros((), dtype=token_rewards.dtype)).sum(-1)
+
+
+def _groups(returns: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """``returns (B,)`` -> ``(B / group_size, group_size)``, checked."""
+    B = returns.shape[0]
+    if group_size < 2:
+        raise QVLMError(
+            f"{estimator} advantages compare the responses to one prompt, but there is {group_size} per prompt; "
+            "sample at least 2 (num_return_sequences / --samples-per-prompt >= 2) or use --advantage gae"
+        )
+    if B % group_size:
+        raise QVLMError(
+            f"{estimator} advantages: {B} responses do not split into groups of {group_size} "
+            "(responses to one prompt must be contiguous, num_return_sequences per prompt)"
+        )
+    return returns.view(B // group_size, group_size)
+
+
+def _broadcast(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage ``(B,)`` on every real step of its response: ``(B, T)``, 0 on padding."""
+    return advantages[:, None].to(mask.dtype) * mask
+
+
+def rloo_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (RLOO) advantages: ``A_i = R_i - mean_{j != i} R_j`` over the
+    ``k = group_size`` responses to one prompt, on every real token of response ``i``.
+
+    Source: Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free!") and Ahmadian
+    et al. 2024 ("Back to basics: revisiting REINFORCE style optimization for learning from human
+    feedback in LLMs", the RLOO estimator):
+    the baseline of sample ``i`` is the mean return of the other ``k - 1`` samples, so it does not
+    depend on ``y_i`` and the gradient estimate stays unbiased. Equivalently
+    ``A_i = k / (k - 1) * (R_i - mean_j R_j)``. Returns ``R_i`` from :func:`sequence_returns`.
+
+    A group of one has no "other" response: :class:`QVLMError` (no silent zero advantages). Equal
+    returns in a group give advantages 0.
+
+    Shape: ``token_rewards, mask (B, T)`` with ``B = n_prompts * group_size`` -> ``(B, T)``, 0 on padding.
+    """
+    grouped = _groups(sequence_returns(token_rewards, mask), group_size, "RLOO")  # (G, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (G, k): mean of the others
+    return _broadcast((grouped - baseline).reshape(-1), mask)
+
+
+def grpo_advantages(
+    token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True
+) -> torch.Tensor:
+    """GRPO's group-normalised advantages: ``A_i = (R_i - mean(R)) / (std(R) + eps)`` over the
+    ``group_size`` responses to one prompt, on every real token of response ``i`` (outcome
+    supervision).
+
+    Source: Shao et al. 2024 (DeepSeekMath), section 4.1.2: ``A_i = (r_i - mean(r)) / std(r)``. The
+    paper does not say which std; this is the unbiased (Bessel-corrected, ``n - 1``) one with
+    ``eps = 1e-4`` added, as TRL's ``GRPOTrainer`` computes it (``rewards.view(-1, G).std(dim=1)``,
+    torch's default), the peer of issue 23. ``scale=False`` drops the division (Dr. GRPO, Liu et al.
+    2025, "Understanding R1-Zero-like training": the std term up-weights prompts whose responses
+    score alike).
+
+    Equal returns in a group (std 0) give advantages exactly 0. A group of one has an undefined
+    unbiased std and nothing to compare with: :class:`QVLMError`.
+
+    Shape: ``token_rewards, mask (B, T)`` with ``B = n_prompts * group_size`` -> ``(B, T)``, 0 on padding.
+    """
+    grouped = _groups(sequence_returns(token_rewards, mask), group_size, "GRPO")  # (G, k)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(-1, keepdim=True) + eps)  # unbiased std, as TRL
+    return _broadcast(centred.reshape(-1), mask)
+
+
+def group_advantages(estimator: str, token_rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """:func:`rloo_advantages` or :func:`grpo_advantages` by name (``"rloo"``, ``"grpo"``), at their
+    defaults. Shape: ``(B, T)`` -> ``(B, T)``."""
+    if estimator == "rloo":
+        return rloo_advantages(token_rewards, mask, group_size)
+    if estimator == "grpo":
+        return grpo_advantages(token_rewards, mask, group_size)
+    raise QVLMError(f"unknown critic-free advantage {estimator!r}; use rloo or grpo (or gae, with a critic)")
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

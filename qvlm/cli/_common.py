@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_NAMES, from_flat, parse_numbers
+from qvlm.configs import DEFAULT_MODEL, DEVICES_HELP, DTYPE_CHOICES, from_flat, parse_numbers
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), title: str | None = None):
@@ -74,8 +74,9 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=DTYPE_NAMES,
-        help="the model's weights and the heads' (default: %(default)s)",
+        choices=DTYPE_CHOICES,
+        help="the model's weights and the heads'; auto: bfloat16 on a GPU or a CPU with native bf16 (AMX, "
+        "avx512_bf16), else float32 (default: %(default)s)",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from the model's files (off by default)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qvlm.cli._common import add_config_args
-from qvlm.configs import DEVICES_HELP, DTYPE_NAMES, ProxyConfig
+from qvlm.configs import DEVICES_HELP, DTYPE_CHOICES, ProxyConfig
 
 
 def register(sub) -> None:
@@ -21,7 +21,9 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="qvlm-proxy", help="output directory")
     p.add_argument("--device", default="auto", help=f"where the models run: {DEVICES_HELP}")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="the base model's weights")
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPE_CHOICES, help="the base model's weights (auto: bfloat16 where fast)"
+    )
     add_config_args(p, ProxyConfig, title="experiment settings")
     p.set_defaults(handler=run)
 

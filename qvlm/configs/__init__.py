@@ -8,6 +8,7 @@ starts fast.
 from qvlm.configs.base import (
     DEFAULT_MODEL,
     DEVICES_HELP,
+    DTYPE_CHOICES,
     DTYPE_NAMES,
     Config,
     ConfigError,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEVICES_HELP",
     "DTYPE_NAMES",
+    "DTYPE_CHOICES",
     "TRUNK_MODES",
     "VALUE_TARGETS",
     "Q_TARGETS",

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "DEVICES_HELP",
     "DTYPE_NAMES",
+    "DTYPE_CHOICES",
     "ConfigError",
     "Config",
     "option",
@@ -38,6 +39,7 @@ __all__ = [
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICES_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # qvlm.loading.DTYPES maps them to torch dtypes
+DTYPE_CHOICES = (*DTYPE_NAMES, "auto")  # --dtype: auto is bfloat16 where it is fast (qvlm.loading.auto_dtype)
 
 
 class ConfigError(QVLMError):

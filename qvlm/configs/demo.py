@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from qvlm.configs.base import (
     DEFAULT_MODEL,
     DEVICES_HELP,
-    DTYPE_NAMES,
+    DTYPE_CHOICES,
     Config,
     ascending_counts,
     nested,
@@ -110,4 +110,6 @@ class DemoConfig(Config):
     batch_size: int = option(64, "prompts decoded together", ge=1)
     seed: int = option(0, "sampling and training seed")
     device: str = option("auto", f"where the model runs: {DEVICES_HELP}")
-    dtype: str = option("float32", "the model's weights and the heads'", choices=DTYPE_NAMES)
+    dtype: str = option(
+        "float32", "the model's weights and the heads' (auto: bfloat16 where it is fast)", choices=DTYPE_CHOICES
+    )

@@ -21,7 +21,9 @@ Hugging Face computes them), the attention scale, biases. Any other architecture
 :class:`QVLMError` (:func:`check_supported`); :class:`DecodeStep` runs those.
 
 Fused weights are copies made at construction: build the step after the weights are final (it is
-built per decoding batch in :mod:`qvlm.decoding.sampling`).
+built per decoding batch in :mod:`qvlm.decoding.sampling`). A peft LoRA policy decodes here too
+(:mod:`qvlm.decoding.fast_lora`): the packed copies hold its base weights, built once, and each step
+adds the adapters' low-rank term, read from their current weights when the step is built.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from qvlm.decoding.fast_lora import (
+    LoraDelta,
+    adapter_parameter_ids,
+    base_linear,
+    lora_delta,
+    lora_layers,
+    merged_adapters,
+)
 from qvlm.decoding.step import StepOutput
 from qvlm.errors import QVLMError
 from qvlm.heads import MLPHead, QVHeads
@@ -54,8 +64,9 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 
 def check_supported(model: PreTrainedModel) -> None:
     """Raise :class:`QVLMError` unless ``model`` is a plain Llama-style causal LM the fast step
-    reproduces: ``config.model_type`` "llama", SiLU MLP, plain ``nn.Linear`` projections (no
-    LoRA adapters or quantised layers, whose weights the fused copies would miss)."""
+    reproduces: ``config.model_type`` "llama", SiLU MLP, ``nn.Linear`` projections or peft LoRA on
+    them (:mod:`qvlm.decoding.fast_lora`; no quantised layers, whose weights the fused copies would
+    miss), a plain embedding and LM head (no adapters there)."""
     config = model.config
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -65,13 +76,21 @@ def check_supported(model: PreTrainedModel) -> None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise QVLMError(f"the fast decoding path needs a SiLU MLP; this model uses {config.hidden_act!r}")
-    layer = model.base_model.layers[0]
-    projections = (*(getattr(layer.self_attn, f"{n}_proj") for n in "qkvo"), layer.mlp.gate_proj, layer.mlp.up_proj)
-    if any(type(p) is not nn.Linear for p in (*projections, layer.mlp.down_proj)):
+    for layer in model.base_model.layers:
+        for proj in _projections(layer):
+            base_linear(proj)  # raises for anything but Linear or LoRA on Linear
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if type(lm_head) is not nn.Linear or type(embed) is not nn.Embedding:
         raise QVLMError(
-            "the fast decoding path needs plain Linear layers (LoRA adapters or quantised layers found); "
-            "merge the adapters first or decode without --fast"
+            f"the fast decoding path needs a plain embedding and LM head; found {type(embed).__name__} and "
+            f"{type(lm_head).__name__} (adapters on them?): decode without --fast"
         )
+
+
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """A decoder layer's projections: q, k, v, o, gate, up, down."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,30 +157,45 @@ def _cat_bias(*linears: nn.Linear) -> torch.Tensor | None:
 
 
 def _fuse(layer: nn.Module) -> _Layer:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    q, k, v, o, gate, up, down = (base_linear(p) for p in _projections(layer))  # LoRA: the base weights
     return _Layer(
         attn_norm=layer.input_layernorm.weight.detach(),
-        qkv=Matmul(torch.cat([p.weight for p in qkv]), _cat_bias(*qkv)),
-        o=Matmul(attn.o_proj.weight, attn.o_proj.bias),
+        qkv=Matmul(torch.cat([q.weight, k.weight, v.weight]), _cat_bias(q, k, v)),
+        o=Matmul(o.weight, o.bias),
         mlp_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up=Matmul(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _cat_bias(mlp.gate_proj, mlp.up_proj)),
-        down=Matmul(mlp.down_proj.weight, mlp.down_proj.bias),
+        gate_up=Matmul(torch.cat([gate.weight, up.weight]), _cat_bias(gate, up)),
+        down=Matmul(down.weight, down.bias),
     )
+
+
+def _lora_deltas(layer: nn.Module, i: int) -> dict[str, LoraDelta]:
+    """The low-rank terms of a decoder layer's fused matmuls (only those with active adapters)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    groups = {
+        "qkv": (attn.q_proj, attn.k_proj, attn.v_proj),
+        "o": (attn.o_proj,),
+        "gate_up": (mlp.gate_proj, mlp.up_proj),
+        "down": (mlp.down_proj,),
+    }
+    deltas = {key: lora_delta(projs, f"layer {i} {key}") for key, projs in groups.items()}
+    return {key: d for key, d in deltas.items() if d is not None}
 
 
 _BUILT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def built_for(module: nn.Module, build):
-    """``build(module)``, kept while ``module`` lives and its parameters are unchanged.
+def built_for(module: nn.Module, build, skip: set[int] = frozenset(), state: tuple = ()):
+    """``build(module)``, kept while ``module`` lives, its parameters (but those whose ``id`` is in
+    ``skip``) are unchanged and ``state`` is the same.
 
     Fused and packed copies of a model's weights take about a second to build for SmolLM2-135M,
     as long as eight decoding steps, and a decoding loop builds a step per batch. They are rebuilt
     when any parameter is replaced or changed in place (its storage or version counter moves), as
-    an optimiser step or ``load_state_dict`` does between the rollouts of a trainer.
+    an optimiser step or ``load_state_dict`` does between the rollouts of a trainer. Writes that
+    bypass version counters leave them stale: in place through ``.data`` (hence ``state``: peft
+    merges adapters that way) or ``torch.optim.AdamW(fused=True)``.
     """
-    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    key = (state, tuple((p.data_ptr(), p._version) for p in module.parameters() if id(p) not in skip))
     hit = _BUILT.get(module)
     if hit is None or hit[0] != key:
         hit = (key, build(module))
@@ -188,7 +222,15 @@ class FastDecodeStep:
         base = model.base_model
         config = model.config
         self.model = model
-        self.layers, self.unembed = built_for(model, _fuse_model)
+        # the base weights, fused and packed once; LoRA adapters (which train) are left out of the key
+        adapters = lora_layers(model)
+        self.layers, self.unembed = built_for(
+            model, _fuse_model, skip=adapter_parameter_ids(adapters), state=merged_adapters(adapters)
+        )
+        # the adapters' low-rank terms, per layer, from their weights now (empty dicts without LoRA)
+        self.lora = (
+            [_lora_deltas(layer, i) for i, layer in enumerate(base.layers)] if adapters else [{}] * len(base.layers)
+        )
         self.max_new_tokens = max_new_tokens
         self.embed = base.embed_tokens.weight.detach()
         self.rotary = base.rotary_emb
@@ -305,16 +347,23 @@ class FastDecodeStep:
         x = F.embedding(ids, self.embed)  # (N, H)
         cos, sin = (c[0] for c in self.rotary(x, positions[None]))  # (N, d), the model's own RoPE
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        for i, (w, (eps_attn, eps_mlp)) in enumerate(zip(self.layers, self.layer_eps)):
-            qkv = w.qkv(rms_norm(x, w.attn_norm, eps_attn))  # (N, q + 2 kv)
+        for i, (w, (eps_attn, eps_mlp), lora) in enumerate(zip(self.layers, self.layer_eps, self.lora)):
+            qkv = _linear(w.qkv, lora.get("qkv"), rms_norm(x, w.attn_norm, eps_attn))  # (N, q + 2 kv)
             q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
             q = apply_rope(q.view(N, self.n_heads, self.head_dim), cos, sin)  # (N, h, d)
             k = apply_rope(k.view(N, self.n_kv, self.head_dim), cos, sin)  # (N, kv, d)
             attn = attend(self.kv[i], q, k, v.view(N, self.n_kv, self.head_dim))  # (N, h, d)
-            x = x + w.o(attn.reshape(N, q_width))
-            gate, up = w.gate_up(rms_norm(x, w.mlp_norm, eps_mlp)).chunk(2, dim=-1)  # (N, I) each
-            x = x + w.down(F.silu(gate) * up)
+            x = x + _linear(w.o, lora.get("o"), attn.reshape(N, q_width))
+            gate_up = _linear(w.gate_up, lora.get("gate_up"), rms_norm(x, w.mlp_norm, eps_mlp))
+            gate, up = gate_up.chunk(2, dim=-1)  # (N, I) each
+            x = x + _linear(w.down, lora.get("down"), F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
+
+
+def _linear(matmul: Matmul, lora: LoraDelta | None, x: torch.Tensor) -> torch.Tensor:
+    """A fused projection, plus its adapters' low-rank term where it has one: (N, in) -> (N, out)."""
+    y = matmul(x)
+    return y if lora is None else lora.add(y, x)
 
 
 def fast_heads(heads: QVHeads) -> FastHeads:
