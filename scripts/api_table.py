@@ -24,6 +24,7 @@ _ORDER = [
     "rollout",
     "decoding",
     "rewards",
+    "envs",
     "train",
     "algos",
     "exact",

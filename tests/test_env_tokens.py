@@ -215,6 +215,7 @@ def test_episodes_round_trip_and_rebuild_the_token_view(tmp_path, tok):
         (lambda d: d.update(token_ids=[-1] * 23), "token ids"),
         (lambda d: d.update({"return": 5.0}), "rewards sum to 0.8"),
         (lambda d: d.update(terminated="yes"), 'field "terminated" must be true or false'),
+        (lambda d: d.update(truncated=True), "exactly one is true"),
         (lambda d: d.pop("token_ids"), 'missing field "token_ids"'),
     ],
 )

@@ -165,6 +165,8 @@ def episode_from_dict(obj, where: str, require_tokens: bool = True) -> Episode:
         )
     terminated = _typed(obj, "terminated", bool, where, "true or false")
     truncated = _typed(obj, "truncated", bool, where, "true or false")
+    if terminated == truncated:
+        raise _fail(where, f'"terminated" and "truncated" are both {str(terminated).lower()}; exactly one is true')
     episode = Episode(
         env=env,
         seed=seed,

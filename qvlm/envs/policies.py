@@ -26,6 +26,8 @@ DEFAULT_EPSILON = 0.3
 
 
 class TextPolicy(Protocol):
+    """What a scripted player provides: ``reset`` at the start of an episode, ``act`` each turn."""
+
     def reset(self, observation: str, info: dict, rng: np.random.Generator) -> None: ...
 
     def act(self, observation: str, info: dict) -> str: ...

@@ -68,6 +68,7 @@ FAILED_GAME_REWARD = -1.0
 
 
 def textarena_available() -> bool:
+    """Whether the optional textarena package is installed."""
     return importlib.util.find_spec("textarena") is not None
 
 
