@@ -228,6 +228,14 @@ def test_prompt_env_is_one_step_with_any_reward():
         env.reset(options={"index": 2})
 
 
+def test_prompt_env_with_a_reference_reward_reads_the_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "say hi", "reference": "hi there"}\n')
+    env = PromptEnv(str(path), reward="rougeL")
+    env.reset(seed=0)
+    assert env.step("hi there")[1] == pytest.approx(1.0)
+
+
 def test_prompt_env_reads_the_shipped_prompts():
     env = envs.make("Prompts-v0", reward="length")
     obs, info = env.reset(seed=3)

@@ -25,7 +25,8 @@ class PromptEnv(TextEnv):
     ``prompts``: a list of strings, or a prompt file or ``demo:train`` / ``demo:eval`` (read with
     :func:`qvlm.mdp.read_prompts`). ``reward``: a name or a callable, as :func:`qvlm.rewards.get_reward`
     takes it; a per-token reward needs ``tokenizer`` (it is summed over the re-tokenised response).
-    ``references`` serves the reference rewards (``match``, ``bleu``, ...): ``{prompt: reference}``.
+    ``references`` serves the reference rewards (``match``, ``bleu``, ...): ``{prompt: reference}``;
+    with a prompt file they default to its ``reference`` field.
     """
 
     accepts_any_text = True
@@ -40,7 +41,10 @@ class PromptEnv(TextEnv):
         super().__init__(any_unicode=True)  # prompts are anyone's text
         if isinstance(prompts, str):
             from qvlm.mdp import read_prompts
+            from qvlm.rewards import needs_reference, read_references
 
+            if references is None and needs_reference(reward):  # bleu, match, ...: the file's "reference" field
+                references = read_references(prompts, f"reward {reward}")
             prompts = read_prompts(prompts)
         self.prompts = list(prompts)
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
