@@ -231,7 +231,7 @@ def test_prompt_env_is_one_step_with_any_reward():
 def test_prompt_env_with_a_reference_reward_reads_the_file(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "say hi", "reference": "hi there"}\n')
-    env = PromptEnv(str(path), reward="rougeL")
+    env = PromptEnv(str(path), reward="chrf")
     env.reset(seed=0)
     assert env.step("hi there")[1] == pytest.approx(1.0)
 

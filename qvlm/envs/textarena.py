@@ -37,7 +37,7 @@ __all__ = ["TEXTARENA_VERSION", "OFFLINE_GAMES", "TextArenaEnv", "textarena_avai
 
 TEXTARENA_VERSION = "0.7.4"
 
-# single-player games that make, reset and step offline, with a reset under a second (measured)
+# single-player games that make, reset and step offline, with a reset under a second (measured over seeds 0-9)
 OFFLINE_GAMES = (
     "GuessTheNumber-v0",
     "GuessTheNumber-v0-hardcore",
@@ -57,7 +57,6 @@ OFFLINE_GAMES = (
     "2048-v0",
     "LogicPuzzle-v0",
     "Set-v0",
-    "RushHour-v0",
     "Sokoban-v0",
 )
 
