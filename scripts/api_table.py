@@ -25,6 +25,7 @@ _ORDER = [
     "rollout",
     "decoding",
     "rewards",
+    "envs",
     "train",
     "algos",
     "exact",

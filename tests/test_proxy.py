@@ -82,6 +82,19 @@ def test_proxy_end_to_end_on_a_tiny_model(tmp_path, tiny_dir):
         run_proxy(from_flat(ProxyConfig, {**flat(cfg), "max_n": 2}), tmp_path / "out", device="cpu", log=lambda s: None)
 
 
+def test_curve_peak_is_the_highest_gold_by_hand():
+    """PPO's and guidance's gold peak: the row of highest gold (the first of equals), its KL, and whether
+    it is the last row (gold still rising at the end of the sweep)."""
+    from qvlm.apps.proxy import _curve_peak
+
+    rows = [{"iterations": n, "kl": kl, "gold": g} for n, kl, g in ((0, 0.0, 0.2), (5, 1.5, 0.5), (10, 4.0, 0.4))]
+    assert _curve_peak(rows, "iterations") == {"iterations": 5, "kl": 1.5, "gold": 0.5, "at_last": False}
+    rows[2]["gold"] = 0.7
+    assert _curve_peak(rows, "iterations") == {"iterations": 10, "kl": 4.0, "gold": 0.7, "at_last": True}
+    rows[0]["gold"] = 0.7  # a tie: the first (the least KL)
+    assert _curve_peak(rows, "iterations")["iterations"] == 0
+
+
 def test_best_of_n_curve_rows():
     rows = best_of_n_curve([[0.0, 1.0]], [[0.0, 1.0]], [1, 2])
     assert rows[0]["gold"] == 0.5 and rows[1]["gold"] == 1.0 and rows[1]["kl_bound"] == pytest.approx(0.1931472)

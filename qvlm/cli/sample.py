@@ -1,4 +1,5 @@
-"""``qvlm sample``: responses for a prompt file, scored by a reward, into samples.jsonl."""
+"""``qvlm sample``: responses for a prompt file, scored by a reward, into samples.jsonl; or, with
+``--env``, multi-turn episodes of an environment into episodes.jsonl (docs/envs.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from qvlm.cli._common import (
     load,
 )
 from qvlm.configs import DecodeConfig
+from qvlm.envs.policies import DEFAULT_EPSILON, POLICY_KINDS
 from qvlm.rewards import REWARD_HELP, check_reward
 
 
@@ -23,11 +25,13 @@ def register(sub) -> None:
         description="Sample N responses per prompt from the base model, score each with a reward, and "
         "write one JSON line per response: {prompt, response, reward, finished, response_ids} (the exact "
         "tokens sampled). This is the offline data for `qvlm train`. Each prompt is prefilled once for "
-        "its N responses.",
+        "its N responses. With --env NAME instead of --prompts: episodes of a text environment played by the "
+        "base model or a scripted policy, one JSON line per episode (turns, exact token ids, action mask, "
+        "rewards, env and seed, return; docs/envs.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_arg(p)
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    p.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
     p.add_argument("--reward", default="vader", help=REWARD_HELP)
     p.add_argument("--max-prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     p.add_argument("--n", type=int, default=4, help="responses per prompt")
@@ -38,11 +42,90 @@ def register(sub) -> None:
         help="the reward scores exactly the first max_new_tokens tokens, so a response cut there "
         "ends its episode (terminal) instead of being truncated (bootstrapped past)",
     )
+    env = p.add_argument_group("environments (instead of --prompts; docs/envs.md)")
+    env.add_argument(
+        "--env", help="environment name, e.g. qvlm/GuessTheNumber-v0 or Maze-v0 (the qvlm/ may be left out)"
+    )
+    env.add_argument("--episodes", type=int, default=16, help="episodes to play (default: %(default)s)")
+    env.add_argument(
+        "--policy",
+        default="base",
+        choices=("base",) + POLICY_KINDS,
+        help="who plays: the base model, the scripted optimal player, the noisy one (epsilon-random "
+        "actions) or the random one (default: %(default)s)",
+    )
+    env.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="noisy policy: the random-action rate")
+    env.add_argument("--env-seed", type=int, default=0, help="episode i is reset with seed env-seed + i")
+    env.add_argument(
+        "--env-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument of the environment (repeatable; VALUE as JSON, else a string), e.g. n=30",
+    )
     add_config_args(p, DecodeConfig, exclude=("beta", "do_sample", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
 
 
+def parse_env_args(items: list[str]) -> dict:
+    """``["n=30", "layout=..."]`` -> ``{"n": 30, "layout": "..."}`` (values as JSON, else strings)."""
+    import json
+
+    from qvlm.errors import QVLMError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise QVLMError(f"--env-arg {item!r}: give KEY=VALUE, e.g. --env-arg n=30")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def run_env(args) -> int:
+    """``qvlm sample --env``: episodes of a policy in an environment, as multi-turn JSONL."""
+    from qvlm.envs import make, optimal_and_random, scripted_policy
+    from qvlm.envs.episodes import write_episodes
+    from qvlm.envs.rollout import run_lm, run_scripted
+    from qvlm.envs.scores import score_summary
+    from qvlm.fileio import check_output_file
+
+    check_count(args.episodes, "--episodes")
+    check_output_file(args.out, "--out")
+    kwargs = parse_env_args(args.env_arg)
+    env = make(args.env, **kwargs)  # an unknown name or argument fails before the model loads
+    if args.policy != "base":
+        scripted_policy(env, args.policy, args.epsilon)
+    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=1)
+    model, tokenizer = load(args)
+    seeds = range(args.env_seed, args.env_seed + args.episodes)
+    if args.policy == "base":
+        episodes = run_lm(
+            model, tokenizer, args.env, seeds, cfg, env_kwargs=kwargs, sample_seed=cfg.seed or 0, progress=True
+        )
+    else:
+        episodes = run_scripted(args.env, seeds, args.policy, args.epsilon, tokenizer, cfg.chat, kwargs)
+    write_episodes(args.out, episodes)
+    optimal, random = optimal_and_random(env)
+    s = score_summary([e.total_return for e in episodes], random, optimal)
+    line = f"wrote {len(episodes)} episodes of {episodes[0].env} ({args.policy}) to {args.out}; "
+    line += f"mean return {s['mean_return']:.4f} +- {s['ci95']:.4f} (95% CI)"
+    if "normalised" in s:
+        line += f"; normalised {s['normalised']:.1f} +- {s['normalised_ci95']:.1f} (optimal {optimal:.4f}, random {random:.4f}, exact)"
+    print(line)
+    return 0
+
+
 def run(args) -> int:
+    from qvlm.errors import QVLMError
+
+    if (args.env is None) == (args.prompts is None):
+        raise QVLMError("give --prompts FILE (single-turn samples) or --env NAME (episodes), one of them")
+    if args.env is not None:
+        return run_env(args)
     from qvlm.decoding import generate
     from qvlm.fileio import check_output_file
     from qvlm.jsonl import read_prompts, write_samples

@@ -1,0 +1,215 @@
+"""Episodes with any policy: a scripted player, or a language model decoding one turn at a time.
+
+- :func:`run_scripted`: a scripted policy (:mod:`qvlm.envs.policies`), one episode per seed; with a
+  tokenizer, each action is tokenised as an agent would have written it (its tokens, then EOS).
+- :func:`run_lm`: the model (the base model, or value-guided with ``heads`` and ``cfg.beta``) plays
+  every episode at once: each turn decodes one response per unfinished episode from its whole
+  conversation so far (:func:`qvlm.decoding.sample_rollout`), and keeps the exact token ids it
+  sampled. Each response has its own random stream keyed by (episode seed, turn, ``sample_seed``),
+  so an episode's tokens do not depend on which other episodes share its batch.
+
+Both return :class:`qvlm.envs.episodes.Episode` objects (write them with
+:func:`qvlm.envs.episodes.write_episodes`). An episode ends when the environment terminates or
+truncates it, after ``max_turns`` turns (truncated), or, for a model, when its conversation leaves
+no room for another response in the context (truncated, ``"context"`` in the log line): never by
+an exception mid-rollout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import gymnasium
+import numpy as np
+
+from qvlm.envs.episodes import Episode, Turn
+from qvlm.envs.policies import DEFAULT_EPSILON, TextPolicy, scripted_policy
+from qvlm.envs.registry import make, resolve_name
+from qvlm.envs.tokens import action_ids, build_tokens, observation_ids
+from qvlm.errors import QVLMError
+
+__all__ = ["run_episode", "run_scripted", "run_lm", "MAX_TURNS"]
+
+# a guard for environments without a turn limit of their own
+MAX_TURNS = 1000
+
+
+def _policy_rng(seed: int | None) -> np.random.Generator:
+    # a stream apart from the environment's (np_random is seeded with the same seed)
+    return np.random.default_rng(None if seed is None else [seed, 1])
+
+
+def _tokenise(episode: Episode, observations: list[str], actions: list[list[int]], tokenizer, chat) -> None:
+    kept = observations if episode.truncated else observations[: len(actions)]
+    segments = [observation_ids(tokenizer, kept[: k + 1], chat, actions[k - 1] if k else ()) for k in range(len(kept))]
+    tokens = build_tokens(segments, actions, [t.reward for t in episode.turns], episode.terminated)
+    episode.token_ids, episode.action_mask = tokens.token_ids, tokens.action_mask
+
+
+def run_episode(
+    env: gymnasium.Env,
+    policy: TextPolicy,
+    seed: int | None,
+    tokenizer=None,
+    chat: bool | None = None,
+    max_turns: int = MAX_TURNS,
+    name: str = "",
+    policy_name: str = "",
+) -> Episode:
+    """One episode of ``policy`` in ``env`` from ``reset(seed=seed)``; tokenised when a tokenizer is given."""
+    observation, info = env.reset(seed=seed)
+    policy.reset(observation, info, _policy_rng(seed))
+    observations, turns = [observation], []
+    terminated = truncated = False
+    while not (terminated or truncated):
+        action = policy.act(observation, info)
+        observation, reward, terminated, truncated, info = env.step(action)
+        turns.append(Turn(observations[-1], action, float(reward), bool(info.get("invalid_action", False))))
+        observations.append(observation)
+        if len(turns) >= max_turns and not terminated:
+            truncated = True
+    spec = getattr(env, "spec", None)
+    episode = Episode(
+        env=name or (spec.id if spec else type(env.unwrapped).__name__),
+        seed=seed,
+        turns=turns,
+        final_observation=observation,
+        terminated=bool(terminated),
+        truncated=not terminated,
+        policy=policy_name,
+        env_kwargs=dict(spec.kwargs) if spec else {},
+    )
+    if tokenizer is not None:
+        _tokenise(episode, observations, [action_ids(tokenizer, t.action) for t in turns], tokenizer, chat)
+    return episode
+
+
+def run_scripted(
+    env_name: str,
+    seeds: Sequence[int],
+    kind: str = "scripted",
+    epsilon: float = DEFAULT_EPSILON,
+    tokenizer=None,
+    chat: bool | None = None,
+    env_kwargs: dict | None = None,
+    max_turns: int = MAX_TURNS,
+) -> list[Episode]:
+    """One episode per seed of the scripted policy ``kind`` (``scripted``, ``noisy``, ``random``)."""
+    env = make(env_name, **(env_kwargs or {}))
+    policy = scripted_policy(env, kind, epsilon)
+    label = f"noisy(epsilon={epsilon})" if kind == "noisy" else kind
+    episodes = [run_episode(env, policy, s, tokenizer, chat, max_turns, resolve_name(env_name), label) for s in seeds]
+    for e in episodes:
+        e.env_kwargs = dict(env_kwargs or {})
+    return episodes
+
+
+@dataclass
+class _Game:
+    """One episode in progress under :func:`run_lm`."""
+
+    env: gymnasium.Env
+    seed: int
+    observations: list[str]
+    segments: list[list[int]]
+    actions: list[list[int]] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    terminated: bool = False
+    truncated: bool = False
+
+    @property
+    def over(self) -> bool:
+        return self.terminated or self.truncated
+
+    def context(self) -> list[int]:
+        ids: list[int] = []
+        for k, seg in enumerate(self.segments):
+            ids += seg
+            if k < len(self.actions):
+                ids += self.actions[k]
+        return ids
+
+
+def run_lm(
+    model,
+    tokenizer,
+    env_name: str,
+    seeds: Sequence[int],
+    cfg=None,
+    heads=None,
+    env_kwargs: dict | None = None,
+    sample_seed: int = 0,
+    max_turns: int = MAX_TURNS,
+    progress: bool = False,
+    policy_name: str = "base",
+) -> list[Episode]:
+    """One episode per seed, the model writing every action (``cfg``: a
+    :class:`qvlm.configs.DecodeConfig`; ``heads`` and ``cfg.beta`` guide it). Returns tokenised
+    episodes whose action tokens are the tokens sampled."""
+    from qvlm.configs import DecodeConfig
+    from qvlm.decoding import GenerationResult, sample_rollout
+    from qvlm.decoding.sampling import sampling_seeds
+    from qvlm.loading import context_length
+    from qvlm.progress import progress as progress_bar
+
+    cfg = dataclasses.replace(cfg or DecodeConfig(), num_return_sequences=1)
+    chat = cfg.chat
+    limit = context_length(model.config)
+    games = []
+    for seed in seeds:
+        env = make(env_name, **(env_kwargs or {}))
+        observation, _ = env.reset(seed=seed)
+        games.append(_Game(env, seed, [observation], [observation_ids(tokenizer, [observation], chat)]))
+    for turn in progress_bar(iter(range(max_turns)), desc="turns", enabled=progress, unit="turn"):
+        for g in games:
+            if not g.over and limit and len(g.context()) + cfg.max_new_tokens > limit:
+                g.truncated = True  # no room for another response: the conversation is cut, not ended
+        active = [g for g in games if not g.over]
+        if not active:
+            break
+        row_seeds = [sampling_seeds(g.seed, turn, range(sample_seed, sample_seed + 1))[0] for g in active]
+        rollout = sample_rollout(
+            model,
+            tokenizer,
+            [g.context() for g in active],
+            heads,
+            cfg,
+            logprobs=False,
+            ref_logprobs=False,
+            row_seeds=row_seeds if cfg.do_sample else None,
+        )
+        result = GenerationResult.from_rollout(rollout, tokenizer)
+        for g, ids, text in zip(active, result.response_ids, result.texts):
+            observation, reward, terminated, truncated, info = g.env.step(text)
+            g.turns.append(Turn(g.observations[-1], text, float(reward), bool(info.get("invalid_action", False))))
+            g.actions.append(list(ids))
+            g.observations.append(observation)
+            g.terminated = bool(terminated)
+            g.truncated = not terminated and (bool(truncated) or turn + 1 >= max_turns)
+            if not terminated:  # the next state (for a truncated episode: the state it bootstraps from)
+                g.segments.append(observation_ids(tokenizer, g.observations, chat, ids))
+    episodes = []
+    for g in games:
+        if not g.turns:
+            raise QVLMError(
+                f"episode of seed {g.seed}: the first observation leaves no room for a response in the "
+                "model's context; lower max_new_tokens"
+            )
+        tokens = build_tokens(g.segments, g.actions, [t.reward for t in g.turns], g.terminated)
+        episodes.append(
+            Episode(
+                env=resolve_name(env_name),
+                seed=g.seed,
+                turns=g.turns,
+                final_observation=g.observations[-1],
+                terminated=g.terminated,
+                truncated=not g.terminated,
+                policy=policy_name,
+                env_kwargs=dict(env_kwargs or {}),
+                token_ids=tokens.token_ids,
+                action_mask=tokens.action_mask,
+            )
+        )
+    return episodes
