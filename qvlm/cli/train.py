@@ -96,6 +96,7 @@ def run_rm(args) -> int:
     from qvlm.algos.reward_model import read_rm_data, train_reward_model
     from qvlm.configs import RewardModelConfig
     from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_dir
     from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.distributed import accelerate_fsdp, check_fsdp
 
@@ -103,6 +104,7 @@ def run_rm(args) -> int:
     # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) asks for --fsdp
     cfg = config_from_args(RewardModelConfig, args, fsdp=args.fsdp or accelerate_fsdp())
     check_fsdp(cfg.fsdp)  # one process: refused before the data and the backbone load
+    check_output_dir(args.out, "--out", inputs=(args.backbone,))
     data = read_rm_data(args.data)
     out = Path(args.out)
     if (out / "eval.json").exists() and not args.resume:
@@ -119,6 +121,7 @@ def run(args) -> int:
 
     from qvlm.algos.ilql import train_ilql
     from qvlm.algos.value import train_value
+    from qvlm.cli._limits import check_width
     from qvlm.configs import TrunkConfig
     from qvlm.errors import QVLMError
     from qvlm.fileio import check_output_dir
@@ -136,9 +139,8 @@ def run(args) -> int:
             f"{args.q_head}: use --trunk full --q-head mlp with --fsdp, or plain data parallel (no --fsdp)"
         )
     check_fsdp(cfg.fsdp)
-    if args.head_hidden < 0:
-        raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
-    check_output_dir(args.out, "--out")
+    check_width(args.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    check_output_dir(args.out, "--out", inputs=(args.model,))
     samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:

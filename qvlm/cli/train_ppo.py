@@ -31,7 +31,9 @@ def run(args) -> int:
 
     from qvlm.algos.actor_critic import ActorCritic
     from qvlm.algos.ppo import train_ppo
+    from qvlm.cli._limits import check_count, check_tokens, check_total, check_width
     from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_dir
     from qvlm.mdp import read_prompts
     from qvlm.rewards import as_sequence_reward, check_reward, get_reward, needs_reference, read_references
     from qvlm.train.checkpoint import has_checkpoint
@@ -47,6 +49,23 @@ def run(args) -> int:
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
     check_fsdp(cfg.fsdp)
     check_deepspeed(cfg.deepspeed)
+    check_output_dir(args.out, "--out", inputs=(args.model, cfg.critic_init))
+    # the work one run asks for, before the prompts are read and the model loads (issue 25)
+    check_count(cfg.responses_per_prompt, "--responses-per-prompt")
+    check_total(
+        cfg.prompts_per_iter * cfg.responses_per_prompt,
+        f"--prompts-per-iter {cfg.prompts_per_iter:,} x --responses-per-prompt {cfg.responses_per_prompt:,}",
+        "responses per iteration",
+    )
+    check_total(
+        cfg.iterations * cfg.prompts_per_iter * cfg.responses_per_prompt,
+        f"--iterations {cfg.iterations:,} x --prompts-per-iter {cfg.prompts_per_iter:,} x --responses-per-prompt "
+        f"{cfg.responses_per_prompt:,}",
+        advice="ask for fewer iterations or responses",
+    )
+    check_tokens(cfg.max_new_tokens)
+    check_width(cfg.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    check_width(cfg.lora_r, "--lora-r")
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise QVLMError(f"{args.prompts}: no prompts in the file; give at least one prompt (one per line)")
