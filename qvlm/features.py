@@ -122,8 +122,8 @@ def save_features(path: str | Path, token_ids: Sequence[Sequence[int]], hidden: 
 
 def load_features(path: str | Path) -> tuple[list[list[int]], list[torch.Tensor]]:
     """``(token_ids, hidden)`` as written by :func:`save_features` (tensors on the CPU)."""
-    from safetensors.torch import load_file
+    from qvlm.heads import load_tensors
 
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)  # a damaged or non-finite cache file: one line naming it
     n = len(tensors) // 2
     return [tensors[f"{i}.ids"].tolist() for i in range(n)], [tensors[f"{i}.h"] for i in range(n)]

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -117,17 +118,18 @@ def _string(obj: dict, key: str, where: str) -> str:
 def read_rm_data(path: str | Path) -> RMData:
     """Labelled texts or preference pairs from a JSONL file (the kind is read from the first line;
     every line must be of that kind). Errors name the file and line."""
+    from qvlm.fileio import read_lines
+    from qvlm.mdp import MAX_SAMPLE_LINE_BYTES, _json_line
+
     path = Path(path)
     if not path.is_file():
         raise QVLMError(f"{path}: no such data file; give a JSONL file of labelled texts or preference pairs")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise QVLMError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    # UTF-8, NUL bytes, overlong lines and invalid JSON: one line naming file:line (issue 25)
+    rows = [
+        (f"{path}:{lineno}", _json_line(line, f"{path}:{lineno}"))
+        for lineno, line in read_lines(path, MAX_SAMPLE_LINE_BYTES)
+        if line.strip()
+    ]
     if len(rows) < 2:
         raise QVLMError(f"{path}: {len(rows)} examples; a reward model needs at least 2")
     first = rows[0][1] if isinstance(rows[0][1], dict) else {}
@@ -152,7 +154,8 @@ def read_rm_data(path: str | Path) -> RMData:
                 raise QVLMError(f'{where}: field "label" must be a string or an integer, got {obj["label"]!r}')
             raw_labels.append(str(obj["label"]))
     if kind == "classification":
-        numeric = all(name.lstrip("-").isdigit() for name in raw_labels)
+        # integer labels sort as numbers; "--1" or "²" (str.isdigit is true for superscripts) are names
+        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in raw_labels)
         data.label_names = sorted(set(raw_labels), key=int if numeric else str)
         if len(data.label_names) < 2:
             raise QVLMError(f"{path}: every example has the label {raw_labels[0]!r}; a classifier needs at least two")
@@ -176,10 +179,11 @@ def default_backbone() -> Path:
 def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pooling: str = "default"):
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` on ``backbone`` with one output
     (preferences) or one per label, its pad id and ``pooling`` set, on ``device``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from qvlm.loading import ensure_pad_token
+    from qvlm.loading import check_finite_weights, ensure_pad_token
 
     path = Path(backbone)
     if not (path / "config.json").is_file():
@@ -192,10 +196,11 @@ def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pool
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # SafetensorError: truncated
         raise QVLMError(f"--backbone {path}: cannot load it as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_finite_weights(model, f"--backbone {path}")
     ensure_pad_token(tokenizer, str(path))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs pool at the last non-pad token
     model.config.qvlm_input = "pair" if data.kind == "preference" and data.with_prompt else "response"

@@ -39,7 +39,7 @@ from qvlm.apps.demo_ppo import parse_iterations
 from qvlm.configs import DecodeConfig, ProxyConfig, RewardModelConfig, parse_numbers
 from qvlm.errors import QVLMError
 from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import atomic_write_text, read_json
 from qvlm.mdp import Sample, read_samples, write_samples
 from qvlm.rewards import get_reward, score
 
@@ -86,7 +86,11 @@ def _check_config(out: Path, cfg: ProxyConfig) -> None:
     path = out / "config.json"
     current = dataclasses.asdict(cfg)
     # a run made before an option existed ran with its default
-    saved = {**dataclasses.asdict(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
+    saved = (
+        {**dataclasses.asdict(ProxyConfig()), **read_json(path, "delete it to start the experiment afresh")}
+        if path.is_file()
+        else current
+    )
     changed = [k for k in current if saved.get(k) != current[k]]
 
     def may_change(key: str) -> bool:
@@ -294,7 +298,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
 
     file = out / "guidance_curve.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     torch.manual_seed(cfg.seed)  # the heads' initialisation
     cache = FeatureCache()  # frozen trunk: its features are computed in the first epoch and reused
     scorer = QVModel.from_trunk(
@@ -360,7 +364,7 @@ def _ppo_curve(model, tokenizer, prompts, eval_prompts, proxy, gold, cfg: ProxyC
 
     file = out / "ppo_curve.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     stages = parse_iterations(cfg.ppo_iterations)
     pcfg = PPOConfig(
         iterations=stages[-1],
