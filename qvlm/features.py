@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from qvlm.heads import load_tensors
 from qvlm.mdp import Sample, TokenBatch, encode_samples
 
 __all__ = ["FeatureCache", "save_features", "load_features"]
@@ -123,6 +124,6 @@ def save_features(path: str | Path, token_ids: Sequence[Sequence[int]], hidden: 
 def load_features(path: str | Path) -> tuple[list[list[int]], list[torch.Tensor]]:
     """``(token_ids, hidden)`` as written by :func:`save_features` (tensors on the CPU)."""
 
-    tensors = load_file(str(path))
+    tensors = load_tensors(path)  # a damaged or non-finite cache file: one line naming it
     n = len(tensors) // 2
     return [tensors[f"{i}.ids"].tolist() for i in range(n)], [tensors[f"{i}.h"] for i in range(n)]

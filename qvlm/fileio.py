@@ -20,6 +20,7 @@ __all__ = [
     "os_error",
     "read_lines",
     "read_text",
+    "read_json",
 ]
 
 # a prompt or sample line longer than this is refused (and never decoded or tokenised whole)
@@ -35,13 +36,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def os_error(path: str | os.PathLike, err: OSError, doing: str = "read") -> QVLMError:
-    """One line for an OS error on ``path``: what failed, why (the OS's words) and what to do."""
-    reason = err.strerror or type(err).__name__
+def os_error(path: str | os.PathLike | None, err: OSError, doing: str = "read") -> QVLMError:
+    """One line for an OS error on ``path``: what failed, why (the OS's words) and what to do.
+
+    ``path`` None: the error's own file name (an ``OSError`` that escaped a library call)."""
+    if path is None:
+        path = err.filename if err.filename is not None else "a file"
+        if err.filename2 is not None:
+            path = f"{path} -> {err.filename2}"
+    reason = err.strerror or str(err) or type(err).__name__
     if isinstance(err, IsADirectoryError):
         return QVLMError(f"{path}: is a directory, not a file; give a file path")
     if isinstance(err, FileNotFoundError) and doing == "read":
         return QVLMError(f"{path}: no such file; check the path")
+    if isinstance(err, FileExistsError):
+        return QVLMError(
+            f"{path}: cannot {doing}: a file is in the way ({reason}); give a path that is a directory or does not "
+            "exist yet, or move that file away"
+        )
+    if isinstance(err, NotADirectoryError):
+        return QVLMError(
+            f"{path}: cannot {doing}: part of the path is a file, not a directory ({reason}); choose another path"
+        )
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return QVLMError(f"{path}: cannot {doing}: {reason}; free some space or choose another location")
+    if err.errno == errno.EROFS:
+        return QVLMError(f"{path}: cannot {doing}: read-only file system; choose a writable location")
     return QVLMError(f"{path}: cannot {doing} ({reason}); check the path and its permissions")
 
 
@@ -83,6 +103,26 @@ def read_text(path: str | os.PathLike, max_bytes: int = 64 * MAX_LINE_BYTES) -> 
     return _decode(raw, str(path))
 
 
+def read_json(path: str | os.PathLike, what_to_do: str = "restore it or delete it", kind: type | tuple = dict):
+    """A small JSON file qvlm wrote (a config, a cached result), checked: unreadable, not UTF-8, not
+    JSON, or not a ``kind`` (a JSON object by default; ``(dict, list)``: either) is a
+    :class:`QVLMError` naming the file and ending in ``what_to_do``."""
+    import json
+
+    try:
+        value = json.loads(read_text(path))
+    except QVLMError as err:
+        raise QVLMError(f"{err}; {what_to_do}") from None
+    except ValueError as err:  # json.JSONDecodeError
+        where = f": line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
+        msg = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+        raise QVLMError(f"{path}: damaged, not valid JSON ({msg}{where}); {what_to_do}") from None
+    if not isinstance(value, kind):
+        expected = "a JSON object" if kind is dict else "a JSON object or list"
+        raise QVLMError(f"{path}: damaged, a JSON {type(value).__name__} where {expected} belongs; {what_to_do}")
+    return value
+
+
 def _decode(raw: bytes, where: str) -> str:
     if b"\x00" in raw:
         raise QVLMError(f"{where}: binary content (NUL bytes); give a UTF-8 text file")
@@ -96,23 +136,31 @@ def _decode(raw: bytes, where: str) -> str:
 
 def check_output_file(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> None:
     """Refuse, before any work, an output file that cannot be written: a directory, a path under a
-    file, an unwritable folder, or one of ``inputs`` (it would be overwritten). Creates nothing."""
+    file, an unwritable folder, one of ``inputs`` or an existing file inside an input directory (a
+    model, a run: it would be overwritten). Creates nothing."""
     path = Path(path)
     for src in inputs:
-        if src and _same_file(path, Path(src)):
+        if src and (_same_file(path, Path(src)) or (path.is_file() and _inside(path, Path(src)))):
             raise QVLMError(
-                f"{flag} {path} is also an input of this run; writing it would overwrite it, choose another"
+                f"{flag} {path} is also an input of this run ({src}); writing it would overwrite it, choose another"
             )
     if path.is_dir():
         raise QVLMError(f"{flag} {path} is a directory; give a file path")
     _check_writable_folder(path.parent, f"{flag} {path}")
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> None:
-    """Refuse, before any work, an output folder that is a file, lies under a file, or cannot be written."""
+def check_output_dir(path: str | os.PathLike, flag: str, inputs: tuple = ()) -> None:
+    """Refuse, before any work, an output folder that is a file, lies under a file, cannot be written,
+    or is one of ``inputs`` (a model or run directory the command reads: its files would be overwritten)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise QVLMError(f"{flag} {path} is a file, not a directory; choose a directory path")
+    for src in inputs:
+        if src and _same_file(path, Path(src)):
+            raise QVLMError(
+                f"{flag} {path} is also an input of this run ({src}); writing there would overwrite its files, "
+                "choose another directory"
+            )
     _check_writable_folder(path, f"{flag} {path}")
 
 
@@ -120,6 +168,14 @@ def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies inside the existing directory ``folder``."""
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):
         return False
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,6 +38,7 @@ __all__ = [
     "NATIVE_BF16_CPU_FLAGS",
     "load_model",
     "ensure_pad_token",
+    "check_finite_weights",
     "hidden_size_of",
     "context_length",
     "cache_dir",
@@ -167,8 +169,21 @@ def load_model(
     else:
         model, tokenizer = _from_pretrained(name_or_path, dtype, trust_remote_code)
     ensure_pad_token(tokenizer, name_or_path)
+    check_finite_weights(model, name_or_path)
     model.to(device).eval()
     return model, tokenizer
+
+
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Refuse a model with a NaN or infinite weight when it loads, naming the tensor, rather than
+    mid-decoding ("probability tensor contains either inf, nan"): one pass over the weights."""
+    with torch.no_grad():
+        for key, tensor in model.named_parameters():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise QVLMError(
+                    f"model {name}: weight {key} is not finite (NaN or inf); the weights are damaged or come from a "
+                    "diverged run: restore or re-convert the model"
+                )
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, name: str = "the tokenizer") -> None:
@@ -220,6 +235,12 @@ def _from_pretrained(name: str, dtype: torch.dtype, trust_remote_code: bool):
         raise QVLMError(
             f"could not load model {name!r} offline ({first}); pass a local model directory, a "
             f".gguf file, or {DEFAULT_MODEL!r}"
+        ) from None
+    except (SafetensorError, RuntimeError, KeyError) as err:  # damaged or truncated weights, shapes that differ
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise QVLMError(
+            f"model {name}: its weights do not load ({first}); the files are damaged or truncated: restore the "
+            "model directory (or convert it again)"
         ) from None
     return model, tokenizer
 

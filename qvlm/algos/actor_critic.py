@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -239,6 +239,7 @@ def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
     if ac.peft is not None:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-adapter-", dir=run_dir))
         ac.peft.save_pretrained(str(tmp))
+        _sort_target_modules(tmp / "adapter_config.json")
         old = run_dir / "adapter"
         if old.exists():
             trash = run_dir / f".trash-adapter-{os.getpid()}"
@@ -255,6 +256,15 @@ def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
 
 
+def _sort_target_modules(config_file: Path) -> None:
+    """peft writes ``target_modules`` from a set, in an order that changes with each process's string
+    hashing: sorted, two runs with one seed write the same bytes (issue 25)."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True))
+
+
 def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name("." + path.name + ".tmp")
     # tied weights share storage: save each tensor once, as a contiguous clone
@@ -264,18 +274,47 @@ def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
 
 def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
     """The policy a ``qvlm train ppo`` run trained, on ``model`` (its base): the LoRA adapter merged
-    into the weights, or the full weights loaded. Eval mode, no gradients."""
+    into the weights, or the full weights loaded. Eval mode, no gradients.
+
+    Every file is checked before use: ``training.json`` must be a JSON object of a ppo run, the
+    weights readable and finite (:func:`qvlm.heads.load_tensors`), the adapter's config valid JSON; a
+    damaged, truncated or diverged file is a :class:`QVLMError` naming it."""
+    from qvlm.fileio import read_json
+    from qvlm.heads import load_tensors
+
     run_dir = Path(run_dir)
     info_file = run_dir / "training.json"
-    if not info_file.is_file() or json.loads(info_file.read_text()).get("algorithm") not in ("ppo", "a2c"):
+    if not info_file.is_file():
         raise QVLMError(f"--policy {run_dir}: not a `qvlm train ppo` run directory (no training.json of ppo)")
-    if (run_dir / "adapter").is_dir():
+    info = read_json(info_file, "restore the run directory or train the policy again")
+    if info.get("algorithm") not in ("ppo", "a2c"):
+        raise QVLMError(f"--policy {run_dir}: not a `qvlm train ppo` run directory (no training.json of ppo)")
+    device = next(model.parameters()).device
+    adapter = run_dir / "adapter"
+    if adapter.is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(run_dir / "adapter")).merge_and_unload()
+        weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+        for f in (config, weights):
+            if not f.is_file():
+                raise QVLMError(f"--policy {run_dir}: {f} is missing; restore the run directory or train again")
+        read_json(config, "restore the run directory or train the policy again")
+        state = load_tensors(weights, device)  # readable and finite, before peft reads it again
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise QVLMError(
+                f"--policy {run_dir}: its adapter does not load on this --model ({reason[:200]}); pass the base model "
+                "the run trained (training.json's base_model) or train again"
+            ) from None
+        del state
     elif (run_dir / "policy.safetensors").is_file():
-        state = load_file(str(run_dir / "policy.safetensors"), device=str(next(model.parameters()).device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        state = load_tensors(run_dir / "policy.safetensors", device)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError:  # a tensor of another shape
+            missing, unexpected = [], ["(shapes differ)"]
         if unexpected or [m for m in missing if "lm_head" not in m]:
             raise QVLMError(f"--policy {run_dir}: its weights do not fit this --model (pass the base the run used)")
     else:

@@ -33,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -47,7 +49,8 @@ from qvlm.configs import RewardModelConfig
 from qvlm.errors import QVLMError
 from qvlm.eval.metrics import json_safe
 from qvlm.fileio import atomic_write_text
-from qvlm.loading import ensure_pad_token, resolve_device
+from qvlm.jsonl import MAX_SAMPLE_LINE_BYTES, read_jsonl
+from qvlm.loading import check_finite_weights, ensure_pad_token, resolve_device
 from qvlm.losses import bradley_terry_loss, classification_loss
 from qvlm.report.calibration import calibration_bins, expected_calibration_error, write_calibration_svg
 from qvlm.rewards.hf import MEAN_LOGITS, _mean_logits, classifier_logits, encode_texts, linear_head
@@ -117,14 +120,8 @@ def read_rm_data(path: str | Path) -> RMData:
     path = Path(path)
     if not path.is_file():
         raise QVLMError(f"{path}: no such data file; give a JSONL file of labelled texts or preference pairs")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise QVLMError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    # UTF-8, NUL bytes, overlong lines and invalid JSON: one line naming file:line (issue 25)
+    rows = list(read_jsonl(path, MAX_SAMPLE_LINE_BYTES))
     if len(rows) < 2:
         raise QVLMError(f"{path}: {len(rows)} examples; a reward model needs at least 2")
     first = rows[0][1] if isinstance(rows[0][1], dict) else {}
@@ -149,7 +146,8 @@ def read_rm_data(path: str | Path) -> RMData:
                 raise QVLMError(f'{where}: field "label" must be a string or an integer, got {obj["label"]!r}')
             raw_labels.append(str(obj["label"]))
     if kind == "classification":
-        numeric = all(name.lstrip("-").isdigit() for name in raw_labels)
+        # integer labels sort as numbers; "--1" or "²" (str.isdigit is true for superscripts) are names
+        numeric = all(re.fullmatch(r"-?[0-9]+", name) for name in raw_labels)
         data.label_names = sorted(set(raw_labels), key=int if numeric else str)
         if len(data.label_names) < 2:
             raise QVLMError(f"{path}: every example has the label {raw_labels[0]!r}; a classifier needs at least two")
@@ -185,10 +183,11 @@ def load_backbone(backbone: str | Path, data: RMData, device: torch.device, pool
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:  # SafetensorError: truncated
         raise QVLMError(f"--backbone {path}: cannot load it as a sequence classifier: {err}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    check_finite_weights(model, f"--backbone {path}")
     ensure_pad_token(tokenizer, str(path))
     model.config.pad_token_id = tokenizer.pad_token_id  # causal LMs pool at the last non-pad token
     model.config.qvlm_input = "pair" if data.kind == "preference" and data.with_prompt else "response"

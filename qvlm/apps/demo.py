@@ -18,7 +18,6 @@ output directory, so a rerun after an interruption resumes:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from qvlm.apps.demo_train import Learners, sample_phase, train_phase
 from qvlm.configs import DecodeConfig, DemoConfig, flat
 from qvlm.errors import QVLMError
 from qvlm.eval.valuemap import value_maps
+from qvlm.fileio import read_json
 from qvlm.loading import load_model
 from qvlm.rewards import as_sequence_reward, get_reward
 
@@ -180,7 +180,7 @@ def report_phase(
     ]
     maps_file = ctx.out / "value_maps.json"
     if maps_file.is_file():
-        maps = json.loads(maps_file.read_text())
+        maps = read_json(maps_file, "delete it to compute that phase again", (dict, list))
     else:
         idx = list(range(min(4, len(prompts))))
         pairs = [(base, "base", i) for i in idx] + [(guided, shown, i) for i in idx]
@@ -218,7 +218,7 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
     file = out / "demo_config.json"
     current = flat(cfg)
     if file.is_file():
-        saved = json.loads(file.read_text())
+        saved = read_json(file, "delete it to start the demo afresh")
         diff = sorted(k for k in current if saved.get(k) != current[k])
         if diff:
             raise QVLMError(

@@ -12,7 +12,6 @@ Each method's responses and metrics are cached as JSON (``val/NAME.json``, ``eva
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from qvlm.configs import parse_numbers
 from qvlm.decoding import GenerationResult, best_of_n_kl_estimate, blockwise_generate, generate, select_best_of_n
 from qvlm.eval.frontier import build_frontier
 from qvlm.eval.metrics import json_safe, summarize
+from qvlm.fileio import read_json
 from qvlm.model import QVModel
 
 __all__ = [
@@ -108,7 +108,7 @@ def decode_method(ctx: DemoContext, split: str, prompts: list[str], method: Guid
     """
     file = ctx.out / split / f"{method.name}.json"
     if file.is_file():
-        saved = json.loads(file.read_text())
+        saved = read_json(file, "delete it to compute that phase again", (dict, list))
         ctx.log(f"[{split} {method.name}] cached")
     else:
         ctx.log(f"[{split} {method.name}] {time.strftime('%H:%M:%S')}")
@@ -181,7 +181,7 @@ def _base_draws(ctx: DemoContext, file: Path) -> dict:
     """``best_of`` base responses per eval prompt, scored; cached."""
     if file.is_file():
         ctx.log("[eval base draws] cached")
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     cfg, prompts = ctx.cfg, ctx.eval_prompts
     ctx.log(f"[eval base draws] {time.strftime('%H:%M:%S')} {cfg.best_of} per prompt")
     start = time.perf_counter()
@@ -206,7 +206,7 @@ def _base_timing(ctx: DemoContext, file: Path) -> dict:
     """Plain sampling timed as every guided method runs: one response per prompt, each prefilled (the
     draws share each prompt's prefill over N responses, so their per-token time is lower); cached."""
     if file.is_file():
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     ctx.log(f"[eval base timing] {time.strftime('%H:%M:%S')}")
     start = time.perf_counter()
     res = generate(ctx.model, ctx.tokenizer, ctx.eval_prompts, cfg=ctx.decode, progress=ctx.progress)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from qvlm.configs import DemoConfig, PPOConfig, flat
 from qvlm.decoding.sampling import sample_rollout
 from qvlm.eval.metrics import json_safe
 from qvlm.eval.policy import rollout_metrics
+from qvlm.fileio import read_json
 from qvlm.train.metrics import read_history
 
 __all__ = [
@@ -87,7 +87,7 @@ def _decode(ctx: DemoContext, split: str, prompts: list[str], policy_dir: Path, 
     file = ctx.out / split / f"{name}.json"
     if file.is_file():
         ctx.log(f"[{split} {name}] cached")
-        saved = json.loads(file.read_text())
+        saved = read_json(file, "delete it to compute that phase again", (dict, list))
     else:
         saved = _decode_once(ctx, prompts, policy_dir, name, split)
         save_json(file, saved)

@@ -51,7 +51,7 @@ from qvlm.eval.metrics import json_safe, summarize
 from qvlm.eval.overoptimisation import best_of_n_expectation, gold_pairs, peak
 from qvlm.eval.policy import rollout_metrics
 from qvlm.features import FeatureCache
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import atomic_write_text, read_json
 from qvlm.jsonl import read_samples, write_jsonl, write_samples
 from qvlm.loading import load_model, resolve_device
 from qvlm.mdp import Sample
@@ -103,7 +103,11 @@ def _check_config(out: Path, cfg: ProxyConfig) -> None:
     path = out / "config.json"
     current = flat(cfg)
     # a run made before an option existed ran with its default
-    saved = {**flat(ProxyConfig()), **json.loads(path.read_text())} if path.is_file() else current
+    saved = (
+        {**flat(ProxyConfig()), **read_json(path, "delete it to start the experiment afresh")}
+        if path.is_file()
+        else current
+    )
     changed = [k for k in current if saved.get(k) != current[k]]
 
     def may_change(key: str) -> bool:
@@ -282,7 +286,7 @@ def _guidance_curve(model, tokenizer, samples, eval_prompts, proxy, gold, cfg: P
 
     file = out / "guidance_curve.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     torch.manual_seed(cfg.seed)  # the heads' initialisation
     cache = FeatureCache()  # frozen trunk: its features are computed in the first epoch and reused
     scorer = QVModel.from_trunk(
@@ -339,7 +343,7 @@ def _ppo_curve(model, tokenizer, prompts, eval_prompts, proxy, gold, cfg: ProxyC
 
     file = out / "ppo_curve.json"
     if file.is_file():
-        return json.loads(file.read_text())
+        return read_json(file, "delete it to compute that phase again", (dict, list))
     stages = parse_iterations(cfg.ppo_iterations)
     pcfg = dataclasses.replace(cfg.ppo, max_new_tokens=cfg.max_new_tokens, decode_batch_size=cfg.batch_size,
                                seed=cfg.seed, progress=progress)  # fmt: skip

@@ -29,6 +29,11 @@ COMMANDS = [
 ]
 
 
+# what allocators say when a request cannot be met (CPU: "can't allocate memory"; CUDA: "out of memory";
+# torch.OutOfMemoryError is a RuntimeError)
+_OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate memory")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors: exit 2, no traceback
         self.print_usage(sys.stderr)
@@ -67,8 +72,25 @@ def main(argv: list[str] | None = None) -> int:
     except (QVLMError, OSError) as err:
         if getattr(args, "debug", False):
             traceback.print_exc()
+        if isinstance(err, OSError):  # escaped a library call: the file, the OS's words and what to do
+            from qvlm.fileio import os_error
+
+            err = os_error(None, err, "access")
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message holds
         print(f"qvlm {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:  # an allocator's failure: one line; other errors are qvlm bugs
+        text = " ".join(str(err).split())
+        if not isinstance(err, MemoryError) and not any(m in text for m in _OUT_OF_MEMORY):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(
+            f"qvlm {args.command}: error: out of memory ({text[:200] or type(err).__name__}); the run asks for more "
+            "memory than the device has: lower the sizes it asks for (--batch-size, --head-hidden, counts of "
+            "responses, --max-new-tokens) or use a smaller model",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"qvlm {args.command}: interrupted", file=sys.stderr)

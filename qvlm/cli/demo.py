@@ -41,9 +41,10 @@ def run(args) -> int:
     from qvlm.rewards import get_reward
 
     cfg = config_from_args(DemoConfig, args)
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", inputs=(cfg.model,))
     if cfg.reward:
         get_reward(cfg.reward)  # an unknown name is refused before the model loads
+    _check_work(cfg)
     if args.seeds:
         return _run_seeds(cfg, args)
     summary = run_demo(cfg, args.out)
@@ -75,6 +76,32 @@ def run(args) -> int:
         )
     print(f"report: {args.out}/report.html   metrics: {args.out}/metrics.json")
     return 0
+
+
+def _check_work(cfg) -> None:
+    """Refuse, before SmolLM2 loads, counts whose responses or tokens exceed the limits of
+    :mod:`qvlm.cli._limits` (issue 25); a 0 (the preset) is the preset's own, small count."""
+    from qvlm.apps.demo_prompts import load_demo_prompts
+    from qvlm.apps.runs import parse_iterations
+    from qvlm.cli._limits import check_count, check_tokens, check_total, check_width
+
+    train = len(load_demo_prompts("train")[: cfg.train_prompts or None])  # the shipped prompts bound the counts
+    evals = len(load_demo_prompts("eval")[: cfg.eval_prompts or None])
+    if cfg.max_new_tokens:
+        check_tokens(cfg.max_new_tokens)
+    if cfg.samples_per_prompt:
+        check_count(cfg.samples_per_prompt, "--samples-per-prompt", train)
+    check_count(cfg.best_of, "--best-of", evals)
+    check_count(cfg.candidates, "--candidates", evals)
+    check_tokens(cfg.block_size, "--block-size")
+    check_width(cfg.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    stages = parse_iterations(cfg.ppo_iterations)
+    if stages:
+        check_total(
+            stages[-1] * cfg.ppo.prompts_per_iter * cfg.ppo.responses_per_prompt,
+            f"--ppo-iterations {stages[-1]:,} x --ppo-prompts-per-iter {cfg.ppo.prompts_per_iter:,} x "
+            f"{cfg.ppo.responses_per_prompt} responses",
+        )
 
 
 def _run_seeds(cfg, args) -> int:

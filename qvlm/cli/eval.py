@@ -7,11 +7,13 @@ import argparse
 from qvlm.cli._common import (
     add_config_args,
     add_model_arg,
+    check_count,
     check_non_negative,
     config_from_args,
     load,
     parse_floats,
 )
+from qvlm.cli._limits import check_tokens, check_total
 from qvlm.configs import DecodeConfig
 from qvlm.rewards import REWARD_HELP, check_reward
 
@@ -75,13 +77,25 @@ def run(args) -> int:
     if args.samples_per_prompt < 1:
         raise QVLMError(f"--samples-per-prompt is {args.samples_per_prompt}; it must be at least 1")
     k = args.samples_per_prompt
+    # every count that multiplies work, before the prompts are read and the model loads (issue 25)
+    check_count(k, "--samples-per-prompt")
+    if ns:
+        check_count(max(ns), "--best-of")
+    check_tokens(args.max_new_tokens)
     for beta in betas:  # every config is valid before any work
         config_from_args(DecodeConfig, args, beta=beta, num_return_sequences=k)
     if args.json:
-        check_output_file(args.json, "--json", inputs=(args.prompts,))
+        check_output_file(args.json, "--json", inputs=(args.prompts, args.heads, args.policy, args.model))
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:
         prompts = prompts[: args.max_prompts]
+    decodes = len(betas) * (2 if args.policy else 1)  # each beta: the base (or heads), and the policy
+    best = max(ns, default=0)
+    check_total(
+        len(prompts) * (k * decodes + best),
+        f"{len(prompts)} prompt(s) x ({k} --samples-per-prompt x {decodes} decoding run(s) + {best} --best-of draws)",
+        advice="use fewer prompts (--max-prompts) or smaller counts",
+    )
     references = read_references(args.prompts, f"reward {args.reward}") if needs_reference(args.reward) else None
     check_reward(args.reward)  # a bad reward fails before the model loads
     model, tokenizer = load(args)

@@ -128,10 +128,14 @@ def run(args) -> int:
         raise QVLMError(f"--seed {args.seed}: seeds are integers >= 0")
     if args.max_states < 1:
         raise QVLMError(f"--max-states {args.max_states}: the state budget must be at least 1")
-    if args.json_path:
-        from qvlm.fileio import check_output_file
+    from qvlm.fileio import check_output_file
 
+    if args.json_path:
         check_output_file(args.json_path, "--json")
+    if args.plot:
+        if not args.plot.lower().endswith((".png", ".svg")):
+            raise QVLMError(f"--plot {args.plot}: use a file name ending in .png or .svg")
+        check_output_file(args.plot, "--plot", inputs=(args.json_path,))
     learners = _learner_names(args.learners)
     pattern = tuple(_token_id(t, args.vocab, "--pattern") for t in args.pattern.split(",") if t.strip())
     config = MDPConfig(
@@ -149,8 +153,6 @@ def run(args) -> int:
     mdp = build_mdp(config)
     tree = build_tree(mdp, max_states=config.max_states)
     frontier = args.frontier or bool(args.plot)
-    if args.plot and not args.plot.lower().endswith((".png", ".svg")):
-        raise QVLMError(f"--plot {args.plot}: use a file name ending in .png or .svg")
     result = compare_learners(
         tree, args.alpha, learners, seed=args.seed, progress=not args.no_progress, frontier=frontier
     )

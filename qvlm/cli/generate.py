@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from qvlm.cli._common import add_config_args, add_model_arg, check_count, config_from_args, load
+from qvlm.cli._limits import check_tokens
 from qvlm.configs import DecodeConfig
 
 
@@ -40,8 +41,9 @@ def run(args) -> int:
 
     cfg = config_from_args(DecodeConfig, args)
     if args.out:
-        check_output_file(args.out, "--out", inputs=(args.prompts,))
+        check_output_file(args.out, "--out", inputs=(args.prompts, args.heads, args.policy, args.model))
     check_count(cfg.num_return_sequences, "--num-return-sequences")
+    check_tokens(cfg.max_new_tokens)
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     check_count(cfg.num_return_sequences, "--num-return-sequences", len(prompts))
     for i, text in enumerate(prompts):

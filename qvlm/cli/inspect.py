@@ -35,7 +35,7 @@ def run(args) -> int:
     if not args.prompt.strip():
         raise QVLMError("--prompt is empty; give the prompt the text answers")
     if args.out:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", inputs=(args.heads, args.model))
     model, tokenizer = load(args)
     qv = load_qv_model(model, args.heads)
     limit = context_length(model.config) or 1 << 30

@@ -33,7 +33,43 @@ def run(args) -> int:
 
     from qvlm.apps.proxy import run_proxy
     from qvlm.cli._common import config_from_args
+    from qvlm.fileio import check_output_dir
+    from qvlm.rewards import check_reward
 
     hf_logging.disable_progress_bar()
-    run_proxy(config_from_args(ProxyConfig, args), args.out, device=args.device, dtype=args.dtype)
+    cfg = config_from_args(ProxyConfig, args)
+    check_output_dir(args.out, "--out", inputs=(cfg.model, cfg.rm.backbone))
+    check_work(cfg)
+    check_reward(cfg.gold)  # a bad gold reward is refused before the model loads
+    run_proxy(cfg, args.out, device=args.device, dtype=args.dtype)
     return 0
+
+
+def check_work(cfg: ProxyConfig) -> None:
+    """Refuse, before any model loads, an experiment whose samples, candidate pairs or draws exceed the
+    limits of :mod:`qvlm.cli._limits` (issue 25)."""
+    from qvlm.apps.demo_prompts import load_demo_prompts
+    from qvlm.apps.runs import parse_iterations
+    from qvlm.cli._limits import check_count, check_tokens, check_total
+
+    train = len(load_demo_prompts("train")[: cfg.train_prompts])  # the shipped prompts bound the counts
+    evals = len(load_demo_prompts("eval")[: cfg.eval_prompts])
+    check_tokens(cfg.max_new_tokens)
+    check_count(cfg.samples_per_prompt, "--samples-per-prompt", train)
+    s = cfg.samples_per_prompt
+    check_total(
+        train * s * (s - 1) // 2, f"{train} prompts x pairs among --samples-per-prompt {s:,}", "candidate pairs"
+    )
+    check_count(cfg.max_n, "--max-n", evals)
+    stages = parse_iterations(cfg.ppo_iterations)
+    if stages:
+        check_total(
+            stages[-1] * cfg.ppo.prompts_per_iter * cfg.ppo.responses_per_prompt,
+            f"--ppo-iterations {stages[-1]:,} x --ppo-prompts-per-iter {cfg.ppo.prompts_per_iter:,} x "
+            f"{cfg.ppo.responses_per_prompt} responses",
+        )
+        check_count(cfg.ppo_eval_samples, "--ppo-eval-samples", evals * len(stages))
+    betas = [b for b in cfg.guide_betas.split(",") if b.strip()]
+    if betas:
+        check_count(cfg.guide_eval_samples, "--guide-eval-samples", evals * (len(betas) + 1))
+    check_total(cfg.rm.batch_size, f"--rm-batch-size {cfg.rm.batch_size:,}", "pairs per optimiser step")

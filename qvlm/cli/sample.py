@@ -13,6 +13,7 @@ from qvlm.cli._common import (
     config_from_args,
     load,
 )
+from qvlm.cli._limits import check_tokens
 from qvlm.configs import DecodeConfig
 from qvlm.envs.policies import DEFAULT_EPSILON, POLICY_KINDS
 from qvlm.rewards import REWARD_HELP, check_reward
@@ -141,8 +142,9 @@ def run(args) -> int:
     from qvlm.rollout import rollout_to_samples
 
     check_count(args.n, "--n")
+    check_tokens(args.max_new_tokens)
     check_non_negative(args.max_prompts, "--max-prompts", "0: all")
-    check_output_file(args.out, "--out", inputs=(args.prompts,))
+    check_output_file(args.out, "--out", inputs=(args.prompts, args.model))
     cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=args.n)
     prompts = read_prompts(args.prompts)
     if args.max_prompts > 0:

@@ -91,6 +91,7 @@ def run_rm(args) -> int:
     from qvlm.algos.reward_model import read_rm_data, train_reward_model
     from qvlm.configs import RewardModelConfig
     from qvlm.errors import QVLMError
+    from qvlm.fileio import check_output_dir
     from qvlm.train.checkpoint import has_checkpoint
     from qvlm.train.distributed import accelerate_fsdp, check_fsdp
 
@@ -99,6 +100,7 @@ def run_rm(args) -> int:
     args.fsdp = args.fsdp or accelerate_fsdp()
     cfg = config_from_args(RewardModelConfig, args)
     check_fsdp(cfg.fsdp)  # one process: refused before the data and the backbone load
+    check_output_dir(args.out, "--out", inputs=(args.backbone,))
     data = read_rm_data(args.data)
     out = Path(args.out)
     if (out / "eval.json").exists() and not args.resume:
@@ -115,6 +117,7 @@ def run(args) -> int:
 
     from qvlm.algos.ilql import train_ilql
     from qvlm.algos.value import train_value
+    from qvlm.cli._limits import check_width
     from qvlm.errors import QVLMError
     from qvlm.fileio import check_output_dir
     from qvlm.jsonl import read_samples
@@ -128,9 +131,8 @@ def run(args) -> int:
     trunk = config_from_args(TrunkConfig, args)
     check_batch_size(cfg.batch_size)  # under a launcher: before the model loads
     check_fsdp(trunk.fsdp)
-    if args.head_hidden < 0:
-        raise QVLMError(f"--head-hidden is {args.head_hidden}; it must be >= 0 (0: the trunk's hidden size)")
-    check_output_dir(args.out, "--out")
+    check_width(args.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    check_output_dir(args.out, "--out", inputs=(args.model,))
     samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:

@@ -31,6 +31,8 @@ def run(args) -> int:
 
     from qvlm.algos.actor_critic import ActorCritic
     from qvlm.algos.ppo import train_ppo
+    from qvlm.cli._limits import check_count, check_tokens, check_total, check_width
+    from qvlm.fileio import check_output_dir
     from qvlm.train.distributed import accelerate_fsdp, check_divides, check_fsdp, is_main_process
     from qvlm.train.rng import set_seed
     from qvlm.train.zero import accelerate_deepspeed, check_deepspeed
@@ -42,6 +44,23 @@ def run(args) -> int:
     check_divides(cfg.prompts_per_iter, "--prompts-per-iter", "prompts")  # under a launcher: before the model loads
     check_fsdp(cfg.trunk.fsdp)
     check_deepspeed(cfg.deepspeed)
+    check_output_dir(args.out, "--out", inputs=(args.model, cfg.critic_init))
+    # the work one run asks for, before the prompts are read and the model loads (issue 25)
+    check_count(cfg.responses_per_prompt, "--responses-per-prompt")
+    check_total(
+        cfg.prompts_per_iter * cfg.responses_per_prompt,
+        f"--prompts-per-iter {cfg.prompts_per_iter:,} x --responses-per-prompt {cfg.responses_per_prompt:,}",
+        "responses per iteration",
+    )
+    check_total(
+        cfg.iterations * cfg.prompts_per_iter * cfg.responses_per_prompt,
+        f"--iterations {cfg.iterations:,} x --prompts-per-iter {cfg.prompts_per_iter:,} x --responses-per-prompt "
+        f"{cfg.responses_per_prompt:,}",
+        advice="ask for fewer iterations or responses",
+    )
+    check_tokens(cfg.max_new_tokens)
+    check_width(cfg.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    check_width(cfg.trunk.lora_r, "--lora-r")
     prompts, references = online_inputs(args)
     out = Path(args.out)
     model, tokenizer = load(args)

@@ -48,13 +48,36 @@ def run(args) -> int:
     from pathlib import Path
 
     from qvlm.algos.softq import train_softq
+    from qvlm.cli._common import check_non_negative
+    from qvlm.cli._limits import check_count, check_tokens, check_total, check_width
     from qvlm.configs import TrunkConfig
+    from qvlm.fileio import check_output_dir
     from qvlm.model import QVModel
     from qvlm.train.distributed import check_divides, is_main_process
     from qvlm.train.rng import set_seed
 
     cfg = config_from_args(SoftQConfig, args)
     check_divides(cfg.prompts_per_round, "--prompts-per-round", "prompts")  # under a launcher: before the model loads
+    check_non_negative(args.max_prompts, "--max-prompts", "0: all")
+    check_width(args.head_hidden, "--head-hidden", "0: the trunk's hidden size")
+    check_output_dir(args.out, "--out", inputs=(args.model,))
+    # the work one run asks for, before the prompts are read and the model loads (issue 25): every round's
+    # samples stay in the replay set, and each gradient step draws --batch-size of them
+    check_count(cfg.samples_per_prompt, "--samples-per-prompt")
+    check_total(
+        cfg.prompts_per_round * cfg.samples_per_prompt,
+        f"--prompts-per-round {cfg.prompts_per_round:,} x --samples-per-prompt {cfg.samples_per_prompt:,}",
+        "responses per round",
+    )
+    check_total(
+        cfg.rounds * cfg.prompts_per_round * cfg.samples_per_prompt,
+        f"--rounds {cfg.rounds:,} x --prompts-per-round {cfg.prompts_per_round:,} x --samples-per-prompt "
+        f"{cfg.samples_per_prompt:,}",
+        what="replay samples per run",
+        advice="ask for fewer rounds or samples",
+    )
+    check_total(cfg.batch_size, f"--batch-size {cfg.batch_size:,}", "samples per gradient step", "ask for fewer")
+    check_tokens(cfg.max_new_tokens)
     prompts, references = online_inputs(args, args.max_prompts)
     out = Path(args.out)
     model, tokenizer = load(args)

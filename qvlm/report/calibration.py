@@ -3,11 +3,10 @@ al. 2017, "On Calibration of Modern Neural Networks", eq. 3) and a reliability d
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import atomic_write_bytes
 
 __all__ = ["calibration_bins", "expected_calibration_error", "write_calibration_svg"]
 
@@ -37,7 +36,7 @@ def expected_calibration_error(bins: Sequence[dict]) -> float:
 def write_calibration_svg(bins: Sequence[dict], path: str | Path, title: str, xlabel: str, ylabel: str) -> None:
     """A reliability diagram (observed frequency against mean prediction per bin, the diagonal is
     perfect calibration; marker area grows with the bin's count), written atomically as SVG."""
-    from qvlm.report.plots import _new_figure
+    from qvlm.report.plots import _new_figure, figure_bytes
 
     fig, ax = _new_figure(5.2, 4.4)
     ax.plot([0, 1], [0, 1], color="#9ca3af", linestyle="--", linewidth=1, label="perfectly calibrated")
@@ -52,7 +51,4 @@ def write_calibration_svg(bins: Sequence[dict], path: str | Path, title: str, xl
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", frameon=False, fontsize=8)
-    buf = io.StringIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, "svg"))

@@ -8,14 +8,13 @@ A frontier is ``{METHOD: [{"reward" or "reward_mean", "reward_ci95" (optional), 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_bytes
 from qvlm.report.fmt import finite
-from qvlm.report.plots import _figure_data_uri, _new_figure
+from qvlm.report.plots import _figure_data_uri, _new_figure, figure_bytes
 
 __all__ = ["plot_frontier", "frontier_figure", "write_frontier_plot"]
 
@@ -88,7 +87,4 @@ def write_frontier_plot(
     if fmt not in ("png", "svg"):
         raise QVLMError(f"plot file {path}: use a .png or .svg name")
     fig = frontier_figure(frontier, x, title)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format=fmt, metadata={"Software": None} if fmt == "png" else {"Creator": None, "Date": None})
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, fmt))

@@ -4,11 +4,10 @@ rewards have different units), with the gold reward's peaks marked."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from qvlm.fileio import atomic_write_text
+from qvlm.fileio import atomic_write_bytes
 
 __all__ = ["write_overoptimisation_svg"]
 
@@ -22,7 +21,7 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
     ``gold`` (its name), ``gold_peak``, ``proxy_pairs``, ``proxy_pair_accuracy``, and, when PPO ran,
     ``ppo_curve`` (rows ``{iterations, kl, gold, proxy}``, exact KL) and ``ppo_gold_peak``, and, when
     guidance ran, ``guidance_curve`` (rows ``{beta, kl, gold, proxy}``, exact KL) and ``guidance_gold_peak``."""
-    from qvlm.report.plots import _new_figure
+    from qvlm.report.plots import _new_figure, figure_bytes
 
     ppo = result.get("ppo_curve") or []
     guide = result.get("guidance_curve") or []
@@ -94,10 +93,7 @@ def write_overoptimisation_svg(curve: Sequence[Mapping], result: Mapping, path: 
         f"(held-out pair accuracy {result['proxy_pair_accuracy']:.1%})",
         fontsize=9,
     )
-    buf = io.StringIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_bytes(path, figure_bytes(fig, "svg", bbox_inches="tight"))
 
 
 def _joined(names: Sequence[str]) -> str:

@@ -33,6 +33,20 @@ def _new_figure(width: float = 6.4, height: float = 4.0):
     return fig, ax
 
 
+def figure_bytes(fig, fmt: str, **kwargs) -> bytes:
+    """``fig`` as PNG or SVG bytes that depend on the figure alone: no date or software metadata, and
+    SVG element ids hashed from a fixed salt (matplotlib draws them at random otherwise), so the same
+    data gives the same bytes (issue 25). ``kwargs`` go to ``savefig`` (e.g. ``bbox_inches``)."""
+    import matplotlib
+
+    metadata = {"Software": None} if fmt == "png" else {"Creator": None, "Date": None}
+    buf = io.BytesIO()
+    fig.tight_layout()
+    with matplotlib.rc_context({"svg.hashsalt": "qvlm"}):
+        fig.savefig(buf, format=fmt, metadata=metadata, **kwargs)
+    return buf.getvalue()
+
+
 def _figure_data_uri(fig) -> str:
     buf = io.BytesIO()
     fig.tight_layout()

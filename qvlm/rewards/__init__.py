@@ -23,6 +23,7 @@ from qvlm.rewards.base import (
     RewardFn,
     as_sequence_reward,
     is_token_level,
+    named,
     response_tokens,
     score,
     score_tokens,
@@ -131,6 +132,8 @@ def get_reward(
     if callable(name):
         return name
     terms = split_terms(name)
+    # each reward carries its name: an error about it (raised, or in what it returns) names it
+    rewards = [(w, named(_one(n, references, tokenizer, device), f"reward {n}")) for w, n in terms]
     if len(terms) == 1 and terms[0][0] == 1.0:
-        return _one(terms[0][1], references, tokenizer, device)
-    return weighted_sum([(w, _one(n, references, tokenizer, device)) for w, n in terms], [n for _, n in terms])
+        return rewards[0][1]
+    return named(weighted_sum(rewards, [n for _, n in terms]), f"reward {name}")

@@ -6,6 +6,7 @@ term is a token reward, the sum is one too: the sequence terms are added on each
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -24,6 +25,11 @@ def split_terms(spec: str) -> list[tuple[float, str]]:
         if not part.strip():
             raise QVLMError(f"reward {spec!r}: an empty term; write sums as vader+0.2*length")
         m = _TERM.match(part)
+        if m and not math.isfinite(float(m.group(1))):  # 1e999 parses as inf: refused before any model loads
+            raise QVLMError(
+                f"reward {spec!r}: the weight {m.group(1)} of {m.group(2)} is not a finite number; write weights "
+                "within float range, e.g. vader+0.2*length"
+            )
         terms.append((float(m.group(1)), m.group(2)) if m else (1.0, part.strip()))
     return terms
 

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from qvlm.errors import QVLMError
-from qvlm.loading import ensure_pad_token, resolve_device
+from qvlm.loading import check_finite_weights, ensure_pad_token, resolve_device
 
 __all__ = [
     "HFClassifierReward",
@@ -141,8 +142,13 @@ class HFClassifierReward:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as err:
-            raise QVLMError(f"reward {spec}: cannot load a sequence classifier from {path}: {err}") from None
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise QVLMError(
+                f"reward {spec}: cannot load a sequence classifier from {path} ({reason}); its files are damaged or "
+                "incomplete: restore the directory or train it again (qvlm train rm)"
+            ) from None
+        check_finite_weights(self.model, f"reward {spec}")  # a NaN weight: refused now, not as NaN scores later
         ensure_pad_token(self.tokenizer, str(path))
         if self.model.config.pad_token_id is None:  # causal LMs pool at the last non-pad token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id

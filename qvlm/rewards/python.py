@@ -38,9 +38,9 @@ def _load_file(path: Path, spec: str):
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     try:
         module_spec.loader.exec_module(module)
-    except Exception as err:  # the user's code: report what it raised, on one line
+    except (Exception, SystemExit) as err:  # the user's code: report what it raised, on one line
         del sys.modules[name]
-        raise QVLMError(f"reward {spec}: importing {path} raised {type(err).__name__}: {err}") from None
+        raise QVLMError(f"reward {spec}: importing {path} raised {type(err).__name__}: {err}; fix the file") from err
     return module
 
 
@@ -52,8 +52,10 @@ def _load_module(source: str, spec: str):
             f"reward {spec}: no module {err.name!r}; give package.module:function importable from here "
             "(check PYTHONPATH) or path/to/file.py:function"
         ) from None
-    except Exception as err:
-        raise QVLMError(f"reward {spec}: importing {source} raised {type(err).__name__}: {err}") from None
+    except (Exception, SystemExit) as err:  # the user's code: report what it raised, on one line
+        raise QVLMError(
+            f"reward {spec}: importing {source} raised {type(err).__name__}: {err}; fix the module"
+        ) from err
 
 
 def load_python_reward(spec: str) -> RewardFn:

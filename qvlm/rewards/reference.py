@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -32,28 +31,23 @@ def read_references(path: str | Path, needed_by: str = "a reference reward") -> 
     path = Path(path)
     if not path.is_file():
         raise QVLMError(f"{path}: no such prompt file")
+    from qvlm.jsonl import read_jsonl  # here: qvlm --help imports this module, and qvlm.jsonl imports torch
+
     refs: dict[str, str] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise QVLMError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise QVLMError(f'{where}: expected an object with a string field "prompt"')
-            ref = obj.get("reference")
-            if not isinstance(ref, str):
-                what = "no" if ref is None else f"a {type(ref).__name__} as its"
-                raise QVLMError(
-                    f'{where}: {what} "reference" field; {needed_by} needs a reference text on every line: '
-                    'add "reference": "..."'
-                )
-            if refs.get(obj["prompt"], ref) != ref:
-                raise QVLMError(f"{where}: this prompt appears earlier with another reference; give each prompt one")
-            refs[obj["prompt"]] = ref
+    # UTF-8, NUL bytes, overlong lines and invalid JSON: one line naming file:line (issue 25)
+    for where, obj in read_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise QVLMError(f'{where}: expected an object with a string field "prompt"')
+        ref = obj.get("reference")
+        if not isinstance(ref, str):
+            what = "no" if ref is None else f"a {type(ref).__name__} as its"
+            raise QVLMError(
+                f'{where}: {what} "reference" field; {needed_by} needs a reference text on every line: '
+                'add "reference": "..."'
+            )
+        if refs.get(obj["prompt"], ref) != ref:
+            raise QVLMError(f"{where}: this prompt appears earlier with another reference; give each prompt one")
+        refs[obj["prompt"]] = ref
     return refs
 
 

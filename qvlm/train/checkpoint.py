@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -107,10 +108,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     its first pointer) the newest complete ``step-*`` folder; None when there is none."""
     root = Path(run_dir) / CHECKPOINT_DIR
     pointer = root / POINTER
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if _step_key(named.name) and (named / "trainer_state.pt").is_file():
-            return named
+    try:  # a damaged pointer (not text, say) counts as missing: the newest complete folder is read
+        named = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    except (OSError, ValueError):
+        named = None
+    if named is not None and named.parent == root and _step_key(named.name) and (named / "trainer_state.pt").is_file():
+        return named
     steps = [p for p in root.glob("step-*") if _step_key(p.name) and (p / "trainer_state.pt").is_file()]
     return max(steps, key=lambda p: _step_key(p.name)) if steps else None
 
@@ -137,10 +140,24 @@ def _check_plain(value, where: str) -> None:
         )
 
 
+def _canonical(obj):
+    """``obj`` with every dict, list and tuple rebuilt and every string interned, so that pickle's memo
+    (which reuses objects by identity) sees the same sharing whatever built the state: an optimiser state
+    loaded by a resume holds fresh key strings where an uninterrupted run's share one ("step"), and its
+    ``trainer_state.pt`` would otherwise differ in bytes while equal in value (issue 25)."""
+    if type(obj) is str:
+        return sys.intern(obj)
+    if type(obj) is dict:
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj  # tensors (their sharing is meant), numbers, None, and subclasses left as they are
+
+
 def _torch_save_atomic(obj, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    torch.save(obj, tmp)
+    torch.save(_canonical(obj), tmp)
     os.replace(tmp, path)
 
 

@@ -33,19 +33,57 @@ def stats_to_floats(stats: Mapping[str, torch.Tensor | float]) -> dict[str, floa
     return {k: floats[k] if k in floats else float(v) for k, v in stats.items()}
 
 
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(line, object)`` of each line of a metrics.jsonl file. A last line that is not a whole JSON
+    object with a ``step`` is what a run killed while appending leaves: it is dropped, with a warning;
+    a damaged line before it is a :class:`QVLMError` naming the file and line (issue 25)."""
+    from qvlm.errors import QVLMError, warn
+    from qvlm.fileio import os_error
+
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise os_error(path, err) from None
+    lines = raw.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines[: last + 1]):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("step"), int) and not isinstance(obj["step"], bool):
+            rows.append((line.decode("utf-8").rstrip("\r"), obj))
+        elif i == last:
+            if is_main_process():
+                warn(
+                    f"{path}:{i + 1}: dropped a torn last line (a run killed while writing it); the metrics of "
+                    "the steps before it are kept"
+                )
+        else:
+            raise QVLMError(
+                f"{path}:{i + 1}: damaged metrics line (not a JSON object with a step); delete that line, or the "
+                "file to start its log afresh (the checkpoint does not depend on it)"
+            )
+    return rows
+
+
 def read_history(path: Path, before_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
-    """``{metric: [(step, value), ...]}`` from a metrics.jsonl file (steps < ``before_step`` if given)."""
+    """``{metric: [(step, value), ...]}`` from a metrics.jsonl file (steps < ``before_step`` if given).
+    A torn last line (a run killed while appending it) is dropped with a warning."""
+    return _history(_read_rows(path) if path.is_file() else [], before_step)
+
+
+def _history(rows: list[tuple[str, dict]], before_step: int | None = None) -> dict[str, list[tuple[int, float]]]:
     history: dict[str, list[tuple[int, float]]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if before_step is not None and obj["step"] >= before_step:
-                continue
-            for k, v in obj.items():
-                if k != "step":
-                    history.setdefault(k, []).append((obj["step"], v))
+    for _, obj in rows:
+        if before_step is not None and obj["step"] >= before_step:
+            continue
+        for k, v in obj.items():
+            if k != "step":
+                history.setdefault(k, []).append((obj["step"], v))
     return history
 
 
@@ -64,9 +102,10 @@ class MetricsLogger:
             return
         path = run_dir / "metrics.jsonl"
         kept = []
-        if resume_step and path.is_file():  # drop lines past the checkpoint that is resumed
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_step]
-            self.history = read_history(path, before_step=resume_step)
+        if resume_step and path.is_file():  # drop lines past the checkpoint that is resumed (and a torn one)
+            rows = _read_rows(path)
+            kept = [line for line, obj in rows if obj["step"] < resume_step]
+            self.history = _history(rows, before_step=resume_step)
         if not is_main_process():
             return
         run_dir.mkdir(parents=True, exist_ok=True)

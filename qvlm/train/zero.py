@@ -17,9 +17,7 @@ and :meth:`ZeroOptimizer.load_state_dict` loads one back into the partitions. De
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -75,10 +73,9 @@ def deepspeed_config(spec: str, grad_clip: float) -> dict:
     if spec in _PRESETS:
         cfg = {"zero_optimization": {"stage": _PRESETS[spec]}}
     else:
-        try:
-            cfg = json.loads(Path(spec).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise QVLMError(f"--deepspeed {spec}: not zero1, zero2 or a readable JSON file ({err})") from None
+        from qvlm.fileio import read_json
+
+        cfg = read_json(spec, "give --deepspeed zero1, zero2 or a DeepSpeed JSON config (an object)")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2):
         raise QVLMError(
