@@ -36,17 +36,23 @@ the guided policy ``pi(a|s) ~ pi_ref(a|s) exp(beta (Q(s,a) - V(s)))``, ``beta = 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from qvlm.errors import QVLMError
 from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
 from qvlm.exact.frontier import DEFAULT_BETAS, exact_frontier, reach_probs
+from qvlm.exact.tabular import (
+    TabularHeads,
+    adam_step,
+    adam_with_decay,
+    check_positive,
+    single_thread,
+    table_parameter,
+)
 from qvlm.heads import polyak_update
 from qvlm.losses import cql_loss, expectile_loss, ilql_q_loss, soft_value, value_regression_loss
 from qvlm.progress import progress
@@ -149,61 +155,6 @@ class TransitionTable:
         return self.counts > 0
 
 
-@dataclass
-class TabularHeads:
-    """What a learner hands back: ``q (N, V)``, ``v (N,)`` and where its data went.
-
-    ``visited_pairs (N, V)`` marks the (state, taken action) pairs in the learner's data;
-    ``visited_states (N,)`` the states where it took at least one action.
-    """
-
-    q: torch.Tensor
-    v: torch.Tensor
-    visited_pairs: torch.Tensor
-    visited_states: torch.Tensor = field(init=False)
-    # a policy learner (ppo) hands back its own policy table (N, V), scored instead of guidance
-    policy: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)  # learner-specific numbers, reported as they are
-
-    def __post_init__(self) -> None:
-        self.visited_states = self.visited_pairs.any(-1)
-
-
-def _table(*shape: int, init: float = 0.0) -> nn.Parameter:
-    return nn.Parameter(torch.full(shape, float(init), dtype=torch.float64))
-
-
-def _adam(params: list[nn.Parameter], lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam with the learning rate decayed linearly to 0, so the tables settle at the end."""
-    opt = torch.optim.Adam(params, lr=lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
-
-
-def _step(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor) -> None:
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    sched.step()
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread: the tables are tiny, and on a busy 2-core machine extra
-    threads only add synchronisation (measured 6x slower). Restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _check_positive(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if not value > 0:
-            raise QVLMError(f"{name}.{key}={value}: must be positive; use the documented default")
-
-
 # ---------------------------------------------------------------- ILQL
 
 
@@ -223,16 +174,16 @@ class TabularILQLConfig:
 
 def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHeads:
     """Twin Q + target Q + expectile V, trained offline on episodes of pi_ref (ILQL, eqs. 2-4)."""
-    _check_positive("TabularILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    check_positive("TabularILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     s, a, nxt = data.states, data.actions, data.next_states  # (B, H)
     N, V = tree.num_states, tree.vocab_size
     # twin tables start equal and see the same data, so they stay equal: the min over twins is
     # kept to mirror ILQL's structure, it has no effect here (with networks, inits differ)
-    q1, q2, v = _table(N, V), _table(N, V), _table(N)
+    q1, q2, v = table_parameter(N, V), table_parameter(N, V), table_parameter(N)
     q1_target, q2_target = q1.detach().clone(), q2.detach().clone()
-    opt, sched = _adam([q1, q2, v], config.lr, config.steps)
+    opt, sched = adam_with_decay([q1, q2, v], config.lr, config.steps)
     for _ in progress(range(config.steps), desc="ilql", enabled=config.progress, leave=False):
         # targets: Q on r + gamma (1 - done) V(s'), V on the min of the twin target Qs
         td_target = td_targets(data.rewards, v[nxt].detach(), data.done, tree.gamma)
@@ -244,7 +195,7 @@ def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHea
         if config.cql_coef > 0:
             cql = (cql_loss(q1[s], a, data.mask)[0] + cql_loss(q2[s], a, data.mask)[0]) / 2  # q1[s]: (B, H, V)
             loss = loss + config.cql_coef * cql
-        _step(opt, sched, loss)
+        adam_step(opt, sched, loss)
         polyak_update([q1, q2], [q1_target, q2_target], config.polyak)
     seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
     seen.add(data)
@@ -268,16 +219,16 @@ class TabularMCConfig:
 
 def train_tabular_mc(tree: TokenTree, config: TabularMCConfig) -> TabularHeads:
     """V(s_t) and Q(s_t, a_t) regressed on the Monte-Carlo return G_t: they learn V^pi_ref, Q^pi_ref."""
-    _check_positive("TabularMCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    check_positive("TabularMCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)  # (B, H)
-    q, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
-    opt, sched = _adam([q, v], config.lr, config.steps)
+    q, v = table_parameter(tree.num_states, tree.vocab_size), table_parameter(tree.num_states)
+    opt, sched = adam_with_decay([q, v], config.lr, config.steps)
     for _ in progress(range(config.steps), desc="mc", enabled=config.progress, leave=False):
         v_loss, _ = value_regression_loss(v[data.states], returns, data.mask)
         q_loss, _ = value_regression_loss(q[data.states, data.actions], returns, data.mask)
-        _step(opt, sched, v_loss + q_loss)
+        adam_step(opt, sched, v_loss + q_loss)
     seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
     seen.add(data)
     return TabularHeads(q.detach().clone(), v.detach().clone(), seen.seen)
@@ -334,7 +285,7 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
     stored transition once (a tabular Q's fixed point does not depend on how transitions are
     weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
     """
-    _check_positive(
+    check_positive(
         "TabularSoftQConfig",
         iterations=config.iterations,
         episodes_per_iter=config.episodes_per_iter,
@@ -347,9 +298,9 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
         raise QVLMError(f"TabularSoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
     gen = torch.Generator().manual_seed(config.seed)
     log_ref = torch.log(tree.ref_probs)  # the frozen reference model, queried at visited states
-    q = _table(tree.num_states, tree.vocab_size, init=config.q_init)
+    q = table_parameter(tree.num_states, tree.vocab_size, init=config.q_init)
     q_target = q.detach().clone()
-    opt, sched = _adam([q], config.lr, config.iterations * config.updates_per_iter)
+    opt, sched = adam_with_decay([q], config.lr, config.iterations * config.updates_per_iter)
     buffer = TransitionTable.empty(tree.num_states, tree.vocab_size)
     for _ in progress(range(config.iterations), desc="softq", enabled=config.progress, leave=False):
         # rollout: guided decoding with the learner's own Q (beta = 1/alpha), plus exploration
@@ -367,7 +318,7 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
             next_v = soft_value(q_target[nxt], log_ref[nxt], alpha)
             td_target = td_targets(rewards, next_v, done, tree.gamma)
             loss, _ = ilql_q_loss([q[s, a]], td_target, torch.ones_like(td_target))  # soft TD error
-            _step(opt, sched, loss)
+            adam_step(opt, sched, loss)
             polyak_update([q], [q_target], config.polyak)
     q = q.detach().clone()
     return TabularHeads(q, soft_value(q, log_ref, alpha), buffer.seen)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from qvlm.errors import QVLMError
+from qvlm.exact.tabular import TabularHeads
 
 __all__ = [
     "ExactPPOConfig",
@@ -186,7 +187,6 @@ def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
     from qvlm.algos.ppo import train_ppo
     from qvlm.configs import PPOConfig
     from qvlm.exact import CausalLMPolicy, policy_table
-    from qvlm.exact.learners import TabularHeads
 
     if tree.gamma != 1.0:
         raise QVLMError(
