@@ -120,7 +120,8 @@ def soft_q_from_categorical(log_probs: torch.Tensor, support: torch.Tensor, alph
     The soft-optimal value of a distribution of the reference policy's return (Q#, Zhou et al. 2025;
     DESIGN.md). Computed as ``m + alpha logsumexp_b(log p_b + (z_b - m) / alpha)`` with ``m`` the largest
     atom of positive probability, so every exponent is <= 0 and the result is exact in float32 down to
-    tiny alpha, with finite gradients (``d Q / d log p_b`` is the tilted distribution). Limits:
+    tiny alpha, with finite gradients (``d Q / d log p_b`` is alpha times the tilted distribution
+    ``p_b e^{z_b / alpha} / sum_c p_c e^{z_c / alpha}``). Limits:
     ``alpha = 0``: ``m`` itself (the largest supported return with ``p_b > 0``; softmax probabilities are
     never exactly 0, so for a head this is the top atom); ``alpha = inf``: the mean. ``Q*_alpha`` rises
     monotonically from the mean to ``m`` as alpha falls.
