@@ -42,9 +42,12 @@ from typing import Any, Callable
 
 import torch
 
+from qvlm.distributional import wasserstein1
 from qvlm.errors import QVLMError
 from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
+from qvlm.exact.distribution import ReturnDistribution, return_distribution
 from qvlm.exact.frontier import DEFAULT_BETAS, exact_frontier, reach_probs
+from qvlm.exact.qsharp_learner import QSHARP_ALPHAS, QSharpConfig, soft_heads, train_qsharp
 from qvlm.exact.tabular import (
     TabularHeads,
     adam_step,
@@ -72,6 +75,7 @@ __all__ = [
     "train_tabular_mc",
     "train_tabular_softq",
     "measure",
+    "measure_alphas",
     "objective_ratio",
     "train_learner",
     "compare_learners",
@@ -381,12 +385,54 @@ def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, 
     )
 
 
+def measure_alphas(
+    tree: TokenTree, heads: TabularHeads, alphas: list[float], exact: ReturnDistribution | None = None
+) -> dict[str, dict[str, float]]:
+    """Score a distributional learner's ``Z(s, a)`` at each alpha, all from one set of distributions.
+
+    Per alpha, over the (state, action) pairs of the states ``pi*_alpha`` reaches with probability >=
+    ``REACH_MIN`` (every action pi_ref can write there): ``q_rmse_reach`` (``Q*_alpha`` read from the
+    distributions against the solver's), ``q_err_max_reach``, ``v_rmse_reach`` (``V*_alpha = alpha log sum_a
+    pi_ref exp(Q / alpha)``), ``w1_reach`` (mean 1-Wasserstein distance between the learned categorical and
+    pi_ref's exact return distribution, unprojected: :func:`qvlm.exact.distribution.return_distribution`);
+    and the exact ``objective``, ``objective_ratio``, ``reward`` and ``kl`` of guidance with ``Q*_alpha`` at
+    beta = 1/alpha. Keys are ``format(alpha, "g")``.
+    """
+    if heads.distribution is None:
+        raise QVLMError("measure_alphas: these heads carry no return distribution (a distributional learner's do)")
+    exact = exact or return_distribution(tree)
+    dist = heads.distribution
+    w1 = wasserstein1(dist.support.to(torch.float64), dist.log_probs.exp(), exact.values, exact.pair_probs)  # (N, V)
+    out = {}
+    for alpha in alphas:
+        optimum = solve(tree, alpha)
+        reached = reach_probs(tree, optimum.pi) >= REACH_MIN  # (N,)
+        pairs = reached[:, None] & (tree.ref_probs > 0)  # (N, V)
+        q, v = soft_heads(tree, dist, alpha)
+        ev = evaluate_policy(tree, guided_policy(tree.ref_probs, q, v, 1.0 / alpha))
+        obj = ev.objective(alpha)
+        out[format(alpha, "g")] = {
+            "objective_ratio": objective_ratio(obj, optimum.objective),
+            "q_rmse_reach": _rmse(q, optimum.q, pairs),
+            "q_err_max_reach": float((q - optimum.q)[pairs].abs().max()),
+            "v_rmse_reach": _rmse(v, optimum.v, reached),
+            "w1_reach": float(w1[pairs].mean()),
+            "objective": obj,
+            "reward": ev.reward,
+            "kl": ev.kl,
+            "reached_states": int(reached.sum()),
+        }
+    return out
+
+
 # name -> (default config factory taking seed= and progress=, trainer(tree, config, alpha))
 LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], TabularHeads]]] = {
     "ilql": (TabularILQLConfig, lambda tree, config, alpha: train_tabular_ilql(tree, config)),
     "mc": (TabularMCConfig, lambda tree, config, alpha: train_tabular_mc(tree, config)),
     "softq": (TabularSoftQConfig, train_tabular_softq),
     "softq_sweep": (partial(TabularSoftQConfig, explore="open_first"), train_tabular_softq),
+    # Q#: pi_ref's return distribution from guided roll-ins and pi_ref roll-outs; every alpha from one run
+    "qsharp": (QSharpConfig, train_qsharp),
     # PPO with the LM trainer itself on a tiny causal LM (qvlm.exact.ppo_learner; imports transformers)
     "ppo": (
         lambda **kw: _ppo_module().ExactPPOConfig(**kw),
@@ -407,6 +453,14 @@ def train_learner(name: str, tree: TokenTree, config: Any, alpha: float) -> Tabu
         raise QVLMError(f"unknown learner {name!r}: choose from {', '.join(LEARNERS)}")
     with single_thread():
         return LEARNERS[name][1](tree, config, alpha)
+
+
+def _heads_at_beta(tree: TokenTree, heads: TabularHeads, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A distributional learner's heads for guidance at ``beta``: ``Q*_alpha, V*_alpha`` at alpha = 1/beta
+    (beta = 0 is pi_ref whatever the heads)."""
+    if beta <= 0:
+        return torch.zeros_like(heads.q), torch.zeros_like(heads.v)
+    return soft_heads(tree, heads.distribution, 1.0 / beta)
 
 
 def compare_learners(
@@ -447,6 +501,10 @@ def compare_learners(
         heads = train_learner(name, tree, config, alpha)
         out["learners"][name] = vars(measure(tree, optimum, reference, heads))
         trained[name] = (heads.q, heads.v)
+        if heads.distribution is not None:  # one run, every alpha: score each, guide each beta with its own Q
+            alphas = sorted({*QSHARP_ALPHAS, *getattr(config, "alphas", ()), alpha})
+            out["learners"][name]["per_alpha"] = measure_alphas(tree, heads, alphas)
+            trained[name] = partial(_heads_at_beta, tree, heads)
     if frontier:
         with single_thread():
             out["frontier"] = exact_frontier(tree, betas=sorted({*DEFAULT_BETAS, 1.0 / alpha}), heads=trained)
