@@ -14,6 +14,7 @@ _ORDER = [
     "mdp",
     "returns",
     "losses",
+    "distributional",
     "heads",
     "loading",
     "testing",

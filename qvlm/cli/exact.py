@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep"
+DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep,qsharp"
 
 
 def register(sub) -> None:
