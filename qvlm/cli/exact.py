@@ -206,6 +206,11 @@ def format_table(result: dict) -> str:
     for name, r in result["learners"].items():
         if "per_alpha" in r:
             lines.append(format_per_alpha(name, r))
+            if m["gamma"] != 1:
+                lines.append(
+                    f"  gamma {m['gamma']:g} < 1: alpha log E exp(R / alpha) of the discounted return is not the "
+                    "discounted-KL optimum Q*_alpha (the identity needs gamma = 1); the Q rmse includes that gap"
+                )
     lines.append(
         "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy; ppo: its own); RMSEs over the states "
         "(Q: state-action pairs) each learner's data visited, uniformly weighted; V@pi*: V RMSE over the states "
