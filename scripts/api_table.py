@@ -16,6 +16,7 @@ _ORDER = [
     "masked",
     "returns",
     "losses",
+    "distributional",
     "heads",
     "loading",
     "trunk",

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep"
+DEFAULT_LEARNERS = "ilql,mc,softq,softq_sweep,qsharp"
 
 
 def register(sub) -> None:
@@ -51,8 +51,9 @@ def register(sub) -> None:
         default=DEFAULT_LEARNERS,
         help="comma-separated learners: ilql, mc, softq (online soft Q-learning from the guided policy's own "
         "samples, plain Boltzmann exploration), softq_sweep (soft Q with systematic exploration of every "
-        "untried pair), ppo (train_ppo on a tiny causal LM distilled to pi_ref; docs/ppo.md); "
-        "'none' only solves",
+        "untried pair), ppo (train_ppo on a tiny causal LM distilled to pi_ref; docs/ppo.md), qsharp (Q#: pi_ref's "
+        "return distribution from guided roll-ins and pi_ref roll-outs; one run gives Q*_alpha at every alpha, "
+        "reported at 0.05, 0.1, 0.2, 0.5, 1 and --alpha); 'none' only solves",
     )
     p.add_argument(
         "--frontier",
@@ -206,10 +207,39 @@ def format_table(result: dict) -> str:
             f"{r['kl']:>8.4f}{r['v_rmse']:>9.3g}{r['v_rmse_reach']:>9.3g}{r['q_rmse']:>9.3g}{r['v_rmse_ref']:>12.3g}"
             f"{r['visited_states']:>8d}{r['visited_pairs']:>7d}"
         )
+    for name, r in result["learners"].items():
+        if "per_alpha" in r:
+            lines.append(format_per_alpha(name, r))
+            if m["gamma"] != 1:
+                lines.append(
+                    f"  gamma {m['gamma']:g} < 1: alpha log E exp(R / alpha) of the discounted return is not the "
+                    "discounted-KL optimum Q*_alpha (the identity needs gamma = 1); the Q rmse includes that gap"
+                )
     lines.append(
         "ratio = J/J* with J = reward - alpha*KL (exact, of the guided policy; ppo: its own); RMSEs over the states "
         "(Q: state-action pairs) each learner's data visited, uniformly weighted; V@pi*: V RMSE over the states "
         "pi* reaches with probability >= 1%; V-Vref: RMSE against V^pi_ref"
+    )
+    return "\n".join(lines)
+
+
+def format_per_alpha(name: str, r: dict) -> str:
+    """A distributional learner's one run read at each alpha: guidance with its ``Q*_alpha`` at beta = 1/alpha,
+    its ``Q*_alpha`` and the distribution against the exact ones, over the states ``pi*_alpha`` reaches >= 1%."""
+    extra = r.get("extra", {})
+    lines = [
+        f"{name}: one run ({extra.get('episodes', '?')} episodes = reward calls, {extra.get('tokens', '?')} tokens), "
+        "read at each alpha",
+        f"{'alpha':>8}{'ratio':>9}{'reward':>9}{'KL':>8}{'Q rmse':>9}{'Q max':>8}{'V rmse':>9}{'W1':>8}{'states':>8}",
+    ]
+    for alpha, a in r["per_alpha"].items():
+        lines.append(
+            f"{alpha:>8}{a['objective_ratio']:>9.4f}{a['reward']:>9.4f}{a['kl']:>8.4f}{a['q_rmse_reach']:>9.4f}"
+            f"{a['q_err_max_reach']:>8.3f}{a['v_rmse_reach']:>9.4f}{a['w1_reach']:>8.4f}{a['reached_states']:>8d}"
+        )
+    lines.append(
+        "  Q rmse / Q max / W1 (mean 1-Wasserstein distance to pi_ref's exact return distribution): over every action "
+        "of the states pi*_alpha reaches with probability >= 1%; V rmse over those states"
     )
     return "\n".join(lines)
 

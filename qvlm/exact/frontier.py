@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -156,12 +156,13 @@ def exact_frontier(
     ns: Sequence[int] = DEFAULT_NS,
     betas: Sequence[float] = DEFAULT_BETAS,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    heads: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    heads: dict[str, tuple[torch.Tensor, torch.Tensor] | Callable[[float], tuple]] | None = None,
     soft_reward: bool = True,
 ) -> dict[str, list[dict]]:
     """The whole frontier as ``{METHOD: [point dicts]}``: ``soft_optimum`` (over alpha),
     ``best_of_n`` (N in ``ns``), ``controlled_decoding`` (guidance with ``Q^{pi_ref}, V^{pi_ref}``
-    over beta), and one guidance curve per entry of ``heads`` (``{name: (q (N, V), v (N,))}``).
+    over beta), and one guidance curve per entry of ``heads`` (``{name: (q (N, V), v (N,))}``, or
+    ``{name: beta -> (q, v)}`` for heads that differ per beta).
 
     ``soft_reward``: give every other point ``"soft_optimum_reward"``, the soft optimum's reward at
     the same KL (:func:`soft_optimum_at_kl`): the reward that point leaves on the table."""
@@ -171,8 +172,11 @@ def exact_frontier(
         "best_of_n": best_of_n_frontier(tree, ns),
         "controlled_decoding": guidance_frontier(tree, reference.reward_q, reference.reward_v, betas),
     }
-    for name, (q, v) in (heads or {}).items():
-        out[name] = guidance_frontier(tree, q, v, betas)
+    for name, h in (heads or {}).items():
+        if callable(h):  # heads that depend on beta (a distributional learner: Q*_alpha at alpha = 1/beta)
+            out[name] = [guidance_frontier(tree, *h(beta), [beta])[0] for beta in betas]
+        else:
+            out[name] = guidance_frontier(tree, *h, betas)
     table = {name: [p.as_dict() for p in points] for name, points in out.items()}
     if soft_reward:
         for name, points in out.items():

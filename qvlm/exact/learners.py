@@ -36,17 +36,26 @@ the guided policy ``pi(a|s) ~ pi_ref(a|s) exp(beta (Q(s,a) - V(s)))``, ``beta = 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch import nn
 
+from qvlm.distributional import wasserstein1
 from qvlm.errors import QVLMError
 from qvlm.exact import PolicyEvaluation, SoftOptimum, TokenTree, evaluate_policy, guided_policy, solve
+from qvlm.exact.distribution import ReturnDistribution, return_distribution
 from qvlm.exact.frontier import DEFAULT_BETAS, exact_frontier, reach_probs
+from qvlm.exact.qsharp_learner import QSHARP_ALPHAS, QSharpConfig, soft_heads, train_qsharp
+from qvlm.exact.tabular import (
+    TabularHeads,
+    adam_step,
+    adam_with_decay,
+    check_positive,
+    single_thread,
+    table_parameter,
+)
 from qvlm.heads import polyak_update
 from qvlm.losses import cql_loss, expectile_loss, ilql_q_loss, soft_value, value_regression_loss
 from qvlm.progress import progress
@@ -66,6 +75,7 @@ __all__ = [
     "train_tabular_mc",
     "train_tabular_softq",
     "measure",
+    "measure_alphas",
     "objective_ratio",
     "train_learner",
     "compare_learners",
@@ -149,61 +159,6 @@ class TransitionTable:
         return self.counts > 0
 
 
-@dataclass
-class TabularHeads:
-    """What a learner hands back: ``q (N, V)``, ``v (N,)`` and where its data went.
-
-    ``visited_pairs (N, V)`` marks the (state, taken action) pairs in the learner's data;
-    ``visited_states (N,)`` the states where it took at least one action.
-    """
-
-    q: torch.Tensor
-    v: torch.Tensor
-    visited_pairs: torch.Tensor
-    visited_states: torch.Tensor = field(init=False)
-    # a policy learner (ppo) hands back its own policy table (N, V), scored instead of guidance
-    policy: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)  # learner-specific numbers, reported as they are
-
-    def __post_init__(self) -> None:
-        self.visited_states = self.visited_pairs.any(-1)
-
-
-def _table(*shape: int, init: float = 0.0) -> nn.Parameter:
-    return nn.Parameter(torch.full(shape, float(init), dtype=torch.float64))
-
-
-def _adam(params: list[nn.Parameter], lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam with the learning rate decayed linearly to 0, so the tables settle at the end."""
-    opt = torch.optim.Adam(params, lr=lr)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
-
-
-def _step(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor) -> None:
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    sched.step()
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread: the tables are tiny, and on a busy 2-core machine extra
-    threads only add synchronisation (measured 6x slower). Restores the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _check_positive(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if not value > 0:
-            raise QVLMError(f"{name}.{key}={value}: must be positive; use the documented default")
-
-
 # ---------------------------------------------------------------- ILQL
 
 
@@ -223,16 +178,16 @@ class TabularILQLConfig:
 
 def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHeads:
     """Twin Q + target Q + expectile V, trained offline on episodes of pi_ref (ILQL, eqs. 2-4)."""
-    _check_positive("TabularILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    check_positive("TabularILQLConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     s, a, nxt = data.states, data.actions, data.next_states  # (B, H)
     N, V = tree.num_states, tree.vocab_size
     # twin tables start equal and see the same data, so they stay equal: the min over twins is
     # kept to mirror ILQL's structure, it has no effect here (with networks, inits differ)
-    q1, q2, v = _table(N, V), _table(N, V), _table(N)
+    q1, q2, v = table_parameter(N, V), table_parameter(N, V), table_parameter(N)
     q1_target, q2_target = q1.detach().clone(), q2.detach().clone()
-    opt, sched = _adam([q1, q2, v], config.lr, config.steps)
+    opt, sched = adam_with_decay([q1, q2, v], config.lr, config.steps)
     for _ in progress(range(config.steps), desc="ilql", enabled=config.progress, leave=False):
         # targets: Q on r + gamma (1 - done) V(s'), V on the min of the twin target Qs
         td_target = td_targets(data.rewards, v[nxt].detach(), data.done, tree.gamma)
@@ -244,7 +199,7 @@ def train_tabular_ilql(tree: TokenTree, config: TabularILQLConfig) -> TabularHea
         if config.cql_coef > 0:
             cql = (cql_loss(q1[s], a, data.mask)[0] + cql_loss(q2[s], a, data.mask)[0]) / 2  # q1[s]: (B, H, V)
             loss = loss + config.cql_coef * cql
-        _step(opt, sched, loss)
+        adam_step(opt, sched, loss)
         polyak_update([q1, q2], [q1_target, q2_target], config.polyak)
     seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
     seen.add(data)
@@ -268,16 +223,16 @@ class TabularMCConfig:
 
 def train_tabular_mc(tree: TokenTree, config: TabularMCConfig) -> TabularHeads:
     """V(s_t) and Q(s_t, a_t) regressed on the Monte-Carlo return G_t: they learn V^pi_ref, Q^pi_ref."""
-    _check_positive("TabularMCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
+    check_positive("TabularMCConfig", num_episodes=config.num_episodes, steps=config.steps, lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     data = sample_episodes(tree, tree.ref_probs, config.num_episodes, gen)
     returns = monte_carlo_returns(data.rewards, data.done, tree.gamma, data.mask)  # (B, H)
-    q, v = _table(tree.num_states, tree.vocab_size), _table(tree.num_states)
-    opt, sched = _adam([q, v], config.lr, config.steps)
+    q, v = table_parameter(tree.num_states, tree.vocab_size), table_parameter(tree.num_states)
+    opt, sched = adam_with_decay([q, v], config.lr, config.steps)
     for _ in progress(range(config.steps), desc="mc", enabled=config.progress, leave=False):
         v_loss, _ = value_regression_loss(v[data.states], returns, data.mask)
         q_loss, _ = value_regression_loss(q[data.states, data.actions], returns, data.mask)
-        _step(opt, sched, v_loss + q_loss)
+        adam_step(opt, sched, v_loss + q_loss)
     seen = TransitionTable.empty(tree.num_states, tree.vocab_size)
     seen.add(data)
     return TabularHeads(q.detach().clone(), v.detach().clone(), seen.seen)
@@ -334,7 +289,7 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
     stored transition once (a tabular Q's fixed point does not depend on how transitions are
     weighted, and equal weights let rarely visited pairs converge as fast as frequent ones).
     """
-    _check_positive(
+    check_positive(
         "TabularSoftQConfig",
         iterations=config.iterations,
         episodes_per_iter=config.episodes_per_iter,
@@ -347,9 +302,9 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
         raise QVLMError(f"TabularSoftQConfig.explore={config.explore!r}: choose 'open_first' or 'boltzmann'")
     gen = torch.Generator().manual_seed(config.seed)
     log_ref = torch.log(tree.ref_probs)  # the frozen reference model, queried at visited states
-    q = _table(tree.num_states, tree.vocab_size, init=config.q_init)
+    q = table_parameter(tree.num_states, tree.vocab_size, init=config.q_init)
     q_target = q.detach().clone()
-    opt, sched = _adam([q], config.lr, config.iterations * config.updates_per_iter)
+    opt, sched = adam_with_decay([q], config.lr, config.iterations * config.updates_per_iter)
     buffer = TransitionTable.empty(tree.num_states, tree.vocab_size)
     for _ in progress(range(config.iterations), desc="softq", enabled=config.progress, leave=False):
         # rollout: guided decoding with the learner's own Q (beta = 1/alpha), plus exploration
@@ -367,7 +322,7 @@ def train_tabular_softq(tree: TokenTree, config: TabularSoftQConfig, alpha: floa
             next_v = soft_value(q_target[nxt], log_ref[nxt], alpha)
             td_target = td_targets(rewards, next_v, done, tree.gamma)
             loss, _ = ilql_q_loss([q[s, a]], td_target, torch.ones_like(td_target))  # soft TD error
-            _step(opt, sched, loss)
+            adam_step(opt, sched, loss)
             polyak_update([q], [q_target], config.polyak)
     q = q.detach().clone()
     return TabularHeads(q, soft_value(q, log_ref, alpha), buffer.seen)
@@ -430,12 +385,54 @@ def measure(tree: TokenTree, optimum: SoftOptimum, reference: PolicyEvaluation, 
     )
 
 
+def measure_alphas(
+    tree: TokenTree, heads: TabularHeads, alphas: list[float], exact: ReturnDistribution | None = None
+) -> dict[str, dict[str, float]]:
+    """Score a distributional learner's ``Z(s, a)`` at each alpha, all from one set of distributions.
+
+    Per alpha, over the (state, action) pairs of the states ``pi*_alpha`` reaches with probability >=
+    ``REACH_MIN`` (every action pi_ref can write there): ``q_rmse_reach`` (``Q*_alpha`` read from the
+    distributions against the solver's), ``q_err_max_reach``, ``v_rmse_reach`` (``V*_alpha = alpha log sum_a
+    pi_ref exp(Q / alpha)``), ``w1_reach`` (mean 1-Wasserstein distance between the learned categorical and
+    pi_ref's exact return distribution, unprojected: :func:`qvlm.exact.distribution.return_distribution`);
+    and the exact ``objective``, ``objective_ratio``, ``reward`` and ``kl`` of guidance with ``Q*_alpha`` at
+    beta = 1/alpha. Keys are ``format(alpha, "g")``.
+    """
+    if heads.distribution is None:
+        raise QVLMError("measure_alphas: these heads carry no return distribution (a distributional learner's do)")
+    exact = exact or return_distribution(tree)
+    dist = heads.distribution
+    w1 = wasserstein1(dist.support.to(torch.float64), dist.log_probs.exp(), exact.values, exact.pair_probs)  # (N, V)
+    out = {}
+    for alpha in alphas:
+        optimum = solve(tree, alpha)
+        reached = reach_probs(tree, optimum.pi) >= REACH_MIN  # (N,)
+        pairs = reached[:, None] & (tree.ref_probs > 0)  # (N, V)
+        q, v = soft_heads(tree, dist, alpha)
+        ev = evaluate_policy(tree, guided_policy(tree.ref_probs, q, v, 1.0 / alpha))
+        obj = ev.objective(alpha)
+        out[format(alpha, "g")] = {
+            "objective_ratio": objective_ratio(obj, optimum.objective),
+            "q_rmse_reach": _rmse(q, optimum.q, pairs),
+            "q_err_max_reach": float((q - optimum.q)[pairs].abs().max()),
+            "v_rmse_reach": _rmse(v, optimum.v, reached),
+            "w1_reach": float(w1[pairs].mean()),
+            "objective": obj,
+            "reward": ev.reward,
+            "kl": ev.kl,
+            "reached_states": int(reached.sum()),
+        }
+    return out
+
+
 # name -> (default config factory taking seed= and progress=, trainer(tree, config, alpha))
 LEARNERS: dict[str, tuple[Callable[..., Any], Callable[[TokenTree, Any, float], TabularHeads]]] = {
     "ilql": (TabularILQLConfig, lambda tree, config, alpha: train_tabular_ilql(tree, config)),
     "mc": (TabularMCConfig, lambda tree, config, alpha: train_tabular_mc(tree, config)),
     "softq": (TabularSoftQConfig, train_tabular_softq),
     "softq_sweep": (partial(TabularSoftQConfig, explore="open_first"), train_tabular_softq),
+    # Q#: pi_ref's return distribution from guided roll-ins and pi_ref roll-outs; every alpha from one run
+    "qsharp": (QSharpConfig, train_qsharp),
     # PPO with the LM trainer itself on a tiny causal LM (qvlm.exact.ppo_learner; imports transformers)
     "ppo": (
         lambda **kw: _ppo_module().ExactPPOConfig(**kw),
@@ -456,6 +453,14 @@ def train_learner(name: str, tree: TokenTree, config: Any, alpha: float) -> Tabu
         raise QVLMError(f"unknown learner {name!r}: choose from {', '.join(LEARNERS)}")
     with single_thread():
         return LEARNERS[name][1](tree, config, alpha)
+
+
+def _heads_at_beta(tree: TokenTree, heads: TabularHeads, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A distributional learner's heads for guidance at ``beta``: ``Q*_alpha, V*_alpha`` at alpha = 1/beta
+    (beta = 0 is pi_ref whatever the heads)."""
+    if beta <= 0:
+        return torch.zeros_like(heads.q), torch.zeros_like(heads.v)
+    return soft_heads(tree, heads.distribution, 1.0 / beta)
 
 
 def compare_learners(
@@ -496,6 +501,10 @@ def compare_learners(
         heads = train_learner(name, tree, config, alpha)
         out["learners"][name] = vars(measure(tree, optimum, reference, heads))
         trained[name] = (heads.q, heads.v)
+        if heads.distribution is not None:  # one run, every alpha: score each, guide each beta with its own Q
+            alphas = sorted({*QSHARP_ALPHAS, *getattr(config, "alphas", ()), alpha})
+            out["learners"][name]["per_alpha"] = measure_alphas(tree, heads, alphas)
+            trained[name] = partial(_heads_at_beta, tree, heads)
     if frontier:
         with single_thread():
             out["frontier"] = exact_frontier(tree, betas=sorted({*DEFAULT_BETAS, 1.0 / alpha}), heads=trained)

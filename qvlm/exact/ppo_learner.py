@@ -26,8 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from qvlm.algos.actor_critic import ActorCritic
+from qvlm.algos.ppo import train_ppo
+from qvlm.configs import PPOConfig, TrunkConfig
 from qvlm.errors import QVLMError
+from qvlm.exact import CausalLMPolicy, policy_table, token_names
+from qvlm.exact.tabular import TabularHeads
 
 __all__ = [
     "ExactPPOConfig",
@@ -40,7 +47,6 @@ __all__ = [
 
 
 def _exact_ppo_defaults():
-    from qvlm.configs import PPOConfig, TrunkConfig
 
     # one prompt (the start token) and its responses; the k1 penalty in the reward at alpha (set per run),
     # the MDP's horizon and gamma (set per tree); both learning rates decayed to 0 so the last iterate settles
@@ -79,10 +85,7 @@ class ExactPPOConfig:
 
 def mdp_tokenizer(vocab_size: int):
     """A tokenizer of the MDP's tokens: ``a, b, ...`` one character each, EOS ``<eos>`` the last id."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    from qvlm.exact import token_names
 
     vocab = {name: i for i, name in enumerate(token_names(vocab_size)[:-1])}
     vocab["<eos>"] = vocab_size - 1
@@ -93,7 +96,6 @@ def mdp_tokenizer(vocab_size: int):
 
 
 def _tiny_lm(vocab_size: int, horizon: int, cfg: ExactPPOConfig):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -176,7 +178,6 @@ def reach_probabilities(tree, policy: torch.Tensor) -> torch.Tensor:
 def mdp_reward(tree):
     """Batch reward on texts: a response's letters are its tokens, and a response shorter than the
     horizon ended with EOS (one character per ordinary token makes this unambiguous)."""
-    from qvlm.exact import token_names
 
     index = {name: i for i, name in enumerate(token_names(tree.vocab_size)[:-1])}
 
@@ -198,11 +199,7 @@ def mdp_reward(tree):
 
 def train_exact_ppo(tree, config: ExactPPOConfig, alpha: float):
     """Distil a tiny LM to pi_ref, train it with ``train_ppo`` on the MDP, and hand back its policy
-    table, critic values and the states it reaches (:class:`qvlm.exact.learners.TabularHeads`)."""
-    from qvlm.algos.actor_critic import ActorCritic
-    from qvlm.algos.ppo import train_ppo
-    from qvlm.exact import CausalLMPolicy, policy_table
-    from qvlm.exact.learners import TabularHeads
+    table, critic values and the states it reaches (:class:`qvlm.exact.tabular.TabularHeads`)."""
 
     if tree.gamma != 1.0:
         raise QVLMError(
