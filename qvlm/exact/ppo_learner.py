@@ -47,7 +47,6 @@ __all__ = [
 
 
 def _exact_ppo_defaults():
-
     # one prompt (the start token) and its responses; the k1 penalty in the reward at alpha (set per run),
     # the MDP's horizon and gamma (set per tree); both learning rates decayed to 0 so the last iterate settles
     return PPOConfig(
@@ -86,7 +85,6 @@ class ExactPPOConfig:
 def mdp_tokenizer(vocab_size: int):
     """A tokenizer of the MDP's tokens: ``a, b, ...`` one character each, EOS ``<eos>`` the last id."""
 
-
     vocab = {name: i for i, name in enumerate(token_names(vocab_size)[:-1])}
     vocab["<eos>"] = vocab_size - 1
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<eos>"))
@@ -96,7 +94,6 @@ def mdp_tokenizer(vocab_size: int):
 
 
 def _tiny_lm(vocab_size: int, horizon: int, cfg: ExactPPOConfig):
-
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
