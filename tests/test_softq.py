@@ -57,7 +57,8 @@ def test_soft_q_loss_by_hand():
 
 # ---------------------------------------------------------------- qvlm train softq on a tiny model
 
-from qvlm.algos.softq import round_prompts, train_softq  # noqa: E402
+from qvlm.algos.rounds import round_prompts  # noqa: E402
+from qvlm.algos.softq import train_softq  # noqa: E402
 from qvlm.configs import DecodeConfig, SoftQConfig  # noqa: E402
 from qvlm.decoding import generate  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
