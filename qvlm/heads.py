@@ -15,13 +15,13 @@ from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from qvlm.configs import option
 from qvlm.distributional import categorical_mean, make_support, soft_q_from_categorical
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text, read_text
+from qvlm.fileio import atomic_write_bytes, atomic_write_text, read_text
 
 __all__ = [
     "HeadsConfig",
@@ -32,10 +32,12 @@ __all__ = [
     "alpha_of",
     "TiedDistHead",
     "DistHeads",
+    "MeanView",
     "build_heads",
     "polyak_update",
     "save_heads",
     "load_heads",
+    "save_tensors",
     "load_tensors",
     "load_heads_state",
 ]
@@ -375,6 +377,28 @@ class DistHeads(Unembedding, nn.Module):
         return per_state + k * (z.proj.weight.numel() + z.bins * z.rank)
 
 
+class MeanView:
+    """Distributional heads read through their means: guidance by ``E[Z(s, a)] - E[Z(s)]`` at every beta,
+    centred on the candidates' base-weighted mean, as mean-valued heads guide. The ablation that
+    separates Q#'s two causes (issue 22): the same heads and data, the mean instead of ``Q*_alpha``."""
+
+    distributional = True
+    soft = False
+    has_q = True
+
+    def __init__(self, heads: DistHeads):
+        self.heads, self.config = heads, heads.config
+
+    def values(self, h: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        return self.heads.values(h)
+
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None, beta: float | None = None):
+        return self.heads.advantages(h, tokens, beta=None)
+
+    def decode_macs_per_token(self, guidance_top_k: int = 0) -> int:
+        return self.heads.decode_macs_per_token(guidance_top_k)
+
+
 def build_heads(config: HeadsConfig) -> QVHeads | DistHeads:
     """Fresh heads of ``config``: :class:`DistHeads` when ``config.bins`` > 0, else :class:`QVHeads`."""
     return DistHeads(config) if config.bins else QVHeads(config)
@@ -396,11 +420,14 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
 def save_heads(heads: QVHeads | DistHeads, path: str | Path) -> None:
     """Save heads to ``path/heads.safetensors`` and ``path/heads_config.json`` atomically."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".heads.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, str(tmp))
-    tmp.replace(path / "heads.safetensors")
+    save_tensors(path / "heads.safetensors", heads.state_dict())
     atomic_write_text(path / "heads_config.json", json.dumps(asdict(heads.config), indent=2) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as a safetensors file atomically (a temporary file, then a rename), each on the CPU
+    as its own contiguous copy (tied weights share storage, which safetensors refuses)."""
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -29,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from qvlm.configs import TrunkConfig
 from qvlm.decoding.step import position_ids
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text
-from qvlm.heads import HeadsConfig, QVHeads, load_heads, save_heads
+from qvlm.fileio import atomic_write_text, read_json
+from qvlm.heads import HeadsConfig, QVHeads, load_heads, load_tensors, save_heads, save_tensors
 from qvlm.loading import hidden_size_of
 from qvlm.rollout import Rollout
 from qvlm.train.distributed import full_state_dict, fully_shard_trunk, is_main_process
@@ -247,10 +246,10 @@ def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, old)
     else:
-        _save_tensors(run_dir / "policy.safetensors", policy_state)
+        save_tensors(run_dir / "policy.safetensors", policy_state)
     if ac.critic_trunk is not None:
         state = {n: p for n, p in ac.critic_trunk.named_parameters() if p.requires_grad}
-        _save_tensors(run_dir / "critic.safetensors", state)
+        save_tensors(run_dir / "critic.safetensors", state)
     save_heads(ac.heads, run_dir)
     info = {**info, "trunk": ac.mode, "critic": ac.critic_mode}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
@@ -265,13 +264,6 @@ def _sort_target_modules(config_file: Path) -> None:
         atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True))
 
 
-def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    # tied weights share storage: save each tensor once, as a contiguous clone
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
     """The policy a ``qvlm train ppo`` run trained, on ``model`` (its base): the LoRA adapter merged
     into the weights, or the full weights loaded. Eval mode, no gradients.
@@ -279,8 +271,6 @@ def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
     Every file is checked before use: ``training.json`` must be a JSON object of a ppo run, the
     weights readable and finite (:func:`qvlm.heads.load_tensors`), the adapter's config valid JSON; a
     damaged, truncated or diverged file is a :class:`QVLMError` naming it."""
-    from qvlm.fileio import read_json
-    from qvlm.heads import load_tensors
 
     run_dir = Path(run_dir)
     info_file = run_dir / "training.json"
