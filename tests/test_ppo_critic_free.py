@@ -12,6 +12,7 @@ rollouts on the fast decoding path (``PPOConfig.fast``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -213,6 +214,10 @@ def test_config_refusals():
         PPOConfig(advantage="grpo", critic_init="runs/value")
     with pytest.raises(QVLMError, match="--critic-warmup 2 trains a critic alone first"):
         PPOConfig(advantage="rloo", critic_warmup=2)
+    with pytest.raises(QVLMError, match="--fast decodes from packed copies of whole weights"):
+        PPOConfig(fast=True, trunk=TrunkConfig("full", fsdp=True))
+    with pytest.raises(QVLMError, match="--fast decodes from packed copies"):
+        PPOConfig(fast=True, trunk=TrunkConfig("full"), deepspeed="zero2")
     PPOConfig(responses_per_prompt=1)  # GAE needs no group
     PPOConfig(advantage="rloo", algo="a2c", responses_per_prompt=2)  # one unclipped step: REINFORCE + RLOO
 
@@ -267,3 +272,25 @@ def _decode(max_new_tokens: int):
     from qvlm.configs import DecodeConfig
 
     return DecodeConfig(max_new_tokens=max_new_tokens, num_return_sequences=4, batch_size=64, chat=False)
+
+
+def test_fast_rollouts_of_a_full_trunk_follow_its_updates():
+    """A full trunk's weights change every iteration: the fast step's packed copies must follow them.
+    After an iteration of training with fast=True (its packed weights built from the initial model),
+    the fast path samples what the standard path samples from the updated model."""
+    ac, tok = build("full")
+    before = ac.policy.model.layers[0].mlp.up_proj.weight.detach().clone()
+    cfg = small_cfg(iterations=1, advantage="gae", lr=3e-3, max_new_tokens=12, fast=True)
+    train_ppo(ac, tok, PROMPTS, "count:e", cfg)
+    assert float((ac.policy.model.layers[0].mlp.up_proj.weight - before).abs().max()) > 1e-3
+    prompts = ppo.iteration_prompts(PROMPTS, 3, 0, 1)
+    decode = _decode(12)
+    fast = ppo.sample_shard(ac, tok, prompts, dataclasses.replace(decode, fast=True), 0, 1)[0]
+    slow = ppo.sample_shard(ac, tok, prompts, decode, 0, 1)[0]
+    assert fast.response_lists() == slow.response_lists()
+    mask = slow.response_mask.bool()
+    torch.testing.assert_close(fast.logprobs[mask], slow.logprobs[mask], atol=1e-5, rtol=0)
+    # and the initial model, as the stale packed copies hold it, samples other tokens
+    stale, _ = tiny_model("llama", seed=0)
+    old = ppo.sample_shard(ActorCritic(stale, TrunkConfig("full")), tok, prompts, decode, 0, 1)[0]
+    assert old.response_lists() != slow.response_lists()

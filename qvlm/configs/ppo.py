@@ -115,6 +115,13 @@ class PPOConfig(Config):
                 "--deepspeed partitions the optimiser of --trunk full --critic shared without --fsdp (LoRA "
                 "adapters are small: use plain data parallel; --fsdp shards the weights too)"
             )
+        if self.fast and (self.trunk.fsdp or self.deepspeed):
+            # the fast step packs whole weights and repacks when their version counters move: FSDP shards them,
+            # DeepSpeed writes them through .data (no counter moves), so its rollouts would use stale weights
+            raise QVLMError(
+                "--fast decodes from packed copies of whole weights, which --fsdp shards and --deepspeed updates "
+                "unseen; drop --fast (or --fsdp / --deepspeed)"
+            )
         if self.advantage != "gae":
             self._check_critic_free()
         if self.algo == "a2c":  # the plain actor-critic of the source documents, as a preset
