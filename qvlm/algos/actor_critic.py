@@ -189,10 +189,11 @@ class ActorCritic(nn.Module):
         T = rollout.response_ids.shape[1]
         return v[:, :T], v[torch.arange(v.shape[0], device=v.device), rollout.lengths.to(v.device)]
 
-    def evaluate(self, rollout: Rollout, with_policy: bool = True) -> PolicyOutput:
-        """Log-probs, entropy (zeros when ``with_policy`` is False) and values on a rollout."""
+    def evaluate(self, rollout: Rollout, with_policy: bool = True, with_values: bool = True) -> PolicyOutput:
+        """Log-probs, entropy (zeros when ``with_policy`` is False) and values (zeros, the V head not run,
+        when ``with_values`` is False: a critic-free advantage) on a rollout."""
         h = logits = None
-        if with_policy or self.critic_trunk is None:
+        if with_policy or (with_values and self.critic_trunk is None):
             with torch.set_grad_enabled(with_policy and torch.is_grad_enabled()):
                 h, logits = response_outputs(self.policy, rollout, logits=with_policy)  # (B, T + 1, H), (B, T, V)
         if with_policy:
@@ -202,10 +203,12 @@ class ActorCritic(nn.Module):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         else:
             logprobs = entropy = torch.zeros_like(rollout.response_mask)
+        mask = rollout.response_mask
+        if not with_values:
+            return PolicyOutput(logprobs * mask, entropy * mask, torch.zeros_like(mask), mask.new_zeros(len(mask)))
         # a shared critic reads the policy's features detached: only the policy loss moves the policy
         critic_h = self._hidden(self.critic_trunk, rollout) if self.critic_trunk is not None else h.detach()
         values, last_values = self._values(critic_h, rollout)
-        mask = rollout.response_mask
         return PolicyOutput(logprobs * mask, entropy * mask, values * mask, last_values)
 
     @torch.no_grad()
