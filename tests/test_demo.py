@@ -146,6 +146,21 @@ def test_choose_shown_is_the_validation_argmax():
         choose_shown({"x": {"reward_mean": None}})
 
 
+def test_choose_shown_under_the_rule_a_gamed_method_cannot_pass():
+    """The rule (issue 22): the best validation reward among rows within best-of-N's KL and at least 0.9x
+    the base's distinct-2; a gamed row (far KL, or repeating itself) loses to a lower honest one; none
+    passing: the row of least KL."""
+    rule = {"kl_max": 2.0, "distinct_2_min": 0.8}
+    val = {
+        "far": {"reward_mean": 0.9, "kl_to_base": 30.0, "distinct_2": 0.95},
+        "repeats": {"reward_mean": 0.8, "kl_to_base": 1.0, "distinct_2": 0.5},
+        "honest": {"reward_mean": 0.6, "kl_to_base": 1.5, "distinct_2": 0.9},
+        "mild": {"reward_mean": 0.4, "kl_to_base": 0.2, "distinct_2": 0.96},
+    }
+    assert choose_shown(val) == "far" and choose_shown(val, rule) == "honest"
+    assert choose_shown({k: val[k] for k in ("far", "repeats")}, rule) == "repeats"  # none passes: least KL
+
+
 def test_demo_shows_the_validation_choice_when_eval_prefers_another(tmp_path, tiny_dir, monkeypatch):
     """Validation favours mcq_beta_2, the eval table favours ilql_beta_4: the page shows mcq_beta_2."""
     import qvlm.apps.demo as demo
