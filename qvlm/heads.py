@@ -64,7 +64,13 @@ class HeadsConfig:
     bins: int = option(0, "atoms of the return distribution's support (0: mean-valued Q/V heads)")
     support_low: float = option(-1.0, "the support's lowest atom (cover the lowest return)")
     support_high: float = option(1.0, "the support's highest atom (cover the highest return)")
-    dist_rank: int = option(64, "rank of Z(s, a)'s state-token interaction")
+    dist_rank: int = option(64, "rank of Z(s, a)'s state-token interaction (dist_head bilinear)")
+    dist_head: str = option(
+        "bilinear",
+        "Z(s, a)'s design: bilinear (own logits per token, a rank-d state-token form) or tilt (Z(s) tilted "
+        "by exp(delta(s, a) z), delta a tied scalar head)",
+        choices=("bilinear", "tilt"),
+    )
 
     @property
     def width(self) -> int:
@@ -318,7 +324,10 @@ class DistHeads(Unembedding, nn.Module):
         self.config = config
         support = make_support(config.support_low, config.support_high, config.bins)
         self.register_buffer("support", support, persistent=False)  # rebuilt from the config on load
-        self.z_head = TiedDistHead(config.hidden_size, config.width, config.bins, config.dist_rank)
+        if config.dist_head == "tilt":  # one scalar per (state, token), the shape from Z(s)
+            self.z_head = TiedQHead(config.hidden_size, config.width, config.vocab_size)
+        else:
+            self.z_head = TiedDistHead(config.hidden_size, config.width, config.bins, config.dist_rank)
         self.v_head = MLPHead(config.hidden_size, config.width, config.bins)
         self.unembedding: torch.Tensor | None = None
 
@@ -330,11 +339,14 @@ class DistHeads(Unembedding, nn.Module):
         unembedding = self._embedding()
         if tokens is None:
             tokens = torch.arange(unembedding.shape[0], device=h.device).expand(*h.shape[:-1], -1)
+        if self.config.dist_head == "tilt":  # log Z(s) + delta(s, a) z: an exponential tilt of the state's law
+            delta = self.z_head.select(h, tokens, unembedding)  # (..., k)
+            return self.v_logits(h)[..., None, :] + delta[..., None] * self.support.to(h.dtype)
         return self.z_head.select(h, tokens, unembedding)
 
     def q_logits_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """``Z(s_t, a_t)`` logits of the taken actions: ``(B, T, H)``, ``(B, T)`` -> ``(B, T, K)``."""
-        return self.z_head.taken(h, actions, self._embedding())
+        return self.q_logits(h, actions[..., None])[..., 0, :]
 
     def v_logits(self, h: torch.Tensor) -> torch.Tensor:
         """``Z(s)`` logits: ``(..., H)`` -> ``(..., K)``."""
@@ -369,9 +381,15 @@ class DistHeads(Unembedding, nn.Module):
 
     def decode_macs_per_token(self, guidance_top_k: int = 0) -> int:
         """Multiply-adds per decoded token: the state's body, ``c`` and ``G`` (and ``Z(s)``), then per
-        candidate its projection ``P e_a`` and ``K x d`` products (``guidance_top_k`` 0: every token)."""
+        candidate its projection ``P e_a`` and ``K x d`` products (``guidance_top_k`` 0: every token);
+        tilt: ``Z(s)``, ``g`` and per candidate one dot product with ``e_a`` and ``K`` tilted atoms."""
         k = guidance_top_k or self.config.vocab_size
         z = self.z_head
+        if self.config.dist_head == "tilt":
+            v = sum(p.numel() for p in self.v_head.parameters())
+            return (
+                v + sum(p.numel() for p in z.g.parameters()) + k * (self.config.hidden_size + 1 + 2 * self.config.bins)
+            )
         per_state = sum(p.numel() for m in (z.body, z.state, z.inter) for p in m.parameters())
         per_state += sum(p.numel() for p in self.v_head.parameters())
         return per_state + k * (z.proj.weight.numel() + z.bins * z.rank)

@@ -71,6 +71,7 @@ class QVModel(nn.Module):
         bins: int = 0,
         support: tuple[float, float] = (-1.0, 1.0),
         dist_rank: int = 64,
+        dist_head: str = "bilinear",
     ) -> "QVModel":
         """Build fresh heads sized from the trunk's config (read once, no guessing); ``bins`` > 0 builds
         distributional heads (:class:`qvlm.heads.DistHeads`) on ``support``."""
@@ -86,6 +87,7 @@ class QVModel(nn.Module):
             support_low=support[0],
             support_high=support[1],
             dist_rank=dist_rank,
+            dist_head=dist_head,
         )
         return cls(trunk, build_heads(config), trunk_config, feature_cache)
 

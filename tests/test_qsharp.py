@@ -187,3 +187,20 @@ def test_qsharp_refuses_mean_heads_and_incomplete_round_0(tiny):
         train_qsharp(qv, tok, PROMPTS, "count:e", QSharpConfig(progress=False), initial=cut)
     with pytest.raises(QVLMError, match="--betas"):
         QSharpConfig(betas="")
+
+
+def test_the_tilt_design_tilts_the_state_distribution_by_a_tied_scalar():
+    """dist_head tilt: Z(s, a) = Z(s) exp(delta(s, a) z) / norm, delta = e_a . g(h) + b_a: at delta 0 the
+    state's law; a token's bias b_a = log 2 on support (0, 1) with Z(s) = (1/2, 1/2) gives (1/3, 2/3)."""
+    heads = DistHeads(HeadsConfig(hidden_size=2, vocab_size=2, head_hidden=2, bins=2, support_low=0.0,
+                                  support_high=1.0, dist_head="tilt"))  # fmt: skip
+    heads.attach_unembedding(torch.eye(2))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.zero_()
+        heads.z_head.bias[1] = math.log(2.0)
+    probs = torch.softmax(heads.q_logits(torch.zeros(1, 2), torch.tensor([[0, 1]])), dim=-1)  # (1, 2, K)
+    torch.testing.assert_close(probs[0], torch.tensor([[0.5, 0.5], [1 / 3, 2 / 3]]))
+    # Q*_alpha at alpha 1 of (1/3, 2/3) on (0, 1): log(1/3 + 2e/3); V* of (1/2, 1/2): log((1 + e)/2)
+    adv = heads.advantages(torch.zeros(1, 2), torch.tensor([[1]]), beta=1.0)
+    assert float(adv) == pytest.approx(math.log(1 / 3 + 2 * math.e / 3) - math.log((1 + math.e) / 2), abs=1e-6)

@@ -75,16 +75,34 @@ def label_mask(response_mask: torch.Tensor, label_from: torch.Tensor) -> torch.T
 
 
 def qsharp_loss(
-    model: QVModel, batch: TokenBatch, label_from: torch.Tensor, gamma: float = 1.0, v_scale: float = 1.0
+    model: QVModel,
+    batch: TokenBatch,
+    label_from: torch.Tensor,
+    gamma: float = 1.0,
+    v_scale: float = 1.0,
+    q_target: str = "return",
 ) -> tuple[torch.Tensor, Stats]:
-    """Cross-entropy of ``Z(s_t, a_t)`` (and ``v_scale`` times ``Z(s_t)``'s) against the two-hot of the
-    return on the labelled steps (:func:`label_mask`); stats are detached 0-dim tensors."""
+    """Cross-entropy of ``Z(s_t)`` against the two-hot of the return on the labelled steps
+    (:func:`label_mask`), ``v_scale`` times, plus ``Z(s_t, a_t)``'s against the same targets
+    (``q_target`` ``return``) or, on every real step, against ``Z(s_{t+1})`` as the state head predicts it
+    (``next_z``; the two-hot of the return where the episode ends: in a token MDP ``Z(s, a) = Z(s + a)``,
+    discounted: its support scaled by gamma, projected). Stats are detached 0-dim tensors."""
     heads = model.heads
-    h, _ = model.features(batch)  # (B, T, H)
+    h, h_next = model.features(batch)  # (B, T, H) each
     mask = label_mask(batch.response_mask, label_from)
     returns = monte_carlo_returns(batch.rewards, batch.done, gamma, batch.response_mask)  # (B, T)
     target = two_hot(returns, heads.support)  # (B, T, K)
-    q_loss, q_stats = categorical_loss(heads.q_logits_taken(h, batch.actions), target, mask)
+    q_mask, q_tgt = mask, target
+    if q_target == "next_z":
+        with torch.no_grad():
+            nxt = torch.softmax(heads.v_logits(h_next).float(), dim=-1)  # (B, T, K): Z(s_{t+1})
+            if gamma != 1.0:  # r + gamma Z(s'): each atom z_b moves to r + gamma z_b, projected back
+                moved = batch.rewards[..., None] + gamma * heads.support  # (B, T, K)
+                nxt = (nxt[..., None] * two_hot(moved, heads.support)).sum(-2)
+            done = batch.done[..., None].bool()
+            q_tgt = torch.where(done, target, nxt.to(target.dtype))
+        q_mask = batch.response_mask
+    q_loss, q_stats = categorical_loss(heads.q_logits_taken(h, batch.actions), q_tgt, q_mask)
     v_loss, v_stats = categorical_loss(heads.v_logits(h), target, mask)
     loss = q_loss + v_scale * v_loss
     return loss, {
@@ -189,7 +207,8 @@ def train_qsharp(
             cache_features(model, items, own, cfg.batch_size, pad_id)
             # optimise: cross-entropy of the return distributions on minibatches of every round
             per_step = fit_round(
-                model, optimizer, items, lambda m, b: qsharp_loss(m, b, label_from[b.index.cpu()], cfg.gamma, cfg.v_scale),
+                model, optimizer, items,
+                lambda m, b: qsharp_loss(m, b, label_from[b.index.cpu()], cfg.gamma, cfg.v_scale, cfg.q_target),
                 mine=mine, steps=cfg.steps_per_round, batch_size=cfg.batch_size, seed=cfg.seed, round_idx=r,
                 first_step=step, pad_id=pad_id, grad_clip=cfg.grad_clip,
             )  # fmt: skip

@@ -35,6 +35,15 @@ class QSharpConfig(Config):
     weight_decay: float = option(0.0, "AdamW weight decay (0: off)", ge=0)
     grad_clip: float = option(1.0, "max global gradient norm (0: off)", ge=0)
     v_scale: float = option(1.0, "weight of Z(s)'s cross-entropy beside Z(s, a)'s", ge=0)
+    # Z(s, a) of a token MDP is Z(s + a) exactly: next_z distils the state head's prediction at the next
+    # prefix (which pools the returns of many prefixes) into Z(s_t, a_t) on every step, roll-ins included;
+    # return labels each reference step with its one sampled return
+    q_target: str = option(
+        "return",
+        "Z(s, a)'s target: return (two-hot of the sampled return, reference steps only) or next_z (the state "
+        "head's distribution at s + a, every step; the return at the last)",
+        choices=("return", "next_z"),
+    )
     gamma: float = option(1.0, "discount per token (1: the return is the final score)", ge=0, le=1)
     decode_batch_size: int = option(64, "responses decoded together", ge=1)
     max_length: int = option(512, "prompt + response tokens when training", ge=2)
