@@ -114,7 +114,9 @@ class _Game:
     seed: int
     observations: list[str]
     segments: list[list[int]]
+    sample_seed: int = 0
     actions: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     terminated: bool = False
     truncated: bool = False
@@ -144,10 +146,17 @@ def run_lm(
     max_turns: int = MAX_TURNS,
     progress: bool = False,
     policy_name: str = "base",
+    logprobs: bool = False,
+    sample_seeds: Sequence[int] | None = None,
 ) -> list[Episode]:
     """One episode per seed, the model writing every action (``cfg``: a
     :class:`qvlm.configs.DecodeConfig`; ``heads`` and ``cfg.beta`` guide it). Returns tokenised
-    episodes whose action tokens are the tokens sampled."""
+    episodes whose action tokens are the tokens sampled.
+
+    ``logprobs``: keep, per turn, the log-probability of each action token under the distribution it
+    was drawn from (``Episode.action_logprobs``; PPO's ``log pi_old``, recorded by the decoding step
+    as DESIGN.md asks). ``sample_seeds``: one sampling seed per episode instead of ``sample_seed``
+    for all (two episodes of one environment seed then sample apart)."""
     from qvlm.configs import DecodeConfig
     from qvlm.decoding import GenerationResult, sample_rollout
     from qvlm.decoding.sampling import sampling_seeds
@@ -157,11 +166,15 @@ def run_lm(
     cfg = dataclasses.replace(cfg or DecodeConfig(), num_return_sequences=1)
     chat = cfg.chat
     limit = context_length(model.config)
+    if sample_seeds is not None and len(sample_seeds) != len(seeds):
+        raise QVLMError(f"run_lm: {len(sample_seeds)} sample_seeds for {len(seeds)} episodes; give one per episode")
     games = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         env = make(env_name, **(env_kwargs or {}))
         observation, _ = env.reset(seed=seed)
-        games.append(_Game(env, seed, [observation], [observation_ids(tokenizer, [observation], chat)]))
+        first = observation_ids(tokenizer, [observation], chat)
+        own = sample_seed if sample_seeds is None else int(sample_seeds[i])
+        games.append(_Game(env, seed, [observation], [first], own))
     for turn in progress_bar(iter(range(max_turns)), desc="turns", enabled=progress, unit="turn"):
         for g in games:
             if not g.over and limit and len(g.context()) + cfg.max_new_tokens > limit:
@@ -169,18 +182,21 @@ def run_lm(
         active = [g for g in games if not g.over]
         if not active:
             break
-        row_seeds = [sampling_seeds(g.seed, turn, range(sample_seed, sample_seed + 1))[0] for g in active]
+        row_seeds = [sampling_seeds(g.seed, turn, range(g.sample_seed, g.sample_seed + 1))[0] for g in active]
         rollout = sample_rollout(
             model,
             tokenizer,
             [g.context() for g in active],
             heads,
             cfg,
-            logprobs=False,
+            logprobs=logprobs,
             ref_logprobs=False,
             row_seeds=row_seeds if cfg.do_sample else None,
         )
         result = GenerationResult.from_rollout(rollout, tokenizer)
+        if logprobs:
+            for g, ids, row in zip(active, result.response_ids, rollout.logprobs.tolist()):
+                g.logprobs.append(row[: len(ids)])
         for g, ids, text in zip(active, result.response_ids, result.texts):
             observation, reward, terminated, truncated, info = g.env.step(text)
             g.turns.append(Turn(g.observations[-1], text, float(reward), bool(info.get("invalid_action", False))))
@@ -210,6 +226,7 @@ def run_lm(
                 env_kwargs=dict(env_kwargs or {}),
                 token_ids=tokens.token_ids,
                 action_mask=tokens.action_mask,
+                action_logprobs=g.logprobs if logprobs else None,
             )
         )
     return episodes
