@@ -28,7 +28,7 @@ from qvlm.cli import main
 from qvlm.configs import ILQLConfig, PPOConfig, TrunkConfig, ValueConfig
 from qvlm.envs.episodes import read_episodes, write_episodes
 from qvlm.envs.rollout import run_lm, run_scripted
-from qvlm.envs.tokens import action_ids, collate_episodes, encode_episode
+from qvlm.envs.tokens import action_ids, action_spans, collate_episodes, encode_episode
 from qvlm.envs.values import episode_turn_values
 from qvlm.errors import QVLMError
 from qvlm.mdp import Sample, TokenBatch, collate, encode_samples, value_positions
@@ -394,6 +394,56 @@ def test_guidance_with_heads_trained_on_episodes_plays_in_the_environment(tok, t
     for e in guided:
         starts = [e.token_ids[p] for p, m in enumerate(e.action_mask) if m and not e.action_mask[p - 1]]
         assert starts == [seven] * len(e.turns)
+
+
+def test_turn_level_guidance_keeps_the_reply_with_the_highest_q(tok):
+    """Q heads that pay 100 for ending a turn (EOS) and nothing else: of K replies of at most 3 tokens,
+    the one kept ends its turn whenever any candidate did. The random tiny model writes EOS about once in
+    45 tokens, so 1 candidate ends few turns and 8 end many; the kept reply is always one of the
+    candidates the base model sampled (its tokens are the base model's: no token-level change)."""
+    from qvlm.configs import DecodeConfig
+
+    model = make_model(tok)
+    qv = QVModel.from_trunk(model, TrunkConfig("frozen"))
+    with torch.no_grad():
+        for head in qv.heads.q_heads:
+            head.net[2].bias[tok.eos_token_id] = 100.0
+    cfg = DecodeConfig(max_new_tokens=3, chat=True)
+    seeds = list(range(6))
+
+    def ended(episodes):
+        return sum(e.token_ids[end - 1] == tok.eos_token_id for e in episodes for _, end in action_spans(e.action_mask))
+
+    one = run_lm(model, tok, "GuessTheNumber-v0", seeds, cfg, heads=qv.heads, candidates=1)
+    eight = run_lm(model, tok, "GuessTheNumber-v0", seeds, cfg, heads=qv.heads, candidates=8)
+    assert ended(one) <= 6 and ended(eight) >= 3 * max(ended(one), 4), (ended(one), ended(eight))
+    with pytest.raises(QVLMError, match="pass heads with Q heads"):
+        run_lm(model, tok, "GuessTheNumber-v0", seeds, cfg, candidates=2)
+
+
+def test_cli_samples_guided_episodes(tmp_path, capsys):
+    from qvlm.loading import save_model
+
+    tok = make_tok()
+    save_model(make_model(tok), tok, tmp_path / "m")
+    data = tmp_path / "eps.jsonl"
+    model = ["--model", str(tmp_path / "m")]
+    assert main(["sample", "--env", "GuessTheNumber-v0", "--policy", "noisy", "--episodes", "4", *model,
+                 "--out", str(data)]) == 0  # fmt: skip
+    assert main(["train", "ilql", *model, "--episodes", str(data), "--max-length", "512", "--steps", "1",
+                 "--out", str(tmp_path / "ilql")]) == 0  # fmt: skip
+    sample = ["sample", "--env", "GuessTheNumber-v0", "--episodes", "2", "--max-new-tokens", "3", *model]
+    capsys.readouterr()
+    assert main([*sample, "--heads", str(tmp_path / "ilql"), "--beta", "2", "--candidates", "2",
+                 "--out", str(tmp_path / "g.jsonl")]) == 0  # fmt: skip
+    assert "(guided(beta=2, candidates=2))" in capsys.readouterr().out
+    assert [e.policy for e in read_episodes(tmp_path / "g.jsonl")] == ["guided(beta=2, candidates=2)"] * 2
+    assert main([*sample, "--beta", "2", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "pass --heads DIR" in capsys.readouterr().err
+    assert (
+        main([*sample, "--heads", str(tmp_path / "ilql"), "--policy", "noisy", "--out", str(tmp_path / "x.jsonl")]) == 2
+    )
+    assert "drop --policy noisy" in capsys.readouterr().err
 
 
 def test_v_per_turn_reads_each_turns_state(tok):
