@@ -556,3 +556,34 @@ def test_episodes_written_and_read_keep_what_learners_need(tok, tmp_path):
     write_episodes(tmp_path / "e.jsonl", episodes)
     back = read_episodes(tmp_path / "e.jsonl")
     assert [e.tokens() for e in back] == [e.tokens() for e in episodes]
+
+
+# ---------------------------------------------------------------- the benchmark's protocol, smoke setting
+
+
+def test_env_learners_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    """benchmarks/env_learners.py --smoke on one task: every method scored on the same held-out seeds
+    (never trained on), the JSON and the table written, V per turn of one episode reported."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "env_learners.py"
+    spec = importlib.util.spec_from_file_location("env_learners", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "env_learners", bench)  # its dataclass looks itself up there
+    spec.loader.exec_module(bench)
+    out = tmp_path / "smoke.json"
+    result = bench.main(["--smoke", "--tasks", "guess", "--json", str(out)])
+    assert json.loads(out.read_text())["tasks"]["guess"]["aggregate"].keys() == set(bench.METHODS)
+    task = result["tasks"]["guess"]
+    assert (task["optimal_return"], task["random_return"]) == pytest.approx((0.63, -0.264908109375))
+    run = task["per_seed"][0]
+    assert all(len(m["returns"]) == 4 for m in run["methods"].values())
+    assert run["data"]["episodes"] == 4 + 12 and len(run["methods"]["ppo"]["train_returns"]) == 2
+    assert len(run["report"]["turns"]) >= 1
+    # training and validation seeds lie below the held-out ones
+    seeds = [bench.train_seeds(0, role, 1000)[-1] for role in bench.ROLE]
+    assert max(seeds) < 100_000_000 <= bench.eval_seeds(1)[0]
+    printed = capsys.readouterr().out
+    assert "| ilql (beta 1) |" in printed and "V before" in printed
