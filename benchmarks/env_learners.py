@@ -117,6 +117,11 @@ SMOKE = dict(
 )
 
 
+def log(task: str, seed: int, what: str, t0: float) -> None:
+    """A progress line on stderr (the table goes to stdout)."""
+    print(f"[{time.perf_counter() - t0:7.0f} s] {task} seed {seed}: {what}", file=sys.stderr, flush=True)
+
+
 def train_seeds(seed: int, role: str, n: int) -> list[int]:
     start = seed * SEED_STRIDE + ROLE[role]
     return list(range(start, start + n))
@@ -226,10 +231,13 @@ def run_seed(model, tok, task: str, p: Protocol, seed: int) -> dict:
     held_out = eval_seeds(p.eval_episodes)
     out: dict = {"seed": seed, "methods": {}}
     t0 = time.perf_counter()
+
+    def scored(name: str, episodes, **extra) -> None:
+        out["methods"][name] = {**summary(episodes, optimal, random), **extra}
+        log(task, seed, f"{name}: normalised {out['methods'][name]['normalised']:.1f} {extra or ''}", t0)
+
     if "base" in methods:
-        out["methods"]["base"] = summary(
-            play(model, tok, env, kwargs, held_out, p, seed, label="base"), optimal, random
-        )
+        scored("base", play(model, tok, env, kwargs, held_out, p, seed, label="base"))
     cache, heads = FeatureCache(), {}
     if {"ilql", "mc", "guidance"} & set(methods):
         data = collect(model, tok, env, kwargs, p, seed)
@@ -239,27 +247,28 @@ def run_seed(model, tok, task: str, p: Protocol, seed: int) -> dict:
             "noisy_mean_return": sum(e.total_return for e in data[p.base_episodes :]) / max(1, p.noisy_episodes),
             "seconds": time.perf_counter() - t0,
         }
+        log(task, seed, f"data: {out['data']}", t0)
     for kind in ("ilql", "mc"):
         if kind in methods or (kind == "mc" and "guidance" in methods):
             t = time.perf_counter()
             heads[kind] = heads_for(model, kind, data, tok, p, seed, cache)
             out[f"{kind}_train_seconds"] = time.perf_counter() - t
+            log(task, seed, f"{kind} heads trained", t0)
         if kind in methods:
             beta, val = choose_beta(model, tok, env, kwargs, heads[kind], p, seed)
             episodes = play(model, tok, env, kwargs, held_out, p, seed, heads[kind].heads, beta, label=kind)
-            out["methods"][kind] = {**summary(episodes, optimal, random), "beta": beta, "validation": val}
+            scored(kind, episodes, beta=beta, validation=val)
             if kind == "ilql":
                 out["report"] = report(heads[kind], tok, episodes[0])
     if "guidance" in methods:
         episodes = play(model, tok, env, kwargs, held_out, p, seed, heads["mc"].heads, 0.0, p.candidates, "guidance")
-        out["methods"]["guidance"] = {**summary(episodes, optimal, random), "candidates": p.candidates}
+        scored("guidance", episodes, candidates=p.candidates)
     heads.clear()
     if "ppo" in methods:
         t = time.perf_counter()
         policy, curve = train_ppo(tok, env, kwargs, p, seed)
-        episodes = play(policy, tok, env, kwargs, held_out, p, seed, label="ppo")
-        out["methods"]["ppo"] = {**summary(episodes, optimal, random), "train_returns": curve,
-                                 "seconds": time.perf_counter() - t}  # fmt: skip
+        scored("ppo", play(policy, tok, env, kwargs, held_out, p, seed, label="ppo"), train_returns=curve,
+               seconds=time.perf_counter() - t)  # fmt: skip
         del policy
     out["seconds"] = time.perf_counter() - t0
     return out
