@@ -1,40 +1,80 @@
-"""qvlm PPO side by side with TRL's GRPO and RLOO trainers, in one run, on the same model, training
-prompts, reward, response length and number of reward calls; each trained policy is then decoded
-once on the eval prompts and measured against the base model.
+"""qvlm's online trainers side by side with TRL's, fairly (issue 23): TRL GRPO, TRL RLOO, qvlm PPO,
+qvlm RLOO and qvlm GRPO on the same model, prompts, reward, reward calls and sampling, each tuned with
+the same budget on validation prompts and reported as a reward-KL curve, compared at matched KL.
 
-    python benchmarks/peer_trl.py                                    # SmolLM2-135M-Instruct, VADER
-    python benchmarks/peer_trl.py --steps 10 --methods grpo,ppo      # shorter
-    python benchmarks/peer_trl.py --model DIR --reward count:e       # any local model, any qvlm reward
+    /work/venv-trl/bin/python benchmarks/peer_trl.py --smoke           # a few minutes: proves it runs
+    /work/venv-trl/bin/python benchmarks/peer_trl.py                   # the full run (hours on 2 CPUs)
+    python benchmarks/peer_trl.py --methods qvlm-ppo,qvlm-rloo         # qvlm only: no TRL needed
 
-Per method the JSON holds: the eval-prompt reward (mean and 95% CI, Student t over the eval prompts'
-mean rewards, ``--eval-samples`` responses each), the exact KL to the
-base model (per step, summed along each response: qvlm.eval.policy), perplexity under the base,
-distinct-2, wall-clock of training, and the reward calls (responses scored). TRL 1.16.0 ships no PPO
-trainer; its GRPO and RLOO are the peers. Equal budgets: a TRL step scores ``--prompts-per-step`` x
-``--generations`` completions; qvlm PPO runs ``--steps`` iterations of the same shape. TRL is an
-optional extra (``pip install -e ".[bench]"``); without it the script stops with a clear message.
+Run it with a Python that has TRL 1.16 (a separate venv: benchmarks/README.md); the qvlm rows need
+only qvlm.
+
+Protocol (every method alike):
+
+- **Prompts.** Training: the first ``--n-train`` prompts of ``--train-prompts`` (160 of demo:train).
+  Validation: the rest of them (59), from the training side, never trained on. Eval: the first
+  ``--max-eval-prompts`` of ``--eval-prompts`` (50 of demo:eval), decoded once per trained policy,
+  for the table only.
+- **Budget.** ``--reward-calls`` responses scored in training (720 = 18 steps x 10 prompts x 4
+  responses), counted on both sides and checked; TRL's step and qvlm's iteration have the same
+  shape (``--prompts-per-step`` x ``--generations``).
+- **Sampling**, pinned on both sides: temperature 1, top-k 0, top-p 1 (TRL's config fields and the
+  model's generation config; qvlm's ``DecodeConfig`` defaults), ``--max-new-tokens`` (20).
+- **Tuning.** Every method trains at the same number of KL coefficients (``--kl-coefs``, 3 by
+  default; a method's own grid with ``--kl-coefs-METHOD``): TRL GRPO's k3 loss ``beta`` (0 in TRL by
+  default, so set), TRL RLOO's ``beta`` (k1 in the reward), qvlm's ``--kl-coef`` (k1 in the
+  reward). Each run is measured on the validation prompts; the validation curves choose the KLs at
+  which the methods are compared (``--kl-targets``, default: 3 points up to the largest KL every
+  curve reaches) and each method's shown setting (its best validation reward within that range).
+  The eval prompts choose nothing.
+- **Evaluation**, one evaluator for all: the trained policy decodes the prompts with qvlm's sampler
+  (same seed, ``--eval-samples`` responses per prompt) and :func:`qvlm.eval.policy.rollout_metrics`
+  scores them: reward (95% CI, Student t over the prompts' means), the exact KL to the base model
+  (per step, summed along each response), perplexity under the base, distinct-2.
+- **Curves and matched KL.** A method's curve is its runs' (KL, reward) points plus the base model
+  at KL 0, ordered by KL; a reward at a given KL is the linear interpolation between the two
+  neighbouring points (none outside the curve: no extrapolation). Every point of every method is
+  also compared with ``--reference``'s curve (TRL GRPO) at the same KL.
+- **Cost**, measured in the same run, each run in a fresh process: wall-clock and CPU time of
+  training per reward call, peak memory (max RSS when training ends), torch threads, dtype.
+
+Settings: TRL at its defaults but for the pinned sampling, the budget, ``--trl-lr`` (1e-5, as in
+issue 23), ``beta``, and CPU settings made explicit (``use_cpu``, bf16 and fp16 off, gradient
+checkpointing off); a full fine-tune, as TRL trains a model it is given. qvlm at ``PPOConfig``'s
+defaults (LoRA r 8, lr 1e-5, 4 epochs, minibatches of 8) but for the budget, ``kl_coef`` and
+``advantage`` (``--fast``: rollouts on the fast path).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qvlm.fileio import atomic_write_text  # noqa: E402
+METHODS = ("trl-grpo", "trl-rloo", "qvlm-ppo", "qvlm-rloo", "qvlm-grpo")
+QVLM_ADVANTAGE = {"qvlm-ppo": "gae", "qvlm-rloo": "rloo", "qvlm-grpo": "grpo"}
+SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}  # pinned on both sides
+# --smoke: minutes, not a measurement (one KL coefficient a method, one thread for a shared machine)
+SMOKE = dict(n_train=8, max_val_prompts=4, max_eval_prompts=4, reward_calls=8, prompts_per_step=2, generations=2,
+             max_new_tokens=8, eval_samples=2, kl_coefs="0.05", threads=1)  # fmt: skip
 
-METHODS = ("grpo", "rloo", "ppo")
+
+# ---- the reward both sides call -----------------------------------------------------------------
 
 
 class CountingReward:
-    """A qvlm batch reward that counts the responses it scores; also callable as a TRL reward."""
+    """A qvlm batch reward that counts the responses it scores; :meth:`trl` is the same function as a
+    TRL reward (prompts as the texts qvlm sees, completions' text)."""
 
     def __init__(self, name: str):
         from qvlm.rewards import get_reward
@@ -43,157 +83,468 @@ class CountingReward:
 
     def __call__(self, prompts, responses) -> list[float]:
         self.calls += len(responses)
-        return [float(x) for x in self.fn(prompts, responses)]
+        return [float(x) for x in self.fn(list(prompts), list(responses))]
 
     def trl(self, prompts, completions, **kwargs) -> list[float]:
-        # conversational completions are [{"role": "assistant", "content": ...}]
+        # conversational rows are message lists: the user's text, the assistant's completion
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return self(prompts, texts)
+        users = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        return self(users, texts)
 
 
-def train_trl(method: str, model, tokenizer, prompts: list[str], reward: CountingReward, args, workdir: Path):
+# ---- curves -------------------------------------------------------------------------------------
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """The reward at KL ``x`` on a curve of ``(kl, reward)`` points: linear between the two points
+    around ``x`` after sorting by KL; None outside ``[min kl, max kl]`` (no extrapolation).
+
+    ``interpolate([(0, 0.3), (1, 0.5), (2, 0.6)], 1.5) == 0.55``.
+    """
+    pts = sorted(points)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]  # a single point, x on it
+
+
+def curve(base: dict, runs: list[dict], split: str) -> list[tuple[float, float]]:
+    """A method's ``(kl, reward)`` curve on ``split`` (val or eval): the base at KL 0, then its runs."""
+    return [(0.0, base[split]["reward_mean"])] + [(r[split]["kl_to_base"], r[split]["reward_mean"]) for r in runs]
+
+
+def kl_targets(base: dict, by_method: dict[str, list[dict]], given: str, n: int = 3) -> list[float]:
+    """The KLs the methods are compared at, chosen on validation: ``given`` (comma-separated), or ``n``
+    points evenly up to the largest validation KL every method's curve reaches."""
+    if given:
+        return [float(x) for x in given.split(",") if x.strip()]
+    top = min(max(k for k, _ in curve(base, runs, "val")) for runs in by_method.values())
+    return [top * (i + 1) / n for i in range(n)] if top > 0 else []
+
+
+def selected_run(runs: list[dict], top_kl: float) -> dict:
+    """A method's shown setting, chosen on validation: its best validation reward among the runs whose
+    validation KL is within the compared range (``top_kl``), else its lowest-KL run."""
+    inside = [r for r in runs if r["val"]["kl_to_base"] <= top_kl]
+    if inside:
+        return max(inside, key=lambda r: r["val"]["reward_mean"])
+    return min(runs, key=lambda r: r["val"]["kl_to_base"])
+
+
+# ---- one run, in its own process ----------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _load(spec: dict):
+    from qvlm.loading import load_model
+
+    model, tok = load_model(spec["model"], device=spec["device"], dtype=spec["dtype"])
+    for key, value in SAMPLING.items():  # nothing of the model's own generation config may change the sampling
+        setattr(model.generation_config, key, value)
+    return model, tok
+
+
+def train_trl(method: str, model, tok, prompts: list[str], reward: CountingReward, spec: dict, workdir: Path):
     from datasets import Dataset
 
-    chat = tokenizer.chat_template is not None
+    chat = tok.chat_template is not None
     rows = [{"prompt": [{"role": "user", "content": p}] if chat else p} for p in prompts]
-    common = dict(
+    args = dict(
         output_dir=str(workdir / method),
-        use_cpu=args.device == "cpu",
-        learning_rate=args.lr,
-        beta=args.kl_coef,
-        num_generations=args.generations,
-        per_device_train_batch_size=args.prompts_per_step * args.generations,
-        max_completion_length=args.max_new_tokens,
-        max_steps=args.steps,
-        temperature=1.0,
-        report_to=[],
-        logging_steps=max(1, args.steps // 10),
-        save_strategy="no",
-        seed=args.seed,
+        use_cpu=spec["device"] == "cpu",
         bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        learning_rate=spec["trl_lr"],
+        beta=spec["kl_coef"],
+        num_generations=spec["generations"],
+        per_device_train_batch_size=spec["prompts_per_step"] * spec["generations"],
+        gradient_accumulation_steps=1,
+        max_completion_length=spec["max_new_tokens"],
+        max_steps=spec["steps"],
+        **SAMPLING,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=spec["seed"],
     )
-    if method == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        trainer = GRPOTrainer(model=model, reward_funcs=reward.trl, args=GRPOConfig(**common),
-                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+    if method == "trl-grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
     else:
-        from trl import RLOOConfig, RLOOTrainer
-
-        trainer = RLOOTrainer(model=model, reward_funcs=reward.trl, args=RLOOConfig(**common),
-                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)  # fmt: skip
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+    trainer = Trainer(
+        model=model,
+        reward_funcs=reward.trl,
+        args=Config(**args),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
     trainer.train()
-    return trainer.model
+    return trainer.model, "full"
 
 
-def train_qvlm_ppo(model, tokenizer, prompts: list[str], reward: CountingReward, args, workdir: Path):
+def train_qvlm(method: str, model, tok, prompts: list[str], reward: CountingReward, spec: dict):
     from qvlm.algos.actor_critic import ActorCritic
     from qvlm.algos.ppo import PPOConfig, train_ppo
     from qvlm.train.rng import set_seed
 
-    set_seed(args.seed)
-    ac = ActorCritic(model, trunk=args.ppo_trunk, critic="shared")
     cfg = PPOConfig(
-        iterations=args.steps,
-        prompts_per_iter=args.prompts_per_step,
-        responses_per_prompt=args.generations,
-        max_new_tokens=args.max_new_tokens,
-        lr=args.ppo_lr or args.lr,
-        kl_coef=args.kl_coef,
-        ppo_epochs=args.ppo_epochs,
-        seed=args.seed,
+        iterations=spec["steps"],
+        prompts_per_iter=spec["prompts_per_step"],
+        responses_per_prompt=spec["generations"],
+        max_new_tokens=spec["max_new_tokens"],
+        kl_coef=spec["kl_coef"],
+        advantage=QVLM_ADVANTAGE[method],
+        fast=spec["fast"],
+        seed=spec["seed"],
         checkpoint_every=0,
+        progress=False,
     )
-    train_ppo(ac, tokenizer, prompts, reward, cfg, run_dir=workdir / "ppo")
-    return ac.policy
+    set_seed(cfg.seed)  # the V head's initialisation
+    ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.head_hidden, base_model=spec["model"])
+    train_ppo(ac, tok, prompts, reward, cfg, run_dir=None)
+    return ac.policy, cfg.trunk.mode
 
 
-def main() -> None:
+def evaluate(policy, base, tok, prompts: list[str], reward, spec: dict) -> dict:
+    """Decode ``prompts`` once with ``policy`` (qvlm's sampler, pinned sampling, the run's seed) and
+    score them with the one exact-KL evaluator."""
+    import torch
+
+    from qvlm.configs import DecodeConfig
+    from qvlm.decoding.sampling import sample_rollout
+    from qvlm.eval.policy import rollout_metrics
+
+    cfg = DecodeConfig(
+        max_new_tokens=spec["max_new_tokens"], num_return_sequences=spec["eval_samples"], seed=spec["seed"], **SAMPLING
+    )
+    policy.eval()
+    with torch.no_grad():
+        rollout = sample_rollout(policy, tok, prompts, cfg=cfg, logprobs=False, ref_logprobs=False)
+        metrics, _, _ = rollout_metrics(policy, base, tok, prompts, rollout, reward, cfg=cfg)
+    return metrics.as_dict()
+
+
+def worker(spec_path: str) -> None:
+    """One (method, KL coefficient) run: train on the training prompts with the budget, then evaluate
+    on the validation and the eval prompts; writes its result JSON to ``spec["out"]``."""
+    import torch
+
+    from qvlm.eval.metrics import json_safe
+    from qvlm.fileio import atomic_write_text
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    model, tok = _load(spec)
+    result = {
+        "method": spec["method"],
+        "kl_coef": spec["kl_coef"],
+        "threads": torch.get_num_threads(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "rss_loaded_mb": _peak_rss_mb(),
+    }
+    policy = model
+    if spec["method"] != "base":
+        reward = CountingReward(spec["reward"])
+        wall, cpu = time.perf_counter(), time.process_time()
+        if spec["method"].startswith("trl-"):
+            policy, weights = train_trl(spec["method"], model, tok, spec["train"], reward, spec, Path(spec["workdir"]))
+        else:
+            policy, weights = train_qvlm(spec["method"], model, tok, spec["train"], reward, spec)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if reward.calls != spec["reward_calls"]:
+            raise SystemExit(f"{spec['method']}: {reward.calls} reward calls in training, not {spec['reward_calls']}")
+        result.update(
+            trained_weights=weights,
+            reward_calls=reward.calls,
+            train_seconds=wall,
+            train_cpu_seconds=cpu,
+            seconds_per_call=wall / reward.calls,
+            cpu_seconds_per_call=cpu / reward.calls,
+            peak_rss_mb=_peak_rss_mb(),
+        )
+    base, _ = _load(spec)  # a fresh copy: the base of the KL and the perplexity
+    eval_reward = CountingReward(spec["reward"])
+    result["val"] = evaluate(policy, base, tok, spec["val"], eval_reward, spec)
+    result["eval"] = evaluate(policy, base, tok, spec["eval"], eval_reward, spec)
+    atomic_write_text(spec["out"], json.dumps(json_safe(result), indent=2) + "\n")
+
+
+def run_one(spec: dict, workdir: Path) -> dict:
+    """``spec``'s run in a fresh process of this Python (own memory peak, own threads); its log in
+    ``workdir``, its tail printed if it fails."""
+    name = f"{spec['method']}_kl{spec['kl_coef']}"
+    spec = {**spec, "out": str(workdir / f"{name}.json"), "workdir": str(workdir)}
+    spec_path = workdir / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    log = workdir / f"{name}.log"
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, __file__, "--worker", str(spec_path)], stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{name} failed (exit {rc}); the end of its log {log}:\n{tail}")
+    return json.loads(Path(spec["out"]).read_text())
+
+
+# ---- the whole benchmark ------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model (as qvlm --model)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--methods", default="grpo,rloo,ppo", help=f"comma-separated: {', '.join(METHODS)}")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"), help="both sides' dtype")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--reward", default="vader", help="a qvlm reward name")
-    ap.add_argument("--train-prompts", default="demo:train", help="training prompt file")
-    ap.add_argument("--eval-prompts", default="demo:eval", help="held-out prompt file")
-    ap.add_argument("--max-eval-prompts", type=int, default=0, help="first N eval prompts (0: all)")
-    ap.add_argument("--steps", type=int, default=90, help="TRL steps = qvlm PPO iterations")
-    ap.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step")
-    ap.add_argument("--generations", type=int, default=4, help="completions per prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=20, help="response length limit")
-    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate (TRL; and PPO unless --ppo-lr)")
-    ap.add_argument("--ppo-lr", type=float, default=0.0, help="qvlm PPO's learning rate (0: --lr)")
-    ap.add_argument("--ppo-trunk", default="full", choices=("full", "lora"), help="qvlm PPO's trained weights")
-    ap.add_argument("--ppo-epochs", type=int, default=4, help="qvlm PPO's passes over each rollout")
-    ap.add_argument("--kl-coef", type=float, default=0.05, help="KL coefficient (TRL beta; PPO kl_coef)")
-    ap.add_argument(
-        "--eval-samples",
-        type=int,
-        default=4,
-        help="responses per eval prompt for every method; the 95%% CI is over the prompts' means",
-    )
-    ap.add_argument("--seed", type=int, default=0, help="seed of every method and of the eval decoding")
-    ap.add_argument("--json", default="benchmarks/results/peer_trl.json", help="where to write results")
-    args = ap.parse_args()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if any(m not in METHODS for m in methods):
-        raise SystemExit(f"--methods: choose from {', '.join(METHODS)}")
-    if any(m in ("grpo", "rloo") for m in methods):
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            raise SystemExit(
-                "benchmarks/peer_trl.py needs TRL for its grpo and rloo rows: pip install -e '.[bench]' "
-                "(or run --methods ppo)"
-            ) from None
-    from qvlm.configs import DecodeConfig
-    from qvlm.eval.metrics import json_safe
-    from qvlm.eval.policy import evaluate_policy_decoding
-    from qvlm.jsonl import read_prompts
-    from qvlm.loading import load_model
-
-    train_prompts = read_prompts(args.train_prompts)
-    eval_prompts = read_prompts(args.eval_prompts)
-    if args.max_eval_prompts:
-        eval_prompts = eval_prompts[: args.max_eval_prompts]
-    base, tokenizer = load_model(args.model, device=args.device)
-    eval_cfg = DecodeConfig(max_new_tokens=args.max_new_tokens, seed=args.seed, num_return_sequences=args.eval_samples)
-    eval_reward = CountingReward(args.reward)
-    results = {}
-    metrics, _, _ = evaluate_policy_decoding(base, base, tokenizer, eval_prompts, eval_reward, cfg=eval_cfg)
-    results["base"] = {**metrics.as_dict(), "train_seconds": 0.0, "reward_calls": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        for method in methods:
-            model, _ = load_model(args.model, device=args.device)
-            reward = CountingReward(args.reward)
-            start = time.perf_counter()
-            train = train_qvlm_ppo if method == "ppo" else lambda *a: train_trl(method, *a)
-            policy = train(model, tokenizer, train_prompts, reward, args, Path(tmp)).eval()
-            seconds = time.perf_counter() - start
-            metrics, _, _ = evaluate_policy_decoding(policy, base, tokenizer, eval_prompts, eval_reward, cfg=eval_cfg)
-            results[method] = {**metrics.as_dict(), "train_seconds": seconds, "reward_calls": reward.calls}
-            print(f"{method}: {json.dumps(results[method])}", flush=True)
-    print(f"{'method':<8}{'reward':>9}{'+-95%':>8}{'KL':>8}{'ppl':>8}{'dist-2':>8}{'train s':>9}{'calls':>7}")
-    for name, r in results.items():
-        print(
-            f"{name:<8}{r['reward_mean']:>9.4f}{r['reward_ci95']:>8.4f}{r['kl_to_base']:>8.3f}{r['perplexity']:>8.2f}"
-            f"{r['distinct_2']:>8.3f}{r['train_seconds']:>9.1f}{r['reward_calls']:>7d}"
+    ap.add_argument("--train-prompts", default="demo:train", help="prompt file of the training side")
+    ap.add_argument("--n-train", type=int, default=160, help="its first N train; the rest are validation prompts")
+    ap.add_argument("--max-val-prompts", type=int, default=0, help="first N validation prompts (0: all)")
+    ap.add_argument("--eval-prompts", default="demo:eval", help="held-out prompt file (the table only)")
+    ap.add_argument("--max-eval-prompts", type=int, default=50, help="first N eval prompts (0: all)")
+    ap.add_argument("--reward-calls", type=int, default=720, help="responses scored in training, every method")
+    ap.add_argument("--prompts-per-step", type=int, default=10, help="prompts per TRL step / qvlm iteration")
+    ap.add_argument("--generations", type=int, default=4, help="responses per prompt in training")
+    ap.add_argument("--max-new-tokens", type=int, default=20, help="response length limit, training and eval")
+    ap.add_argument("--kl-coefs", default="0.01,0.05,0.2", help="KL coefficients every method trains at")
+    for m in METHODS:
+        ap.add_argument(f"--kl-coefs-{m}", default="", help=f"{m}'s own grid (same count: the same budget)")
+    ap.add_argument("--kl-targets", default="", help="KLs to compare at (default: chosen on validation)")
+    ap.add_argument("--reference", default="trl-grpo", choices=METHODS, help="the curve every point is compared to")
+    ap.add_argument("--trl-lr", type=float, default=1e-5, help="TRL's learning rate (its default is 1e-6)")
+    ap.add_argument("--fast", action="store_true", help="qvlm rollouts on the fast decoding path")
+    ap.add_argument("--eval-samples", type=int, default=4, help="responses per validation / eval prompt")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every run and of the evaluation decoding")
+    ap.add_argument("--smoke", action="store_true", help="a tiny budget that runs in minutes: " + str(SMOKE))
+    ap.add_argument("--json", default="", help="results file (default benchmarks/results/peer_trl[_smoke].json)")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        for m in METHODS:  # one grid for all
+            setattr(args, f"kl_coefs_{m.replace('-', '_')}", "")
+    args.json = args.json or f"benchmarks/results/peer_trl{'_smoke' if args.smoke else ''}.json"
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods or any(m not in METHODS for m in args.methods):
+        ap.error(f"--methods: choose from {', '.join(METHODS)}")
+    per_step = args.prompts_per_step * args.generations
+    if args.reward_calls % per_step:
+        ap.error(
+            f"--reward-calls {args.reward_calls} is not a multiple of --prompts-per-step x --generations ({per_step})"
         )
+    if args.generations < 2:
+        ap.error("--generations must be at least 2 (GRPO and RLOO compare the responses to one prompt)")
+    args.steps = args.reward_calls // per_step
+    grids = {
+        m: [float(x) for x in (getattr(args, f"kl_coefs_{m.replace('-', '_')}") or args.kl_coefs).split(",")]
+        for m in args.methods
+    }
+    if len({len(g) for g in grids.values()}) != 1:
+        ap.error("every method gets the same tuning budget: give every --kl-coefs-METHOD as many values as --kl-coefs")
+    args.grids = grids
+    return args
+
+
+def machine(dtype: str, threads: int) -> dict:
+    import platform
+
     import torch
     import transformers
+    from decode_speed import SHOWN_FLAGS, machine_info
 
-    machine = {"cpu_count": os.cpu_count(), "processor": platform.processor(), "loadavg": os.getloadavg(),
-               "torch": torch.__version__, "transformers": transformers.__version__}  # fmt: skip
+    info = machine_info()
+    info.update(
+        torch_threads=threads,
+        dtype=dtype,
+        loadavg_start=os.getloadavg(),
+        python_executable=sys.executable,
+        peft=_version("peft"),
+        trl=_version("trl"),
+        transformers=transformers.__version__,
+        torch=torch.__version__,
+        platform=platform.platform(),
+    )
+    shown = " ".join(f for f in SHOWN_FLAGS if info["cpu_flags_shown"].get(f)) or "none"
+    print(
+        f"CPU: {info['cpu_model']}; flags: {shown} (of {', '.join(SHOWN_FLAGS)}); {os.cpu_count()} CPUs; "
+        f"{threads} torch threads; dtype {dtype}; load average {info['loadavg_start'][0]:.2f}",
+        flush=True,
+    )
+    return info
+
+
+def _version(name: str) -> str | None:
     try:
-        import trl
-
-        machine["trl"] = trl.__version__
+        return __import__(name).__version__
     except ImportError:
-        pass
-    out = {"settings": vars(args), "eval_prompts": len(eval_prompts), "methods": results, "machine": machine}
+        return None
+
+
+def _fmt(x, spec=".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def report(args, base: dict, runs: list[dict]) -> dict:
+    """The tables (printed) and the summary: curves, matched-KL rewards, points against the reference
+    curve, the setting chosen on validation per method, cost per method."""
+    by_method = {m: [r for r in runs if r["method"] == m] for m in args.methods}
+    targets = kl_targets(base, by_method, args.kl_targets)
+    top = max(targets) if targets else 0.0
+    print("\nruns (validation chooses; eval prompts decoded once, for the table):")
+    print(
+        f"{'method':<10}{'kl_coef':>8}{'val R':>8}{'val KL':>8}{'eval R':>8}{'+-95%':>7}{'eval KL':>8}"
+        f"{'s/call':>8}{'cpu s/call':>11}{'peak MB':>9}{'thr':>4} dtype"
+    )
+    print(
+        f"{'base':<10}{'':>8}{base['val']['reward_mean']:>8.3f}{0:>8.3f}{base['eval']['reward_mean']:>8.3f}"
+        f"{base['eval']['reward_ci95']:>7.3f}{0:>8.3f}"
+    )
+    for r in runs:
+        v, e = r["val"], r["eval"]
+        print(
+            f"{r['method']:<10}{r['kl_coef']:>8g}{v['reward_mean']:>8.3f}{v['kl_to_base']:>8.3f}"
+            f"{e['reward_mean']:>8.3f}{e['reward_ci95']:>7.3f}{e['kl_to_base']:>8.3f}{r['seconds_per_call']:>8.3f}"
+            f"{r['cpu_seconds_per_call']:>11.3f}{r['peak_rss_mb']:>9.0f}{r['threads']:>4} {r['dtype']}"
+        )
+    matched = {m: {f"{t:.4g}": interpolate(curve(base, rs, "eval"), t) for t in targets} for m, rs in by_method.items()}
+    print(f"\neval reward at matched KL (targets chosen on validation: {', '.join(f'{t:.3g}' for t in targets)} nats):")
+    print(f"{'method':<10}" + "".join(f"{'KL ' + format(t, '.3g'):>12}" for t in targets))
+    for m, row in matched.items():
+        print(f"{m:<10}" + "".join(f"{_fmt(v):>12}" for v in row.values()))
+    versus = {}
+    if args.reference in by_method:
+        ref = curve(base, by_method[args.reference], "eval")
+        print(f"\neach point against {args.reference}'s eval curve at the same KL:")
+        for r in runs:
+            ref_r = interpolate(ref, r["eval"]["kl_to_base"])
+            diff = None if ref_r is None else r["eval"]["reward_mean"] - ref_r
+            versus[f"{r['method']}@{r['kl_coef']:g}"] = {
+                "kl": r["eval"]["kl_to_base"],
+                "reward": r["eval"]["reward_mean"],
+                "reference_reward": ref_r,
+                "difference": diff,
+            }
+            print(
+                f"  {r['method']:<10} kl_coef {r['kl_coef']:<6g} KL {r['eval']['kl_to_base']:.3f}: "
+                f"{r['eval']['reward_mean']:.3f} vs {_fmt(ref_r)} ({_fmt(diff, '+.3f')})"
+            )
+    chosen, cost = {}, {}
+    print(f"\nchosen on validation (best validation reward at validation KL <= {top:.3g}), on eval:")
+    for m, rs in by_method.items():
+        r = selected_run(rs, top)
+        chosen[m] = {"kl_coef": r["kl_coef"], **{k: r["eval"][k] for k in ("reward_mean", "reward_ci95", "kl_to_base")}}
+        cost[m] = {k: sum(x[k] for x in rs) / len(rs) for k in ("seconds_per_call", "cpu_seconds_per_call")}
+        cost[m]["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
+        print(
+            f"  {m:<10} kl_coef {r['kl_coef']:<6g} reward {r['eval']['reward_mean']:.3f} +- "
+            f"{r['eval']['reward_ci95']:.3f} at KL {r['eval']['kl_to_base']:.3f}; "
+            f"{cost[m]['seconds_per_call']:.3f} s/call (mean of its runs)"
+        )
+    curves = {m: {"val": curve(base, rs, "val"), "eval": curve(base, rs, "eval")} for m, rs in by_method.items()}
+    return {
+        "kl_targets": targets,
+        "curves": curves,
+        "matched_kl": matched,
+        "versus_reference": versus,
+        "chosen_on_validation": chosen,
+        "cost": cost,
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    if any(m.startswith("trl-") for m in args.methods) and _version("trl") is None:
+        raise SystemExit(
+            f"{sys.executable} has no TRL: run this with a Python that has trl==1.16.0 (benchmarks/README.md: "
+            "a separate venv), or --methods qvlm-ppo,qvlm-rloo,qvlm-grpo"
+        )
+    from qvlm.eval.metrics import json_safe
+    from qvlm.fileio import atomic_write_text
+    from qvlm.jsonl import read_prompts
+    from qvlm.loading import resolve_dtype
+
+    dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")
+    info = machine(dtype, args.threads)
+    side = read_prompts(args.train_prompts)
+    train, val = side[: args.n_train], side[args.n_train :]
+    val = val[: args.max_val_prompts] if args.max_val_prompts else val
+    eval_prompts = read_prompts(args.eval_prompts)
+    eval_prompts = eval_prompts[: args.max_eval_prompts] if args.max_eval_prompts else eval_prompts
+    if not train or not val or not eval_prompts:
+        raise SystemExit(
+            f"need training, validation and eval prompts; have {len(train)}, {len(val)}, {len(eval_prompts)}"
+        )
+    common = dict(
+        model=args.model,
+        device=args.device,
+        dtype=dtype,
+        threads=args.threads,
+        reward=args.reward,
+        train=train,
+        val=val,
+        eval=eval_prompts,
+        reward_calls=args.reward_calls,
+        steps=args.steps,
+        prompts_per_step=args.prompts_per_step,
+        generations=args.generations,
+        max_new_tokens=args.max_new_tokens,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        trl_lr=args.trl_lr,
+        fast=args.fast,
+    )
+    print(
+        f"{len(train)} training, {len(val)} validation, {len(eval_prompts)} eval prompts; {args.reward_calls} reward "
+        f"calls = {args.steps} steps x {args.prompts_per_step} prompts x {args.generations}; reward {args.reward}; "
+        f"grids {args.grids}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="peer_trl_") as tmp:
+        base = run_one({**common, "method": "base", "kl_coef": 0.0}, Path(tmp))
+        print(
+            f"base: val {base['val']['reward_mean']:.3f}, eval {base['eval']['reward_mean']:.3f} "
+            f"+- {base['eval']['reward_ci95']:.3f}",
+            flush=True,
+        )
+        runs = []
+        for method in args.methods:
+            for kl_coef in args.grids[method]:
+                r = run_one({**common, "method": method, "kl_coef": kl_coef}, Path(tmp))
+                runs.append(r)
+                print(
+                    f"{method} kl_coef {kl_coef:g}: val {r['val']['reward_mean']:.3f} at KL "
+                    f"{r['val']['kl_to_base']:.3f}; {r['train_seconds']:.0f} s training, "
+                    f"{r['seconds_per_call']:.3f} s/call, peak {r['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+    summary = report(args, base, runs)
+    info["loadavg_end"] = os.getloadavg()
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker",)}
+    out = {
+        "settings": settings,
+        "prompts": {"train": len(train), "val": len(val), "eval": len(eval_prompts)},
+        "sampling": SAMPLING,
+        "machine": info,
+        "seconds": time.perf_counter() - start,
+        "base": base,
+        "runs": runs,
+        **summary,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(json_safe(out), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.json}")
+    print(f"wrote {args.json} ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

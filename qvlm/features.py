@@ -9,15 +9,12 @@ cache is plain Python state, not an ``nn.Module``: it is never part of a model's
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from qvlm.heads import load_tensors
+from qvlm.heads import load_tensors, save_tensors
 from qvlm.mdp import Sample, TokenBatch, encode_samples
 
 __all__ = ["FeatureCache", "save_features", "load_features"]
@@ -105,20 +102,11 @@ def save_features(path: str | Path, token_ids: Sequence[Sequence[int]], hidden: 
     Atomic: written to a temporary file in the same folder, then renamed over ``path``.
     """
 
-    path = Path(path)
     tensors = {}
     for i, (ids, h) in enumerate(zip(token_ids, hidden)):
         tensors[f"{i}.ids"] = torch.tensor(list(ids), dtype=torch.long)
-        tensors[f"{i}.h"] = h.detach().contiguous()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tensors[f"{i}.h"] = h
+    save_tensors(path, tensors)
 
 
 def load_features(path: str | Path) -> tuple[list[list[int]], list[torch.Tensor]]:

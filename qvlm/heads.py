@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from qvlm.configs import option
+from qvlm.distributional import categorical_mean, make_support, soft_q_from_categorical
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text, read_text
+from qvlm.fileio import atomic_write_bytes, atomic_write_text, read_text
 
 __all__ = [
     "HeadsConfig",
@@ -27,9 +29,15 @@ __all__ = [
     "MLPHead",
     "TiedQHead",
     "QVHeads",
+    "alpha_of",
+    "TiedDistHead",
+    "DistHeads",
+    "MeanView",
+    "build_heads",
     "polyak_update",
     "save_heads",
     "load_heads",
+    "save_tensors",
     "load_tensors",
     "load_heads_state",
 ]
@@ -52,6 +60,11 @@ class HeadsConfig:
     # tokens the LM treats alike share value (far fewer parameters; learns from little data).
     q_head: str = option("mlp", "Q head design: mlp (own output layer) or tied (the LM's output embedding)")
     base_model: str = option("", "the trunk these heads were trained on, recorded for loading")
+    # distributional heads (issue 22): bins > 0 builds DistHeads, Z(s, a) and Z(s) as categoricals
+    bins: int = option(0, "atoms of the return distribution's support (0: mean-valued Q/V heads)")
+    support_low: float = option(-1.0, "the support's lowest atom (cover the lowest return)")
+    support_high: float = option(1.0, "the support's highest atom (cover the highest return)")
+    dist_rank: int = option(64, "rank of Z(s, a)'s state-token interaction")
 
     @property
     def width(self) -> int:
@@ -64,6 +77,11 @@ class HeadsConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise QVLMError(f"heads {name} is {value!r}; it must be an integer >= 1")
+        if self.bins and not (self.bins >= 2 and self.support_high > self.support_low and self.dist_rank >= 1):
+            raise QVLMError(
+                f"distributional heads: bins {self.bins}, support [{self.support_low}, {self.support_high}], rank "
+                f"{self.dist_rank}; give bins >= 2, support_low < support_high and dist_rank >= 1"
+            )
         if isinstance(self.head_hidden, bool) or not isinstance(self.head_hidden, int) or self.head_hidden < 0:
             raise QVLMError(
                 f"head_hidden is {self.head_hidden!r}; it must be an integer >= 0 (0: the trunk's hidden size)"
@@ -140,17 +158,10 @@ class TiedQHead(nn.Module):
         return self.select(h, actions[..., None], unembedding)[..., 0]
 
 
-class QVHeads(nn.Module):
-    """A V head, ``num_q_heads`` vocabulary-sized Q heads, and frozen target copies of the Q heads."""
+class Unembedding:
+    """Heads that read the trunk's output embedding (tied Q heads, distributional heads) hold it here."""
 
-    def __init__(self, config: HeadsConfig):
-        super().__init__()
-        self.config = config
-        self.v_head = MLPHead(config.hidden_size, config.width, 1)
-        n_q = config.num_q_heads if config.with_q else 0
-        self.q_heads = nn.ModuleList(_q_head(config) for _ in range(n_q))
-        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
-        self.unembedding: torch.Tensor | None = None  # the trunk's output embedding, for tied heads
+    unembedding: torch.Tensor | None = None
 
     def attach_unembedding(self, weight: torch.Tensor | None) -> None:
         """Give tied Q heads the trunk's output embedding ``(vocab, hidden)`` (kept frozen; None detaches).
@@ -167,6 +178,22 @@ class QVHeads(nn.Module):
         if self.unembedding is not None:
             self.unembedding = fn(self.unembedding)
         return self
+
+
+class QVHeads(Unembedding, nn.Module):
+    """A V head, ``num_q_heads`` vocabulary-sized Q heads, and frozen target copies of the Q heads."""
+
+    distributional = False
+    soft = False  # guidance centres the candidates on their base-weighted mean Q
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        self.v_head = MLPHead(config.hidden_size, config.width, 1)
+        n_q = config.num_q_heads if config.with_q else 0
+        self.q_heads = nn.ModuleList(_q_head(config) for _ in range(n_q))
+        self.target_q_heads = copy.deepcopy(self.q_heads).requires_grad_(False)
+        self.unembedding: torch.Tensor | None = None  # the trunk's output embedding, for tied heads
 
     @property
     def has_q(self) -> bool:
@@ -216,8 +243,9 @@ class QVHeads(nn.Module):
         return torch.stack(taken).min(0).values
 
     @torch.no_grad()
-    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``Q(s, a) - V(s)`` for decoding, Q the min over the (online) twin heads.
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None, beta: float | None = None):
+        """``Q(s, a) - V(s)`` for decoding, Q the min over the (online) twin heads (mean values: the
+        same at every guidance strength ``beta``).
 
         (..., hidden) -> (..., vocab); with ``tokens`` (..., k), only those tokens: -> (..., k).
         """
@@ -234,6 +262,148 @@ class QVHeads(nn.Module):
         polyak_update(self.q_heads.parameters(), self.target_q_heads.parameters(), alpha)
 
 
+def alpha_of(beta: float | None) -> float:
+    """The KL temperature of a guidance strength: ``alpha = 1 / beta`` (``beta`` 0 or None: infinity,
+    where ``Q*_alpha`` is the mean, the reference policy's own Q)."""
+    return math.inf if not beta else 1.0 / float(beta)
+
+
+class TiedDistHead(nn.Module):
+    """``Z(s, a)`` logits over ``K`` bins: ``c(h) + G(h) (P e_a)``, a rank-``d`` bilinear form between the
+    state and the candidate's output embedding ``e_a`` (the LM's, frozen, passed in; ``P`` projects it
+    to ``d`` dims). ``c(h)`` is the state's own logits; ``G`` starts at zero, so ``Z(s, a)`` starts as
+    the state's distribution whatever the token."""
+
+    def __init__(self, hidden_size: int, width: int, bins: int, rank: int):
+        super().__init__()
+        self.bins, self.rank = bins, rank
+        self.body = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU())
+        self.state = nn.Linear(width, bins)
+        self.inter = nn.Linear(width, bins * rank)
+        nn.init.zeros_(self.inter.weight)
+        nn.init.zeros_(self.inter.bias)
+        self.proj = nn.Linear(hidden_size, rank, bias=False)
+
+    def select(self, h: torch.Tensor, tokens: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+        """Logits of the given tokens: ``h (..., H)``, ``tokens (..., k)`` -> ``(..., k, K)``."""
+        z = self.body(h)  # (..., width)
+        c = self.state(z)  # (..., K)
+        g = self.inter(z).unflatten(-1, (self.bins, self.rank))  # (..., K, d)
+        e = self.proj(unembedding[tokens].to(h.dtype))  # (..., k, d)
+        return c[..., None, :] + e @ g.transpose(-1, -2)  # (..., k, K)
+
+    def taken(self, h: torch.Tensor, actions: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+        """Logits of the taken actions: ``(B, T, H)``, ``(B, T)`` -> ``(B, T, K)``."""
+        return self.select(h, actions[..., None], unembedding)[..., 0, :]
+
+
+class DistHeads(Unembedding, nn.Module):
+    """``Z(s, a)`` (:class:`TiedDistHead`) and ``Z(s)`` (an MLP to ``K`` logits) on a fixed support of
+    ``config.bins`` atoms from ``config.support_low`` to ``config.support_high``.
+
+    The interface guidance, decoding and value maps read is :class:`qvlm.heads.QVHeads`'s: ``values(h)``
+    (the mean of ``Z(s)``, the expected return) and ``advantages(h, tokens, beta)``: ``Q*_alpha(s, a) -
+    V*_alpha(s)`` at ``alpha = 1 / beta`` (the means at ``beta = 0``). ``soft = True`` tells guidance to
+    centre the candidates on their soft value at that alpha (:func:`qvlm.decoding.guidance.soft_centre`).
+    """
+
+    distributional = True
+    soft = True
+    has_q = True
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        if config.bins < 2:
+            raise QVLMError(f"distributional heads need bins >= 2, got {config.bins}")
+        self.config = config
+        support = make_support(config.support_low, config.support_high, config.bins)
+        self.register_buffer("support", support, persistent=False)  # rebuilt from the config on load
+        self.z_head = TiedDistHead(config.hidden_size, config.width, config.bins, config.dist_rank)
+        self.v_head = MLPHead(config.hidden_size, config.width, config.bins)
+        self.unembedding: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ logits
+
+    def q_logits(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """``Z(s, a)`` logits: ``h (..., H)``, ``tokens (..., k)`` -> ``(..., k, K)`` (every token of the
+        vocabulary without ``tokens``: ``(..., V, K)``)."""
+        unembedding = self._embedding()
+        if tokens is None:
+            tokens = torch.arange(unembedding.shape[0], device=h.device).expand(*h.shape[:-1], -1)
+        return self.z_head.select(h, tokens, unembedding)
+
+    def q_logits_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``Z(s_t, a_t)`` logits of the taken actions: ``(B, T, H)``, ``(B, T)`` -> ``(B, T, K)``."""
+        return self.z_head.taken(h, actions, self._embedding())
+
+    def v_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``Z(s)`` logits: ``(..., H)`` -> ``(..., K)``."""
+        return self.v_head(h)
+
+    def _embedding(self) -> torch.Tensor:
+        if self.unembedding is None:
+            raise QVLMError(
+                "distributional heads read the trunk's output embedding: attach them to a model (QVModel or "
+                "load_qv_model) before using them"
+            )
+        return self.unembedding
+
+    # ------------------------------------------------------------------ what guidance and value maps read
+
+    def values(self, h: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        """``V*_alpha(s)`` from ``Z(s)`` at ``alpha = 1 / beta`` (default: the mean): ``(..., H)`` -> ``(...)``."""
+        log_p = torch.log_softmax(self.v_logits(h).float(), dim=-1)
+        return soft_q_from_categorical(log_p, self.support, alpha_of(beta))
+
+    @torch.no_grad()
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None, beta: float | None = None):
+        """``Q*_alpha(s, a) - V*_alpha(s)`` at ``alpha = 1 / beta`` (the means at ``beta`` 0 or None):
+        ``(..., H)`` -> ``(..., V)``, or ``(..., k)`` for ``tokens (..., k)``."""
+        alpha = alpha_of(beta)
+        log_p = torch.log_softmax(self.q_logits(h, tokens).float(), dim=-1)  # (..., k, K)
+        return soft_q_from_categorical(log_p, self.support, alpha) - self.values(h, beta)[..., None]
+
+    def mean_q_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``E[Z(s_t, a_t)]`` of the taken actions: ``(B, T, H)``, ``(B, T)`` -> ``(B, T)`` (value maps)."""
+        return categorical_mean(torch.log_softmax(self.q_logits_taken(h, actions).float(), dim=-1), self.support)
+
+    def decode_macs_per_token(self, guidance_top_k: int = 0) -> int:
+        """Multiply-adds per decoded token: the state's body, ``c`` and ``G`` (and ``Z(s)``), then per
+        candidate its projection ``P e_a`` and ``K x d`` products (``guidance_top_k`` 0: every token)."""
+        k = guidance_top_k or self.config.vocab_size
+        z = self.z_head
+        per_state = sum(p.numel() for m in (z.body, z.state, z.inter) for p in m.parameters())
+        per_state += sum(p.numel() for p in self.v_head.parameters())
+        return per_state + k * (z.proj.weight.numel() + z.bins * z.rank)
+
+
+class MeanView:
+    """Distributional heads read through their means: guidance by ``E[Z(s, a)] - E[Z(s)]`` at every beta,
+    centred on the candidates' base-weighted mean, as mean-valued heads guide. The ablation that
+    separates Q#'s two causes (issue 22): the same heads and data, the mean instead of ``Q*_alpha``."""
+
+    distributional = True
+    soft = False
+    has_q = True
+
+    def __init__(self, heads: DistHeads):
+        self.heads, self.config = heads, heads.config
+
+    def values(self, h: torch.Tensor, beta: float | None = None) -> torch.Tensor:
+        return self.heads.values(h)
+
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None, beta: float | None = None):
+        return self.heads.advantages(h, tokens, beta=None)
+
+    def decode_macs_per_token(self, guidance_top_k: int = 0) -> int:
+        return self.heads.decode_macs_per_token(guidance_top_k)
+
+
+def build_heads(config: HeadsConfig) -> QVHeads | DistHeads:
+    """Fresh heads of ``config``: :class:`DistHeads` when ``config.bins`` > 0, else :class:`QVHeads`."""
+    return DistHeads(config) if config.bins else QVHeads(config)
+
+
 def _q_head(config: HeadsConfig) -> nn.Module:
     if config.q_head == "tied":
         return TiedQHead(config.hidden_size, config.width, config.vocab_size)
@@ -247,14 +417,17 @@ def polyak_update(params: Iterable[torch.Tensor], target_params: Iterable[torch.
         tp.mul_(1.0 - alpha).add_(p.detach(), alpha=alpha)
 
 
-def save_heads(heads: QVHeads, path: str | Path) -> None:
+def save_heads(heads: QVHeads | DistHeads, path: str | Path) -> None:
     """Save heads to ``path/heads.safetensors`` and ``path/heads_config.json`` atomically."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".heads.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, str(tmp))
-    tmp.replace(path / "heads.safetensors")
+    save_tensors(path / "heads.safetensors", heads.state_dict())
     atomic_write_text(path / "heads_config.json", json.dumps(asdict(heads.config), indent=2) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as a safetensors file atomically (a temporary file, then a rename), each on the CPU
+    as its own contiguous copy (tied weights share storage, which safetensors refuses)."""
+    atomic_write_bytes(path, save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -296,7 +469,7 @@ def load_heads_state(heads: QVHeads, state: dict[str, torch.Tensor], where: str 
     heads.load_state_dict(state)
 
 
-def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
+def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads | DistHeads:
     """Load heads saved by :func:`save_heads` (safetensors: no unpickling).
 
     Refuses, with a :class:`QVLMError` naming the file, a missing, damaged or non-finite file.
@@ -318,6 +491,6 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu") -> QVHeads:
         if isinstance(err, QVLMError) and str(err).startswith(str(cfg_file)):
             raise
         raise QVLMError(f"{cfg_file}: not a valid heads config ({err}); restore it or train again") from None
-    heads = QVHeads(config)
+    heads = build_heads(config)
     load_heads_state(heads, load_tensors(weights, device), weights)
     return heads.to(device)

@@ -20,7 +20,7 @@ from qvlm.configs import TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.features import FeatureCache
 from qvlm.fileio import read_text
-from qvlm.heads import HeadsConfig, QVHeads, load_heads, load_tensors
+from qvlm.heads import HeadsConfig, QVHeads, build_heads, load_heads, load_tensors
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import TokenBatch, value_positions
 from qvlm.train.distributed import fully_shard_trunk, load_full_state_dict, trainable_state
@@ -68,8 +68,12 @@ class QVModel(nn.Module):
         base_model: str = "",
         q_head: str = "mlp",
         feature_cache: FeatureCache | None = None,
+        bins: int = 0,
+        support: tuple[float, float] = (-1.0, 1.0),
+        dist_rank: int = 64,
     ) -> "QVModel":
-        """Build fresh heads sized from the trunk's config (read once, no guessing)."""
+        """Build fresh heads sized from the trunk's config (read once, no guessing); ``bins`` > 0 builds
+        distributional heads (:class:`qvlm.heads.DistHeads`) on ``support``."""
         config = HeadsConfig(
             hidden_size=hidden_size_of(trunk.config),
             vocab_size=trunk.get_output_embeddings().weight.shape[0],
@@ -78,12 +82,17 @@ class QVModel(nn.Module):
             with_q=with_q,
             base_model=base_model,
             q_head=q_head,
+            bins=bins,
+            support_low=support[0],
+            support_high=support[1],
+            dist_rank=dist_rank,
         )
-        return cls(trunk, QVHeads(config), trunk_config, feature_cache)
+        return cls(trunk, build_heads(config), trunk_config, feature_cache)
 
     def _attach_unembedding(self) -> None:
-        """Tied Q heads read the trunk's output embedding: its current tensor, never a copy."""
-        if self.heads.config.q_head == "tied":
+        """Tied Q heads and distributional heads read the trunk's output embedding: its current tensor,
+        never a copy."""
+        if self.heads.config.q_head == "tied" or self.heads.config.bins:
             self.heads.attach_unembedding(self.trunk.get_output_embeddings().weight)
 
     def _apply(self, fn, recurse: bool = True):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from qvlm.configs.ppo import ADVANTAGES
 from qvlm.errors import QVLMError
 from qvlm.masked import masked_var, masked_whiten
 from qvlm.returns import gae
@@ -140,7 +141,7 @@ def ppo_advantages(
 # rewards (gamma = 1, as RLOO and GRPO define the sequence reward); TRL's RLOO puts its k1 KL penalty into
 # the sequence reward the same way (reward - beta * sum_t k1_t).
 
-ADVANTAGES = ("gae", "rloo", "grpo")
+# ADVANTAGES = ("gae", "rloo", "grpo"): the names PPOConfig.advantage takes, declared with the config
 
 
 def sequence_returns(token_rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -167,6 +167,10 @@ TINY_DEMO = dict(
     mc_betas="2",
     best_of=4,
     val_prompts=4,
+    qsharp_rounds=1,
+    qsharp_prompts_per_round=2,
+    qsharp_steps=4,
+    qsharp_betas="2",
 )
 
 

@@ -30,7 +30,10 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
         "samples.jsonl",
         "ilql/heads.safetensors",
         "value/heads.safetensors",
+        "qsharp/heads.safetensors",
+        "qsharp/replay.jsonl",
         "eval/draws.json",
+        "val/draws.json",
         "val/ilql_beta_1.json",
         "val/cd_blockwise_k4.json",
         "metrics.json",
@@ -42,7 +45,8 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     methods = metrics["methods"]
-    assert {"base", "best_of_4", "ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4"} <= set(methods)
+    assert {"base", "best_of_4", "ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4", "qsharp_beta_2",
+            "qsharp_mean_beta_2"} <= set(methods)  # fmt: skip
     for name, m in methods.items():
         assert KEYS <= set(m), name
     assert methods["base"]["cost"] == 1.0 and methods["best_of_4"]["cost"] == 4.0
@@ -51,10 +55,16 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert methods["mcq_beta_2"]["cost"] == methods["ilql_beta_1"]["cost"]  # same head design
     # the method shown is chosen on validation prompts, never on the eval table
     validation, shown = metrics["validation"], metrics["shown"]
-    assert set(validation) == {"ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4"}
+    assert set(validation) == {"ilql_beta_1", "ilql_beta_4", "mcq_beta_2", "cd_blockwise_k4", "qsharp_beta_2",
+                               "qsharp_mean_beta_2"}  # fmt: skip
     assert all(m["n"] == 4 for m in validation.values())
     assert shown["chosen_on"] == "validation" and shown["validation_prompts"] == 4
-    assert shown["method"] == choose_shown(validation)
+    # the rule: the best validation reward among rows within best-of-N's validation KL and 0.9x base distinct-2
+    rule = {"kl_max": shown["rule_kl_max"], "distinct_2_min": shown["rule_distinct_2_min"]}
+    assert shown["method"] == choose_shown(validation, rule) and "distinct-2" in shown["rule"]
+    passing = [k for k, m in validation.items() if m["kl_to_base"] <= rule["kl_max"]
+               and m["distinct_2"] >= rule["distinct_2_min"]]  # fmt: skip
+    assert shown["passed_rule"] == (shown["method"] in passing) == bool(passing)
     assert shown["eval_reward"] == methods[shown["method"]]["reward_mean"]
     assert methods["base"]["kl_kind"] == "exact" and methods["best_of_4"]["kl_kind"] == "estimate"
     assert methods["cd_blockwise_k4"]["kl_kind"] == "estimate" and methods["ilql_beta_1"]["kl_kind"] == "exact"
@@ -62,7 +72,7 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert 0.0 <= methods["best_of_4"]["kl_to_base"] <= best_of_n_kl_bound(4) + 1e-9
     # the frontier: every family over its setting, best-of-N for N in 1, 2, 4 (up to --best-of 4)
     frontier = metrics["frontier"]
-    assert set(frontier) == {"best_of_n", "ilql", "mcq", "cd_blockwise"}
+    assert set(frontier) == {"best_of_n", "ilql", "mcq", "cd_blockwise", "qsharp", "qsharp_mean"}
     assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4]
     assert [p["beta"] for p in frontier["ilql"]] == [0.0, 1.0, 4.0] and frontier["ilql"][0]["kl_to_base"] == 0.0
     assert frontier["best_of_n"][2]["reward_mean"] == methods["best_of_4"]["reward_mean"]
@@ -73,6 +83,7 @@ def test_demo_pipeline_outputs(tmp_path, tiny_dir):
     assert "{cfg" not in html and "Infinity" not in (out / "metrics.json").read_text()
     assert "Chosen on validation (reward" in html and 'id="validation"' in html
     assert 'id="frontier"' in html and 'alt="frontier: reward vs cost"' in html
+    assert html.index('id="frontier"') < html.index("<img")  # the frontier is the report's first plot
 
     # a rerun resumes from every cached phase: same numbers, no new training
     mtime = (out / "ilql" / "heads.safetensors").stat().st_mtime
@@ -133,6 +144,21 @@ def test_choose_shown_is_the_validation_argmax():
     assert choose_shown({"x": {"reward_mean": float("nan")}, "y": {"reward_mean": -1.0}}) == "y"
     with pytest.raises(ValueError, match="no validation reward"):
         choose_shown({"x": {"reward_mean": None}})
+
+
+def test_choose_shown_under_the_rule_a_gamed_method_cannot_pass():
+    """The rule (issue 22): the best validation reward among rows within best-of-N's KL and at least 0.9x
+    the base's distinct-2; a gamed row (far KL, or repeating itself) loses to a lower honest one; none
+    passing: the row of least KL."""
+    rule = {"kl_max": 2.0, "distinct_2_min": 0.8}
+    val = {
+        "far": {"reward_mean": 0.9, "kl_to_base": 30.0, "distinct_2": 0.95},
+        "repeats": {"reward_mean": 0.8, "kl_to_base": 1.0, "distinct_2": 0.5},
+        "honest": {"reward_mean": 0.6, "kl_to_base": 1.5, "distinct_2": 0.9},
+        "mild": {"reward_mean": 0.4, "kl_to_base": 0.2, "distinct_2": 0.96},
+    }
+    assert choose_shown(val) == "far" and choose_shown(val, rule) == "honest"
+    assert choose_shown({k: val[k] for k in ("far", "repeats")}, rule) == "repeats"  # none passes: least KL
 
 
 def test_demo_shows_the_validation_choice_when_eval_prefers_another(tmp_path, tiny_dir, monkeypatch):

@@ -8,6 +8,7 @@ a 2-turn episode through the trainers' own code (a V head that reads out the pos
 at, so the targets name the positions read); resume bit for bit on episode data; single-turn batches
 read what they read before."""
 
+import dataclasses
 import json
 
 import pytest
@@ -202,6 +203,18 @@ def test_gae_across_turns_through_ppo_env_targets(tok):
     expected = [0.38702692375, 0.45500225, 0.57895, 0.69]
     assert targets.advantages.tolist()[0] == pytest.approx(expected, abs=1e-6)
     assert targets.returns.tolist()[0] == pytest.approx([a + v for a, v in zip(expected, [0.11, 0.12, 0.2, 0.21])])
+
+
+def test_rloo_over_the_episodes_of_one_seed_through_ppo_env_targets(tok):
+    """Critic-free: two episodes of one seed with returns 0.8 and -0.2 (no KL): RLOO's advantage is each
+    one's return minus the other's, on every action token; no V head runs."""
+    ac = ActorCritic(make_model(tok), TrunkConfig("lora"))
+    a = two_turns(tok)
+    b = encode_episode(tok, ["go", "up"], [action_ids(tok, "5"), action_ids(tok, "7")], [-0.1, -0.1], True)
+    cfg = PPOConfig(advantage="rloo", responses_per_prompt=2, chat=False)
+    targets = make_env_targets(ac, episode_batch(tok, a, b), torch.zeros(2, 4), kl_coef=0.0, cfg=cfg)
+    assert targets.advantages.tolist() == [pytest.approx([1.0] * 4), pytest.approx([-1.0] * 4)]
+    assert not targets.old_values.any() and not targets.returns.any()
 
 
 def test_kl_penalised_step_rewards_by_hand():
@@ -529,6 +542,27 @@ def test_ppo_in_an_environment_learns_to_write_a_valid_guess(tok):
     assert sum(invalid[:3]) / 3 > 0.7 and sum(invalid[-3:]) / 3 < 0.2, invalid
     returns = [v for _, v in history["charts/return"]]
     assert sum(returns[-5:]) / 5 > sum(returns[:5]) / 5 + 0.1, returns
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "gae-fast"])
+def test_ppo_in_an_environment_with_grpo_or_fast_rollouts(tok, advantage):
+    """--advantage grpo groups the episodes of one seed; --fast rollouts sample the standard path's tokens."""
+    cfg = small_env_cfg(iterations=2, critic_warmup=0, checkpoint_every=0)
+    if advantage == "grpo":
+        history = train_ppo_env(build_ac(tok), tok, "GuessTheNumber-v0", dataclasses.replace(cfg, advantage="grpo"),
+                                {"max_turns": 2})  # fmt: skip
+        assert "losses/value" not in history and len(history["losses/policy"]) == 2
+        return
+    from qvlm.algos.ppo_env import rollout_episodes
+    from qvlm.configs import DecodeConfig
+
+    ac = build_ac(tok)
+    plain, fast = (
+        rollout_episodes(ac, tok, "GuessTheNumber-v0", [3, 4], DecodeConfig(max_new_tokens=4, fast=f), cfg)
+        for f in (False, True)
+    )
+    assert [e.token_ids for e in plain[0]] == [e.token_ids for e in fast[0]]
+    assert torch.allclose(plain[2], fast[2], atol=1e-4)
 
 
 def test_cli_ppo_env_and_its_errors(tmp_path, capsys):

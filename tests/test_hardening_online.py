@@ -539,7 +539,7 @@ def test_an_os_error_that_escapes_says_what_to_do(ws, tmp_path, capsys, monkeypa
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "heads.safetensors"))
 
-    monkeypatch.setattr(qvlm.heads, "save_file", full_disk)
+    monkeypatch.setattr(qvlm.heads, "atomic_write_bytes", full_disk)
     refused(_offline(ws, "value", tmp_path / "run"), capsys, "heads.safetensors", "free some space")
 
 

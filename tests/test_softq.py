@@ -57,7 +57,8 @@ def test_soft_q_loss_by_hand():
 
 # ---------------------------------------------------------------- qvlm train softq on a tiny model
 
-from qvlm.algos.softq import round_prompts, train_softq  # noqa: E402
+from qvlm.algos.rounds import round_prompts  # noqa: E402
+from qvlm.algos.softq import train_softq  # noqa: E402
 from qvlm.configs import DecodeConfig, SoftQConfig  # noqa: E402
 from qvlm.decoding import generate  # noqa: E402
 from qvlm.errors import QVLMError  # noqa: E402
@@ -198,3 +199,19 @@ def test_cli_trains_resumes_and_refuses_bad_input(tmp_path, tiny_dir, capsys):
     frontier = result["frontier"]
     assert [p["n"] for p in frontier["best_of_n"]] == [1, 2, 4] and [p["beta"] for p in frontier["guided"]] == [0, 10]
     assert main(evaluate[:-2] + ["--best-of", "0,2"]) == 2 and "--best-of" in capsys.readouterr().err
+
+
+def test_a_nan_reward_stops_naming_the_round_and_the_checkpoint_kept(tmp_path):
+    """Issue 25: as PPO's, soft Q's stop on a bad reward names the round and the checkpoint left intact."""
+    calls = []
+
+    def flaky(prompts, responses):
+        calls.append(1)
+        return [float("nan") if len(calls) == 2 else 1.0 for _ in responses]
+
+    model, tok = fresh_model()
+    with pytest.raises(QVLMError) as err:
+        train_softq(model, tok, PROMPTS, flaky, small_config(rounds=3, steps_per_round=2), run_dir=tmp_path)
+    message = str(err.value)
+    assert message.startswith("round 1: ") and "rewards must be finite" in message
+    assert f"the last checkpoint ({tmp_path / 'checkpoint' / 'step-00000002'}) is intact" in message

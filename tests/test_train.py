@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from qvlm.algos.ilql import ILQLConfig, train_ilql
+from qvlm.algos.value import ValueConfig, train_value
 from qvlm.errors import QVLMError
 from qvlm.losses import value_regression_loss
 from qvlm.mdp import EncodedSample, Sample, TokenBatch
@@ -526,3 +527,50 @@ def test_ilql_killed_inside_a_checkpoint_save_resumes_to_the_uninterrupted_heads
     resumed = _ilql_run(tmp_path / "cut", samples, cfg, resume=True)
     _assert_heads(resumed, _heads(full))
     assert _entries(tmp_path / "cut") == ["latest", "step-00000008"]
+
+
+def _value_run(run_dir, samples, resume=False, kill_after=None):
+    """Monte-Carlo value regression on the frozen tiny trunk (features cached), a checkpoint every step;
+    ``kill_after``: stop as a kill would once that many steps have run."""
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(0)
+    qv = QVModel.from_trunk(model, TrunkConfig("frozen"), with_q=True, q_head="tied", head_hidden=16)
+    cfg = ValueConfig(epochs=3, batch_size=3, max_length=64, progress=False, checkpoint_every=1, lr=1e-2)
+
+    def kill(step, _):
+        if kill_after is not None and step + 1 == kill_after:
+            raise Killed
+
+    try:
+        train_value(qv, tok, samples, cfg, run_dir=run_dir, resume=resume, callbacks=[kill])
+    except Killed:
+        pass
+    return qv
+
+
+def test_a_frozen_trunk_run_killed_in_its_first_epoch_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """Issue 25: a resumed run recomputes its cached trunk features in the batches the first epoch computed
+    them in (on SmolLM2, padding and batch shapes change a feature's last bits, and training amplifies
+    them). Killed after 1 and 3 steps (epoch 0 has 2), every resume runs the trunk on exactly the
+    uninterrupted run's batches and ends with its heads, bit for bit."""
+    samples = [Sample(p, p[::-1] * (1 + i % 4), float(i % 3)) for i, p in enumerate(PROMPTS)]
+    computed = []
+    real = QVModel._trunk_features
+
+    def recording(self, batch, logits):
+        computed.append(tuple(batch.index.tolist()))  # a cache miss: the trunk runs on this batch
+        return real(self, batch, logits)
+
+    monkeypatch.setattr(QVModel, "_trunk_features", recording)
+    whole = _value_run(tmp_path / "whole", samples)
+    first_epoch, computed[:] = list(computed), []
+    assert len(first_epoch) == 2 and sorted(i for b in first_epoch for i in b) == list(range(len(samples)))
+    for k in (1, 3):
+        run = tmp_path / f"killed-{k}"
+        _value_run(run, samples, kill_after=k)
+        before_kill, computed[:] = list(computed), []
+        resumed = _value_run(run, samples, resume=True)
+        assert before_kill == first_epoch[: min(k, 2)] and computed == first_epoch, k
+        computed[:] = []
+        for name, v in whole.heads.state_dict().items():
+            assert torch.equal(v, resumed.heads.state_dict()[name]), (k, name)

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -37,8 +36,8 @@ from qvlm.configs import TrunkConfig
 from qvlm.decoding.step import position_ids
 from qvlm.envs.tokens import EpisodeBatch
 from qvlm.errors import QVLMError
-from qvlm.fileio import atomic_write_text
-from qvlm.heads import HeadsConfig, QVHeads, load_heads, save_heads
+from qvlm.fileio import atomic_write_text, read_json
+from qvlm.heads import HeadsConfig, QVHeads, load_heads, load_tensors, save_heads, save_tensors
 from qvlm.loading import hidden_size_of
 from qvlm.mdp import value_positions
 from qvlm.rollout import Rollout
@@ -220,10 +219,11 @@ class ActorCritic(nn.Module):
         T = rollout.response_ids.shape[1]
         return v[:, :T], v[torch.arange(v.shape[0], device=v.device), rollout.lengths.to(v.device)]
 
-    def evaluate(self, rollout: Rollout, with_policy: bool = True) -> PolicyOutput:
-        """Log-probs, entropy (zeros when ``with_policy`` is False) and values on a rollout."""
+    def evaluate(self, rollout: Rollout, with_policy: bool = True, with_values: bool = True) -> PolicyOutput:
+        """Log-probs, entropy (zeros when ``with_policy`` is False) and values (zeros, the V head not run,
+        when ``with_values`` is False: a critic-free advantage) on a rollout."""
         h = logits = None
-        if with_policy or self.critic_trunk is None:
+        if with_policy or (with_values and self.critic_trunk is None):
             with torch.set_grad_enabled(with_policy and torch.is_grad_enabled()):
                 h, logits = response_outputs(self.policy, rollout, logits=with_policy)  # (B, T + 1, H), (B, T, V)
         if with_policy:
@@ -233,10 +233,12 @@ class ActorCritic(nn.Module):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         else:
             logprobs = entropy = torch.zeros_like(rollout.response_mask)
+        mask = rollout.response_mask
+        if not with_values:
+            return PolicyOutput(logprobs * mask, entropy * mask, torch.zeros_like(mask), mask.new_zeros(len(mask)))
         # a shared critic reads the policy's features detached: only the policy loss moves the policy
         critic_h = self._hidden(self.critic_trunk, rollout) if self.critic_trunk is not None else h.detach()
         values, last_values = self._values(critic_h, rollout)
-        mask = rollout.response_mask
         return PolicyOutput(logprobs * mask, entropy * mask, values * mask, last_values)
 
     @torch.no_grad()
@@ -277,10 +279,10 @@ def save_policy_run(run_dir: str | Path, ac: ActorCritic, info: dict) -> None:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, old)
     else:
-        _save_tensors(run_dir / "policy.safetensors", policy_state)
+        save_tensors(run_dir / "policy.safetensors", policy_state)
     if ac.critic_trunk is not None:
         state = {n: p for n, p in ac.critic_trunk.named_parameters() if p.requires_grad}
-        _save_tensors(run_dir / "critic.safetensors", state)
+        save_tensors(run_dir / "critic.safetensors", state)
     save_heads(ac.heads, run_dir)
     info = {**info, "trunk": ac.mode, "critic": ac.critic_mode}
     atomic_write_text(run_dir / "training.json", json.dumps(info, indent=2) + "\n")
@@ -295,13 +297,6 @@ def _sort_target_modules(config_file: Path) -> None:
         atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True))
 
 
-def _save_tensors(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    # tied weights share storage: save each tensor once, as a contiguous clone
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
 def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
     """The policy a ``qvlm train ppo`` run trained, on ``model`` (its base): the LoRA adapter merged
     into the weights, or the full weights loaded. Eval mode, no gradients.
@@ -309,8 +304,6 @@ def load_policy(model: PreTrainedModel, run_dir: str | Path) -> PreTrainedModel:
     Every file is checked before use: ``training.json`` must be a JSON object of a ppo run, the
     weights readable and finite (:func:`qvlm.heads.load_tensors`), the adapter's config valid JSON; a
     damaged, truncated or diverged file is a :class:`QVLMError` naming it."""
-    from qvlm.fileio import read_json
-    from qvlm.heads import load_tensors
 
     run_dir = Path(run_dir)
     info_file = run_dir / "training.json"

@@ -5,11 +5,21 @@ Sources: Schulman et al. 2017 (PPO), Schulman et al. 2016 (GAE), Ziegler et al. 
 per token in the reward, adaptive KL controller), Mnih et al. 2016 (A2C: the ``a2c`` preset).
 Conventions and formulas: shared/DESIGN.md, "Online learning and evaluation".
 
+Critic-free advantages on the same loop (``advantage = rloo | grpo``, issue 23): the same rollouts,
+KL options and clipped surrogate, with a baseline from the other responses to the same prompt
+(:func:`qvlm.online.group_advantages` on the KL-penalised per-token rewards GAE would take) instead
+of ``V_old``; no V head runs, no value loss, no critic parameter group. Whitening applies to GAE only:
+RLOO's advantages are used as their sources define them (Ahmadian et al. 2024; TRL's RLOOTrainer
+leaves ``normalize_advantages`` off), and GRPO's are already normalised within each prompt's responses,
+where a second whitening over the batch would give the prompts whose responses all scored alike
+(advantage 0, no signal) a nonzero push.
+
 One iteration::
 
     # rollout   prompts -> responses (DecodeStep via sample_rollout; log pi_old recorded there)
     # reward    the batch reward (prompts, responses) -> floats, checked finite
     # targets   log pi_ref (adapters off), V_old, k1 penalty in the reward, GAE, whitening
+    #           (rloo / grpo: the group baseline instead of V_old and GAE)
     # optimise  ppo_epochs x minibatches of clipped policy + clipped value (+ k3, entropy) losses
     # log and checkpoint
 
@@ -43,7 +53,15 @@ from qvlm.decoding.sampling import encode_prompts, sample_rollout, sampling_seed
 from qvlm.errors import QVLMError
 from qvlm.losses import Stats, clipped_value_loss, ppo_policy_loss
 from qvlm.masked import masked_mean, masked_whiten
-from qvlm.online import explained_variance, k1_kl, k3_kl, kl_controller, kl_penalised_rewards, ppo_advantages
+from qvlm.online import (
+    explained_variance,
+    group_advantages,
+    k1_kl,
+    k3_kl,
+    kl_controller,
+    kl_penalised_rewards,
+    ppo_advantages,
+)
 from qvlm.rewards import RewardFn, get_reward, score
 from qvlm.rollout import Rollout
 from qvlm.train.distributed import all_reduce_sum, block, gather_rows, raise_if_any_failed, shard_rows, world_size
@@ -58,6 +76,7 @@ __all__ = [
     "iteration_prompts",
     "sample_shard",
     "gather_batch",
+    "uses_critic",
     "make_targets",
     "ppo_loss",
     "optimise",
@@ -72,9 +91,9 @@ class PPOBatch:
     rollout: Rollout
     old_logprobs: torch.Tensor  # log pi_old, recorded by the decoding step that sampled
     ref_logprobs: torch.Tensor  # log pi_ref (adapters disabled / frozen copy)
-    old_values: torch.Tensor  # V_old(s_t)
-    advantages: torch.Tensor  # whitened GAE
-    returns: torch.Tensor  # value targets A + V_old
+    old_values: torch.Tensor  # V_old(s_t) (0 without a critic)
+    advantages: torch.Tensor  # whitened GAE, or the group baseline's (rloo, grpo)
+    returns: torch.Tensor  # value targets A + V_old (0 without a critic)
     kl: torch.Tensor  # (B,) sum over steps of k1 (log pi_old - log pi_ref)
 
     def select(self, rows: torch.Tensor) -> PPOBatch:
@@ -142,41 +161,59 @@ def gather_batch(batch: PPOBatch) -> PPOBatch:
     return PPOBatch(rollout, rollout.logprobs, *(gather_rows(getattr(batch, f)) for f in fields))
 
 
+def uses_critic(cfg: PPOConfig) -> bool:
+    """Whether ``cfg``'s advantages need the V critic (GAE) or none (rloo, grpo)."""
+    return cfg.advantage == "gae"
+
+
 @torch.no_grad()
 def make_targets(ac: ActorCritic, rollout: Rollout, kl_coef: float, cfg: PPOConfig) -> PPOBatch:
-    """Reference log-probs, ``V_old``, the KL-penalised rewards (k1 in the reward when
-    ``cfg.kl_mode == 'reward'``), GAE advantages (whitened) and value targets.
+    """Reference log-probs, the KL-penalised rewards (k1 in the reward when ``cfg.kl_mode ==
+    'reward'``), then the advantages: GAE with ``V_old`` (whitened) and value targets, or, for
+    ``cfg.advantage`` rloo / grpo, the baseline of the other responses to the same prompt on the
+    same penalised rewards (no V pass; values and value targets 0).
 
-    Each process computes them on its own rows; the batch returned is the global one
-    (:func:`gather_batch`), its advantages whitened over all its real tokens, as in one process."""
+    Each process computes them on its own rows (whole prompts, so whole groups); the batch returned is
+    the global one (:func:`gather_batch`), GAE advantages whitened over all its real tokens, as in one
+    process."""
     mask = rollout.response_mask
     ref_logprobs = ac.ref_logprobs(rollout)
-    old = ac.evaluate(rollout, with_policy=False)
     in_reward = kl_coef if cfg.kl_mode == "reward" else 0.0
     token_rewards = kl_penalised_rewards(rollout.rewards, rollout.logprobs, ref_logprobs, mask, in_reward)
-    done = rollout.done(cfg.fixed_horizon)
-    advantages, returns = ppo_advantages(
-        token_rewards, old.values, old.last_values, done, mask, cfg.gamma, cfg.lam, whiten=False
-    )
+    if uses_critic(cfg):
+        old = ac.evaluate(rollout, with_policy=False)
+        done = rollout.done(cfg.fixed_horizon)
+        advantages, returns = ppo_advantages(
+            token_rewards, old.values, old.last_values, done, mask, cfg.gamma, cfg.lam, whiten=False
+        )
+        old_values = old.values
+    else:  # the responses to one prompt are contiguous rows (sample_rollout's layout)
+        advantages = group_advantages(cfg.advantage, token_rewards, mask, cfg.responses_per_prompt)
+        old_values = returns = torch.zeros_like(advantages)
     kl = (k1_kl(rollout.logprobs, ref_logprobs) * mask).sum(-1)
-    batch = gather_batch(PPOBatch(rollout, rollout.logprobs, ref_logprobs, old.values, advantages, returns, kl))
-    if cfg.whiten:  # over the global batch's real tokens (DESIGN.md)
+    batch = gather_batch(PPOBatch(rollout, rollout.logprobs, ref_logprobs, old_values, advantages, returns, kl))
+    if cfg.whiten and uses_critic(cfg):  # over the global batch's real tokens (DESIGN.md); module docstring
         batch.advantages = masked_whiten(batch.advantages, batch.rollout.response_mask)
     return batch
 
 
 def ppo_loss(ac: ActorCritic, batch: PPOBatch, cfg: PPOConfig, kl_coef: float, critic_only: bool):
     """Clipped policy loss + ``vf_coef`` x clipped value loss (+ ``kl_coef`` x k3, - ``ent_coef`` x
-    entropy) on one minibatch. Critic-only (warm-up): the value loss alone."""
+    entropy) on one minibatch. Critic-only (warm-up): the value loss alone. Without a critic (rloo,
+    grpo) there is no value loss and the V head is not run."""
     mask = batch.rollout.response_mask
-    out = ac.evaluate(batch.rollout, with_policy=not critic_only)
-    if cfg.value_clip > 0:
-        v_loss, v_stats = clipped_value_loss(out.values, batch.old_values, batch.returns, mask, cfg.value_clip)
-    else:
-        v_loss = 0.5 * masked_mean((out.values - batch.returns) ** 2, mask)
-        v_stats = {"loss": v_loss.detach()}
-    stats: Stats = {"losses/value": v_stats["loss"]}
-    loss = cfg.vf_coef * v_loss
+    critic = uses_critic(cfg)
+    out = ac.evaluate(batch.rollout, with_policy=not critic_only, with_values=critic)
+    stats: Stats = {}
+    loss = torch.zeros((), device=mask.device)
+    if critic:
+        if cfg.value_clip > 0:
+            v_loss, v_stats = clipped_value_loss(out.values, batch.old_values, batch.returns, mask, cfg.value_clip)
+        else:
+            v_loss = 0.5 * masked_mean((out.values - batch.returns) ** 2, mask)
+            v_stats = {"loss": v_loss.detach()}
+        stats["losses/value"] = v_stats["loss"]
+        loss = cfg.vf_coef * v_loss
     if critic_only:
         return loss, stats
     pg_loss, pg_stats = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.advantages, mask, cfg.clip_eps)
@@ -244,8 +281,11 @@ def optimise(
 
 
 def make_optimizer(ac: ActorCritic, cfg: PPOConfig) -> torch.optim.Optimizer:
-    """AdamW: the policy's trainable tensors at ``lr``, the critic's at ``critic_lr``."""
-    groups = [{"params": ac.policy_parameters(), "lr": cfg.lr}, {"params": ac.critic_parameters(), "lr": cfg.critic_lr}]
+    """AdamW: the policy's trainable tensors at ``lr``, the critic's at ``critic_lr`` (no critic group
+    for the critic-free advantages: the V head then stays as it was built)."""
+    groups = [{"params": ac.policy_parameters(), "lr": cfg.lr}]
+    if uses_critic(cfg):
+        groups.append({"params": ac.critic_parameters(), "lr": cfg.critic_lr})
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
@@ -308,6 +348,7 @@ def train_ppo(
         num_return_sequences=cfg.responses_per_prompt,
         batch_size=cfg.decode_batch_size,
         chat=cfg.chat,
+        fast=cfg.fast,
     )
     with run:
         for it in run.steps():
@@ -334,13 +375,13 @@ def train_ppo(
                 "charts/reward": float(rollout.rewards.mean()),
                 "charts/kl": kl_mean,
                 "charts/kl_coef": kl_coef,
-                "charts/explained_variance": float(
-                    explained_variance(batch.old_values, batch.returns, rollout.response_mask)
-                ),
                 "charts/response_length": n_tokens / len(rollout),
                 **stats,
                 "charts/tokens_per_s": n_tokens / (time.perf_counter() - t0),
             }
+            if uses_critic(cfg):
+                ev = explained_variance(batch.old_values, batch.returns, rollout.response_mask)
+                floats["charts/explained_variance"] = float(ev)
             run.log(it, floats, postfix=("charts/reward", "charts/kl", "losses/value"))
             run.advance(it + 1, floats, extra={"kl_controller": ctl.state_dict()})
     info = {"algorithm": cfg.algo, "config": flat(cfg), "base_model": ac.heads.config.base_model,

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 from qvlm.algos.actor_critic import ActorCritic, save_policy_run
-from qvlm.algos.ppo import make_optimizer, optimise
+from qvlm.algos.ppo import make_optimizer, optimise, uses_critic
 from qvlm.configs import DecodeConfig, PPOConfig, flat
 from qvlm.envs.episodes import Episode
 from qvlm.envs.registry import make, resolve_name
@@ -44,7 +44,7 @@ from qvlm.envs.rollout import MAX_TURNS, run_lm
 from qvlm.envs.tokens import EpisodeBatch, collate_episodes
 from qvlm.errors import QVLMError
 from qvlm.masked import masked_whiten
-from qvlm.online import explained_variance, k1_kl, kl_controller, ppo_advantages
+from qvlm.online import explained_variance, group_advantages, k1_kl, kl_controller, ppo_advantages
 from qvlm.train.distributed import world_size
 from qvlm.train.harness import Run
 
@@ -139,20 +139,28 @@ def rollout_episodes(
 def make_env_targets(
     ac: ActorCritic, batch: EpisodeBatch, old_logprobs: torch.Tensor, kl_coef: float, cfg: PPOConfig
 ) -> EnvPPOBatch:
-    """Reference log-probs, ``V_old``, the k1-penalised per-step rewards (when ``cfg.kl_mode ==
-    'reward'``), GAE across turns and the value targets, on the action tokens of ``batch``."""
+    """Reference log-probs, the k1-penalised per-step rewards (when ``cfg.kl_mode == 'reward'``), then
+    the advantages on the action tokens of ``batch``: GAE across turns with ``V_old`` (whitened) and the
+    value targets, or, for ``cfg.advantage`` rloo / grpo, the baseline of the other episodes of the same
+    environment seed (``responses_per_prompt`` adjacent rows, :func:`rollout_episodes`) on the same
+    penalised rewards, summed over the episode (no V pass; values and value targets 0)."""
     mask = batch.response_mask
     ref_logprobs = ac.ref_logprobs(batch)
-    old = ac.evaluate(batch, with_policy=False)
     in_reward = kl_coef if cfg.kl_mode == "reward" else 0.0
     step_rewards = kl_penalised_step_rewards(batch.rewards, old_logprobs, ref_logprobs, mask, in_reward)
-    advantages, returns = ppo_advantages(
-        step_rewards, old.values, old.last_values, batch.done, mask, cfg.gamma, cfg.lam, whiten=False
-    )
-    if cfg.whiten:
-        advantages = masked_whiten(advantages, mask)
+    if uses_critic(cfg):
+        old = ac.evaluate(batch, with_policy=False)
+        advantages, returns = ppo_advantages(
+            step_rewards, old.values, old.last_values, batch.done, mask, cfg.gamma, cfg.lam, whiten=False
+        )
+        old_values = old.values
+        if cfg.whiten:
+            advantages = masked_whiten(advantages, mask)
+    else:
+        advantages = group_advantages(cfg.advantage, step_rewards, mask, cfg.responses_per_prompt)
+        old_values = returns = torch.zeros_like(advantages)
     kl = (k1_kl(old_logprobs, ref_logprobs) * mask).sum(-1)
-    return EnvPPOBatch(batch, old_logprobs * mask, ref_logprobs, old.values, advantages, returns, kl)
+    return EnvPPOBatch(batch, old_logprobs * mask, ref_logprobs, old_values, advantages, returns, kl)
 
 
 def env_fingerprint(env_name: str, env_kwargs: dict | None, env_seed: int, max_turns: int) -> str:
@@ -191,7 +199,9 @@ def train_ppo_env(
     run.track(ac, optimizer, fingerprint=env_fingerprint(env_name, env_kwargs, env_seed, max_turns))
     if resume:
         ctl.load_state_dict(run.restore().extra["kl_controller"])
-    decode = DecodeConfig(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.decode_batch_size, chat=cfg.chat)
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.decode_batch_size, chat=cfg.chat, fast=cfg.fast
+    )
     with run:
         for it in run.steps():
             t0 = time.perf_counter()
@@ -220,13 +230,13 @@ def train_ppo_env(
                 / max(1, sum(len(e.turns) for e in episodes)),
                 "charts/kl": kl_mean,
                 "charts/kl_coef": kl_coef,
-                "charts/explained_variance": float(
-                    explained_variance(targets.old_values, targets.returns, batch.response_mask)
-                ),
                 "charts/action_tokens": n_tokens / len(batch),
                 **stats,
                 "charts/tokens_per_s": n_tokens / (time.perf_counter() - t0),
             }
+            if uses_critic(cfg):
+                ev = explained_variance(targets.old_values, targets.returns, batch.response_mask)
+                floats["charts/explained_variance"] = float(ev)
             run.log(it, floats, postfix=("charts/return", "charts/kl", "losses/value"))
             run.advance(it + 1, floats, extra={"kl_controller": ctl.state_dict()})
     info = {"algorithm": cfg.algo, "config": flat(cfg), "base_model": ac.heads.config.base_model,

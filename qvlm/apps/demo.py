@@ -29,6 +29,8 @@ from qvlm.apps.demo_eval import (
     eval_phase,
     frontier_phase,
     guided_methods,
+    rule_passed,
+    shown_rule,
     validation_phase,
 )
 from qvlm.apps.demo_ppo import ppo_phase
@@ -131,7 +133,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
     learners = train_phase(ctx, samples, features)
     methods = guided_methods(ctx, learners)
     validation = validation_phase(ctx, methods)
-    shown = choose_shown(validation)
+    rule = shown_rule(ctx)
+    shown = choose_shown(validation, rule)
     metrics, responses = eval_phase(ctx, methods)
     ppo = ppo_phase(ctx, metrics["base"]["seconds_per_token"])
     if ppo is not None:
@@ -143,6 +146,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, log=print, progress: bool = True)
         "shown": {
             "method": shown,
             "chosen_on": "validation",
+            "rule": rule["text"],
+            "rule_kl_max": rule["kl_max"],
+            "rule_distinct_2_min": rule["distinct_2_min"],
+            "passed_rule": rule_passed(validation[shown], rule),
             "validation_prompts": len(ctx.val_prompts),
             "validation_reward": validation[shown]["reward_mean"],
             "eval_reward": metrics[shown]["reward_mean"],
@@ -218,7 +225,8 @@ def _check_config(out: Path, cfg: DemoConfig) -> None:
     file = out / "demo_config.json"
     current = flat(cfg)
     if file.is_file():
-        saved = read_json(file, "delete it to start the demo afresh")
+        # a run made before an option existed ran with its default (Q#'s: a new phase, trained on resume)
+        saved = {**flat(resolve(DemoConfig(quick=cfg.quick))), **read_json(file, "delete it to start the demo afresh")}
         diff = sorted(k for k in current if saved.get(k) != current[k])
         if diff:
             raise QVLMError(

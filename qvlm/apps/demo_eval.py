@@ -23,8 +23,9 @@ from qvlm.apps.demo_train import Learners
 from qvlm.configs import parse_numbers
 from qvlm.decoding import GenerationResult, best_of_n_kl_estimate, blockwise_generate, generate, select_best_of_n
 from qvlm.eval.frontier import build_frontier
-from qvlm.eval.metrics import json_safe, summarize
+from qvlm.eval.metrics import distinct_n, json_safe, summarize
 from qvlm.fileio import read_json
+from qvlm.heads import MeanView
 from qvlm.model import QVModel
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "decode_method",
     "validation_phase",
     "eval_phase",
+    "shown_rule",
+    "rule_passed",
     "choose_shown",
     "frontier_phase",
 ]
@@ -92,6 +95,14 @@ def guided_methods(ctx: DemoContext, learners: Learners) -> list[GuidedMethod]:
     methods.append(
         GuidedMethod(f"cd_blockwise_k{cfg.candidates}", blockwise, cfg.candidates * v_cost, "estimate", scorer)
     )
+    if learners.qsharp is not None:  # one set of heads at every beta: Q*_alpha, and its mean (the ablation)
+        qsharp = learners.qsharp
+        q_cost = compute_cost(model, qsharp.heads.decode_macs_per_token(cfg.guidance_top_k))
+        mean = MeanView(qsharp.heads)
+        for b in parse_numbers(cfg.qsharp_betas):
+            methods.append(GuidedMethod(f"qsharp_beta_{b:g}", token_guided(qsharp.heads, b), q_cost, "exact", qsharp))
+        for b in parse_numbers(cfg.qsharp_betas):
+            methods.append(GuidedMethod(f"qsharp_mean_beta_{b:g}", token_guided(mean, b), q_cost, "exact", qsharp))
     return methods
 
 
@@ -144,14 +155,50 @@ def validation_phase(ctx: DemoContext, methods: list[GuidedMethod]) -> dict[str,
     return {m.name: decode_method(ctx, "val", ctx.val_prompts, m)["metrics"] for m in methods}
 
 
-def choose_shown(val_metrics: Mapping[str, Mapping]) -> str:
-    """The method with the highest mean validation reward (the first of equals, in order).
+# the rule the shown method must pass on validation (issue 22): a gamed method cannot
+RULE_DISTINCT = 0.9  # distinct-2 at least this fraction of the base model's
+
+
+def shown_rule(ctx: DemoContext) -> dict:
+    """The rule that picks the method shown, from base draws on the validation prompts (``--best-of``
+    each, cached in ``OUT/val/draws.json``): a validation KL at most best-of-N's estimated KL there and a
+    distinct-2 at least :data:`RULE_DISTINCT` of the base model's. ``{"kl_max", "distinct_2_min", "n",
+    "text"}``."""
+    N, prompts = ctx.cfg.best_of, ctx.val_prompts
+    draws = _base_draws(ctx, ctx.out / "val" / "draws.json", prompts)
+    kl = [best_of_n_kl_estimate(draws["rewards"][i * N : (i + 1) * N], N) for i in range(len(prompts))]
+    first = [draws["texts"][i * N] for i in range(len(prompts))]  # one base response per prompt
+    kl_max, d_min = sum(kl) / len(kl), RULE_DISTINCT * distinct_n(first, 2)
+    text = (
+        f"the highest validation reward among the guided methods whose validation KL is at most best-of-{N}'s "
+        f"estimated KL there ({kl_max:.2f} nats) and whose distinct-2 is at least {RULE_DISTINCT:g} times the "
+        f"base model's ({d_min:.3f}); a method that games the reward by drifting far or repeating itself cannot pass"
+    )
+    return {"kl_max": kl_max, "distinct_2_min": d_min, "n": N, "text": text}
+
+
+def rule_passed(m: Mapping, rule: Mapping) -> bool:
+    """Whether a validation row passes the shown method's rule (:func:`shown_rule`)."""
+    kl, d2 = m.get("kl_to_base"), m.get("distinct_2")
+    return kl is not None and kl <= rule["kl_max"] and d2 is not None and d2 >= rule["distinct_2_min"]
+
+
+def choose_shown(val_metrics: Mapping[str, Mapping], rule: Mapping | None = None) -> str:
+    """The method with the highest mean validation reward (the first of equals, in order); with ``rule``
+    (:func:`shown_rule`), among the rows whose KL is at most ``rule["kl_max"]`` and whose distinct-2 is at
+    least ``rule["distinct_2_min"]``; none passes: the row of least KL.
 
     Rows whose reward is missing or not finite are skipped. ``{"a": {"reward_mean": 0.2},
     "b": {"reward_mean": 0.5}}`` -> ``"b"``.
     """
+    rows = dict(val_metrics)
+    if rule is not None:
+        passing = {k: m for k, m in rows.items() if rule_passed(m, rule)}
+        if not passing:
+            return min(rows, key=lambda k: math.inf if rows[k].get("kl_to_base") is None else rows[k]["kl_to_base"])
+        rows = passing
     best, best_reward = None, -math.inf
-    for name, m in val_metrics.items():
+    for name, m in rows.items():
         r = m.get("reward_mean")
         if r is not None and math.isfinite(r) and r > best_reward:
             best, best_reward = name, r
@@ -177,13 +224,14 @@ def eval_phase(ctx: DemoContext, methods: list[GuidedMethod]) -> tuple[dict[str,
     return metrics, responses
 
 
-def _base_draws(ctx: DemoContext, file: Path) -> dict:
-    """``best_of`` base responses per eval prompt, scored; cached."""
+def _base_draws(ctx: DemoContext, file: Path, prompts: list[str] | None = None) -> dict:
+    """``best_of`` base responses per prompt (the eval prompts by default), scored; cached in ``file``."""
+    split = file.parent.name
     if file.is_file():
-        ctx.log("[eval base draws] cached")
+        ctx.log(f"[{split} base draws] cached")
         return read_json(file, "delete it to compute that phase again", (dict, list))
-    cfg, prompts = ctx.cfg, ctx.eval_prompts
-    ctx.log(f"[eval base draws] {time.strftime('%H:%M:%S')} {cfg.best_of} per prompt")
+    cfg, prompts = ctx.cfg, prompts if prompts is not None else ctx.eval_prompts
+    ctx.log(f"[{split} base draws] {time.strftime('%H:%M:%S')} {cfg.best_of} per prompt")
     start = time.perf_counter()
     repeated = [p for p in prompts for _ in range(cfg.best_of)]
     draw_cfg = dataclasses.replace(ctx.decode, num_return_sequences=cfg.best_of)

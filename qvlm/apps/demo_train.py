@@ -10,29 +10,38 @@ from dataclasses import dataclass
 import torch
 
 from qvlm.algos.ilql import train_ilql
+from qvlm.algos.qsharp import train_qsharp
 from qvlm.algos.value import train_value
 from qvlm.apps.demo_context import DemoContext
 from qvlm.apps.runs import train_or_load
 from qvlm.configs import TrunkConfig
 from qvlm.decoding import generate
 from qvlm.features import FeatureCache, load_features, save_features
+from qvlm.fileio import read_json
 from qvlm.jsonl import read_samples, write_samples
 from qvlm.mdp import Sample
 from qvlm.model import QVModel
 from qvlm.rollout import rollout_to_samples
 
-__all__ = ["Learners", "sample_phase", "train_phase", "loss_curves"]
+__all__ = ["Learners", "sample_phase", "train_phase", "support_of", "qsharp_phase", "loss_curves"]
 
 Features = tuple[list[list[int]], list[torch.Tensor]]  # (token ids, trunk hidden states) per sample
 
 
+# Q#'s heads: a 51-atom support (C51's count) over the round-0 returns' range widened by a quarter on each
+# side (guided roll-ins reach past the base model's best), and a rank-64 state-token interaction
+QSHARP_BINS, QSHARP_RANK, QSHARP_MARGIN = 51, 64, 0.25
+
+
 @dataclass
 class Learners:
-    """The trained heads: ILQL's and the Monte-Carlo prefix scorer's, and their loss curves."""
+    """The trained heads: ILQL's, the Monte-Carlo prefix scorer's and Q#'s, and their loss curves."""
 
     ilql: QVModel
     scorer: QVModel
     history: dict[str, list[tuple[int, float]]]  # {"ILQL q": [(step, loss), ...], "Monte-Carlo v": ...}
+    qsharp: QVModel | None = None
+    qsharp_cost: dict | None = None  # {"reward_calls", "decoded_tokens"} its rounds spent
 
 
 def sample_phase(ctx: DemoContext) -> tuple[list[Sample], Features | None]:
@@ -97,9 +106,49 @@ def train_phase(ctx: DemoContext, samples: list[Sample], features: Features | No
     v_history = train_or_load(
         ctx.out / "value", scorer, lambda d, r: train_value(scorer, tokenizer, samples, value_cfg, d, r), log
     )
-    (ctx.out / "features.safetensors").unlink(missing_ok=True)  # both learners are trained: features done
+    qsharp, q_history, cost = qsharp_phase(ctx, samples, cache)
+    (ctx.out / "features.safetensors").unlink(missing_ok=True)  # every learner is trained: features done
     cache.clear()
-    return Learners(ilql, scorer, loss_curves(history, v_history))
+    curves = loss_curves(history, v_history)
+    curves.update({"Q# " + k[len("losses/") :]: v for k, v in q_history.items() if k.startswith("losses/")})
+    return Learners(ilql, scorer, curves, qsharp, cost)
+
+
+def support_of(samples: list[Sample]) -> tuple[float, float]:
+    """Q#'s support: the samples' reward range widened by :data:`QSHARP_MARGIN` of it on each side (a
+    range of 0: 1 on each side). Rewards (-0.5, 0.5) -> (-0.75, 0.75)."""
+    lo, hi = min(s.reward for s in samples), max(s.reward for s in samples)
+    pad = QSHARP_MARGIN * (hi - lo) if hi > lo else 1.0
+    return lo - pad, hi + pad
+
+
+def qsharp_phase(ctx: DemoContext, samples: list[Sample], cache: FeatureCache):
+    """Q# heads (:mod:`qvlm.algos.qsharp`): round 0 the demo's own base samples (their features from the
+    shared cache), then ``--qsharp-rounds`` of guided roll-ins and reference roll-outs on the training
+    prompts. Returns the model, its loss history and the reward calls and tokens its rounds spent."""
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed)  # the heads' initialisation
+    qsharp = QVModel.from_trunk(
+        ctx.model,
+        TrunkConfig("frozen"),
+        head_hidden=cfg.head_hidden,
+        base_model=cfg.model,
+        feature_cache=cache,
+        bins=QSHARP_BINS,
+        support=support_of(samples),
+        dist_rank=QSHARP_RANK,
+    )
+    qcfg = dataclasses.replace(cfg.qsharp, max_new_tokens=cfg.max_new_tokens, guidance_top_k=cfg.guidance_top_k,
+                               decode_batch_size=cfg.batch_size, seed=cfg.seed, progress=ctx.progress)  # fmt: skip
+    run_dir = ctx.out / "qsharp"
+    history = train_or_load(
+        run_dir,
+        qsharp,
+        lambda d, r: train_qsharp(qsharp, ctx.tokenizer, ctx.train_prompts, ctx.reward, qcfg, d, r, initial=samples),
+        ctx.log,
+    )
+    info = read_json(run_dir / "training.json", "delete OUT/qsharp to train Q# again")
+    return qsharp, history, {k: info.get(k, 0) for k in ("reward_calls", "decoded_tokens")}
 
 
 def loss_curves(ilql_history: dict, value_history: dict) -> dict[str, list[tuple[int, float]]]:

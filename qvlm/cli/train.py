@@ -63,6 +63,9 @@ def register(sub) -> None:
     from qvlm.cli.train_softq import register as register_softq  # online: prompts and a reward, not --data
 
     register_softq(algos)
+    from qvlm.cli.train_qsharp import register as register_qsharp  # online: guided roll-ins, reference roll-outs
+
+    register_qsharp(algos)
     from qvlm.cli.train_ppo import register as register_ppo
 
     register_ppo(algos)  # online: qvlm train ppo (issue 9)

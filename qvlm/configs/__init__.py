@@ -24,6 +24,7 @@ from qvlm.configs.ilql import ILQLConfig
 from qvlm.configs.offline import TrainConfig
 from qvlm.configs.ppo import KL_MODES, PPO_ALGOS, PPO_CRITICS, PPO_TRUNKS, PPOConfig
 from qvlm.configs.proxy import ProxyConfig
+from qvlm.configs.qsharp import QSharpConfig
 from qvlm.configs.reward_model import LR_SCHEDULES, POOLINGS, RewardModelConfig
 from qvlm.configs.softq import SoftQConfig
 from qvlm.configs.trunk import TRUNK_MODES, TrunkConfig
@@ -59,6 +60,7 @@ __all__ = [
     "DemoConfig",
     "RewardModelConfig",
     "ProxyConfig",
+    "QSharpConfig",
     "SoftQConfig",
     "PPOConfig",
 ]

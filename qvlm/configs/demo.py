@@ -17,6 +17,7 @@ from qvlm.configs.base import (
 )
 from qvlm.configs.ilql import ILQLConfig
 from qvlm.configs.ppo import PPOConfig
+from qvlm.configs.qsharp import QSharpConfig
 from qvlm.configs.value import SCORER, ValueConfig
 
 __all__ = ["DemoConfig"]
@@ -75,6 +76,22 @@ class DemoConfig(Config):
     )
     value: ValueConfig = nested(
         ValueConfig, {"q_target": "mc_q_target", "epochs": "value_epochs"}, "the Monte-Carlo prefix scorer", **SCORER
+    )
+    # Q# (issue 22): the return distribution of the reference policy, learned from its own samples (round 0,
+    # the demo's) and from guided roll-ins / reference roll-outs on the training prompts; one set of heads
+    # decodes at every beta
+    qsharp_betas: str = option(
+        "1,2,4,8,16", "Q# guidance strengths (one set of heads decodes at each)", check=number_list, rule=_BETAS
+    )
+    qsharp: QSharpConfig = nested(
+        QSharpConfig,
+        {
+            "rounds": "qsharp_rounds",
+            "prompts_per_round": "qsharp_prompts_per_round",
+            "steps_per_round": "qsharp_steps",
+            "betas": "qsharp_rollin_betas",
+        },
+        "Q#",
     )
     ppo_iterations: str = option(
         "",

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qvlm.configs.base import Config, ConfigError, nested, option
+from qvlm.configs.base import Config, ConfigError, flag_name, nested, option
 from qvlm.configs.trunk import TrunkConfig
 from qvlm.errors import QVLMError
 
-__all__ = ["PPO_ALGOS", "PPO_TRUNKS", "PPO_CRITICS", "KL_MODES", "PPOConfig"]
+__all__ = ["PPO_ALGOS", "PPO_TRUNKS", "PPO_CRITICS", "KL_MODES", "ADVANTAGES", "PPOConfig"]
 
 PPO_ALGOS = ("ppo", "a2c")
 PPO_TRUNKS = ("lora", "full")
 PPO_CRITICS = ("shared", "separate")
 KL_MODES = ("reward", "loss")
+# the advantage estimators of qvlm.online (declared here: configs import nothing heavy); rloo and grpo
+# need no critic
+ADVANTAGES = ("gae", "rloo", "grpo")
 
 
 @dataclass
 class PPOConfig(Config):
     """PPO with a V critic on a causal LM (``qvlm train ppo``). Defaults follow Ziegler et al. 2019 /
     TRL's PPO where one applies; ``algo = a2c`` is plain actor-critic (one epoch, one minibatch,
-    no clipping: it overrides ppo_epochs, minibatch_size, clip_eps and value_clip)."""
+    no clipping: it overrides ppo_epochs, minibatch_size, clip_eps and value_clip).
+
+    ``advantage = rloo | grpo`` replaces the critic by a baseline from the other responses to the same
+    prompt (issue 23): no V head is run or trained, so the critic's settings (critic_lr, vf_coef,
+    value_clip, gamma, lam, fixed_horizon, head_hidden) go unused (a response's return is its summed
+    reward); the ones that would build, load or train a critic
+    (``critic = separate``, ``critic_init``, ``critic_warmup``) are refused."""
 
     algo: str = option(
         "ppo", "ppo: clipped surrogate, several epochs; a2c: plain actor-critic preset", choices=PPO_ALGOS
@@ -74,8 +83,21 @@ class PPOConfig(Config):
         0.0, "adaptive KL controller's target KL per response in nats (0: fixed coefficient)", ge=0
     )
     kl_horizon: float = option(10000.0, "adaptive KL controller's horizon (Ziegler et al. 2019)", gt=0)
-    whiten: bool = option(True, "whiten advantages over the batch's real tokens")
+    advantage: str = option(
+        "gae",
+        "gae: GAE with the V critic; rloo: leave-one-out baseline over the responses to one prompt; grpo: "
+        "returns normalised within those responses (rloo, grpo: no critic, --responses-per-prompt >= 2)",
+        choices=ADVANTAGES,
+    )
+    whiten: bool = option(
+        True,
+        "whiten GAE advantages over the batch's real tokens (gae only: rloo's are used as they are, grpo's are "
+        "normalised per prompt)",
+    )
     decode_batch_size: int = option(64, "responses decoded together", ge=1)
+    fast: bool = option(
+        False, "decode rollouts on the fast path (Llama-style models; a LoRA policy's adapters applied in the step)"
+    )
     chat: bool | None = option(None, "wrap prompts in the chat template (None: when the tokenizer has one)", type=bool)
     seed: int = option(0, "seed of the V head, the prompt order, the sampling and the minibatches")
     checkpoint_every: int = option(
@@ -93,8 +115,39 @@ class PPOConfig(Config):
                 "--deepspeed partitions the optimiser of --trunk full --critic shared without --fsdp (LoRA "
                 "adapters are small: use plain data parallel; --fsdp shards the weights too)"
             )
+        if self.fast and (self.trunk.fsdp or self.deepspeed):
+            # the fast step packs whole weights and repacks when their version counters move: FSDP shards them,
+            # DeepSpeed writes them through .data (no counter moves), so its rollouts would use stale weights
+            raise QVLMError(
+                "--fast decodes from packed copies of whole weights, which --fsdp shards and --deepspeed updates "
+                "unseen; drop --fast (or --fsdp / --deepspeed)"
+            )
+        if self.advantage != "gae":
+            self._check_critic_free()
         if self.algo == "a2c":  # the plain actor-critic of the source documents, as a preset
             self.ppo_epochs = 1
             self.minibatch_size = self.prompts_per_iter * self.responses_per_prompt
             self.clip_eps = 1e9
             self.value_clip = 0.0
+
+    def _check_critic_free(self) -> None:
+        """rloo / grpo: two responses per prompt at least, and nothing that builds or trains a critic."""
+        name = self.advantage
+        if self.responses_per_prompt < 2:
+            raise ConfigError(
+                "responses_per_prompt",
+                self.responses_per_prompt,
+                f"at least 2 with --advantage {name}: its baseline is the other responses to the same prompt "
+                "(or use --advantage gae)",
+            )
+        refused = {
+            "critic": (self.critic != "shared", "builds a second copy of the model for a critic"),
+            "critic_init": (bool(self.critic_init), "loads a V head into a critic"),
+            "critic_warmup": (self.critic_warmup > 0, "trains a critic alone first"),
+        }
+        for key, (given, what) in refused.items():
+            if given:
+                raise QVLMError(
+                    f"{flag_name(key)} {getattr(self, key)} {what}, but --advantage {name} uses no critic; drop "
+                    f"{flag_name(key)} or use --advantage gae"
+                )

@@ -367,8 +367,9 @@ def _linear(matmul: Matmul, lora: LoraDelta | None, x: torch.Tensor) -> torch.Te
 
 
 def fast_heads(heads: QVHeads) -> FastHeads:
-    """:class:`FastHeads` for ``heads``, built once while their weights stay the same (:func:`built_for`)."""
-    return built_for(heads, FastHeads)
+    """:class:`FastHeads` for ``heads``, built once while their weights stay the same (:func:`built_for`);
+    distributional heads decode as they are (per candidate, no vocabulary-sized layer to pack)."""
+    return heads if heads.distributional else built_for(heads, FastHeads)
 
 
 class FastHeads:
@@ -385,6 +386,7 @@ class FastHeads:
     def __init__(self, heads: QVHeads):
         self.heads = heads
         self.has_q = heads.has_q
+        self.soft = heads.soft
         self.mlp = heads.has_q and all(isinstance(q, MLPHead) for q in heads.q_heads)
         if not self.mlp:
             return
@@ -403,8 +405,9 @@ class FastHeads:
         return self.heads.values(h)
 
     @torch.no_grad()
-    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``min_i Q_i(s, a) - V(s)``: (B, H) -> (B, V), or (B, k) for ``tokens`` (B, k)."""
+    def advantages(self, h: torch.Tensor, tokens: torch.Tensor | None = None, beta: float | None = None):
+        """``min_i Q_i(s, a) - V(s)``: (B, H) -> (B, V), or (B, k) for ``tokens`` (B, k) (the same at every
+        ``beta``)."""
         if not self.mlp:
             return self.heads.advantages(h, tokens)
         z_v, *z_q = self._hidden(h)

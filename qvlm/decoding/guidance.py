@@ -7,6 +7,7 @@ the scores are the raw logits bit for bit.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +16,14 @@ from transformers import LogitsProcessor, PreTrainedModel
 from qvlm.errors import QVLMError
 from qvlm.heads import QVHeads
 
-__all__ = ["centre_on_candidates", "candidate_mass", "guide", "guided_scores", "ValueGuidanceLogitsProcessor"]
+__all__ = [
+    "centre_on_candidates",
+    "soft_centre",
+    "candidate_mass",
+    "guide",
+    "guided_scores",
+    "ValueGuidanceLogitsProcessor",
+]
 
 
 def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -39,6 +47,26 @@ def centre_on_candidates(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Ten
     return adv - (weights * adv).sum(-1, keepdim=True)
 
 
+def soft_centre(logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Advantages of candidate tokens ``idx`` (B, k) minus their soft value at temperature ``alpha``
+    under the base model's probabilities renormalised over the candidates:
+    ``A_c - alpha log sum_c pi~(c) exp(A_c / alpha)``: (B, k) -> (B, k).
+
+    The baseline distributional heads guide with (issue 22): the guided policy's tilt
+    ``pi_ref(c) exp(A_c / alpha)`` then leaves the candidates' total mass exactly as the base model has it
+    (``sum_c pi~(c) exp(A'_c / alpha) = 1``) and moves mass only among them, as the soft optimum does when
+    the other tokens' soft value equals the candidates'. As alpha grows it tends to the base-weighted mean
+    (:func:`centre_on_candidates`). Worked example: logits (0, log 3) give weights (1/4, 3/4); advantages
+    (1, -1) at alpha 1 have soft value log(e/4 + 3/(4e)) = -0.0455415 and become (1.0455415, -0.9544585).
+    """
+    # in float64: alpha logsumexp(...) multiplies the rounding of values near log 1 by alpha
+    log_w = torch.log_softmax(logits.gather(-1, idx).double(), dim=-1)  # (B, k)
+    a = adv.double()
+    if math.isinf(alpha):
+        return (a - (log_w.exp() * a).sum(-1, keepdim=True)).to(adv.dtype)
+    return (a - alpha * torch.logsumexp(log_w + a / alpha, dim=-1, keepdim=True)).to(adv.dtype)
+
+
 def candidate_mass(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torch.Tensor:
     """Probability mass that ``probs`` (B, V) puts on the ``k`` tokens with the largest ``logits``
     (B, V): (B,). Logits (3, 2, 1, 0), probs (0.1, 0.2, 0.3, 0.4), k = 2 -> 0.3."""
@@ -46,11 +74,14 @@ def candidate_mass(logits: torch.Tensor, probs: torch.Tensor, k: int) -> torch.T
 
 
 def _guide_candidates(
-    logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float, centre: bool = True
+    logits: torch.Tensor, idx: torch.Tensor, adv: torch.Tensor, beta: float, centre: bool = True, soft: bool = False
 ) -> torch.Tensor:
-    """Add ``beta`` times the (centred) advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``."""
+    """Add ``beta`` times the (centred) advantages ``adv`` (B, k) of candidates ``idx`` to ``logits``:
+    centred on their base-weighted mean, or with ``soft`` on their soft value at ``alpha = 1 / beta``."""
     adv = adv.to(logits.dtype)
-    return logits.scatter_add(-1, idx, beta * (centre_on_candidates(logits, idx, adv) if centre else adv))
+    if centre:
+        adv = soft_centre(logits, idx, adv, 1.0 / beta) if soft else centre_on_candidates(logits, idx, adv)
+    return logits.scatter_add(-1, idx, beta * adv)
 
 
 def guide(logits: torch.Tensor, advantages: torch.Tensor, beta: float, top_k: int = 0) -> torch.Tensor:
@@ -73,15 +104,18 @@ def guided_scores(
 
     With ``top_k``, Q is computed for the base model's ``top_k`` likeliest tokens only (the others
     keep their logits), so guidance costs ``top_k`` dot products instead of a vocabulary-sized
-    matmul per head; the candidates' advantages are centred (:func:`centre_on_candidates`) unless
-    ``centre`` is False (then the V head's ``V(s)`` is their baseline: the ablation).
+    matmul per head; the candidates' advantages are centred (:func:`centre_on_candidates`; for
+    distributional heads :func:`soft_centre` at ``alpha = 1 / beta``) unless ``centre`` is False (then
+    the V head's ``V(s)`` is their baseline: the ablation). Distributional heads give
+    ``Q*_alpha - V*_alpha`` at ``alpha = 1 / beta`` (issue 22).
     """
     if beta == 0:
         return logits
     if top_k and top_k < logits.shape[-1]:
         idx = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
-        return _guide_candidates(logits, idx, heads.advantages(h, idx), beta, centre)
-    return guide(logits, heads.advantages(h), beta)
+        adv = heads.advantages(h, idx, beta=beta)
+        return _guide_candidates(logits, idx, adv, beta, centre, soft=heads.soft)
+    return guide(logits, heads.advantages(h, beta=beta), beta)
 
 
 class ValueGuidanceLogitsProcessor(LogitsProcessor):

@@ -185,6 +185,7 @@ def sample_rollout(
     use_cache: bool = True,
     row_seeds: list[int] | None = None,
     pad_to: int = 0,
+    guide_steps: list[int] | None = None,
 ) -> Rollout:
     """Decode ``cfg.num_return_sequences`` responses for each of ``prompts`` (strings, encoded with
     the chat template, or token ids) into a :class:`qvlm.rollout.Rollout` on the model's device.
@@ -204,7 +205,9 @@ def sample_rollout(
     other rows share its batch or its process, so data-parallel rollouts sample what one process
     samples (:mod:`qvlm.algos.ppo`). Without it, sampling draws from torch's global generator, as
     Hugging Face ``generate`` does. ``pad_to`` left-pads every prompt to at least that many tokens
-    (processes that pad alike compute alike).
+    (processes that pad alike compute alike). ``guide_steps`` (one per response, prompt-major) guides each
+    response for its first that many tokens only, then samples the base model: a guided roll-in and a
+    reference roll-out in one pass (Q#, :mod:`qvlm.algos.qsharp`).
     """
     cfg = cfg or DecodeConfig()
     if cfg.beta != 0 and heads is None:
@@ -215,6 +218,8 @@ def sample_rollout(
     n_rows = len(encoded) * cfg.num_return_sequences
     if row_seeds is not None and len(row_seeds) != n_rows:
         raise QVLMError(f"row_seeds has {len(row_seeds)} seeds for {n_rows} responses; give one per response")
+    if guide_steps is not None and len(guide_steps) != n_rows:
+        raise QVLMError(f"guide_steps has {len(guide_steps)} counts for {n_rows} responses; give one per response")
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     record = dict(
@@ -231,9 +236,20 @@ def sample_rollout(
     n = cfg.num_return_sequences
     batches = []
     for start in progress_bar(starts, desc="decode", enabled=progress, unit="batch"):
-        seeds = None if row_seeds is None else row_seeds[start * n : (start + per_batch) * n]
+        rows = slice(start * n, (start + per_batch) * n)
+        seeds = None if row_seeds is None else row_seeds[rows]
+        until = None if guide_steps is None else guide_steps[rows]
         batches.append(
-            _sample_batch(model, tokenizer, encoded[start : start + per_batch], heads, cfg, **record, row_seeds=seeds)
+            _sample_batch(
+                model,
+                tokenizer,
+                encoded[start : start + per_batch],
+                heads,
+                cfg,
+                **record,
+                row_seeds=seeds,
+                guide_steps=until,
+            )  # fmt: skip
         )
     return Rollout.cat(batches)
 
@@ -295,7 +311,7 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator]) -> torch
 
 def _sample_batch(
     model, tokenizer, prompt_ids, heads, cfg, *, track_kl, return_hidden, logprobs, ref_logprobs, values, use_cache,
-    pad_to, row_seeds,
+    pad_to, row_seeds, guide_steps=None,
 ) -> Rollout:  # fmt: skip
     pad_id, eos, input_ids, attention_mask = batch_inputs(model, tokenizer, prompt_ids, pad_to)
     device = input_ids.device
@@ -308,6 +324,7 @@ def _sample_batch(
         heads = fast_heads(heads) if heads is not None else None
     else:
         decoder = DecodeStep(model, use_cache=use_cache)
+    until = None if guide_steps is None else torch.tensor(guide_steps, device=device)  # (B,)
     generators = None
     if row_seeds is not None and cfg.do_sample:
         generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
@@ -335,6 +352,8 @@ def _sample_batch(
         scores = logits
         if cfg.beta != 0:
             scores = guided_scores(logits, heads, out.hidden, cfg.beta, cfg.guidance_top_k, cfg.centre_candidates)
+            if until is not None:  # a guided roll-in of until[b] tokens, then the base model
+                scores = torch.where((step < until)[:, None], scores, logits)
         scores = warp(generated, scores)
         probs = None
         if cfg.do_sample:

@@ -24,7 +24,8 @@ def value_maps(
     """One map per (prompt, response): ``{"prompt", "tokens", "values", "advantages"}``.
 
     ``values[t] = V(s_t)``; ``advantages[t] = Q(s_t, y_t) - V(s_t)`` with Q the min over the twin
-    heads (zeros for a V-only prefix scorer, whose map shows ``V(s_{t+1}) - V(s_t)`` instead).
+    heads (a V-only prefix scorer shows ``V(s_{t+1}) - V(s_t)`` instead; distributional heads their
+    means, the expected return).
     A finished response (the default) ends with its EOS step, shown as the token ``"<eos>"``; pass
     ``finished[i] = False`` for a response cut by the length limit (no EOS was written).
     """
@@ -36,7 +37,9 @@ def value_maps(
         batch = collate(encode_samples(chunk, tokenizer, max_length), tokenizer.pad_token_id)
         h, h_next = model.features(batch)  # (B, T, H)
         v = model.heads.values(h)  # (B, T)
-        if model.heads.has_q:
+        if model.heads.distributional:
+            adv = model.heads.mean_q_taken(h, batch.actions) - v
+        elif model.heads.has_q:
             q = torch.stack(model.heads.q_values(h)).min(0).values  # (B, T, V)
             adv = q.gather(-1, batch.actions[..., None]).squeeze(-1) - v
         else:

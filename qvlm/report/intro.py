@@ -33,6 +33,16 @@ def demo_intro_html(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
     """
     c = config
     methods = metrics["methods"]
+    shown_rule = (metrics.get("shown") or {}).get("rule")
+    qsharp = (
+        "<p><code>qsharp_*</code> (Q#, Zhou et al. 2025) learns the <i>distribution</i> of the base model's "
+        "return, Z(s, a), from the base samples and from rounds of guided roll-ins (the current guided policy "
+        "writes a random prefix) and base roll-outs (the base model finishes, the reward scores it): the states "
+        "guidance visits are covered, and the labels stay the base model's. One set of heads then guides at "
+        "every beta with the soft-optimal Q*_alpha = alpha log E[exp(R/alpha)], alpha = 1/beta, its candidates "
+        "centred on their soft value (their total mass stays the base model's); <code>qsharp_mean_*</code> "
+        "guides with the same heads' mean instead (the ablation).</p>"
+    )
     html = (
         f"<p>The base model <b>{esc(c['model'])}</b> wrote {c['samples_per_prompt']} responses of at most "
         f"{c['max_new_tokens']} tokens to each of {c['train_prompts']} training prompts; the reward "
@@ -43,16 +53,18 @@ def demo_intro_html(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> st
         "the next state is the prefix plus the token). V alone drives <code>cd_blockwise</code>, which keeps "
         "the best of several sampled blocks by V. All heads sit on the frozen trunk, whose features were kept "
         "while sampling.</p>"
-        f"<p>Token-level guidance shifts only the base model's {c['guidance_top_k']} likeliest tokens at each "
+        + (qsharp if any(k.startswith("qsharp_") for k in methods) else "")
+        + f"<p>Token-level guidance shifts only the base model's {c['guidance_top_k']} likeliest tokens at each "
         "step: Q is computed for those candidates only. Their advantages are centred so that the candidates' "
         "mean advantage, weighted by the base model's probabilities, is zero: a Q head that runs below V then "
         "does not push mass to the other tokens wholesale. Guidance still concentrates mass on the "
         "candidates (with centred advantages their total mass can only rise, by Jensen's inequality); the "
         "<i>top-k mass</i> column shows how much of the sampling distribution sits on them, against the base "
         "model's own.</p>"
-        f"<p>The method shown (headline, samples, value maps) was chosen by its reward on "
-        f"{c.get('val_prompts', '?')} validation prompts from the training side that no learner trained on. "
-        f"Every method then answered the same {c['eval_prompts']} held-out eval prompts once, for the table. "
+        f"<p>The method shown (headline, samples, value maps) was chosen on {c.get('val_prompts', '?')} validation "
+        "prompts from the training side that no learner trained on, "
+        + (f"by the rule: {esc(shown_rule)}. " if shown_rule else "by its reward. ")
+        + f"Every method then answered the same {c['eval_prompts']} held-out eval prompts once, for the table. "
         "Best-of-N samples N responses from the base model and keeps the one the true reward likes best: the "
         "strong baseline, at N times the cost. Cost is compute per generated token relative to plain sampling "
         "(heads and candidate blocks included). KL to the base model is summed per response and labelled: "

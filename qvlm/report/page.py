@@ -116,11 +116,17 @@ def validation_html(
     eval_rewards = {k: finite(m.get("reward_mean")) for k, m in methods.items() if k in validation}
     eval_rewards = {k: r for k, r in eval_rewards.items() if r is not None}
     eval_best = max(eval_rewards, key=eval_rewards.get) if eval_rewards else None
+    rule = (
+        f"by the rule: {esc(shown['rule'])}"
+        + ("" if shown.get("passed_rule", True) else " (no method passed: the one of least KL is shown)")  # fmt: skip
+        if shown.get("rule")
+        else "by its mean reward"
+    )
     note = (
         f"<p>The method shown in the headline, the samples and the value maps, <code>{esc(name)}</code>, was "
-        f"chosen by its mean reward on {esc(n_val if n_val is not None else 'the')} validation prompts: "
-        "prompts from the training side that no learner trained on. The eval prompts were decoded once, "
-        "for the table above, and chose nothing. Picking the best row of the eval table would overstate "
+        f"chosen on {esc(n_val if n_val is not None else 'the')} validation prompts, {rule}. The validation "
+        "prompts come from the training side and no learner trained on them. The eval prompts were decoded "
+        "once, for the table above, and chose nothing. Picking the best row of the eval table would overstate "
         "it: the largest of several noisy means is biased upward (selection bias).</p>"
     )
     if eval_best is not None and eval_best != name:
@@ -301,8 +307,8 @@ def render_report(
     if frontier:
         from qvlm.report.frontier_plot import plot_frontier
 
-        sections.insert(
-            3,
+        sections.insert(  # the first plot (issue 22): reward against KL, every method over its setting
+            1,
             (
                 "frontier",
                 "Frontier: each method over its setting",
@@ -319,8 +325,9 @@ def render_report(
         index = next(i for i, (sid, _, _) in enumerate(sections) if sid == "samples")
         sections.insert(index, ("ppo", "PPO: the policy trained online", ppo_html(ppo, methods.get("ppo"))))
     if validation and shown:
+        index = next(i for i, (sid, _, _) in enumerate(sections) if sid == "metrics")
         sections.insert(
-            2,
+            index,
             ("validation", "Validation: how the method shown was chosen", validation_html(validation, shown, methods)),
         )
     nav = "".join(f'<a href="#{sid}">{esc(name)}</a>' for sid, name, _ in sections)

@@ -34,12 +34,11 @@ from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_model as load_model_file
-from safetensors.torch import save_file
 
 from qvlm.configs import flat
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text, read_text
-from qvlm.heads import load_heads_state, load_tensors, save_heads
+from qvlm.heads import load_heads_state, load_tensors, save_heads, save_tensors
 from qvlm.mdp import EncodedSample
 from qvlm.model import QVModel
 from qvlm.train.distributed import (
@@ -175,15 +174,11 @@ def _save_model_tensors(model: QVModel | torch.nn.Module, folder: Path, trainabl
     so they are not copied into every checkpoint. ``trainable``: those tensors (trainable trunk
     tensors of a QVModel), gathered on every process first (:func:`_gather_trainable`)."""
     if not isinstance(model, QVModel):
-        tmp = folder / ".trainable.safetensors.tmp"
-        save_file(trainable, str(tmp))
-        os.replace(tmp, folder / "trainable.safetensors")
+        save_tensors(folder / "trainable.safetensors", trainable)
         return
     save_heads(model.heads, folder)
     if trainable:
-        tmp = folder / ".trunk.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp))
-        os.replace(tmp, folder / "trunk.safetensors")
+        save_tensors(folder / "trunk.safetensors", trainable)
 
 
 def _gather_trainable(model: QVModel | torch.nn.Module) -> dict[str, torch.Tensor]:
