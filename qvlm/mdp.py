@@ -28,6 +28,7 @@ __all__ = [
     "encode_prompt",
     "encode_samples",
     "collate",
+    "value_positions",
 ]
 
 
@@ -110,9 +111,12 @@ class TokenBatch:
     ``input_ids, attention_mask (B, L)``: prompt then response, then padding.
     ``state_positions (B, T)``: position of the last token of ``s_t`` (DESIGN.md: ``m + t - 2``
     for 1-based t), whose hidden state gives ``Q(s_t, .)``, ``V(s_t)`` and the LM logits for
-    ``y_t``; ``state_positions + 1`` gives ``V(s_{t+1})``.
+    ``y_t``; :attr:`next_positions` (``state_positions + 1``) gives ``V(s_{t+1})``.
     ``actions, response_mask, rewards, done (B, T)``: ``y_t``, 1 on real steps, ``r_t``,
     1 where ``s_{t+1}`` is terminal. ``truncated (B,)``: cut by the length limit (bootstrap).
+    Multi-turn episodes are a :class:`qvlm.envs.tokens.EpisodeTokenBatch`, whose ``next_positions``
+    cross turn boundaries. Either way ``next_positions[:, t] = state_positions[:, t + 1]`` on real
+    steps: the states ``s_1 .. s_{T+1}`` of a row are one sequence of positions (:func:`value_positions`).
     """
 
     input_ids: torch.Tensor
@@ -126,11 +130,34 @@ class TokenBatch:
     index: torch.Tensor  # (B,) sample indices, for feature caches
 
     def to(self, device) -> "TokenBatch":
-        return TokenBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return type(self)(**{k: v.to(device) for k, v in self.__dict__.items()})
 
     @property
     def next_positions(self) -> torch.Tensor:
+        """``(B, T)`` positions of ``s_{t+1}``: one past each state (single-turn data)."""
         return self.state_positions + 1
+
+
+def value_positions(state_positions: torch.Tensor, next_positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The positions of ``s_1 .. s_{T+1}`` of each row: ``(B, T + 1)``.
+
+    ``state_positions`` then, after each row's last real step ``T_b``, the position of
+    ``s_{T_b + 1}`` (``next_positions[b, T_b - 1]``); 0 past it. Reading features here gives
+    ``V(s_t)`` as ``[:, :T]`` and ``V(s_{t+1})`` as ``[:, 1:]``, because
+    ``next_positions[:, t] = state_positions[:, t + 1]`` on real steps (inside a turn the next
+    token's state; across a turn boundary the last token of the environment's reply).
+
+    By hand: states ``[[11, 12, 20, 21]]``, next ``[[12, 20, 21, 22]]``, mask ``[[1, 1, 1, 1]]``
+    -> ``[[11, 12, 20, 21, 22]]``; single-turn states ``[[4, 5, 0]]``, next ``[[5, 6, 1]]``, mask
+    ``[[1, 1, 0]]`` -> ``[[4, 5, 6, 0]]``.
+    Shape: ``state_positions, next_positions, mask (B, T)`` -> ``(B, T + 1)`` (long).
+    """
+    B = state_positions.shape[0]
+    lengths = mask.sum(1).long()  # (B,)
+    rows = torch.arange(B, device=state_positions.device)
+    positions = torch.cat([state_positions, torch.zeros_like(state_positions[:, :1])], dim=1)  # (B, T + 1)
+    positions[rows, lengths] = next_positions[rows, (lengths - 1).clamp(min=0)] * (lengths > 0)
+    return positions
 
 
 @dataclass
@@ -140,6 +167,16 @@ class EncodedSample:
     rewards: list[float]
     terminated: bool
     truncated: bool
+
+    @property
+    def n_tokens(self) -> int:
+        """Prompt and response tokens."""
+        return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def n_steps(self) -> int:
+        """MDP steps: the response tokens."""
+        return len(self.response_ids)
 
 
 def encode_samples(

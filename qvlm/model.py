@@ -22,7 +22,7 @@ from qvlm.features import FeatureCache
 from qvlm.fileio import read_text
 from qvlm.heads import HeadsConfig, QVHeads, build_heads, load_heads, load_tensors
 from qvlm.loading import hidden_size_of
-from qvlm.mdp import TokenBatch
+from qvlm.mdp import TokenBatch, value_positions
 from qvlm.train.distributed import fully_shard_trunk, load_full_state_dict, trainable_state
 from qvlm.trunk import gather_positions, prepare_trunk, sharded, trunk_forward, trunk_logits
 
@@ -154,11 +154,10 @@ class QVModel(nn.Module):
         return feats[:, :T], feats[:, 1:], logits
 
     def _trunk_features(self, batch: TokenBatch, logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # the positions of s_1..s_{T+1}: state_positions then one past the last real step
+        # the positions of s_1..s_{T+1}: state_positions then the next state after the last real step
+        # (single-turn: one past it; a multi-turn episode: the sequence's last position)
         T = batch.state_positions.shape[1]
-        lengths = batch.response_mask.sum(1).long()  # (B,)
-        positions = torch.cat([batch.state_positions, batch.state_positions[:, :1] * 0], dim=1)
-        positions[torch.arange(len(lengths)), lengths] = batch.state_positions[:, 0] + lengths
+        positions = value_positions(batch.state_positions, batch.next_positions, batch.response_mask)  # (B, T+1)
         with torch.set_grad_enabled(not self.frozen and torch.is_grad_enabled()):
             h, lm_logits, _ = trunk_forward(
                 self.trunk, batch.input_ids, batch.attention_mask, logits_at=positions[:, :T] if logits else None

@@ -34,15 +34,25 @@ from transformers import PreTrainedModel
 
 from qvlm.configs import TrunkConfig
 from qvlm.decoding.step import position_ids
+from qvlm.envs.tokens import EpisodeBatch
 from qvlm.errors import QVLMError
 from qvlm.fileio import atomic_write_text, read_json
 from qvlm.heads import HeadsConfig, QVHeads, load_heads, load_tensors, save_heads, save_tensors
 from qvlm.loading import hidden_size_of
+from qvlm.mdp import value_positions
 from qvlm.rollout import Rollout
 from qvlm.train.distributed import full_state_dict, fully_shard_trunk, is_main_process
-from qvlm.trunk import lora_model, trunk_forward, trunk_hidden_states
+from qvlm.trunk import gather_positions, lora_model, trunk_forward, trunk_hidden_states
 
-__all__ = ["PolicyOutput", "response_hidden", "response_outputs", "ActorCritic", "save_policy_run", "load_policy"]
+__all__ = [
+    "PolicyOutput",
+    "response_hidden",
+    "response_outputs",
+    "episode_outputs",
+    "ActorCritic",
+    "save_policy_run",
+    "load_policy",
+]
 
 
 @dataclass
@@ -68,13 +78,33 @@ def response_outputs(
     """:func:`response_hidden` and the LM logits at ``s_1 .. s_T``, from one pass of the trunk.
 
     Shapes ``(B, T + 1, H)`` and ``(B, T, V)`` (None without ``logits``), from one pass of the trunk (:func:`qvlm.trunk.trunk_forward`: what a
-    sharded trunk needs to compute the logits inside its forward)."""
+    sharded trunk needs to compute the logits inside its forward).
+
+    ``rollout`` may be a multi-turn :class:`qvlm.envs.tokens.EpisodeBatch` (:mod:`qvlm.algos.ppo_env`):
+    the steps are then the action tokens, read at their state positions, and ``s_{T+1}`` at the
+    sequence's last position (:func:`episode_outputs`)."""
+    if isinstance(rollout, EpisodeBatch):
+        return episode_outputs(model, rollout, logits)
     ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)  # (B, P + T)
     mask = torch.cat([rollout.prompt_mask, rollout.response_mask.to(rollout.prompt_mask.dtype)], dim=1)
     P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     at = slice(P - 1, P - 1 + T) if logits else None
     h, lm_logits, _ = trunk_forward(model, ids, mask, logits_at=at, position_ids=position_ids(mask))  # (B, P + T, H)
     return h[:, P - 1 :], lm_logits
+
+
+def episode_outputs(
+    model: PreTrainedModel, batch: EpisodeBatch, logits: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher-forced hidden states at the states ``s_1 .. s_{T+1}`` of right-padded multi-turn
+    episodes ``(B, T + 1, H)`` (:func:`qvlm.mdp.value_positions`: each action token's state, then the
+    state after the last one) and the LM logits at ``s_1 .. s_T`` ``(B, T, V)`` (None without
+    ``logits``), from one pass of the trunk. The environment's tokens are read only as context: no
+    logit, log-prob or value of an observation token is computed."""
+    positions = value_positions(batch.state_positions, batch.next_state_positions, batch.response_mask)  # (B, T + 1)
+    at = batch.state_positions if logits else None
+    h, lm_logits, _ = trunk_forward(model, batch.input_ids, batch.attention_mask, logits_at=at)  # (B, L, H)
+    return gather_positions(h, positions), lm_logits
 
 
 class ActorCritic(nn.Module):

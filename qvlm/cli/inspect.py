@@ -1,4 +1,4 @@
-"""``qvlm inspect``: a per-token value map of any text under trained heads."""
+"""``qvlm inspect``: a per-token value map of any text under trained heads, or V per turn of an episode."""
 
 from __future__ import annotations
 
@@ -18,10 +18,62 @@ def register(sub) -> None:
     )
     add_model_arg(p)
     p.add_argument("--heads", required=True, help="run directory with heads.safetensors (ilql, or value)")
-    p.add_argument("--text", required=True, action="append", help="the response text to score (repeatable)")
+    p.add_argument("--text", action="append", help="the response text to score (repeatable)")
     p.add_argument("--prompt", default="Write one sentence.", help="the prompt the text answers")
     p.add_argument("--out", help="write a self-contained HTML value map here")
+    p.add_argument(
+        "--episodes",
+        help="instead of --text: an episodes JSONL (qvlm sample --env); prints V before each turn of an episode, "
+        "V after it, the reward and the discounted return that followed (docs/envs.md)",
+    )
+    p.add_argument("--episode", type=int, default=1, help="with --episodes: which episode (1-based line order)")
+    p.add_argument("--gamma", type=float, default=1.0, help="with --episodes: discount per action token of the return")
     p.set_defaults(handler=run)
+
+
+def run_episode(args) -> int:
+    """``qvlm inspect --episodes FILE``: V per turn of one episode."""
+    from qvlm.envs.episodes import read_episodes
+    from qvlm.envs.values import episode_turn_values
+    from qvlm.errors import QVLMError
+    from qvlm.loading import context_length
+    from qvlm.model import load_qv_model
+
+    if args.text or args.out:
+        raise QVLMError("--episodes shows V per turn of an episode; drop --text and --out")
+    if not 0 <= args.gamma <= 1:
+        raise QVLMError(f"--gamma is {args.gamma}; it must be in [0, 1]")
+    episodes = read_episodes(args.episodes)
+    if not 1 <= args.episode <= len(episodes):
+        raise QVLMError(f"--episode is {args.episode}; {args.episodes} holds episodes 1 to {len(episodes)}")
+    episode = episodes[args.episode - 1]
+    model, tokenizer = load(args)
+    limit = context_length(model.config)
+    if limit and len(episode.token_ids) > limit:
+        raise QVLMError(
+            f"{episode.where}: {len(episode.token_ids)} tokens exceed the model's context of {limit}; "
+            "pass the --model the episodes were sampled with"
+        )
+    if max(episode.token_ids) >= model.get_output_embeddings().weight.shape[0]:
+        raise QVLMError(f"{episode.where}: token ids outside this model's vocabulary; pass the --model that sampled it")
+    qv = load_qv_model(model, args.heads)
+    rows = episode_turn_values(qv, tokenizer, episode, args.gamma)
+    end = "terminated" if episode.terminated else "truncated"
+    print(
+        f"episode {args.episode} of {args.episodes}: {episode.env}, seed {episode.seed}, {episode.policy or 'policy ?'}, "
+        f"return {episode.total_return:.3f} ({end})"
+    )
+    print(f"  {'':6} {'V(s)':>8} {'reward':>8} {'G_t':>8} {'V after':>8} {'Q-V':>8}  observation -> action")
+    for r in rows:
+        after = "-" if r["value_after"] is None else f"{r['value_after']:.3f}"
+        adv = "-" if r["advantage"] is None else f"{r['advantage']:.3f}"
+        obs = " ".join(r["observation"].split())
+        obs = obs if len(obs) <= 40 else obs[:37] + "..."
+        print(
+            f"  turn {r['turn']:<2}{r['value']:>7.3f} {r['reward']:>8.3f} {r['return_to_go']:>8.3f} {after:>8} "
+            f"{adv:>8}  {obs!r} -> {r['action']!r}"
+        )
+    return 0
 
 
 def run(args) -> int:
@@ -32,6 +84,10 @@ def run(args) -> int:
     from qvlm.mdp import check_fits, encode_prompt
     from qvlm.model import load_qv_model
 
+    if args.episodes is not None:
+        return run_episode(args)
+    if not args.text:
+        raise QVLMError("give --text TEXT (a response to score) or --episodes FILE (V per turn of an episode)")
     if not args.prompt.strip():
         raise QVLMError("--prompt is empty; give the prompt the text answers")
     if args.out:

@@ -64,6 +64,19 @@ def register(sub) -> None:
         metavar="KEY=VALUE",
         help="an argument of the environment (repeatable; VALUE as JSON, else a string), e.g. n=30",
     )
+    env.add_argument(
+        "--heads",
+        help="--policy base, guided by trained heads (a `qvlm train ilql|value --episodes` run): --beta guides "
+        "each token by Q - V, --candidates picks each turn's reply by Q",
+    )
+    env.add_argument("--beta", type=float, default=0.0, help="with --heads: token-level guidance strength on Q - V")
+    env.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="with --heads: decode this many replies per turn and keep the one with the highest Q at its last "
+        "token (turn-level guidance; default: %(default)s, off)",
+    )
     add_config_args(p, DecodeConfig, exclude=("beta", "do_sample", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
 
@@ -88,31 +101,57 @@ def parse_env_args(items: list[str]) -> dict:
 
 def run_env(args) -> int:
     """``qvlm sample --env``: episodes of a policy in an environment, as multi-turn JSONL."""
+    import math
+
     from qvlm.envs import make, optimal_and_random, scripted_policy
     from qvlm.envs.episodes import write_episodes
     from qvlm.envs.rollout import run_lm, run_scripted
     from qvlm.envs.scores import score_summary
+    from qvlm.errors import QVLMError
     from qvlm.fileio import check_output_file
 
     check_count(args.episodes, "--episodes")
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", inputs=tuple(x for x in (args.model, args.heads) if x))
     kwargs = parse_env_args(args.env_arg)
     env = make(args.env, **kwargs)  # an unknown name or argument fails before the model loads
     if args.policy != "base":
         scripted_policy(env, args.policy, args.epsilon)
-    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=1)
+    guided = args.heads is not None
+    if (args.beta != 0 or args.candidates != 1) and not guided:
+        raise QVLMError("--beta and --candidates guide the base model with trained heads: pass --heads DIR")
+    if guided and args.policy != "base":
+        raise QVLMError(f"--heads guides the base model; drop --policy {args.policy}")
+    if not math.isfinite(args.beta):
+        raise QVLMError(f"--beta is {args.beta}; give a finite number")
+    if not 1 <= args.candidates <= 64:
+        raise QVLMError(f"--candidates is {args.candidates}; give 1 to 64 replies per turn")
+    cfg = config_from_args(DecodeConfig, args, do_sample=True, num_return_sequences=1, beta=args.beta)
     model, tokenizer = load(args)
     seeds = range(args.env_seed, args.env_seed + args.episodes)
     if args.policy == "base":
+        heads = None
+        if guided:
+            from qvlm.model import load_qv_model
+
+            heads = load_qv_model(model, args.heads).heads
+            if args.candidates > 1 and not heads.has_q:
+                raise QVLMError(
+                    f"--candidates picks replies by Q, but {args.heads} has no Q heads (train value --with-q)"
+                )
+            if args.beta != 0 and not heads.has_q:
+                raise QVLMError(f"--beta guides by Q - V, but {args.heads} has no Q heads (train value --with-q)")
+        label = "base" if not guided else f"guided(beta={args.beta:g}, candidates={args.candidates})"
         episodes = run_lm(
-            model, tokenizer, args.env, seeds, cfg, env_kwargs=kwargs, sample_seed=cfg.seed or 0, progress=True
-        )
+            model, tokenizer, args.env, seeds, cfg, heads=heads, env_kwargs=kwargs, sample_seed=cfg.seed or 0,
+            progress=True, policy_name=label, candidates=args.candidates,
+        )  # fmt: skip
     else:
         episodes = run_scripted(args.env, seeds, args.policy, args.epsilon, tokenizer, cfg.chat, kwargs)
     write_episodes(args.out, episodes)
     optimal, random = optimal_and_random(env)
     s = score_summary([e.total_return for e in episodes], random, optimal)
-    line = f"wrote {len(episodes)} episodes of {episodes[0].env} ({args.policy}) to {args.out}; "
+    who = episodes[0].policy if guided else args.policy
+    line = f"wrote {len(episodes)} episodes of {episodes[0].env} ({who}) to {args.out}; "
     line += f"mean return {s['mean_return']:.4f} +- {s['ci95']:.4f} (95% CI)"
     if "normalised" in s:
         line += f"; normalised {s['normalised']:.1f} +- {s['normalised_ci95']:.1f} (optimal {optimal:.4f}, random {random:.4f}, exact)"

@@ -1,4 +1,5 @@
-"""``qvlm train ilql|value|ppo``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl; ppo: online."""
+"""``qvlm train ilql|value|ppo``: train Q/V heads (ILQL) or a prefix scorer V from samples.jsonl (or multi-turn
+episodes.jsonl, ``--episodes``); ppo: online."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ def register(sub) -> None:
             "heads_config.json, training.json, metrics.jsonl, tb/ and checkpoint/ to --out.",
         )
         add_model_arg(a)
-        a.add_argument(
-            "--data", required=True, help="samples JSONL: {prompt, response, reward[, token_rewards, finished]}"
+        data = a.add_mutually_exclusive_group(required=True)
+        data.add_argument("--data", help="samples JSONL: {prompt, response, reward[, token_rewards, finished]}")
+        data.add_argument(
+            "--episodes",
+            help="multi-turn episodes JSONL from `qvlm sample --env` (exact token ids and action masks; the "
+            "environment's tokens are observations, masked out of every loss; docs/envs.md)",
         )
         a.add_argument("--out", required=True, help="run directory for heads, checkpoints and logs")
         a.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
@@ -136,7 +141,12 @@ def run(args) -> int:
     check_fsdp(trunk.fsdp)
     check_width(args.head_hidden, "--head-hidden", "0: the trunk's hidden size")
     check_output_dir(args.out, "--out", inputs=(args.model,))
-    samples = read_samples(args.data)
+    if args.episodes is not None:
+        from qvlm.envs.episodes import read_episodes
+
+        samples = read_episodes(args.episodes)  # multi-turn: the loop reads them as token sequences
+    else:
+        samples = read_samples(args.data)
     out = Path(args.out)
     if out.exists() and (out / "heads.safetensors").exists() and not args.resume:
         if (out / "checkpoint").exists():
@@ -157,7 +167,7 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # rank 0 reports for the run
     print(
-        f"trained {args.algorithm} on {len(samples)} samples; heads in {out}; final "
-        + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
+        f"trained {args.algorithm} on {len(samples)} {'episodes' if args.episodes else 'samples'}; heads in {out}; "
+        "final " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(last.items()))
     )
     return 0

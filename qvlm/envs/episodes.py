@@ -22,13 +22,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from qvlm.envs.tokens import EpisodeTokens, action_spans
 from qvlm.errors import QVLMError
 from qvlm.fileio import MAX_LINE_BYTES, atomic_write_text, read_lines
 
-__all__ = ["Turn", "Episode", "write_episodes", "read_episodes", "episode_from_dict"]
+__all__ = ["Turn", "Episode", "write_episodes", "read_episodes", "episode_from_dict", "encode_episodes"]
 
 # an episode line holds every token of a conversation
 MAX_EPISODE_LINE_BYTES = 64 * MAX_LINE_BYTES
@@ -59,6 +59,9 @@ class Episode:
     token_ids: list[int] | None = None
     action_mask: list[int] | None = None
     where: str = field(default="", compare=False, repr=False)  # "file:line" it was read from
+    # per turn, log pi(a|s) of each action token under the distribution that sampled it (run_lm with
+    # logprobs=True; PPO's log pi_old); not written to the file
+    action_logprobs: list[list[float]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def total_return(self) -> float:
@@ -221,3 +224,28 @@ def read_episodes(path: str | Path, require_tokens: bool = True) -> list[Episode
     if not episodes:
         raise QVLMError(f"{path}: no episodes; the file is empty")
     return episodes
+
+
+def encode_episodes(episodes: Sequence[Episode], max_length: int, vocab_size: int | None = None) -> list[EpisodeTokens]:
+    """The token view of each episode (:meth:`Episode.tokens`), for the offline trainers.
+
+    An episode is never cut (a cut inside an observation would leave a state the agent never acts
+    in): one longer than ``max_length`` tokens, or with a token id the model's vocabulary of
+    ``vocab_size`` lacks (episodes sampled with another tokenizer), is a :class:`QVLMError` naming
+    its file and line."""
+    items = []
+    for i, e in enumerate(episodes):
+        where = e.where or f"episode {i + 1}"
+        tokens = e.tokens()
+        if len(tokens.token_ids) > max_length:
+            raise QVLMError(
+                f"{where}: the episode has {len(tokens.token_ids)} tokens, over --max-length {max_length}; an "
+                f"episode is not cut: pass --max-length {len(tokens.token_ids)} or more, or play shorter episodes"
+            )
+        if vocab_size is not None and max(tokens.token_ids) >= vocab_size:
+            raise QVLMError(
+                f"{where}: token id {max(tokens.token_ids)} is outside this model's vocabulary of {vocab_size}; "
+                "the episodes were sampled with another tokenizer: pass the --model they were sampled with"
+            )
+        items.append(tokens)
+    return items

@@ -114,7 +114,9 @@ class _Game:
     seed: int
     observations: list[str]
     segments: list[list[int]]
+    sample_seed: int = 0
     actions: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[float]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     terminated: bool = False
     truncated: bool = False
@@ -132,6 +134,25 @@ class _Game:
         return ids
 
 
+def _best_by_q(rollout, heads, n: int):
+    """Of each episode's ``n`` adjacent candidate replies, the one whose last token has the highest
+    ``Q(s_t, a_t)`` (min over twin heads) under ``heads``; ties go to the first."""
+    import torch
+
+    from qvlm.rollout import Rollout
+
+    B = len(rollout)
+    rows = torch.arange(B, device=rollout.response_ids.device)
+    last = (rollout.lengths - 1).clamp(min=0)  # (B,)
+    h = rollout.hidden[rows, last]  # (B, H): the state the last token was written in
+    with torch.no_grad():
+        q = torch.stack(heads.q_taken(h, rollout.response_ids[rows, last][:, None])).amin(0)[:, 0]  # (B,)
+    best = q.float().view(B // n, n).argmax(-1) + torch.arange(0, B, n, device=q.device)  # (B / n,)
+    kept = {f.name: getattr(rollout, f.name) for f in dataclasses.fields(Rollout) if f.name != "pad_id"}
+    kept = {k: (v[best] if isinstance(v, torch.Tensor) else v) for k, v in kept.items()}
+    return Rollout(**kept, pad_id=rollout.pad_id)
+
+
 def run_lm(
     model,
     tokenizer,
@@ -144,24 +165,48 @@ def run_lm(
     max_turns: int = MAX_TURNS,
     progress: bool = False,
     policy_name: str = "base",
+    logprobs: bool = False,
+    sample_seeds: Sequence[int] | None = None,
+    candidates: int = 1,
 ) -> list[Episode]:
     """One episode per seed, the model writing every action (``cfg``: a
     :class:`qvlm.configs.DecodeConfig`; ``heads`` and ``cfg.beta`` guide it). Returns tokenised
-    episodes whose action tokens are the tokens sampled."""
+    episodes whose action tokens are the tokens sampled.
+
+    ``logprobs``: keep, per turn, the log-probability of each action token under the distribution it
+    was drawn from (``Episode.action_logprobs``; PPO's ``log pi_old``, recorded by the decoding step
+    as DESIGN.md asks). ``sample_seeds``: one sampling seed per episode instead of ``sample_seed``
+    for all (two episodes of one environment seed then sample apart).
+
+    ``candidates`` > 1: value-guided decoding at the turn level. Each turn decodes that many replies
+    per episode and keeps the one whose last token has the highest ``Q(s_t, a_t)`` under ``heads``
+    (the min over twin Q heads, read from the hidden states the decoding computed): the reply whose
+    turn the heads expect to pay most (blockwise controlled decoding, Mudgal et al. 2024, with a
+    block of one turn). ``cfg.beta`` may guide each candidate's tokens as well."""
     from qvlm.configs import DecodeConfig
     from qvlm.decoding import GenerationResult, sample_rollout
     from qvlm.decoding.sampling import sampling_seeds
     from qvlm.loading import context_length
     from qvlm.progress import progress as progress_bar
 
-    cfg = dataclasses.replace(cfg or DecodeConfig(), num_return_sequences=1)
+    if candidates > 1 and (heads is None or not heads.has_q):
+        raise QVLMError(f"candidates={candidates} picks each turn's reply by Q: pass heads with Q heads")
+    if candidates > 1 and logprobs:
+        raise QVLMError(
+            "candidates > 1 keeps one of several replies, which no sampling distribution wrote: logprobs=False"
+        )
+    cfg = dataclasses.replace(cfg or DecodeConfig(), num_return_sequences=max(1, candidates))
     chat = cfg.chat
     limit = context_length(model.config)
+    if sample_seeds is not None and len(sample_seeds) != len(seeds):
+        raise QVLMError(f"run_lm: {len(sample_seeds)} sample_seeds for {len(seeds)} episodes; give one per episode")
     games = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         env = make(env_name, **(env_kwargs or {}))
         observation, _ = env.reset(seed=seed)
-        games.append(_Game(env, seed, [observation], [observation_ids(tokenizer, [observation], chat)]))
+        first = observation_ids(tokenizer, [observation], chat)
+        own = sample_seed if sample_seeds is None else int(sample_seeds[i])
+        games.append(_Game(env, seed, [observation], [first], own))
     for turn in progress_bar(iter(range(max_turns)), desc="turns", enabled=progress, unit="turn"):
         for g in games:
             if not g.over and limit and len(g.context()) + cfg.max_new_tokens > limit:
@@ -169,18 +214,27 @@ def run_lm(
         active = [g for g in games if not g.over]
         if not active:
             break
-        row_seeds = [sampling_seeds(g.seed, turn, range(sample_seed, sample_seed + 1))[0] for g in active]
+        n = cfg.num_return_sequences
+        row_seeds = [
+            s for g in active for s in sampling_seeds(g.seed, turn, range(g.sample_seed * n, (g.sample_seed + 1) * n))
+        ]
         rollout = sample_rollout(
             model,
             tokenizer,
             [g.context() for g in active],
             heads,
             cfg,
-            logprobs=False,
+            logprobs=logprobs,
             ref_logprobs=False,
+            return_hidden=n > 1,
             row_seeds=row_seeds if cfg.do_sample else None,
         )
+        if n > 1:
+            rollout = _best_by_q(rollout, heads, n)
         result = GenerationResult.from_rollout(rollout, tokenizer)
+        if logprobs:
+            for g, ids, row in zip(active, result.response_ids, rollout.logprobs.tolist()):
+                g.logprobs.append(row[: len(ids)])
         for g, ids, text in zip(active, result.response_ids, result.texts):
             observation, reward, terminated, truncated, info = g.env.step(text)
             g.turns.append(Turn(g.observations[-1], text, float(reward), bool(info.get("invalid_action", False))))
@@ -210,6 +264,7 @@ def run_lm(
                 env_kwargs=dict(env_kwargs or {}),
                 token_ids=tokens.token_ids,
                 action_mask=tokens.action_mask,
+                action_logprobs=g.logprobs if logprobs else None,
             )
         )
     return episodes

@@ -36,11 +36,12 @@ from typing import Sequence
 import torch
 
 from qvlm.errors import QVLMError
-from qvlm.mdp import encode_prompt
+from qvlm.mdp import TokenBatch, encode_prompt
 
 __all__ = [
     "EpisodeTokens",
     "EpisodeBatch",
+    "EpisodeTokenBatch",
     "observation_ids",
     "action_ids",
     "build_tokens",
@@ -122,6 +123,16 @@ class EpisodeTokens:
     token_rewards: list[float]  # turn k's reward on a_k's last token, 0 elsewhere
     done: list[int]  # 1 on the last action token of a terminated episode
     truncated: bool  # the episode was cut (not terminated): bootstrap from V at position L - 1
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the whole conversation."""
+        return len(self.token_ids)
+
+    @property
+    def n_steps(self) -> int:
+        """MDP steps: the action tokens."""
+        return sum(self.action_mask)
 
 
 def build_tokens(
@@ -229,6 +240,19 @@ def action_spans(action_mask: Sequence[int]) -> list[tuple[int, int]]:
 
 
 @dataclass
+class EpisodeTokenBatch(TokenBatch):
+    """A :class:`qvlm.mdp.TokenBatch` of multi-turn episodes (what the offline trainers read): the
+    same fields, plus ``next_state_positions (B, T)``, where ``V(s_{t+1})`` is read (across a turn
+    boundary the last token of the environment's reply, not one past the state)."""
+
+    next_state_positions: torch.Tensor
+
+    @property
+    def next_positions(self) -> torch.Tensor:
+        return self.next_state_positions
+
+
+@dataclass
 class EpisodeBatch:
     """Episodes right-padded into tensors; the step tensors run over action tokens only.
 
@@ -253,6 +277,41 @@ class EpisodeBatch:
 
     def to(self, device) -> EpisodeBatch:
         return EpisodeBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        """The action tokens ``(B, T)``: the name :class:`qvlm.rollout.Rollout` gives the sampled
+        tokens, so PPO's optimiser reads either batch (:mod:`qvlm.algos.ppo_env`)."""
+        return self.actions
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Action tokens per episode ``(B,)``."""
+        return self.response_mask.sum(-1).long()
+
+    def select(self, rows: torch.Tensor) -> EpisodeBatch:
+        """The episodes ``rows`` (a minibatch)."""
+        return EpisodeBatch(**{k: v[rows.to(v.device)] for k, v in self.__dict__.items()})
+
+    def token_batch(self, index: Sequence[int] | None = None) -> EpisodeTokenBatch:
+        """The same episodes as an :class:`EpisodeTokenBatch` (what the offline trainers read);
+        ``index`` numbers the episodes for the feature cache."""
+        idx = torch.tensor(list(index) if index is not None else range(len(self)), dtype=torch.long)
+        return EpisodeTokenBatch(
+            self.input_ids,
+            self.attention_mask,
+            self.state_positions,
+            self.actions,
+            self.response_mask,
+            self.rewards,
+            self.done,
+            self.truncated,
+            idx,
+            self.next_state_positions,
+        )
 
 
 def collate_episodes(episodes: Sequence[EpisodeTokens], pad_token_id: int) -> EpisodeBatch:

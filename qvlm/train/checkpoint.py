@@ -78,13 +78,20 @@ class Resumed:
 
 
 def data_fingerprint(items: Sequence[EncodedSample]) -> str:
-    """sha256 of the encoded data: per sample its token ids, step rewards and end flags.
+    """sha256 of the encoded data: per sample its token ids, step rewards and end flags (per
+    multi-turn episode, :class:`qvlm.envs.tokens.EpisodeTokens`: its ids, action mask, token rewards,
+    done and truncated).
 
     The hashed text is the compact JSON ``[[prompt_ids, response_ids, rewards, terminated,
     truncated], ...]`` (floats as Python's shortest round-trip repr), so a resume can tell the
     same data from other data (another file, tokenizer or max_length).
     """
-    rows = [[e.prompt_ids, e.response_ids, e.rewards, e.terminated, e.truncated] for e in items]
+    rows = [
+        [e.token_ids, e.action_mask, e.token_rewards, e.done, e.truncated]  # a multi-turn episode
+        if hasattr(e, "action_mask")
+        else [e.prompt_ids, e.response_ids, e.rewards, e.terminated, e.truncated]
+        for e in items
+    ]
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
