@@ -52,6 +52,8 @@ VARIANTS = {
     "tilt": ({}, {"dist_head": "tilt"}),
     "tilt_next_z": ({"q_target": "next_z"}, {"dist_head": "tilt"}),
     "tilt_next_z_lr3e-3": ({"q_target": "next_z", "lr": 3e-3}, {"dist_head": "tilt"}),
+    "tilt_next_z_lr3e-3_steps600": ({"q_target": "next_z", "lr": 3e-3, "steps_per_round": 600}, {"dist_head": "tilt"}),
+    "tilt_lr3e-3_steps600": ({"lr": 3e-3, "steps_per_round": 600}, {"dist_head": "tilt"}),
 }
 
 

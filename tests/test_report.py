@@ -169,7 +169,9 @@ def test_validation_note_names_the_choice_and_the_eval_argmax():
     val = {"a": {"reward_mean": 0.5}, "b": {"reward_mean": 0.3}}
     shown = {"method": "a", "chosen_on": "validation", "validation_prompts": 12}
     note = validation_html(val, shown, {"a": {"reward_mean": 0.2}, "b": {"reward_mean": 0.4}, "base": {}})
-    assert "<code>a</code>, was chosen by its mean reward on 12 validation prompts" in note
+    assert "<code>a</code>, was chosen on 12 validation prompts, by its mean reward" in note
+    ruled = validation_html(val, {**shown, "rule": "the best reward within KL 2", "passed_rule": False}, {})
+    assert "by the rule: the best reward within KL 2 (no method passed: the one of least KL is shown)" in ruled
     assert "Among the methods below, <code>b</code> scored highest on the eval prompts (0.400, against 0.200" in note
     same = validation_html(val, shown, {"a": {"reward_mean": 0.4}, "b": {"reward_mean": 0.2}})
     assert "scored highest" not in same
