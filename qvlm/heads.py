@@ -341,7 +341,9 @@ class DistHeads(Unembedding, nn.Module):
             tokens = torch.arange(unembedding.shape[0], device=h.device).expand(*h.shape[:-1], -1)
         if self.config.dist_head == "tilt":  # log Z(s) + delta(s, a) z: an exponential tilt of the state's law
             delta = self.z_head.select(h, tokens, unembedding)  # (..., k)
-            return self.v_logits(h)[..., None, :] + delta[..., None] * self.support.to(h.dtype)
+            # Z(s) detached: Z(s, a)'s loss moves delta only (else the state head would absorb the token's
+            # effect, pulled toward the taken tokens' targets, and delta would stay near 0)
+            return self.v_logits(h).detach()[..., None, :] + delta[..., None] * self.support.to(h.dtype)
         return self.z_head.select(h, tokens, unembedding)
 
     def q_logits_taken(self, h: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:

@@ -204,3 +204,9 @@ def test_the_tilt_design_tilts_the_state_distribution_by_a_tied_scalar():
     # Q*_alpha at alpha 1 of (1/3, 2/3) on (0, 1): log(1/3 + 2e/3); V* of (1/2, 1/2): log((1 + e)/2)
     adv = heads.advantages(torch.zeros(1, 2), torch.tensor([[1]]), beta=1.0)
     assert float(adv) == pytest.approx(math.log(1 / 3 + 2 * math.e / 3) - math.log((1 + math.e) / 2), abs=1e-6)
+    # Z(s) is held fixed inside Z(s, a): a loss on Z(s, a) moves delta only, never the state head
+    h = torch.randn(3, 2)
+    logp = torch.log_softmax(heads.q_logits_taken(h, torch.tensor([0, 1, 1])), dim=-1)
+    (-logp[:, 0].sum()).backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in heads.v_head.parameters())
+    assert float(heads.z_head.bias.grad.abs().sum()) > 0.0
