@@ -210,3 +210,40 @@ def test_the_tilt_design_tilts_the_state_distribution_by_a_tied_scalar():
     (-logp[:, 0].sum()).backward()
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in heads.v_head.parameters())
     assert float(heads.z_head.bias.grad.abs().sum()) > 0.0
+
+
+def test_cli_trains_both_designs_decodes_and_refuses_bad_input(tmp_path, tiny_dir, capsys):
+    """`qvlm train qsharp` end to end on a tiny model: the run's files, the reward calls it reports, the
+    design it was asked for in heads_config.json, `qvlm eval` at two betas from the one run, and bad input as
+    one line with exit code 2 before any model loads."""
+    import json
+
+    from qvlm.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ab\ncd\nef\n")
+    base = ["train", "qsharp", "--model", str(tiny_dir), "--prompts", str(prompts), "--reward", "count:e"]
+    base += ["--rounds", "1", "--prompts-per-round", "2", "--samples-per-prompt", "2", "--steps-per-round", "3"]
+    base += ["--max-new-tokens", "4", "--max-length", "32", "--support-low", "0", "--support-high", "4"]
+    base += ["--bins", "5", "--no-progress"]
+    for design in ("bilinear", "tilt"):
+        out = tmp_path / design
+        assert main(base + ["--out", str(out), "--dist-head", design]) == 0
+        assert "reward calls" in capsys.readouterr().out
+        assert json.loads((out / "heads_config.json").read_text())["dist_head"] == design
+        training = json.loads((out / "training.json").read_text())
+        assert training["reward_calls"] == 2 * 2 * 2  # round 0 and round 1, 2 prompts x 2 samples each
+        assert len((out / "replay.jsonl").read_text().splitlines()) == 8
+    metrics = tmp_path / "metrics.json"
+    evaluate = ["eval", "--model", str(tiny_dir), "--heads", str(tmp_path / "tilt"), "--prompts", str(prompts)]
+    evaluate += ["--reward", "count:e", "--betas", "0,1,8", "--max-new-tokens", "4", "--json", str(metrics)]
+    assert main(evaluate) == 0
+    rows = json.loads(metrics.read_text())["methods"]
+    assert set(rows) == {"base", "guided_beta_1", "guided_beta_8"} and rows["guided_beta_8"]["kl_to_base"] > 0
+    with pytest.raises(SystemExit) as stop:  # argparse: a design that does not exist
+        main(base + ["--out", str(tmp_path / "bad"), "--dist-head", "prefix"])
+    assert stop.value.code == 2 and "--dist-head" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "bad"), "--support-low", "5"]) == 2  # an empty support
+    err = capsys.readouterr().err
+    assert "support" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()

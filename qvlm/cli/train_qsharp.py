@@ -42,7 +42,16 @@ def register(algos) -> None:
     a.add_argument("--bins", type=int, default=51, help="atoms of the return distributions' support")
     a.add_argument("--support-low", type=float, default=-1.0, help="the lowest atom: at most the lowest return")
     a.add_argument("--support-high", type=float, default=1.0, help="the highest atom: at least the highest return")
-    a.add_argument("--dist-rank", type=int, default=64, help="rank of Z(s, a)'s state-token interaction")
+    a.add_argument(
+        "--dist-rank", type=int, default=64, help="rank of Z(s, a)'s state-token interaction (--dist-head bilinear)"
+    )
+    a.add_argument(
+        "--dist-head",
+        choices=("bilinear", "tilt"),
+        default="bilinear",
+        help="Z(s, a)'s form: bilinear (a rank --dist-rank form between the state and the candidate's output "
+        "embedding) or tilt (Z(s) tilted by one tied scalar per token); docs/qsharp.md",
+    )
     add_config_args(a, QSharpConfig, title="qsharp settings")
     a.set_defaults(handler=run)
 
@@ -68,8 +77,14 @@ def run(args) -> int:
     check_width(args.dist_rank, "--dist-rank")
     check_total(args.bins, f"--bins {args.bins:,}", "atoms")
     HeadsConfig(
-        1, 1, bins=args.bins, support_low=args.support_low, support_high=args.support_high, dist_rank=args.dist_rank
-    )  # fmt: skip  (the support and bins checked before the model loads)
+        1,
+        1,
+        bins=args.bins,
+        support_low=args.support_low,
+        support_high=args.support_high,
+        dist_rank=args.dist_rank,
+        dist_head=args.dist_head,
+    )  # checked before the model loads
     check_output_dir(args.out, "--out", inputs=(args.model, args.initial))
     # the work one run asks for, before the prompts are read and the model loads (issue 25)
     check_count(cfg.samples_per_prompt, "--samples-per-prompt")
@@ -95,6 +110,7 @@ def run(args) -> int:
         bins=args.bins,
         support=(args.support_low, args.support_high),
         dist_rank=args.dist_rank,
+        dist_head=args.dist_head,
     )
     history = train_qsharp(qv, tokenizer, prompts, reward, cfg, run_dir=Path(args.out), resume=args.resume,
                            initial=initial)  # fmt: skip
