@@ -66,8 +66,10 @@ def run(args) -> int:
     shown = summary["shown"]
     print(
         f"\nshown in the report: {shown['method']}, chosen on {shown['validation_prompts']} validation prompts "
-        f"(reward {num(shown['validation_reward'], 0, 3).strip()}); KL <= is the best-of-N bound"
+        f"(reward {num(shown['validation_reward'], 0, 3).strip()}) by the rule: {shown['rule']}"
+        + ("" if shown.get("passed_rule", True) else " (none passed: the least validation KL is shown)")
     )
+    print("KL: ~ an estimate (best-of-N, blockwise: from the draws' reward ranks), <= a bound, else exact")
     if "ppo" in summary:
         ppo = summary["ppo"]
         print(
