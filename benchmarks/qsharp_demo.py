@@ -28,6 +28,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_speed import cpu_model  # noqa: E402
 
 from qvlm.decoding import best_of_n_kl_estimate  # noqa: E402
 from qvlm.eval.metrics import json_safe  # noqa: E402
@@ -144,7 +147,7 @@ def main() -> int:
             extra = {n.replace("guided_", "softq_"): r for n, r in rows.items() if n.startswith("guided_beta_")}
         results.append(seed_result(seed_dir, extra))
     summary = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+        "machine": {"cpu_model": cpu_model(), "python": platform.python_version()},  # decodes nothing: no timings
         "seeds": [r["seed_dir"] for r in results],
         "matched_passes": [r["matched"]["passes"] for r in results],
         "reach_passes": [r["reach"]["passes"] for r in results],

@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from decode_speed import machine_info  # noqa: E402
 
 from qvlm.algos.qsharp import train_qsharp  # noqa: E402
 from qvlm.apps.demo import VAL_START, resolve  # noqa: E402
@@ -122,7 +122,8 @@ def main() -> int:
         ci = r.get("reward_ci95")
         print(f"{k:<28} {r['reward_mean']:>7.3f} {'-' if ci is None else format(ci, '.3f'):>6} {r['kl_to_base']:>7.2f} "
               f"{r.get('distinct_2', float('nan')):>7.3f}")  # fmt: skip
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    machine = machine_info()
+    print(f"CPU: {machine['cpu_model']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads")
     payload = {"demo": str(out), "machine": machine, "samples_per_prompt": n, "val_prompts": len(val), "rows": rows,
                "variants": {k: VARIANTS[k] for k in args.variants.split(",")}}  # fmt: skip
     atomic_write_text(args.json, json.dumps(json_safe(payload), indent=2) + "\n")
