@@ -50,3 +50,18 @@ def check_total(total: int, how: str, what: str = "responses per run", advice: s
     x --responses-per-prompt 4"``) above :data:`MAX_RESPONSES`."""
     if total > MAX_RESPONSES:
         raise QVLMError(f"{how} = {total:,} {what}, over the limit of {MAX_RESPONSES:,}; {advice}")
+
+
+def check_ppo_stages(iterations: str, ppo) -> list[int]:
+    """An app's ``--ppo-iterations`` stages, refused when the last asks for more responses than the limit
+    (``ppo``: the app's nested PPOConfig)."""
+    from qvlm.apps.runs import parse_iterations
+
+    stages = parse_iterations(iterations)
+    if stages:
+        check_total(
+            stages[-1] * ppo.prompts_per_iter * ppo.responses_per_prompt,
+            f"--ppo-iterations {stages[-1]:,} x --ppo-prompts-per-iter {ppo.prompts_per_iter:,} x "
+            f"{ppo.responses_per_prompt} responses",
+        )
+    return stages

@@ -84,8 +84,7 @@ def _check_work(cfg) -> None:
     """Refuse, before SmolLM2 loads, counts whose responses or tokens exceed the limits of
     :mod:`qvlm.cli._limits` (issue 25); a 0 (the preset) is the preset's own, small count."""
     from qvlm.apps.demo_prompts import load_demo_prompts
-    from qvlm.apps.runs import parse_iterations
-    from qvlm.cli._limits import check_count, check_tokens, check_total, check_width
+    from qvlm.cli._limits import check_count, check_ppo_stages, check_tokens, check_width
 
     train = len(load_demo_prompts("train")[: cfg.train_prompts or None])  # the shipped prompts bound the counts
     evals = len(load_demo_prompts("eval")[: cfg.eval_prompts or None])
@@ -97,13 +96,7 @@ def _check_work(cfg) -> None:
     check_count(cfg.candidates, "--candidates", evals)
     check_tokens(cfg.block_size, "--block-size")
     check_width(cfg.head_hidden, "--head-hidden", "0: the trunk's hidden size")
-    stages = parse_iterations(cfg.ppo_iterations)
-    if stages:
-        check_total(
-            stages[-1] * cfg.ppo.prompts_per_iter * cfg.ppo.responses_per_prompt,
-            f"--ppo-iterations {stages[-1]:,} x --ppo-prompts-per-iter {cfg.ppo.prompts_per_iter:,} x "
-            f"{cfg.ppo.responses_per_prompt} responses",
-        )
+    check_ppo_stages(cfg.ppo_iterations, cfg.ppo)
 
 
 def _run_seeds(cfg, args) -> int:

@@ -49,8 +49,7 @@ def check_work(cfg: ProxyConfig) -> None:
     """Refuse, before any model loads, an experiment whose samples, candidate pairs or draws exceed the
     limits of :mod:`qvlm.cli._limits` (issue 25)."""
     from qvlm.apps.demo_prompts import load_demo_prompts
-    from qvlm.apps.runs import parse_iterations
-    from qvlm.cli._limits import check_count, check_tokens, check_total
+    from qvlm.cli._limits import check_count, check_ppo_stages, check_tokens, check_total
 
     train = len(load_demo_prompts("train")[: cfg.train_prompts])  # the shipped prompts bound the counts
     evals = len(load_demo_prompts("eval")[: cfg.eval_prompts])
@@ -61,13 +60,8 @@ def check_work(cfg: ProxyConfig) -> None:
         train * s * (s - 1) // 2, f"{train} prompts x pairs among --samples-per-prompt {s:,}", "candidate pairs"
     )
     check_count(cfg.max_n, "--max-n", evals)
-    stages = parse_iterations(cfg.ppo_iterations)
+    stages = check_ppo_stages(cfg.ppo_iterations, cfg.ppo)
     if stages:
-        check_total(
-            stages[-1] * cfg.ppo.prompts_per_iter * cfg.ppo.responses_per_prompt,
-            f"--ppo-iterations {stages[-1]:,} x --ppo-prompts-per-iter {cfg.ppo.prompts_per_iter:,} x "
-            f"{cfg.ppo.responses_per_prompt} responses",
-        )
         check_count(cfg.ppo_eval_samples, "--ppo-eval-samples", evals * len(stages))
     betas = [b for b in cfg.guide_betas.split(",") if b.strip()]
     if betas:

@@ -57,13 +57,7 @@ def register(sub) -> None:
     )
     env.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="noisy policy: the random-action rate")
     env.add_argument("--env-seed", type=int, default=0, help="episode i is reset with seed env-seed + i")
-    env.add_argument(
-        "--env-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an argument of the environment (repeatable; VALUE as JSON, else a string), e.g. n=30",
-    )
+    add_env_arg(env)
     env.add_argument(
         "--heads",
         help="--policy base, guided by trained heads (a `qvlm train ilql|value --episodes` run): --beta guides "
@@ -79,6 +73,17 @@ def register(sub) -> None:
     )
     add_config_args(p, DecodeConfig, exclude=("beta", "do_sample", "num_return_sequences"), title="decoding")
     p.set_defaults(handler=run)
+
+
+def add_env_arg(group) -> None:
+    """``--env-arg KEY=VALUE`` (repeatable), read by :func:`parse_env_args`."""
+    group.add_argument(
+        "--env-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument of the environment (repeatable; VALUE as JSON, else a string), e.g. n=30",
+    )
 
 
 def parse_env_args(items: list[str]) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qvlm.cli._common import add_config_args, add_model_arg, config_from_args, load, online_inputs, online_reward
+from qvlm.cli.sample import add_env_arg
 from qvlm.configs import PPOConfig
 from qvlm.rewards import REWARD_HELP
 
@@ -24,13 +25,7 @@ def register(algos) -> None:
         "environments (instead of --prompts and --reward: multi-turn episodes, GAE across turns; docs/envs.md)"
     )
     env.add_argument("--env", help="environment name, e.g. GuessTheNumber-v0 or Maze-v0 (the qvlm/ may be left out)")
-    env.add_argument(
-        "--env-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an argument of the environment (repeatable; VALUE as JSON, else a string), e.g. n=30",
-    )
+    add_env_arg(env)
     env.add_argument(
         "--env-seed",
         type=int,
