@@ -29,7 +29,8 @@ def _metrics(shown="mcq_beta_8", **rows):
         "ppo": _row(0.70, kl=0.1),
     }
     methods.update(rows)
-    return {"methods": methods, "shown": {"method": shown, "eval_reward": methods[shown]["reward_mean"]}}
+    rule = f"the rule of a run shown {shown}"
+    return {"methods": methods, "shown": {"method": shown, "eval_reward": methods[shown]["reward_mean"], "rule": rule}}
 
 
 def test_spread_by_hand():
@@ -70,6 +71,8 @@ def test_aggregate_seeds_by_hand():
     assert summary["shown"]["per_seed"] == ["mcq_beta_8", "mcq_beta_8", "mcq_beta_16"]
     assert summary["shown"]["eval_reward"]["mean"] == pytest.approx((0.5 + 0.7 + 0.83) / 3)
     assert set(summary["checks"]) == {0, 1, 2}
+    assert summary["shown"]["rule"][2] == "the rule of a run shown mcq_beta_16"  # each seed's own rule
+    assert not summary["ppo"]  # seed 2 has no ppo row
 
 
 def test_parse_seeds():
@@ -94,6 +97,8 @@ def test_demo_over_two_seeds_on_a_tiny_model(tmp_path, tiny_dir, capsys):
     assert saved["config"]["seeds"] == [0, 1]
     page = (out / "seeds.html").read_text()
     assert 'href="seed-1/report.html"' in page and "best_of_4" in page
+    assert "The rule (seed 0's numbers): the highest validation reward" in page
+    assert ("PPO run" in page) == summary["ppo"]
     # the CLI resumes from the cached runs and prints the table
     args = ["demo", "--out", str(out), "--seeds", "0,1", "--model", str(tiny_dir), "--quick"]
     for k, v in TINY_DEMO.items():

@@ -138,11 +138,13 @@ def aggregate_seeds(runs: dict[int, dict]) -> dict:
         "shown": {
             "per_seed": [sh["method"] for sh in shown],
             "chosen_on": "validation",
+            "rule": [sh.get("rule") for sh in shown],  # each seed's own numbers in its rule
             # the headline: each seed's validation-chosen method, its eval reward
             "eval_reward": spread([sh["eval_reward"] for sh in shown]),
         },
         "checks": checks,
         "reward": runs[seeds[0]].get("reward"),
+        "ppo": all("ppo" in runs[s]["methods"] for s in seeds),
     }
 
 
@@ -183,16 +185,18 @@ def write_seeds_html(summary: dict, path: Path, title: str) -> None:
         checks.append(f"<li>seed {s}: {'; '.join(parts)}</li>")
     shown = summary["shown"]
     links = " ".join(f'<a href="seed-{s}/report.html">seed {s}</a>' for s in seeds)
+    first_rule = next((r for r in shown.get("rule", []) if r), None)
+    rule = f" The rule (seed {seeds[0]}'s numbers): {html.escape(first_rule)}." if first_rule else ""
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border-bottom:1px solid #ddd;padding:.3em .7em;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Seeds {", ".join(map(str, seeds))}: each is a complete demo run (its own samples, heads, PPO run and
-draws; the same prompts). Numbers are means over the seeds ± their sample standard deviation of each
-seed's eval mean. Method shown per seed, chosen on validation: {html.escape(", ".join(shown["per_seed"]))};
-its eval reward {_fmt(shown["eval_reward"])}. A high reward at a large KL with a low distinct-2 is text that
+<p>Seeds {", ".join(map(str, seeds))}: each is a complete demo run (its own samples, heads,
+{"PPO run, " if summary.get("ppo") else ""}draws; the same prompts). Numbers are means over the seeds ± their
+sample standard deviation of each seed's eval mean. Method shown per seed, chosen on validation:
+{html.escape(", ".join(shown["per_seed"]))}; its eval reward {_fmt(shown["eval_reward"])}.{rule} A high reward at a large KL with a low distinct-2 is text that
 games the reward (repetition of the words it likes): read the samples in each seed's report.</p>
 <table><tr><th>method</th><th>reward</th><th>KL to base</th><th>KL kind</th><th>distinct-2</th>
 <th>perplexity</th><th>cost</th><th>time</th>
