@@ -49,6 +49,7 @@ VARIANTS = {
     "next_z_rounds8": ({"q_target": "next_z", "rounds": 8}, {}),
     "next_z_wide": ({"q_target": "next_z"}, {"head_hidden": 512}),
     "next_z_lr3e-3": ({"q_target": "next_z", "lr": 3e-3}, {}),
+    "rounds8_ppr64": ({"rounds": 8, "prompts_per_round": 64}, {}),
     "tilt": ({}, {"dist_head": "tilt"}),
     "tilt_next_z": ({"q_target": "next_z"}, {"dist_head": "tilt"}),
     "tilt_next_z_lr3e-3": ({"q_target": "next_z", "lr": 3e-3}, {"dist_head": "tilt"}),
