@@ -239,3 +239,29 @@ def test_uncentred_ablation_adds_raw_advantages(tiny):
     idx = torch.topk(logits, 4, dim=-1).indices
     expected = logits.scatter_add(-1, idx, 3.0 * heads.advantages(h, idx))
     torch.testing.assert_close(guided_scores(logits, heads, h, 3.0, top_k=4, centre=False), expected)
+
+
+def test_processor_with_q_sharp_heads_equals_own_loop(tiny):
+    """The LogitsProcessor reads Q*_alpha from distributional heads as the own loop does."""
+    model, tok = tiny
+    heads = QVModel.from_trunk(model, bins=5, support=(-1.0, 1.0)).heads
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 1.0)
+    proc = ValueGuidanceLogitsProcessor(heads, beta=3.0, guidance_top_k=5)
+    with proc.attach(model):
+        ref = hf_generate(
+            model,
+            tok,
+            PROMPTS,
+            5,
+            max_new_tokens=12,
+            do_sample=True,
+            top_k=0,
+            logits_processor=LogitsProcessorList([proc]),
+        )
+    cfg = DecodeConfig(max_new_tokens=12, seed=5, beta=3.0, guidance_top_k=5)
+    ours = generate(model, tok, PROMPTS, heads=heads, cfg=cfg)
+    base = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=5))
+    assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
+    assert ours.response_ids != base.response_ids

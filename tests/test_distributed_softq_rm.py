@@ -1,6 +1,6 @@
-"""Soft Q-learning and reward-model training in several processes (issue 12, item 1): 2 CPU processes
-(gloo) end with the heads (soft Q) and the classifier (reward model) that 1 process trains at the
-same global batch size, to 1e-5; soft Q is killed and resumed on the way."""
+"""Soft Q-learning, Q# and reward-model training in several processes (issue 12, item 1; issue 22): 2 CPU
+processes (gloo) end with the heads (soft Q, Q#) and the classifier (reward model) that 1 process trains at
+the same global batch size, to 1e-5; soft Q and Q# are killed and resumed on the way."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qvlm.algos.qsharp import train_qsharp
 from qvlm.algos.reward_model import read_rm_data, train_reward_model
 from qvlm.algos.softq import train_softq
-from qvlm.configs import RewardModelConfig, SoftQConfig
+from qvlm.configs import QSharpConfig, RewardModelConfig, SoftQConfig, TrunkConfig
 from qvlm.errors import QVLMError
 from qvlm.loading import save_model
 from qvlm.model import QVModel
@@ -48,6 +49,20 @@ def _softq(run_dir: str, resume: bool = False, kill: bool = False) -> None:
         pass
 
 
+def _qsharp(run_dir: str, resume: bool = False, kill: bool = False) -> None:
+    # round 0 and 2 roll-in rounds of 4 prompts x 2 samples, minibatches of 6 from the whole replay set
+    cfg = QSharpConfig(rounds=2, prompts_per_round=4, samples_per_prompt=2, max_new_tokens=6, steps_per_round=4,
+                       batch_size=6, lr=1e-2, betas="2,8", max_length=32, progress=False)  # fmt: skip
+    model, tok = tiny_model("llama", seed=0)
+    torch.manual_seed(1 if resume else 0)  # a resumed run restores the heads from its checkpoint
+    qv = QVModel.from_trunk(model, TrunkConfig("frozen"), head_hidden=16, bins=7, support=(0.0, 6.0), dist_rank=4)
+    try:
+        train_qsharp(qv, tok, PROMPTS, "count:e", cfg, run_dir=run_dir, resume=resume,
+                     callbacks=[_kill_after_round_1] if kill else [])  # fmt: skip
+    except Kill:
+        pass
+
+
 def _rm(run_dir: str, data: str, backbone: str) -> None:
     # 22 training pairs in batches of 4: the last batch of an epoch holds 2 (one per process)
     cfg = RewardModelConfig(backbone=backbone, lr=1e-2, batch_size=4, epochs=2, held_out=0.2, progress=False,
@@ -75,6 +90,20 @@ def test_softq_two_processes_equal_one(tmp_path):
     assert [x["step"] for x in lines] == list(range(12))
 
 
+def test_qsharp_two_processes_equal_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    torch.set_num_threads(1)
+    _qsharp(str(one))
+    spawn_processes(_qsharp, str(two), False, True)
+    assert not (two / "heads.safetensors").exists()
+    spawn_processes(_qsharp, str(two), True, False)
+    _assert_close(load_file(str(one / "heads.safetensors")), load_file(str(two / "heads.safetensors")))
+    # the same roll-ins, cuts and roll-outs, in the same order, written once; the same cost counted
+    assert (two / "replay.jsonl").read_text() == (one / "replay.jsonl").read_text()
+    spent = [json.loads((d / "training.json").read_text())["reward_calls"] for d in (one, two)]
+    assert spent == [3 * 4 * 2] * 2
+
+
 def test_reward_model_two_processes_equal_one(tmp_path):
     model, tok = tiny_model("llama", seed=0)
     save_model(model, tok, tmp_path / "backbone")
@@ -97,6 +126,11 @@ def test_a_world_size_that_does_not_divide_is_refused(tmp_path, monkeypatch):
     cfg = SoftQConfig(prompts_per_round=3, progress=False)
     with pytest.raises(QVLMError, match="--prompts-per-round 3 does not divide over 2 processes"):
         train_softq(qv, tok, PROMPTS, get_reward("count:e"), cfg)
+    dist = QVModel.from_trunk(model, TrunkConfig("frozen"), bins=5)
+    with pytest.raises(QVLMError, match="--prompts-per-round 3 does not divide over 2 processes"):
+        train_qsharp(dist, tok, PROMPTS, "count:e", QSharpConfig(prompts_per_round=3, progress=False))
+    with pytest.raises(QVLMError, match="next_z runs in one process only"):  # its terms average over other steps
+        train_qsharp(dist, tok, PROMPTS, "count:e", QSharpConfig(q_target="next_z", progress=False))
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in separable_prefs(8)))
     with pytest.raises(QVLMError, match="batch size 3 does not divide over 2 processes"):

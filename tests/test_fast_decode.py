@@ -175,3 +175,30 @@ def test_blockwise_on_the_fast_step_equals_the_standard_step():
     slow = blockwise_generate(model, tok, PROMPTS, heads, cfg=DecodeConfig(**cfg), **run)
     fast = blockwise_generate(model, tok, PROMPTS, heads, cfg=DecodeConfig(**cfg, fast=True), **run)
     assert fast.response_ids == slow.response_ids
+
+
+def dist_heads(model, design, seed=0):
+    """Q#'s distributional heads (5 atoms on [-1, 1]) with random weights of size 1."""
+    heads = QVModel.from_trunk(model, bins=5, support=(-1.0, 1.0), dist_head=design).heads
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 1.0)
+    return heads
+
+
+@pytest.mark.parametrize("design", ["bilinear", "tilt"])
+def test_q_sharp_heads_guide_the_fast_path_as_the_standard_one(design):
+    """Q*_alpha guidance (alpha = 1/beta) from distributional heads: the fast path samples the standard
+    path's tokens, with the KL to rounding, at two betas from the one set of heads."""
+    model, tok = tiny_model("llama", seed=4)
+    heads = dist_heads(model, design, seed=1)
+    kls = []
+    for beta in (0.5, 4.0):
+        cfg = dict(max_new_tokens=12, seed=11, beta=beta, top_k=0, guidance_top_k=5)
+        slow = generate(model, tok, PROMPTS, heads=heads, cfg=DecodeConfig(**cfg), track_kl=True)
+        fast = generate(model, tok, PROMPTS, heads=heads, cfg=DecodeConfig(**cfg, fast=True), track_kl=True)
+        assert fast.response_ids == slow.response_ids
+        assert fast.kl == pytest.approx(slow.kl, abs=1e-4)
+        kls.append(max(slow.kl))
+    assert kls[1] > kls[0] > 0.0  # the guidance did something, more at the larger beta

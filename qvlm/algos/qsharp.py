@@ -52,7 +52,7 @@ from qvlm.model import QVModel
 from qvlm.returns import monte_carlo_returns
 from qvlm.rewards import RewardFn, get_reward
 from qvlm.train.checkpoint import save_run
-from qvlm.train.distributed import is_main_process
+from qvlm.train.distributed import is_main_process, launch_world
 from qvlm.train.harness import Run
 from qvlm.train.optim import make_optimizer
 
@@ -177,6 +177,8 @@ def train_qsharp(
         _check_complete(initial, "round 0")
     reward = get_reward(reward)  # a name of qvlm.rewards, or a batch callable as it is
     run = Run(cfg, run_dir, desc="train qsharp", total=cfg.rounds + 1, unit="round", callbacks=callbacks)
+    if cfg.q_target == "next_z" and launch_world() > 1:  # its two terms average over different steps
+        raise QVLMError("--q-target next_z runs in one process only; use --q-target return under a launcher")
     run.join(model.device, divisible=[(cfg.prompts_per_round, "--prompts-per-round", "prompts")])
     pad_id = tokenizer.pad_token_id
     optimizer = make_optimizer(model, cfg.lr, 1e-5, cfg.weight_decay)
@@ -209,6 +211,7 @@ def train_qsharp(
             per_step = fit_round(
                 model, optimizer, items,
                 lambda m, b: qsharp_loss(m, b, label_from[b.index.cpu()], cfg.gamma, cfg.v_scale, cfg.q_target),
+                tokens_of=lambda i: max(items[i].n_steps - int(label_from[i]), 0),  # the labelled steps
                 mine=mine, steps=cfg.steps_per_round, batch_size=cfg.batch_size, seed=cfg.seed, round_idx=r,
                 first_step=step, pad_id=pad_id, grad_clip=cfg.grad_clip,
             )  # fmt: skip

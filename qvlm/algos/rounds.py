@@ -167,21 +167,23 @@ def fit_round(
     pad_id: int,
     grad_clip: float,
     after_step: Callable[[], None] | None = None,
+    tokens_of: Callable[[int], int] | None = None,
 ) -> list[dict[str, float]]:
     """``steps`` optimiser steps on minibatches drawn uniformly from the whole replay set ``items`` (seeded
     by round), each followed by ``after_step()`` (e.g. a Polyak update); per step, its stats.
 
     Several processes: each takes the samples of the minibatch it owns (``mine``: those it decoded, whose
-    features it cached), its loss weighted by their share of the minibatch's response tokens (an empty
+    features it cached), its loss weighted by their share of the minibatch's loss-bearing tokens (an empty
     share: one of its samples, weight 0); the gradients are summed over the processes and the stats are
-    the minibatch's."""
+    the minibatch's. ``tokens_of(i)``: the tokens item ``i``'s loss averages over (default: its response
+    tokens); it must count what ``loss_fn``'s mean divides by, or N processes stop equalling one."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
     model.train()
     out = []
     for k in range(steps):
         idx = torch.randint(len(items), (batch_size,), generator=gen).tolist()
         local = [i for i in idx if i in mine]
-        tokens = [len(items[i].response_ids) for i in idx]
+        tokens = [tokens_of(i) if tokens_of is not None else len(items[i].response_ids) for i in idx]
         weight = token_weight(sum(t for i, t in zip(idx, tokens) if i in mine), sum(tokens))
         if not local:
             local, weight = [min(mine)], 0.0

@@ -25,6 +25,7 @@ from qvlm.trunk import _forward, _logits
 __all__ = [
     "is_main_process",
     "world_size",
+    "launch_world",
     "rank",
     "init_distributed",
     "launcher_device",
@@ -133,7 +134,7 @@ def init_distributed(device: torch.device | str = "cpu", deepspeed: bool = False
     return torch.distributed.get_world_size()
 
 
-def _launch_world() -> int:
+def launch_world() -> int:
     """The group's size, or the launcher's ``WORLD_SIZE`` before the group exists."""
     return world_size() if _initialised() else int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -141,7 +142,7 @@ def _launch_world() -> int:
 def check_batch_size(batch_size: int) -> None:
     """Refuse, before any work, a global batch size that the launcher's world size does not divide
     (read from ``WORLD_SIZE`` when no group exists yet)."""
-    world = _launch_world()
+    world = launch_world()
     if world > 1 and batch_size % world:
         raise QVLMError(
             f"batch size {batch_size} does not divide over {world} processes; use a --batch-size that is a "
@@ -152,7 +153,7 @@ def check_batch_size(batch_size: int) -> None:
 def check_divides(count: int, flag: str, what: str) -> None:
     """Refuse, before any work, a global per-step count (``flag``'s value: ``what`` per step) that the
     launcher's world size does not divide, e.g. PPO's ``--prompts-per-iter``."""
-    world = _launch_world()
+    world = launch_world()
     if world > 1 and count % world:
         raise QVLMError(
             f"{flag} {count} does not divide over {world} processes; use a {flag} that is a multiple of {world} "
@@ -169,7 +170,7 @@ def check_fsdp(fsdp: bool) -> None:
     """Refuse, before any work, FSDP in a single process (sharding over one process shards nothing).
 
     The world size is read from ``WORLD_SIZE`` when no group exists yet."""
-    if fsdp and _launch_world() < 2:
+    if fsdp and launch_world() < 2:
         raise QVLMError(
             "--fsdp shards the weights over several processes, but this is one; start it with "
             "`torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (N >= 2), or drop --fsdp"

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from qvlm.errors import QVLMError
-from qvlm.train.distributed import _launch_world
+from qvlm.train.distributed import launch_world
 from qvlm.train.rng import rng_state, set_rng_state
 
 __all__ = ["accelerate_deepspeed", "check_deepspeed", "deepspeed_config", "ZeroOptimizer", "zero_initialize"]
@@ -52,7 +52,7 @@ def check_deepspeed(spec: str) -> None:
     world size is read from ``WORLD_SIZE`` when no group exists yet)."""
     if not spec:
         return
-    if _launch_world() < 2:
+    if launch_world() < 2:
         raise QVLMError(
             "--deepspeed partitions the optimiser over several processes, but this is one; start it with "
             "`torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (N >= 2), or drop --deepspeed"
