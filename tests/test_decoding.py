@@ -62,13 +62,17 @@ def test_beta_zero_with_heads_is_base_and_kl_zero(tiny):
     assert max(a.kl) < 1e-5
 
 
-def test_processor_inside_generate_equals_own_loop(tiny):
+@pytest.mark.parametrize(
+    "kind, beta, top_k",
+    [("mean", 1.5, 0), ("qsharp", 3.0, 5)],  # Q - V heads; Q#'s distributional heads (Q*_alpha at alpha 1/beta)
+)
+def test_processor_inside_generate_equals_own_loop(tiny, kind, beta, top_k):
     model, tok = tiny
-    heads = QVModel.from_trunk(model).heads
+    heads = QVModel.from_trunk(model, **({"bins": 5} if kind == "qsharp" else {})).heads
     with torch.no_grad():  # Q heads start neutral (zero last layer): give them random strong weights
         for p in heads.parameters():
             p.normal_(0.0, 1.0)
-    proc = ValueGuidanceLogitsProcessor(heads, beta=1.5)
+    proc = ValueGuidanceLogitsProcessor(heads, beta=beta, guidance_top_k=top_k)
     with proc.attach(model):
         ref = hf_generate(
             model,
@@ -80,7 +84,8 @@ def test_processor_inside_generate_equals_own_loop(tiny):
             top_k=0,
             logits_processor=LogitsProcessorList([proc]),
         )
-    ours = generate(model, tok, PROMPTS, heads=heads, cfg=DecodeConfig(max_new_tokens=12, seed=5, beta=1.5))
+    cfg = DecodeConfig(max_new_tokens=12, seed=5, beta=beta, guidance_top_k=top_k)
+    ours = generate(model, tok, PROMPTS, heads=heads, cfg=cfg)
     base = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=5))
     assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
     assert ours.response_ids != base.response_ids  # guidance changed something
@@ -239,29 +244,3 @@ def test_uncentred_ablation_adds_raw_advantages(tiny):
     idx = torch.topk(logits, 4, dim=-1).indices
     expected = logits.scatter_add(-1, idx, 3.0 * heads.advantages(h, idx))
     torch.testing.assert_close(guided_scores(logits, heads, h, 3.0, top_k=4, centre=False), expected)
-
-
-def test_processor_with_q_sharp_heads_equals_own_loop(tiny):
-    """The LogitsProcessor reads Q*_alpha from distributional heads as the own loop does."""
-    model, tok = tiny
-    heads = QVModel.from_trunk(model, bins=5, support=(-1.0, 1.0)).heads
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0.0, 1.0)
-    proc = ValueGuidanceLogitsProcessor(heads, beta=3.0, guidance_top_k=5)
-    with proc.attach(model):
-        ref = hf_generate(
-            model,
-            tok,
-            PROMPTS,
-            5,
-            max_new_tokens=12,
-            do_sample=True,
-            top_k=0,
-            logits_processor=LogitsProcessorList([proc]),
-        )
-    cfg = DecodeConfig(max_new_tokens=12, seed=5, beta=3.0, guidance_top_k=5)
-    ours = generate(model, tok, PROMPTS, heads=heads, cfg=cfg)
-    base = generate(model, tok, PROMPTS, cfg=DecodeConfig(max_new_tokens=12, seed=5))
-    assert ours.response_ids == strip(ref, tok.eos_token_id, tok.pad_token_id)
-    assert ours.response_ids != base.response_ids
