@@ -148,6 +148,7 @@ def test_value_map_rejects_mismatched_lengths():
 def test_metrics_table_marks_best_and_dashes_missing():
     table = metrics_table_html(METHODS)
     assert '<tr class="best"><th scope="row">guided-beta-4</th>' in table
+    assert "★ the highest mean reward in this table, at whatever KL" in table  # the star's legend
     rows = dict(re.findall(r'<th scope="row">([^<]+)</th>(.*?)</tr>', table))
     # ilql-policy has no CI, no KL and no top-k mass: dashes
     assert '<span class="ci">± —</span>' in rows["ilql-policy"]

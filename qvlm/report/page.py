@@ -98,6 +98,9 @@ def metrics_table_html(methods: Mapping[str, Mapping[str, Any]], shown: str | No
         "Reward ± 95% CI</th>"
         f'<th class="num" title="{esc(_KL_TIP)}">KL to base</th>{head}'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        '<p class="muted">★ the highest mean reward in this table, at whatever KL and distinct-2 it paid'
+        + (" (not a choice: the method shown is tagged <em>shown</em>)" if shown else "")
+        + ".</p>"
     )
 
 
