@@ -27,6 +27,7 @@ from qvlm.apps.demo import VAL_START, resolve  # noqa: E402
 from qvlm.apps.demo_prompts import load_demo_prompts  # noqa: E402
 from qvlm.configs import DecodeConfig, DemoConfig, from_flat  # noqa: E402
 from qvlm.decoding import generate  # noqa: E402
+from qvlm.decoding.guidance import centre_on_candidates  # noqa: E402
 from qvlm.fileio import atomic_write_text  # noqa: E402
 from qvlm.heads import MeanView  # noqa: E402
 from qvlm.jsonl import read_samples  # noqa: E402
@@ -44,11 +45,10 @@ def taken_tokens(*files: Path) -> set[int]:
     return seen
 
 
-def shifts(heads, h: torch.Tensor, cand: torch.Tensor, probs: torch.Tensor, beta: float) -> torch.Tensor:
-    """``beta * (A - sum pi~ A)`` over the candidates: ``h (N, H)``, ``cand (N, k)``, ``probs (N, k)``
-    (renormalised) -> ``(N, k)``."""
-    adv = heads.advantages(h, cand, beta=beta).float()
-    return beta * (adv - (probs * adv).sum(-1, keepdim=True))
+def shifts(heads, h: torch.Tensor, logits: torch.Tensor, cand: torch.Tensor, beta: float) -> torch.Tensor:
+    """``beta * (A - sum pi~ A)`` over the candidates (:func:`qvlm.decoding.guidance.centre_on_candidates`):
+    ``h (N, H)``, ``logits (N, V)``, ``cand (N, k)`` -> ``(N, k)``."""
+    return beta * centre_on_candidates(logits, cand, heads.advantages(h, cand, beta=beta).float())
 
 
 def main() -> int:
@@ -79,7 +79,7 @@ def main() -> int:
         for beta in [float(b) for b in args.betas.split(",")]:
             result[f"{beta:g}"] = per_beta = {}
             for name, hd in heads.items():
-                s = shifts(hd, h, top.indices, probs, beta)  # (N, k)
+                s = shifts(hd, h, logits, top.indices, beta)  # (N, k)
                 unseen = torch.tensor([[int(t) not in seen[name] for t in row] for row in top.indices.tolist()])
                 a = s.abs()
                 per_beta[name] = {
