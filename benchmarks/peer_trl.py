@@ -207,11 +207,45 @@ def train_qvlm(method: str, model, tok, prompts: list[str], reward: CountingRewa
         seed=spec["seed"],
         checkpoint_every=0,
         progress=False,
+        **ppo_overrides(spec.get("ppo", {})),
     )
     set_seed(cfg.seed)  # the V head's initialisation
     ac = ActorCritic(model, cfg.trunk, cfg.critic, cfg.head_hidden, base_model=spec["model"])
     train_ppo(ac, tok, prompts, reward, cfg, run_dir=None)
     return ac.policy, cfg.trunk.mode
+
+
+def ppo_overrides(given: dict[str, str]) -> dict:
+    """``PPOConfig`` keyword arguments from ``KEY=VALUE`` strings (``--qvlm-set``): each value cast to
+    the field's type; ``trunk`` is the trunk's mode (lora or full)."""
+    import dataclasses
+
+    from qvlm.algos.ppo import PPOConfig
+    from qvlm.configs.trunk import TrunkConfig
+
+    fields = {f.name: f for f in dataclasses.fields(PPOConfig)}
+    fixed = {"iterations", "prompts_per_iter", "responses_per_prompt", "max_new_tokens", "kl_coef", "advantage", "seed"}
+    out = {}
+    for key, value in given.items():
+        if key == "trunk":
+            out[key] = TrunkConfig(mode=value)
+        elif key in fixed or key not in fields:
+            raise SystemExit(f"--qvlm-set {key}: not a PPOConfig field the benchmark leaves free ({sorted(fields)})")
+        else:
+            kind = type(fields[key].default)
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """``["lr=3e-4", "ppo_epochs=1"]`` -> ``{"lr": "3e-4", "ppo_epochs": "1"}``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SystemExit(f"--qvlm-set {item!r}: write KEY=VALUE, for example lr=3e-4")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 def evaluate(policy, base, tok, prompts: list[str], reward, spec: dict) -> dict:
@@ -247,6 +281,7 @@ def worker(spec_path: str) -> None:
     result = {
         "method": spec["method"],
         "kl_coef": spec["kl_coef"],
+        "lr": spec.get("lr"),
         "threads": torch.get_num_threads(),
         "dtype": str(model.dtype).removeprefix("torch."),
         "rss_loaded_mb": _peak_rss_mb(),
@@ -274,24 +309,127 @@ def worker(spec_path: str) -> None:
     base, _ = _load(spec)  # a fresh copy: the base of the KL and the perplexity
     eval_reward = CountingReward(spec["reward"])
     result["val"] = evaluate(policy, base, tok, spec["val"], eval_reward, spec)
-    result["eval"] = evaluate(policy, base, tok, spec["eval"], eval_reward, spec)
+    if spec["eval"]:  # a sweep decodes validation prompts only
+        result["eval"] = evaluate(policy, base, tok, spec["eval"], eval_reward, spec)
     atomic_write_text(spec["out"], json.dumps(json_safe(result), indent=2) + "\n")
 
 
-def run_one(spec: dict, workdir: Path) -> dict:
-    """``spec``'s run in a fresh process of this Python (own memory peak, own threads); its log in
-    ``workdir``, its tail printed if it fails."""
-    name = f"{spec['method']}_kl{spec['kl_coef']}"
+def parse_setting(text: str) -> dict:
+    """One point of a method's grid: a KL coefficient, optionally with its own learning rate
+    (``"0.05"`` or ``"0.05@lr=3e-5"``: TRL's ``learning_rate`` or qvlm's ``PPOConfig.lr`` for that run).
+
+    >>> parse_setting("0.05@lr=3e-5")
+    {'kl_coef': 0.05, 'lr': 3e-05}
+    """
+    kl, sep, rest = text.strip().partition("@")
+    setting = {"kl_coef": float(kl)}
+    if sep:
+        key, eq, value = rest.partition("=")
+        if key.strip() != "lr" or not eq:
+            raise SystemExit(f"grid point {text!r}: write KL or KL@lr=LR, for example 0.05@lr=3e-5")
+        setting["lr"] = float(value)
+    return setting
+
+
+def setting_label(r: dict) -> str:
+    """``0.05`` or ``0.05@lr=3e-05``: a run's grid point as the tables print it."""
+    return f"{r['kl_coef']:g}" + (f"@lr={r['lr']:g}" if r.get("lr") is not None else "")
+
+
+def run_spec(common: dict, method: str, setting: dict) -> dict:
+    """The spec of ``method``'s run at a grid point; a point's own learning rate goes to TRL's
+    ``trl_lr`` or qvlm's PPO settings (and into the run's name)."""
+    spec = {**common, "method": method, "kl_coef": setting["kl_coef"]}
+    if setting.get("lr") is not None:
+        spec["lr"] = setting["lr"]
+        if method.startswith("trl-"):
+            spec["trl_lr"] = setting["lr"]
+        else:
+            spec["ppo"] = {**spec.get("ppo", {}), "lr": str(setting["lr"])}
+    return spec
+
+
+def run_name(spec: dict) -> str:
+    lr = f"_lr{spec['lr']:g}" if spec.get("lr") is not None else ""
+    return spec.get("name") or f"{spec['method']}_kl{spec['kl_coef']}{lr}"
+
+
+def start_one(spec: dict, workdir: Path) -> tuple[subprocess.Popen, dict, Path]:
+    """``spec``'s run in a fresh process of this Python (own memory peak, own threads), its log in
+    ``workdir``."""
+    name = run_name(spec)
     spec = {**spec, "out": str(workdir / f"{name}.json"), "workdir": str(workdir)}
     spec_path = workdir / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     log = workdir / f"{name}.log"
     with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, __file__, "--worker", str(spec_path)], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(spec_path)], stdout=f, stderr=subprocess.STDOUT
+        )
+    return proc, spec, log
+
+
+def finish_one(proc: subprocess.Popen, spec: dict, log: Path) -> dict:
+    """Wait for a started run; its result, or its log's tail if it failed."""
+    rc = proc.wait()
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"{name} failed (exit {rc}); the end of its log {log}:\n{tail}")
+        raise SystemExit(f"{run_name(spec)} failed (exit {rc}); the end of its log {log}:\n{tail}")
     return json.loads(Path(spec["out"]).read_text())
+
+
+def run_one(spec: dict, workdir: Path) -> dict:
+    """``spec``'s run in a fresh process, waited for."""
+    return finish_one(*start_one(spec, workdir))
+
+
+def kept(spec: dict, workdir: Path) -> dict | None:
+    """A finished run of exactly ``spec`` in ``workdir`` (``--keep``), or None."""
+    name = run_name(spec)
+    spec_path, out = workdir / f"{name}.spec.json", workdir / f"{name}.json"
+    if not (spec_path.exists() and out.exists()):
+        return None
+    old = {k: v for k, v in json.loads(spec_path.read_text()).items() if k not in ("out", "workdir")}
+    return json.loads(out.read_text()) if old == spec else None
+
+
+def run_many(specs: list[dict], workdir: Path, jobs: int, on_done=None) -> list[dict]:
+    """Every spec's run, ``jobs`` at a time, results in ``specs``' order. TRL's full fine-tunes (about
+    10 GB each at 135M parameters in fp32, a frozen reference beside the trained copy and AdamW's
+    moments) never run two at once: the next run that fits is started instead. ``on_done(result)``
+    after each run."""
+    pending, running, results = [], {}, {}
+    for i, spec in enumerate(specs):
+        results[i] = kept(spec, workdir)
+        if results[i] is None:
+            pending.append(i)
+        else:
+            print(f"{run_name(spec)}: kept from {workdir}", flush=True)
+    heavy = lambda i: specs[i]["method"].startswith("trl-")  # noqa: E731
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            busy = any(heavy(i) for i in running)
+            fits = [i for i in pending if not (busy and heavy(i))]
+            if not fits:
+                break
+            i = fits[0]
+            pending.remove(i)
+            results[i] = kept(specs[i], workdir)  # another invocation sharing --keep may have finished it
+            if results[i] is None:
+                running[i] = start_one(specs[i], workdir)
+            elif on_done is not None:
+                on_done(results[i])
+        if not running:
+            continue
+        done = None
+        while done is None:
+            done = next((i for i, (proc, _, _) in running.items() if proc.poll() is not None), None)
+            if done is None:
+                time.sleep(0.5)
+        results[done] = finish_one(*running.pop(done))
+        if on_done is not None:
+            on_done(results[done])
+    return [results[i] for i in range(len(specs))]
 
 
 # ---- the whole benchmark ------------------------------------------------------------------------
@@ -316,15 +454,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=20, help="response length limit, training and eval")
     ap.add_argument("--kl-coefs", default="0.01,0.05,0.2", help="KL coefficients every method trains at")
     for m in METHODS:
-        ap.add_argument(f"--kl-coefs-{m}", default="", help=f"{m}'s own grid (same count: the same budget)")
+        ap.add_argument(
+            f"--kl-coefs-{m}",
+            default="",
+            help=f"{m}'s own grid (same count: the same budget); a point KL@lr=LR sets its learning rate too",
+        )
     ap.add_argument("--kl-targets", default="", help="KLs to compare at (default: chosen on validation)")
     ap.add_argument("--reference", default="trl-grpo", choices=METHODS, help="the curve every point is compared to")
     ap.add_argument("--trl-lr", type=float, default=1e-5, help="TRL's learning rate (its default is 1e-6)")
     ap.add_argument("--fast", action="store_true", help="qvlm rollouts on the fast decoding path")
+    ap.add_argument(
+        "--qvlm-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a PPOConfig field for every qvlm run (repeat: --qvlm-set lr=3e-4 --qvlm-set ppo_epochs=1; "
+        "trunk=full); default: PPOConfig's defaults",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process at --threads (2 on 2 cores with --threads 1; TRL's "
+        "full fine-tunes never two at once); recorded, as runs side by side share memory bandwidth",
+    )
     ap.add_argument("--eval-samples", type=int, default=4, help="responses per validation / eval prompt")
     ap.add_argument("--seed", type=int, default=0, help="seed of every run and of the evaluation decoding")
     ap.add_argument("--smoke", action="store_true", help="a tiny budget that runs in minutes: " + str(SMOKE))
     ap.add_argument("--json", default="", help="results file (default benchmarks/results/peer_trl[_smoke].json)")
+    ap.add_argument(
+        "--keep",
+        default="",
+        help="a folder for the runs' specs, logs and results (default: a temporary one); a run whose exact spec "
+        "already finished there is read back, not rerun",
+    )
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -345,12 +508,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--generations must be at least 2 (GRPO and RLOO compare the responses to one prompt)")
     args.steps = args.reward_calls // per_step
     grids = {
-        m: [float(x) for x in (getattr(args, f"kl_coefs_{m.replace('-', '_')}") or args.kl_coefs).split(",")]
+        m: [parse_setting(x) for x in (getattr(args, f"kl_coefs_{m.replace('-', '_')}") or args.kl_coefs).split(",")]
         for m in args.methods
     }
     if len({len(g) for g in grids.values()}) != 1:
         ap.error("every method gets the same tuning budget: give every --kl-coefs-METHOD as many values as --kl-coefs")
     args.grids = grids
+    args.ppo = parse_sets(args.qvlm_set)
     return args
 
 
@@ -401,17 +565,17 @@ def report(args, base: dict, runs: list[dict]) -> dict:
     top = max(targets) if targets else 0.0
     print("\nruns (validation chooses; eval prompts decoded once, for the table):")
     print(
-        f"{'method':<10}{'kl_coef':>8}{'val R':>8}{'val KL':>8}{'eval R':>8}{'+-95%':>7}{'eval KL':>8}"
+        f"{'method':<10}{'setting':>14}{'val R':>8}{'val KL':>8}{'eval R':>8}{'+-95%':>7}{'eval KL':>8}"
         f"{'s/call':>8}{'cpu s/call':>11}{'peak MB':>9}{'thr':>4} dtype"
     )
     print(
-        f"{'base':<10}{'':>8}{base['val']['reward_mean']:>8.3f}{0:>8.3f}{base['eval']['reward_mean']:>8.3f}"
+        f"{'base':<10}{'':>14}{base['val']['reward_mean']:>8.3f}{0:>8.3f}{base['eval']['reward_mean']:>8.3f}"
         f"{base['eval']['reward_ci95']:>7.3f}{0:>8.3f}"
     )
     for r in runs:
         v, e = r["val"], r["eval"]
         print(
-            f"{r['method']:<10}{r['kl_coef']:>8g}{v['reward_mean']:>8.3f}{v['kl_to_base']:>8.3f}"
+            f"{r['method']:<10}{setting_label(r):>14}{v['reward_mean']:>8.3f}{v['kl_to_base']:>8.3f}"
             f"{e['reward_mean']:>8.3f}{e['reward_ci95']:>7.3f}{e['kl_to_base']:>8.3f}{r['seconds_per_call']:>8.3f}"
             f"{r['cpu_seconds_per_call']:>11.3f}{r['peak_rss_mb']:>9.0f}{r['threads']:>4} {r['dtype']}"
         )
@@ -427,25 +591,29 @@ def report(args, base: dict, runs: list[dict]) -> dict:
         for r in runs:
             ref_r = interpolate(ref, r["eval"]["kl_to_base"])
             diff = None if ref_r is None else r["eval"]["reward_mean"] - ref_r
-            versus[f"{r['method']}@{r['kl_coef']:g}"] = {
+            versus[f"{r['method']}@{setting_label(r)}"] = {
                 "kl": r["eval"]["kl_to_base"],
                 "reward": r["eval"]["reward_mean"],
                 "reference_reward": ref_r,
                 "difference": diff,
             }
             print(
-                f"  {r['method']:<10} kl_coef {r['kl_coef']:<6g} KL {r['eval']['kl_to_base']:.3f}: "
+                f"  {r['method']:<10} {setting_label(r):<14} KL {r['eval']['kl_to_base']:.3f}: "
                 f"{r['eval']['reward_mean']:.3f} vs {_fmt(ref_r)} ({_fmt(diff, '+.3f')})"
             )
     chosen, cost = {}, {}
     print(f"\nchosen on validation (best validation reward at validation KL <= {top:.3g}), on eval:")
     for m, rs in by_method.items():
         r = selected_run(rs, top)
-        chosen[m] = {"kl_coef": r["kl_coef"], **{k: r["eval"][k] for k in ("reward_mean", "reward_ci95", "kl_to_base")}}
+        chosen[m] = {
+            "kl_coef": r["kl_coef"],
+            "lr": r.get("lr"),
+            **{k: r["eval"][k] for k in ("reward_mean", "reward_ci95", "kl_to_base")},
+        }
         cost[m] = {k: sum(x[k] for x in rs) / len(rs) for k in ("seconds_per_call", "cpu_seconds_per_call")}
         cost[m]["peak_rss_mb"] = max(x["peak_rss_mb"] for x in rs)
         print(
-            f"  {m:<10} kl_coef {r['kl_coef']:<6g} reward {r['eval']['reward_mean']:.3f} +- "
+            f"  {m:<10} {setting_label(r):<14} reward {r['eval']['reward_mean']:.3f} +- "
             f"{r['eval']['reward_ci95']:.3f} at KL {r['eval']['kl_to_base']:.3f}; "
             f"{cost[m]['seconds_per_call']:.3f} s/call (mean of its runs)"
         )
@@ -503,6 +671,7 @@ def main(argv=None) -> None:
         seed=args.seed,
         trl_lr=args.trl_lr,
         fast=args.fast,
+        ppo=args.ppo,
     )
     print(
         f"{len(train)} training, {len(val)} validation, {len(eval_prompts)} eval prompts; {args.reward_calls} reward "
@@ -512,23 +681,29 @@ def main(argv=None) -> None:
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="peer_trl_") as tmp:
-        base = run_one({**common, "method": "base", "kl_coef": 0.0}, Path(tmp))
-        print(
-            f"base: val {base['val']['reward_mean']:.3f}, eval {base['eval']['reward_mean']:.3f} "
-            f"+- {base['eval']['reward_ci95']:.3f}",
-            flush=True,
-        )
-        runs = []
-        for method in args.methods:
-            for kl_coef in args.grids[method]:
-                r = run_one({**common, "method": method, "kl_coef": kl_coef}, Path(tmp))
-                runs.append(r)
-                print(
-                    f"{method} kl_coef {kl_coef:g}: val {r['val']['reward_mean']:.3f} at KL "
-                    f"{r['val']['kl_to_base']:.3f}; {r['train_seconds']:.0f} s training, "
-                    f"{r['seconds_per_call']:.3f} s/call, peak {r['peak_rss_mb']:.0f} MB",
-                    flush=True,
-                )
+        workdir = Path(args.keep or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        # interleaved (each method's first coefficient, then each one's second, ...): with --jobs 2 the
+        # runs side by side are of different methods, so both sides share the machine alike
+        width = max(len(g) for g in args.grids.values())
+        specs = [{**common, "method": "base", "kl_coef": 0.0}] + [
+            run_spec(common, m, args.grids[m][k]) for k in range(width) for m in args.methods if k < len(args.grids[m])
+        ]
+
+        def done(r: dict) -> None:
+            if r["method"] == "base":
+                e = r.get("eval", r["val"])
+                print(f"base: val {r['val']['reward_mean']:.3f}, eval {e['reward_mean']:.3f}", flush=True)
+                return
+            print(
+                f"{r['method']} {setting_label(r)}: val {r['val']['reward_mean']:.3f} at KL "
+                f"{r['val']['kl_to_base']:.3f}; {r['train_seconds']:.0f} s training, "
+                f"{r['seconds_per_call']:.3f} s/call, peak {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+
+        base, *runs = run_many(specs, workdir, args.jobs, done)
+        runs.sort(key=lambda r: (args.methods.index(r["method"]), r["kl_coef"], r.get("lr") or 0.0))
     summary = report(args, base, runs)
     info["loadavg_end"] = os.getloadavg()
     settings = {k: v for k, v in vars(args).items() if k not in ("worker",)}

@@ -1,0 +1,42 @@
+"""The pure parts of benchmarks/ppo_sweep.py (issue 23: the sweep that chose PPO's defaults): the rule
+that picks the defaults and the checks of its points. The sweep itself runs for an hour or more."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(_DIR))
+_spec = importlib.util.spec_from_file_location("ppo_sweep", _DIR / "ppo_sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+def _run(reward, kl, seconds):
+    return {"val": {"reward_mean": reward, "kl_to_base": kl}, "seconds_per_call": seconds}
+
+
+def test_the_rule_bounds_kl_and_cost_then_takes_the_best_reward():
+    runs = [_run(0.70, 2.5, 1.0), _run(0.50, 1.0, 1.0), _run(0.60, 1.2, 1.6), _run(0.55, 1.8, 1.4)]
+    # 0.70 is over the KL bound, 0.60 costs 1.6x the cheapest: 0.55 (KL 1.8 <= 1.83, 1.4x) wins
+    assert sweep.choose(runs, math.log(16) - 15 / 16, 1.5) is runs[3]
+    assert sweep.choose(runs, 1.0, 1.5) is runs[1]
+    assert sweep.choose(runs, 0.5, 1.5) is None
+    assert sweep.choose([], 1.0, 1.5) is None
+
+
+def test_points_and_arguments():
+    args = sweep.parse_args([])
+    assert args.points == list(sweep.POINTS) and args.reward_calls == 720 and args.steps == 18
+    assert args.kl_budget == pytest.approx(1.8351, abs=1e-4)
+    assert sweep.parse_point("lr=1e-3,ppo_epochs=2,kl_coef=0.2") == {"lr": "1e-3", "ppo_epochs": "2", "kl_coef": "0.2"}
+    with pytest.raises(SystemExit):
+        sweep.parse_point("epochs=2")  # not a PPOConfig field
+    with pytest.raises(SystemExit):
+        sweep.parse_args(["--point", "lr"])
+    assert sweep.parse_args(["--smoke"]).steps == 2
