@@ -41,8 +41,10 @@ Protocol (every method alike):
 Settings: TRL at its defaults but for the pinned sampling, the budget, ``--trl-lr`` (1e-5, as in
 issue 23), ``beta``, and CPU settings made explicit (``use_cpu``, bf16 and fp16 off, gradient
 checkpointing off); a full fine-tune, as TRL trains a model it is given. qvlm at ``PPOConfig``'s
-defaults (LoRA r 8, lr 1e-5, 4 epochs, minibatches of 8) but for the budget, ``kl_coef`` and
-``advantage`` (``--fast``: rollouts on the fast path).
+defaults (LoRA r 8, lr 3e-4, KL coefficient 0.2, one epoch over minibatches of 8, as
+``benchmarks/ppo_sweep.py`` chose them) but for the budget, ``kl_coef`` and ``advantage`` (``--fast``:
+rollouts on the fast path; ``--qvlm-set KEY=VALUE``: other ``PPOConfig`` fields). A grid point
+``KL@lr=LR`` also sets that run's learning rate, on either side.
 """
 
 from __future__ import annotations

@@ -52,9 +52,10 @@ PRESETS = {
         eval_prompts=48,
         samples_per_prompt=8,
         max_new_tokens=20,
-        # PPO is the costliest phase: about 30 s per iteration of 16 responses on 2 CPU cores (an estimate
-        # from the sampling phase's throughput, not a measurement); 4 or 8 iterations, chosen on validation
-        ppo_iterations="4,8",
+        # PPO is the costliest phase: 720 reward calls (18 iterations of 10 prompts x 4 responses, the
+        # budget of benchmarks/peer_trl.py) took about 11 min at one torch thread on the Intel Xeon with AMX;
+        # 9 or 18 iterations, chosen on validation
+        ppo_iterations="9,18",
     ),
     "quick": dict(
         train_prompts=32,

@@ -100,8 +100,10 @@ class DemoConfig(Config):
         check=lambda v: v in ("", "0") or ascending_counts(v),
         rule="0 (no ppo method) or ascending whole numbers >= 1, comma-separated (e.g. 10,20)",
     )
-    # the demo's PPO: LoRA policy, shared V critic, k1 KL penalty in the reward (fixed), 4 responses per
-    # prompt and the demo's fixed horizon; its length, seed, head width and decode batch are the demo's
+    # the demo's PPO: PPOConfig's defaults (LoRA policy, shared V critic, k1 KL penalty in the reward,
+    # lr, KL coefficient and epochs chosen by benchmarks/ppo_sweep.py), 10 prompts x 4 responses per
+    # iteration as in benchmarks/peer_trl.py, the demo's fixed horizon; its length, seed, head width and
+    # decode batch are the demo's
     ppo: PPOConfig = nested(
         PPOConfig,
         {
@@ -111,10 +113,7 @@ class DemoConfig(Config):
             "ppo_epochs": "ppo_epochs",
         },
         "the ppo method",
-        kl_coef=0.05,
-        lr=1e-4,
-        prompts_per_iter=4,
-        ppo_epochs=2,
+        prompts_per_iter=10,
         responses_per_prompt=4,
         fixed_horizon=True,
     )

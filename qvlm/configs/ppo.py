@@ -21,7 +21,9 @@ ADVANTAGES = ("gae", "rloo", "grpo")
 
 @dataclass
 class PPOConfig(Config):
-    """PPO with a V critic on a causal LM (``qvlm train ppo``). Defaults follow Ziegler et al. 2019 /
+    """PPO with a V critic on a causal LM (``qvlm train ppo``). The learning rate, KL coefficient and
+    epochs were chosen by a sweep on validation prompts (``benchmarks/ppo_sweep.py``, issue 23: LoRA lr
+    3e-4, KL coefficient 0.2, one epoch over minibatches of 8); the rest follow Ziegler et al. 2019 /
     TRL's PPO where one applies; ``algo = a2c`` is plain actor-critic (one epoch, one minibatch,
     no clipping: it overrides ppo_epochs, minibatch_size, clip_eps and value_clip).
 
@@ -41,10 +43,13 @@ class PPOConfig(Config):
         24, "response length limit (a cut response bootstraps from V unless fixed_horizon)", ge=1
     )
     fixed_horizon: bool = option(False, "the length limit ends the episode (done) instead of cutting it")
-    ppo_epochs: int = option(4, "passes over each rollout", ge=1)
+    ppo_epochs: int = option(1, "passes over each rollout (chosen by benchmarks/ppo_sweep.py)", ge=1)
     minibatch_size: int = option(8, "responses per optimiser step", ge=1)
     lr: float = option(
-        1e-5, "AdamW learning rate of the policy (LoRA adapters, or every weight with --trunk full)", gt=0
+        3e-4,
+        "AdamW learning rate of the policy (LoRA adapters, or every weight with --trunk full: a full trunk wants "
+        "about 1e-5); chosen by benchmarks/ppo_sweep.py",
+        gt=0,
     )
     critic_lr: float = option(1e-3, "AdamW learning rate of the V head (and a separate critic's trunk)", gt=0)
     anneal_lr: bool = option(False, "decay both learning rates linearly to 0 over the iterations (CleanRL)")
@@ -75,7 +80,11 @@ class PPOConfig(Config):
     value_clip: float = option(0.2, "value clip around V_old (0: off)", ge=0)
     vf_coef: float = option(1.0, "weight of the value loss", ge=0)
     ent_coef: float = option(0.0, "weight of the entropy bonus (0: off)", ge=0)
-    kl_coef: float = option(0.05, "KL coefficient beta_kl to the reference (initial value when adaptive)", ge=0)
+    kl_coef: float = option(
+        0.2,
+        "KL coefficient beta_kl to the reference (initial value when adaptive; chosen by benchmarks/ppo_sweep.py)",
+        ge=0,
+    )
     kl_mode: str = option(
         "reward", "reward: k1 penalty in the per-token reward; loss: k3 KL loss term", choices=KL_MODES
     )
