@@ -33,7 +33,7 @@ PROMPTS = ["hello", "abc", "the cat", "zz", "a dog", "why"]
 
 
 def small_cfg(**kw) -> PPOConfig:
-    base = dict(iterations=2, prompts_per_iter=3, responses_per_prompt=4, max_new_tokens=8, lr=1e-2,
+    base = dict(iterations=2, prompts_per_iter=3, responses_per_prompt=4, max_new_tokens=8, lr=1e-2, ppo_epochs=4,
                 kl_coef=0.3, chat=False, progress=False, checkpoint_every=1, advantage="rloo")  # fmt: skip
     return PPOConfig(**{**base, **kw})
 
