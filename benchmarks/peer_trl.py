@@ -437,23 +437,28 @@ def run_many(specs: list[dict], workdir: Path, jobs: int, on_done=None) -> list[
 # ---- the whole benchmark ------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_budget_args(ap: argparse.ArgumentParser) -> None:
+    """The model, prompts, reward and budget every run shares (this benchmark's and ppo_sweep.py's)."""
     ap.add_argument("--model", default="smollm2-135m-instruct", help="model (as qvlm --model)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"), help="both sides' dtype")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"), help="every run's dtype")
     ap.add_argument("--reward", default="vader", help="a qvlm reward name")
     ap.add_argument("--train-prompts", default="demo:train", help="prompt file of the training side")
     ap.add_argument("--n-train", type=int, default=160, help="its first N train; the rest are validation prompts")
     ap.add_argument("--max-val-prompts", type=int, default=0, help="first N validation prompts (0: all)")
-    ap.add_argument("--eval-prompts", default="demo:eval", help="held-out prompt file (the table only)")
-    ap.add_argument("--max-eval-prompts", type=int, default=50, help="first N eval prompts (0: all)")
-    ap.add_argument("--reward-calls", type=int, default=720, help="responses scored in training, every method")
+    ap.add_argument("--reward-calls", type=int, default=720, help="responses scored in training, every run")
     ap.add_argument("--prompts-per-step", type=int, default=10, help="prompts per TRL step / qvlm iteration")
     ap.add_argument("--generations", type=int, default=4, help="responses per prompt in training")
     ap.add_argument("--max-new-tokens", type=int, default=20, help="response length limit, training and eval")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_budget_args(ap)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every run")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--eval-prompts", default="demo:eval", help="held-out prompt file (the table only)")
+    ap.add_argument("--max-eval-prompts", type=int, default=50, help="first N eval prompts (0: all)")
     ap.add_argument("--kl-coefs", default="0.01,0.05,0.2", help="KL coefficients every method trains at")
     for m in METHODS:
         ap.add_argument(

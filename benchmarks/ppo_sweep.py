@@ -68,21 +68,11 @@ def choose(runs: list[dict], kl_budget: float, max_cost: float) -> dict | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="model (as qvlm --model)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"), help="dtype of every run")
+    peer_trl.add_budget_args(ap)  # the same model, prompts, reward and budget as peer_trl.py
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each in its own process)")
     ap.add_argument("--point", dest="points", action="append", default=[], help="KEY=V[,KEY=V...] (repeat)")
     ap.add_argument("--advantage", default="gae", choices=("gae", "rloo", "grpo"), help="PPO's advantage")
-    ap.add_argument("--reward", default="vader", help="a qvlm reward name")
-    ap.add_argument("--train-prompts", default="demo:train", help="prompt file of the training side")
-    ap.add_argument("--n-train", type=int, default=160, help="its first N train; the rest are validation prompts")
-    ap.add_argument("--max-val-prompts", type=int, default=0, help="first N validation prompts (0: all)")
-    ap.add_argument("--reward-calls", type=int, default=720, help="responses scored in training")
-    ap.add_argument("--prompts-per-step", type=int, default=10, help="prompts per iteration")
-    ap.add_argument("--generations", type=int, default=4, help="responses per prompt in training")
-    ap.add_argument("--max-new-tokens", type=int, default=20, help="response length limit")
     ap.add_argument("--kl-coef", type=float, default=0.05, help="KL coefficient of the points that set none")
     ap.add_argument("--fast", action="store_true", help="rollouts on the fast decoding path")
     ap.add_argument("--eval-samples", type=int, default=4, help="responses per validation prompt")
