@@ -313,7 +313,7 @@ def test_demo_ppo_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
 def test_ppo_presets_and_bad_ppo_settings(capsys):
     from qvlm.apps.demo_ppo import ppo_stages
 
-    assert ppo_stages(resolve(DemoConfig())) == [4, 8]  # the full preset trains PPO
+    assert ppo_stages(resolve(DemoConfig())) == [9, 18]  # the full preset trains PPO
     assert ppo_stages(resolve(DemoConfig(quick=True))) == []  # --quick does not...
     assert ppo_stages(resolve(DemoConfig(quick=True, ppo_iterations="2, 3"))) == [2, 3]  # ...unless asked
     assert ppo_stages(resolve(DemoConfig(ppo_iterations="0"))) == []  # and the full demo can leave it out
