@@ -400,13 +400,7 @@ def run_many(specs: list[dict], workdir: Path, jobs: int, on_done=None) -> list[
     10 GB each at 135M parameters in fp32, a frozen reference beside the trained copy and AdamW's
     moments) never run two at once: the next run that fits is started instead. ``on_done(result)``
     after each run."""
-    pending, running, results = [], {}, {}
-    for i, spec in enumerate(specs):
-        results[i] = kept(spec, workdir)
-        if results[i] is None:
-            pending.append(i)
-        else:
-            print(f"{run_name(spec)}: kept from {workdir}", flush=True)
+    pending, running, results = list(range(len(specs))), {}, {}
     heavy = lambda i: specs[i]["method"].startswith("trl-")  # noqa: E731
     while pending or running:
         while pending and len(running) < max(1, jobs):
@@ -416,10 +410,12 @@ def run_many(specs: list[dict], workdir: Path, jobs: int, on_done=None) -> list[
                 break
             i = fits[0]
             pending.remove(i)
-            results[i] = kept(specs[i], workdir)  # another invocation sharing --keep may have finished it
+            results[i] = kept(specs[i], workdir)  # finished earlier, or by another invocation sharing --keep
             if results[i] is None:
                 running[i] = start_one(specs[i], workdir)
-            elif on_done is not None:
+                continue
+            print(f"{run_name(specs[i])}: kept from {workdir}", flush=True)
+            if on_done is not None:
                 on_done(results[i])
         if not running:
             continue
