@@ -232,7 +232,9 @@ def ppo_overrides(given: dict[str, str]) -> dict:
         if key == "trunk":
             out[key] = TrunkConfig(mode=value)
         elif key in fixed or key not in fields:
-            raise SystemExit(f"--qvlm-set {key}: not a PPOConfig field the benchmark leaves free ({sorted(fields)})")
+            raise SystemExit(
+                f"--qvlm-set {key}: not a PPOConfig field the benchmark leaves free ({sorted(set(fields) - fixed)})"
+            )
         else:
             kind = type(fields[key].default)
             out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)

@@ -7,8 +7,8 @@ trained on). The eval prompts are not decoded here: they belong to peer_trl.py's
     python benchmarks/ppo_sweep.py --point lr=1e-3,ppo_epochs=2 --point trunk=full,lr=2e-5
     python benchmarks/ppo_sweep.py --smoke               # minutes: proves it runs
 
-Each point is a set of ``PPOConfig`` fields (``kl_coef`` included) over the defaults; every point is
-one run in a fresh process, timed (seconds per reward call, as peer_trl.py). The rule that picks the
+Each point is a set of ``PPOConfig`` fields (``kl_coef`` and ``advantage`` included) over the
+defaults; every point is one run in a fresh process, timed (seconds per reward call, as peer_trl.py). The rule that picks the
 defaults is fixed before the runs: the highest validation reward among the points whose validation
 KL (exact) is at most ``--kl-budget`` (default log 16 - 15/16 = 1.83 nats, the bound on best-of-16's
 KL that the demo's headline rule uses) and whose cost per reward call is at most ``--max-cost`` times
@@ -32,25 +32,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peer_trl  # noqa: E402
 
-# The committed grid: LoRA's learning rate at one epoch over minibatches of 8 (the cost TRL GRPO pays
-# is one forward-backward pass per response), then one more epoch, larger minibatches, the KL
-# coefficient, and the full trunk.
+# The committed grid (benchmarks/README.md): LoRA's learning rate at one epoch over minibatches of 8
+# (the cost TRL GRPO pays is one forward-backward pass per response), then one more epoch, larger
+# minibatches, the KL coefficient, RLOO's critic-free advantage, and the full trunk.
 POINTS = (
-    "lr=3e-4,ppo_epochs=1",
+    "lr=1e-4,ppo_epochs=1",
+    "lr=3e-4,ppo_epochs=1,kl_coef=0.2",
+    "lr=3e-4,ppo_epochs=1,minibatch_size=20",
+    "trunk=full,lr=1e-5,ppo_epochs=1",
+    "lr=1e-4,ppo_epochs=2",
     "lr=1e-3,ppo_epochs=1",
-    "lr=3e-3,ppo_epochs=1",
-    "lr=1e-3,ppo_epochs=2",
-    "trunk=full,lr=2e-5,ppo_epochs=1",
+    "lr=3e-4,ppo_epochs=1",
+    "lr=3e-4,ppo_epochs=1,kl_coef=0.1",
+    "lr=3e-4,ppo_epochs=1,kl_coef=0.2,advantage=rloo",
+    "trunk=full,lr=3e-6,ppo_epochs=1,kl_coef=0.2",
+    "trunk=full,lr=1e-5,ppo_epochs=1,kl_coef=0.2",
 )
 SMOKE = dict(n_train=8, max_val_prompts=4, reward_calls=8, prompts_per_step=2, generations=2, max_new_tokens=8,
              eval_samples=2, threads=1, points=["lr=1e-3,ppo_epochs=1", "lr=1e-3,ppo_epochs=1,kl_coef=0.2"])  # fmt: skip
 
 
+METHODS = {"gae": "qvlm-ppo", "rloo": "qvlm-rloo", "grpo": "qvlm-grpo"}
+
+
 def parse_point(text: str) -> dict[str, str]:
     """``"lr=1e-3,ppo_epochs=1"`` -> ``{"lr": "1e-3", "ppo_epochs": "1"}`` (checked against PPOConfig)."""
     point = peer_trl.parse_sets([x for x in text.split(",") if x.strip()])
-    peer_trl.ppo_overrides({k: v for k, v in point.items() if k != "kl_coef"})  # fails early on a bad field
+    if point.get("advantage", "gae") not in METHODS:
+        raise SystemExit(f"--point {text}: advantage must be one of {sorted(METHODS)}")
+    peer_trl.ppo_overrides({k: v for k, v in point.items() if k not in ("kl_coef", "advantage")})  # fails early
     return point
+
+
+def point_specs(points: list[dict[str, str]], common: dict, advantage: str, kl_coef: float) -> list[dict]:
+    """peer_trl.py's run specs: the base model first, then one per point; a point's ``advantage``
+    picks the method (``gae`` is qvlm-ppo) and its ``kl_coef`` the coefficient, else the flags'.
+
+    >>> [s["name"] for s in point_specs([{"lr": "1e-4"}, {"advantage": "rloo", "kl_coef": "0.2"}], {}, "gae", 0.05)]
+    ['base', 'qvlm-ppo_lr-1e-4_kl0.05', 'qvlm-rloo_defaults_kl0.2']
+    """
+    specs = [{**common, "method": "base", "kl_coef": 0.0, "ppo": {}, "name": "base"}]
+    for point in points:
+        method = METHODS[point.get("advantage", advantage)]
+        ppo = {k: v for k, v in point.items() if k not in ("kl_coef", "advantage")}
+        kl = float(point.get("kl_coef", kl_coef))
+        slug = "_".join(f"{k}-{v}" for k, v in sorted(ppo.items())) or "defaults"
+        specs.append({**common, "method": method, "kl_coef": kl, "ppo": ppo, "name": f"{method}_{slug}_kl{kl:g}"})
+    return specs
 
 
 def choose(runs: list[dict], kl_budget: float, max_cost: float) -> dict | None:
@@ -73,7 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each in its own process)")
     ap.add_argument("--point", dest="points", action="append", default=[], help="KEY=V[,KEY=V...] (repeat)")
     ap.add_argument("--advantage", default="gae", choices=("gae", "rloo", "grpo"), help="PPO's advantage")
-    ap.add_argument("--kl-coef", type=float, default=0.05, help="KL coefficient of the points that set none")
+    ap.add_argument(
+        "--kl-coef",
+        type=float,
+        default=0.05,
+        help="KL coefficient of the points that set none (0.05: the default when the grid began)",
+    )
     ap.add_argument("--fast", action="store_true", help="rollouts on the fast decoding path")
     ap.add_argument("--eval-samples", type=int, default=4, help="responses per validation prompt")
     ap.add_argument("--kl-budget", type=float, default=math.log(16) - 15 / 16, help="the rule's KL bound (nats)")
@@ -118,13 +151,7 @@ def main(argv=None) -> None:
                   prompts_per_step=args.prompts_per_step, generations=args.generations,
                   max_new_tokens=args.max_new_tokens, eval_samples=args.eval_samples, seed=args.seed,
                   trl_lr=0.0, fast=args.fast)  # fmt: skip
-    method = {"gae": "qvlm-ppo", "rloo": "qvlm-rloo", "grpo": "qvlm-grpo"}[args.advantage]
-    specs = [{**common, "method": "base", "kl_coef": 0.0, "ppo": {}, "name": "base"}]
-    for point in args.parsed:
-        ppo = {k: v for k, v in point.items() if k != "kl_coef"}
-        kl = float(point.get("kl_coef", args.kl_coef))
-        slug = "_".join(f"{k}-{v}" for k, v in sorted(ppo.items())) or "defaults"
-        specs.append({**common, "method": method, "kl_coef": kl, "ppo": ppo, "name": f"{method}_{slug}_kl{kl:g}"})
+    specs = point_specs(args.parsed, common, args.advantage, args.kl_coef)
     print(
         f"{len(train)} training, {len(val)} validation prompts; {args.reward_calls} reward calls; "
         f"{len(args.points)} points, {args.jobs} at a time",

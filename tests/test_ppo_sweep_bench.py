@@ -40,3 +40,26 @@ def test_points_and_arguments():
     with pytest.raises(SystemExit):
         sweep.parse_args(["--point", "lr"])
     assert sweep.parse_args(["--smoke"]).steps == 2
+    assert sweep.parse_point("advantage=rloo,lr=3e-4") == {"advantage": "rloo", "lr": "3e-4"}
+    with pytest.raises(SystemExit, match="advantage must be one of"):
+        sweep.parse_point("advantage=ppo")
+
+
+def test_a_point_picks_its_method_and_kl_coefficient():
+    common = {"model": "m"}
+    base, gae, rloo, grpo = (
+        sweep.point_specs(
+            [{"lr": "1e-4"}, {"advantage": "rloo", "kl_coef": "0.2", "lr": "3e-4"}, {}], common, "gae", 0.05
+        )[:3]
+        + sweep.point_specs([{}], common, "grpo", 0.1)[1:]
+    )
+    assert (base["method"], base["kl_coef"], base["ppo"]) == ("base", 0.0, {})
+    assert (gae["method"], gae["kl_coef"], gae["ppo"], gae["name"]) == (
+        "qvlm-ppo",
+        0.05,
+        {"lr": "1e-4"},
+        "qvlm-ppo_lr-1e-4_kl0.05",
+    )
+    assert (rloo["method"], rloo["kl_coef"], rloo["ppo"]) == ("qvlm-rloo", 0.2, {"lr": "3e-4"})
+    assert (grpo["method"], grpo["kl_coef"], grpo["name"]) == ("qvlm-grpo", 0.1, "qvlm-grpo_defaults_kl0.1")
+    assert all(s["model"] == "m" for s in (base, gae, rloo, grpo))
