@@ -8,12 +8,13 @@ trained on). The eval prompts are not decoded here: they belong to peer_trl.py's
     python benchmarks/ppo_sweep.py --smoke               # minutes: proves it runs
 
 Each point is a set of ``PPOConfig`` fields (``kl_coef`` and ``advantage`` included) over the
-defaults; every point is one run in a fresh process, timed (seconds per reward call, as peer_trl.py). The rule that picks the
-defaults is fixed before the runs: the highest validation reward among the points whose validation
-KL (exact) is at most ``--kl-budget`` (default log 16 - 15/16 = 1.83 nats, the bound on best-of-16's
-KL that the demo's headline rule uses) and whose cost per reward call is at most ``--max-cost`` times
-the cheapest point's (default 1.5: the issue asks for PPO's wall-clock per call to be at most TRL
-GRPO's, which does one optimiser step per batch of responses).
+defaults; every point is one run in a fresh process, timed (seconds per reward call, as
+peer_trl.py). The rule that picks the defaults is fixed before the runs: the highest validation
+reward among the points whose validation KL (exact) is at most ``--kl-budget`` (default log 16 -
+15/16 = 1.83 nats, the bound on best-of-16's KL that the demo's headline rule uses) and whose cost
+per reward call is at most ``--max-cost`` times the cheapest point's (default 1.5: the issue asks
+for PPO's wall-clock per call to be at most TRL GRPO's, which does one optimiser step per batch of
+responses).
 """
 
 from __future__ import annotations
