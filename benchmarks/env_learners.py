@@ -328,26 +328,109 @@ def print_table(task: str, agg: dict, per_seed: list[dict]) -> None:
                   f"{r['action']!r} |")  # fmt: skip
 
 
-def parse(argv=None) -> tuple[Protocol, str]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+HELP = {
+    "model": "the base model (a qvlm model name or a Hugging Face directory)",
+    "device": "cpu, cuda or auto",
+    "tasks": f"comma-separated, from {sorted(TASKS)}",
+    "seeds": "learner seeds (data, initialisation, sampling); the held-out episodes are the same for each",
+    "methods": f"comma-separated, from {METHODS}",
+    "max_new_tokens": "tokens per reply",
+    "base_episodes": "offline data: the base model's episodes per seed",
+    "noisy_episodes": "offline data: the noisy scripted player's episodes per seed",
+    "epsilon": "the noisy scripted player's probability of a random action",
+    "val_episodes": "validation episodes (training side) that choose beta",
+    "eval_episodes": "held-out episodes per method and seed",
+    "betas": "guidance strengths to choose from on validation",
+    "candidates": "replies per turn for turn-level guidance",
+    "ilql_epochs": "ILQL epochs over the offline data",
+    "ilql_lr": "ILQL learning rate",
+    "ilql_gamma": "ILQL discount per token",
+    "mc_epochs": "Monte-Carlo value epochs",
+    "mc_lr": "Monte-Carlo value learning rate",
+    "batch_size": "offline minibatch (episodes)",
+    "ppo_iterations": "PPO rollout + update rounds",
+    "ppo_seeds_per_iter": "environment seeds per PPO iteration",
+    "ppo_episodes_per_seed": "episodes per seed per PPO iteration (the RLOO/GRPO group)",
+    "ppo_lr": "PPO's LoRA learning rate",
+    "ppo_kl_coef": "PPO's KL coefficient",
+    "decode_batch_size": "episodes decoded together",
+    "smoke": f"a random tiny model and a tiny protocol (a minute): {SMOKE}",
+}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, each flag's default shown."""
+
+
+def parse(argv=None) -> tuple[Protocol, str, list[str]]:
+    ap = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="python benchmarks/env_learners.py --merge a.json b.json --json all.json   # seeds run apart, one table",
+        formatter_class=_Formatter,
+    )
     for f in fields(Protocol):
         if f.type in ("bool", bool):
-            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+            ap.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=HELP[f.name])
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    ap.add_argument("--json", default="benchmarks/results/env_learners.json")
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=HELP[f.name])
+    ap.add_argument("--json", default="benchmarks/results/env_learners.json", help="results file (written atomically)")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="run nothing: combine result files of the same protocol run with different --seeds into one table",
+    )
     args = vars(ap.parse_args(argv))
     path = args.pop("json")
+    merged = args.pop("merge")
     p = Protocol(**args)
     if p.smoke:
         given = {k for k in args if args[k] != getattr(Protocol, k)}
         p = Protocol(**{**args, **{k: v for k, v in SMOKE.items() if k not in given}})
-    return p, path
+    return p, path, merged
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several runs of the same protocol with different ``seeds``: each task's
+    per-seed rows concatenated (in the order given) and aggregated again. Any other protocol difference,
+    or a seed that appears twice, is an error that names it."""
+    if not results:
+        raise SystemExit("--merge needs at least one result file")
+    first = results[0]["protocol"]
+    for r in results[1:]:
+        diff = sorted(
+            k for k in first.keys() | r["protocol"].keys() if k != "seeds" and first.get(k) != r["protocol"].get(k)
+        )
+        if diff:
+            raise SystemExit(f"--merge: the runs differ in more than their seeds: {', '.join(diff)}")
+    out = {"protocol": {**first, "seeds": ",".join(r["protocol"]["seeds"] for r in results)}, "tasks": {}}
+    for task in dict.fromkeys(t for r in results for t in r["tasks"]):
+        parts = [r["tasks"][task] for r in results if task in r["tasks"]]
+        per_seed = [row for part in parts for row in part["per_seed"]]
+        seeds = [row["seed"] for row in per_seed]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(
+                f"--merge: task {task} has seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} twice"
+            )
+        keep = {k: parts[0][k] for k in ("env", "optimal_return", "random_return")}
+        out["tasks"][task] = {**keep, "aggregate": aggregate(per_seed), "per_seed": per_seed}
+    out["seconds"] = sum(r.get("seconds", 0.0) for r in results)
+    out["machine"] = results[0].get("machine")
+    return out
 
 
 def main(argv=None) -> dict:
-    p, path = parse(argv)
+    p, path, merged = parse(argv)
+    if merged:
+        result = merge([json.loads(Path(f).read_text()) for f in merged])
+        result["merged_from"] = list(merged)
+        for task, t in result["tasks"].items():
+            print_table(task, t["aggregate"], t["per_seed"])
+        atomic_write_text(path, json.dumps(json_safe(result), indent=1) + "\n")
+        print(f"\nwrote {path} ({len(merged)} runs merged)")
+        return result
     model, tok = load(p)
     if not p.smoke and context_length(model.config) and context_length(model.config) < 1024:
         print(f"warning: the model's context is {context_length(model.config)} tokens")

@@ -621,3 +621,43 @@ def test_env_learners_benchmark_smoke(tmp_path, capsys, monkeypatch):
     assert max(seeds) < 100_000_000 <= bench.eval_seeds(1)[0]
     printed = capsys.readouterr().out
     assert "| ilql (beta 1) |" in printed and "V before" in printed
+
+
+def test_env_learners_merge_combines_seeds_run_apart(tmp_path, monkeypatch):
+    """--merge: runs of one protocol with different --seeds become one table (means over all seeds,
+    CIs over the pooled episodes); a protocol difference or a repeated seed is an error."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "env_learners.py"
+    spec = importlib.util.spec_from_file_location("env_learners", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "env_learners", bench)
+    spec.loader.exec_module(bench)
+
+    def run(seed, returns, **protocol):
+        row = {"returns": returns, "optimal_return": 1.0, "random_return": 0.0, "invalid_rate": 0.5}
+        row["normalised"] = 100.0 * sum(returns) / len(returns)
+        task = {"env": "GuessTheNumber-v0", "optimal_return": 1.0, "random_return": 0.0}
+        task["per_seed"] = [{"seed": seed, "methods": {"base": row}}]
+        return {
+            "protocol": {"seeds": str(seed), "eval_episodes": 2, **protocol},
+            "tasks": {"guess": task},
+            "seconds": 5.0,
+        }
+
+    files = []
+    for seed, returns in ((0, [0.0, 1.0]), (1, [1.0, 1.0])):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps(run(seed, returns)))
+    out = tmp_path / "all.json"
+    result = bench.main(["--merge", *map(str, files), "--json", str(out)])
+    base = json.loads(out.read_text())["tasks"]["guess"]["aggregate"]["base"]
+    assert result["protocol"]["seeds"] == "0,1" and result["seconds"] == 10.0
+    assert base["normalised_per_seed"] == [50.0, 100.0] and base["normalised_mean_over_seeds"] == 75.0
+    assert base["episodes"] == 4 and base["mean_return"] == pytest.approx(0.75)
+    with pytest.raises(SystemExit, match="seed"):
+        bench.merge([run(0, [1.0]), run(0, [0.0])])
+    with pytest.raises(SystemExit, match="eval_episodes"):
+        bench.merge([run(0, [1.0]), run(1, [0.0], eval_episodes=3)])
