@@ -8,9 +8,10 @@ Per task and per seed ``s`` (the learners' seed: data, initialisation, sampling)
    returns, ``qvlm train value --target mc --with-q``) on that data; each guides the base model token by
    token (``log pi_ref + beta (Q - V)``), ``beta`` chosen from ``--betas`` on validation seeds of the
    training side (DESIGN.md's evaluation protocol);
-3. **guidance**: value-guided decoding at the turn level, with the MC heads: each turn the base model
-   writes ``--candidates`` replies and the one with the highest ``Q`` at its last token is played
-   (:func:`qvlm.envs.rollout.run_lm` ``candidates``);
+3. **guidance**: value-guided decoding at the turn level: each turn the base model writes
+   ``--candidates`` replies and the one with the highest ``Q`` at its last token is played
+   (:func:`qvlm.envs.rollout.run_lm` ``candidates``), with the ILQL or the MC heads, whichever
+   does better on the validation seeds;
 4. **PPO** online in the environment (``qvlm train ppo --env``: LoRA policy, GAE across turns) on its own
    training seeds; its policy samples plainly;
 5. the **base** model sampling plainly.
@@ -201,6 +202,20 @@ def choose_beta(model, tok, env, kwargs, qv, p: Protocol, seed: int) -> tuple[fl
     return max(val, key=val.get), val
 
 
+def choose_guidance_heads(model, tok, env, kwargs, heads: dict, p: Protocol, seed: int) -> tuple[str, dict]:
+    """Turn-level guidance: the heads (ILQL or MC, those trained) whose best-of-``--candidates`` choice by
+    Q has the best mean return on validation seeds. They differ where the data never took a token: ILQL's
+    conservative term pushes such a token's Q down, while an MC Q head leaves it at its initial 0, which
+    outranks every seen reply when the returns are negative."""
+    val = {}
+    for kind in ("ilql", "mc"):
+        if kind in heads:
+            seeds = train_seeds(seed, "val", p.val_episodes)
+            episodes = play(model, tok, env, kwargs, seeds, p, seed, heads[kind].heads, 0.0, p.candidates)
+            val[kind] = sum(e.total_return for e in episodes) / len(episodes)
+    return max(val, key=val.get), val
+
+
 def train_ppo(tok, env, kwargs, p: Protocol, seed: int):
     """A fresh copy of the base (LoRA goes into its weights) trained online; returns the policy."""
     model, _ = load(p)
@@ -249,7 +264,7 @@ def run_seed(model, tok, task: str, p: Protocol, seed: int) -> dict:
         }
         log(task, seed, f"data: {out['data']}", t0)
     for kind in ("ilql", "mc"):
-        if kind in methods or (kind == "mc" and "guidance" in methods):
+        if kind in methods or "guidance" in methods:
             t = time.perf_counter()
             heads[kind] = heads_for(model, kind, data, tok, p, seed, cache)
             out[f"{kind}_train_seconds"] = time.perf_counter() - t
@@ -261,8 +276,9 @@ def run_seed(model, tok, task: str, p: Protocol, seed: int) -> dict:
             if kind == "ilql":
                 out["report"] = report(heads[kind], tok, episodes[0])
     if "guidance" in methods:
-        episodes = play(model, tok, env, kwargs, held_out, p, seed, heads["mc"].heads, 0.0, p.candidates, "guidance")
-        scored("guidance", episodes, candidates=p.candidates)
+        kind, val = choose_guidance_heads(model, tok, env, kwargs, heads, p, seed)
+        episodes = play(model, tok, env, kwargs, held_out, p, seed, heads[kind].heads, 0.0, p.candidates, "guidance")
+        scored("guidance", episodes, candidates=p.candidates, heads=kind, validation=val)
     heads.clear()
     if "ppo" in methods:
         t = time.perf_counter()
@@ -314,6 +330,9 @@ def print_table(task: str, agg: dict, per_seed: list[dict]) -> None:
         betas = [r["methods"][m].get("beta") for r in per_seed if m in r["methods"]]
         if betas and betas[0] is not None:
             extra = f" (beta {', '.join(f'{b:g}' for b in betas)})"
+        kinds = [r["methods"][m].get("heads") for r in per_seed if m in r["methods"]]
+        if kinds and kinds[0] is not None:
+            extra = f" ({', '.join(kinds)} heads)"
         per = ", ".join(f"{x:.1f}" for x in a["normalised_per_seed"])
         print(f"| {m}{extra} | {a['normalised_mean_over_seeds']:.1f} | +- {a['normalised_ci95_pooled']:.1f} | {per} | "
               f"{a['mean_return']:.3f} | {a['invalid_rate']:.2f} |")  # fmt: skip

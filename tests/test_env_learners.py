@@ -615,12 +615,16 @@ def test_env_learners_benchmark_smoke(tmp_path, capsys, monkeypatch):
     run = task["per_seed"][0]
     assert all(len(m["returns"]) == 4 for m in run["methods"].values())
     assert run["data"]["episodes"] == 4 + 12 and len(run["methods"]["ppo"]["train_returns"]) == 2
+    guided = run["methods"]["guidance"]  # by the heads that did better on validation
+    assert guided["validation"].keys() == {"ilql", "mc"} and guided["heads"] == max(
+        guided["validation"], key=guided["validation"].get
+    )
     assert len(run["report"]["turns"]) >= 1
     # training and validation seeds lie below the held-out ones
     seeds = [bench.train_seeds(0, role, 1000)[-1] for role in bench.ROLE]
     assert max(seeds) < 100_000_000 <= bench.eval_seeds(1)[0]
     printed = capsys.readouterr().out
-    assert "| ilql (beta 1) |" in printed and "V before" in printed
+    assert "| ilql (beta 1) |" in printed and "V before" in printed and " heads) |" in printed
 
 
 def test_env_learners_merge_combines_seeds_run_apart(tmp_path, monkeypatch):
