@@ -236,7 +236,7 @@ def ppo_overrides(given: dict[str, str]) -> dict:
                 f"--qvlm-set {key}: not a PPOConfig field the benchmark leaves free ({sorted(set(fields) - fixed)})"
             )
         else:
-            kind = type(fields[key].default)
+            kind = fields[key].metadata.get("type") or type(fields[key].default)  # a None default names its type
             out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return out
 

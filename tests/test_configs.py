@@ -83,6 +83,20 @@ def test_defaults_unchanged():
     assert (value.gamma, value.lam, value.target, value.q_target, value.grad_clip) == (1.0, 0.95, "mc", "return", 1.0)
 
 
+def test_ppo_learning_rate_defaults_per_trunk():
+    """Unset, the policy's learning rate is its trunk's (benchmarks/ppo_sweep.py chose both); given, it is
+    kept; it is fixed when the config is built, so a run records the number; 0, NaN and inf are refused."""
+    from qvlm.configs import ConfigError, PPOConfig
+    from qvlm.configs.ppo import DEFAULT_LR
+
+    assert DEFAULT_LR == {"lora": 3e-4, "full": 1e-5}
+    assert PPOConfig().lr == 3e-4 and PPOConfig(trunk=TrunkConfig("full")).lr == 1e-5
+    assert PPOConfig(lr=2e-4, trunk=TrunkConfig("full")).lr == 2e-4
+    for bad in (0.0, -1e-4, NAN, math.inf):
+        with pytest.raises(ConfigError, match="--lr is"):
+            PPOConfig(lr=bad)
+
+
 NAN = math.nan
 
 

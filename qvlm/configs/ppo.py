@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from qvlm.configs.base import Config, ConfigError, flag_name, nested, option
 from qvlm.configs.trunk import TrunkConfig
 from qvlm.errors import QVLMError
 
-__all__ = ["PPO_ALGOS", "PPO_TRUNKS", "PPO_CRITICS", "KL_MODES", "ADVANTAGES", "PPOConfig"]
+__all__ = ["DEFAULT_LR", "PPO_ALGOS", "PPO_TRUNKS", "PPO_CRITICS", "KL_MODES", "ADVANTAGES", "PPOConfig"]
 
 PPO_ALGOS = ("ppo", "a2c")
 PPO_TRUNKS = ("lora", "full")
@@ -17,6 +18,12 @@ KL_MODES = ("reward", "loss")
 # the advantage estimators of qvlm.online (declared here: configs import nothing heavy); rloo and grpo
 # need no critic
 ADVANTAGES = ("gae", "rloo", "grpo")
+# the policy's learning rate when none is given, per trunk mode (benchmarks/ppo_sweep.py chose both)
+DEFAULT_LR = {"lora": 3e-4, "full": 1e-5}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -45,11 +52,14 @@ class PPOConfig(Config):
     fixed_horizon: bool = option(False, "the length limit ends the episode (done) instead of cutting it")
     ppo_epochs: int = option(1, "passes over each rollout (chosen by benchmarks/ppo_sweep.py)", ge=1)
     minibatch_size: int = option(8, "responses per optimiser step", ge=1)
-    lr: float = option(
-        3e-4,
-        "AdamW learning rate of the policy (LoRA adapters, or every weight with --trunk full: a full trunk wants "
-        "about 1e-5); chosen by benchmarks/ppo_sweep.py",
-        gt=0,
+    lr: float | None = option(
+        None,
+        "AdamW learning rate of the policy, its LoRA adapters or every weight with --trunk full; unset: "
+        + ", ".join(f"{v:.0e}".replace("e-0", "e-") + f" with --trunk {k}" for k, v in DEFAULT_LR.items())
+        + " (chosen by benchmarks/ppo_sweep.py)",
+        type=float,
+        check=lambda v: v is None or _positive(v),
+        rule="a finite number > 0",
     )
     critic_lr: float = option(1e-3, "AdamW learning rate of the V head (and a separate critic's trunk)", gt=0)
     anneal_lr: bool = option(False, "decay both learning rates linearly to 0 over the iterations (CleanRL)")
@@ -117,6 +127,8 @@ class PPOConfig(Config):
     def check(self) -> None:
         if self.trunk.mode not in PPO_TRUNKS:
             raise ConfigError("trunk", self.trunk.mode, "one of " + ", ".join(PPO_TRUNKS))
+        if self.lr is None:  # the trunk's own default, fixed when the config is built (runs record the number)
+            self.lr = DEFAULT_LR[self.trunk.mode]
         if self.trunk.fsdp and self.critic != "shared":
             raise QVLMError("--fsdp supports --critic shared only (a separate critic's trunk is not sharded)")
         if self.deepspeed and (self.trunk.mode != "full" or self.critic != "shared" or self.trunk.fsdp):
