@@ -48,6 +48,8 @@ POINTS = (
     "lr=3e-4,ppo_epochs=1,kl_coef=0.2,advantage=rloo",
     "trunk=full,lr=3e-6,ppo_epochs=1,kl_coef=0.2",
     "trunk=full,lr=1e-5,ppo_epochs=1,kl_coef=0.2",
+    "lr=3e-4,ppo_epochs=1,kl_coef=0.1,advantage=rloo",
+    "lr=3e-4,ppo_epochs=1,kl_coef=0.05,advantage=rloo",
 )
 SMOKE = dict(n_train=8, max_val_prompts=4, reward_calls=8, prompts_per_step=2, generations=2, max_new_tokens=8,
              eval_samples=2, threads=1, points=["lr=1e-3,ppo_epochs=1", "lr=1e-3,ppo_epochs=1,kl_coef=0.2"])  # fmt: skip
@@ -93,6 +95,16 @@ def choose(runs: list[dict], kl_budget: float, max_cost: float) -> dict | None:
     cheapest = min((r["seconds_per_call"] for r in runs), default=0.0)
     ok = [r for r in runs if r["val"]["kl_to_base"] <= kl_budget and r["seconds_per_call"] <= max_cost * cheapest]
     return max(ok, key=lambda r: r["val"]["reward_mean"]) if ok else None
+
+
+def choose_by_trunk(points: list[dict], runs: list[dict], kl_budget: float, max_cost: float) -> dict:
+    """The rule within each trunk mode (``{"lora": run, "full": run}``, None where none qualifies): a LoRA
+    policy and a full fine-tune get a default each (``PPOConfig.lr`` per trunk), and the cost bound
+    compares a point with the cheapest of its own mode."""
+    groups: dict[str, list[dict]] = {}
+    for point, run in zip(points, runs):
+        groups.setdefault(point.get("trunk", "lora"), []).append(run)
+    return {trunk: choose(group, kl_budget, max_cost) for trunk, group in groups.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,13 +181,14 @@ def main(argv=None) -> None:
         base, *runs = peer_trl.run_many(specs, workdir, args.jobs, done)
     for point, r in zip(args.points, runs):
         r["point"] = point
-    chosen = choose(runs, args.kl_budget, args.max_cost)
+    chosen_by_trunk = choose_by_trunk(args.parsed, runs, args.kl_budget, args.max_cost)
+    chosen = chosen_by_trunk.get("lora")
     b = base["val"]
     print(f"\nvalidation ({len(val)} prompts x {args.eval_samples}; KL exact), base {b['reward_mean']:.3f}:")
     print(f"{'point':<40}{'kl_coef':>8}{'val R':>8}{'+-95%':>7}{'val KL':>8}{'dist-2':>7}{'s/call':>8}{'peak MB':>9}")
     for r in runs:
         v = r["val"]
-        mark = " <- chosen" if r is chosen else ""
+        mark = next((f" <- chosen ({t})" for t, c in chosen_by_trunk.items() if c is r), "")
         print(
             f"{r['point']:<40}{r['kl_coef']:>8g}{v['reward_mean']:>8.3f}{v['reward_ci95']:>7.3f}{v['kl_to_base']:>8.3f}"
             f"{v['distinct_2']:>7.3f}{r['seconds_per_call']:>8.3f}{r['peak_rss_mb']:>9.0f}{mark}"
@@ -184,11 +197,13 @@ def main(argv=None) -> None:
         f"highest validation reward with validation KL <= {args.kl_budget:.3g} nats and s/call <= "
         f"{args.max_cost:g} x the cheapest point's"
     )
-    print(f"\nrule: {rule}; chosen: {chosen['point'] if chosen else 'none qualifies'}")
+    picks = ", ".join(f"{t}: {c['point'] if c else 'none qualifies'}" for t, c in chosen_by_trunk.items())
+    print(f"\nrule (within each trunk mode): {rule}; chosen: {picks}")
     info["loadavg_end"] = os.getloadavg()
     settings = {k: v for k, v in vars(args).items() if k != "parsed"}
     out = {"settings": settings, "machine": info, "rule": rule, "seconds": time.perf_counter() - start,
-           "base": base, "runs": runs, "chosen": chosen["point"] if chosen else None}  # fmt: skip
+           "base": base, "runs": runs, "chosen": chosen["point"] if chosen else None,
+           "chosen_by_trunk": {t: c["point"] if c else None for t, c in chosen_by_trunk.items()}}  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.json, json.dumps(json_safe(out), indent=2, allow_nan=False) + "\n")
     print(f"wrote {args.json}")

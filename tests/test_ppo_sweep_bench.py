@@ -30,6 +30,15 @@ def test_the_rule_bounds_kl_and_cost_then_takes_the_best_reward():
     assert sweep.choose([], 1.0, 1.5) is None
 
 
+def test_each_trunk_mode_gets_its_own_choice_and_cost_bound():
+    points = [{"lr": "3e-4"}, {"lr": "1e-3"}, {"trunk": "full", "lr": "1e-5"}, {"trunk": "full", "lr": "3e-6"}]
+    runs = [_run(0.30, 0.7, 0.6), _run(0.80, 9.0, 0.6), _run(0.29, 0.6, 1.1), _run(0.21, 0.2, 1.1)]
+    # against all four points the full trunk's 1.1 s would be 1.8x the cheapest; within its mode it is 1x
+    assert sweep.choose(runs, 1.83, 1.5) is runs[0]
+    assert sweep.choose_by_trunk(points, runs, 1.83, 1.5) == {"lora": runs[0], "full": runs[2]}
+    assert sweep.choose_by_trunk(points[:2], runs[:2], 0.5, 1.5) == {"lora": None}
+
+
 def test_points_and_arguments():
     args = sweep.parse_args([])
     assert args.points == list(sweep.POINTS) and args.reward_calls == 720 and args.steps == 18
