@@ -197,13 +197,13 @@ def test_app_configs_nest_algorithm_configs_and_expose_their_flags():
 
     cfg = DemoConfig()
     assert isinstance(cfg.ppo, PPOConfig) and isinstance(cfg.ilql, ILQLConfig) and isinstance(cfg.value, ValueConfig)
-    assert (cfg.ppo.lr, cfg.ppo.kl_coef, cfg.ppo.prompts_per_iter, cfg.ppo.ppo_epochs) == (3e-4, 0.2, 10, 1)
+    assert (cfg.ppo.lr, cfg.ppo.kl_coef, cfg.ppo.prompts_per_iter, cfg.ppo.ppo_epochs) == (3e-4, 0.1, 10, 1)
     assert (cfg.ilql.epochs, cfg.ilql.cql_scale, cfg.value.epochs, cfg.value.q_target) == (8, 0.0, 6, "next_v")
     view = flat(cfg)
     assert view["ppo_lr"] == 3e-4 and view["ilql_epochs"] == 8 and view["mc_q_target"] == "next_v"
     assert not any(isinstance(v, dict) for v in view.values()) and "ppo" not in view
     again = from_flat(DemoConfig, {**view, "ppo_lr": 5e-4, "value_epochs": 2})
-    assert again.ppo.lr == 5e-4 and again.value.epochs == 2 and again.ppo.kl_coef == 0.2
+    assert again.ppo.lr == 5e-4 and again.value.epochs == 2 and again.ppo.kl_coef == 0.1
     with pytest.raises(QVLMError, match=r"^--ppo-lr is 0\.0; it must be a finite number > 0$"):
         from_flat(DemoConfig, {"ppo_lr": 0.0})
     with pytest.raises(TypeError, match="no flag ppo_learning_rate"):

@@ -30,7 +30,7 @@ def _positive(value) -> bool:
 class PPOConfig(Config):
     """PPO with a V critic on a causal LM (``qvlm train ppo``). The learning rate, KL coefficient and
     epochs were chosen by a sweep on validation prompts (``benchmarks/ppo_sweep.py``, issue 23: LoRA lr
-    3e-4, KL coefficient 0.2, one epoch over minibatches of 8); the rest follow Ziegler et al. 2019 /
+    3e-4, KL coefficient 0.1, one epoch over minibatches of 8); the rest follow Ziegler et al. 2019 /
     TRL's PPO where one applies; ``algo = a2c`` is plain actor-critic (one epoch, one minibatch,
     no clipping: it overrides ppo_epochs, minibatch_size, clip_eps and value_clip).
 
@@ -91,7 +91,7 @@ class PPOConfig(Config):
     vf_coef: float = option(1.0, "weight of the value loss", ge=0)
     ent_coef: float = option(0.0, "weight of the entropy bonus (0: off)", ge=0)
     kl_coef: float = option(
-        0.2,
+        0.1,
         "KL coefficient beta_kl to the reference (initial value when adaptive; chosen by benchmarks/ppo_sweep.py)",
         ge=0,
     )
