@@ -185,12 +185,12 @@ def main(argv=None) -> None:
     chosen = chosen_by_trunk.get("lora")
     b = base["val"]
     print(f"\nvalidation ({len(val)} prompts x {args.eval_samples}; KL exact), base {b['reward_mean']:.3f}:")
-    print(f"{'point':<40}{'kl_coef':>8}{'val R':>8}{'+-95%':>7}{'val KL':>8}{'dist-2':>7}{'s/call':>8}{'peak MB':>9}")
+    print(f"{'point':<50}{'kl_coef':>8}{'val R':>8}{'+-95%':>7}{'val KL':>8}{'dist-2':>7}{'s/call':>8}{'peak MB':>9}")
     for r in runs:
         v = r["val"]
         mark = next((f" <- chosen ({t})" for t, c in chosen_by_trunk.items() if c is r), "")
         print(
-            f"{r['point']:<40}{r['kl_coef']:>8g}{v['reward_mean']:>8.3f}{v['reward_ci95']:>7.3f}{v['kl_to_base']:>8.3f}"
+            f"{r['point']:<50}{r['kl_coef']:>8g}{v['reward_mean']:>8.3f}{v['reward_ci95']:>7.3f}{v['kl_to_base']:>8.3f}"
             f"{v['distinct_2']:>7.3f}{r['seconds_per_call']:>8.3f}{r['peak_rss_mb']:>9.0f}{mark}"
         )
     rule = (
