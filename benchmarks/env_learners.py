@@ -411,6 +411,17 @@ def parse(argv=None) -> tuple[Protocol, str, list[str]]:
     return p, path, merged
 
 
+def read_result(path: str) -> dict:
+    """A result file of this benchmark, or SystemExit naming the file and what is wrong with it."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"--merge {path}: not a readable JSON result file ({err})") from None
+    if not isinstance(result, dict) or not {"protocol", "tasks"} <= result.keys():
+        raise SystemExit(f"--merge {path}: no 'protocol' and 'tasks': not a file this benchmark wrote")
+    return result
+
+
 def merge(results: list[dict]) -> dict:
     """One result from several runs of the same protocol with different ``seeds``: each task's
     per-seed rows concatenated (in the order given) and aggregated again. Any other protocol difference,
@@ -443,7 +454,7 @@ def merge(results: list[dict]) -> dict:
 def main(argv=None) -> dict:
     p, path, merged = parse(argv)
     if merged:
-        result = merge([json.loads(Path(f).read_text()) for f in merged])
+        result = merge([read_result(f) for f in merged])
         result["merged_from"] = list(merged)
         for task, t in result["tasks"].items():
             print_table(task, t["aggregate"], t["per_seed"])

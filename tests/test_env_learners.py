@@ -665,3 +665,28 @@ def test_env_learners_merge_combines_seeds_run_apart(tmp_path, monkeypatch):
         bench.merge([run(0, [1.0]), run(0, [0.0])])
     with pytest.raises(SystemExit, match="eval_episodes"):
         bench.merge([run(0, [1.0]), run(1, [0.0], eval_episodes=3)])
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit, match=f"--merge {bad}: not a readable JSON result file"):
+            bench.main(["--merge", str(files[0]), str(bad), "--json", str(out)])
+    assert json.loads(out.read_text())["protocol"]["seeds"] == "0,1"  # the earlier output is untouched
+
+
+def test_env_unseen_q_smoke(tmp_path, monkeypatch):
+    """benchmarks/env_unseen_q.py --smoke: MC heads trained as env_learners.py trains them, first-turn
+    candidates with their Q and validity, the summary counted from the rows."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "env_unseen_q.py"
+    spec = importlib.util.spec_from_file_location("env_unseen_q", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setitem(sys.modules, "env_learners", None)  # the script replaces it; restored after the test
+    out = script.main(["--smoke", "--episodes", "2", "--candidates", "3", "--json", str(tmp_path / "q.json")])
+    rows, summary = out["rows"], out["summary"]
+    assert len(rows) == 6 and summary["candidates"] == 6
+    assert summary["q_exactly_zero"] == sum(r["q"] == 0.0 for r in rows)
+    assert summary["valid_q"] == sorted((r["q"] for r in rows if r["valid"]), reverse=True)
+    assert json.loads((tmp_path / "q.json").read_text())["summary"] == summary

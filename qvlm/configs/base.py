@@ -120,6 +120,11 @@ def _bound_rule(bounds: dict[str, float], is_int: bool) -> str:
     return f"{'an integer' if is_int else 'a finite number'} {op} {v:g}"
 
 
+def positive_number(value) -> bool:
+    """Whether ``value`` is a finite number > 0 (the rule of a ``gt=0`` bound, for a field with a None default)."""
+    return _satisfies(value, {"gt": 0})
+
+
 def _satisfies(value, bounds: dict[str, float]) -> bool:
     if not _number(value) or not math.isfinite(value):
         return False

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from qvlm.configs.base import Config, ConfigError, flag_name, nested, option
+from qvlm.configs.base import Config, ConfigError, flag_name, nested, option, positive_number
 from qvlm.configs.trunk import TrunkConfig
 from qvlm.errors import QVLMError
 
@@ -20,10 +19,6 @@ KL_MODES = ("reward", "loss")
 ADVANTAGES = ("gae", "rloo", "grpo")
 # the policy's learning rate when none is given, per trunk mode (benchmarks/ppo_sweep.py chose both)
 DEFAULT_LR = {"lora": 3e-4, "full": 1e-5}
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -58,7 +53,7 @@ class PPOConfig(Config):
         + ", ".join(f"{v:.0e}".replace("e-0", "e-") + f" with --trunk {k}" for k, v in DEFAULT_LR.items())
         + " (chosen by benchmarks/ppo_sweep.py)",
         type=float,
-        check=lambda v: v is None or _positive(v),
+        check=lambda v: v is None or positive_number(v),
         rule="a finite number > 0",
     )
     critic_lr: float = option(1e-3, "AdamW learning rate of the V head (and a separate critic's trunk)", gt=0)
